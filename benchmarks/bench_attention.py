@@ -1,0 +1,176 @@
+"""Throughput and peak memory of AlibiDinov2Model against transformers' Dinov2WithRegistersModel.
+
+Both models are ViT-S/14 with 4 registers and the same (random) weights, both on the `sdpa` attention path; the
+ALiBi model drops the learned position embedding and adds the cached 2D bias. Sizes, ratios and a table are
+printed; everything is written as JSON.
+
+    python benchmarks/bench_attention.py                      # CPU, 224 / 518 / 1036 px
+    python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --batch-size 8
+
+Peak memory is the largest resident-set growth of a fresh process during one forward pass on CPU, and
+`torch.cuda.max_memory_allocated` on a GPU.
+"""
+
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_alibi_dinov2 import AlibiDinov2Config  # noqa: E402
+from modeling_alibi_dinov2 import AlibiDinov2Model  # noqa: E402
+
+
+VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
+MODELS = ("stock", "alibi")
+
+
+def build_models(dtype: torch.dtype, device: str) -> dict:
+    """The stock model and the ALiBi model with the same weights (the ALiBi model has no position embedding)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**VIT_S, num_register_tokens=4))
+    alibi = AlibiDinov2Model(AlibiDinov2Config(**VIT_S, num_register_tokens=4))
+    for model in (stock, alibi):
+        model.set_attn_implementation("sdpa")
+    weights = {k: v for k, v in stock.state_dict().items() if "position_embeddings" not in k}
+    alibi.load_state_dict(weights, strict=True)
+    return {name: model.to(device=device, dtype=dtype).eval() for name, model in zip(MODELS, (stock, alibi))}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_forward(model, pixel_values, repeats: int, device: str) -> list[float]:
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            model(pixel_values)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _cpu_peak_worker(name: str, size: int, batch_size: int, dtype_name: str, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model = build_models(getattr(torch, dtype_name), "cpu")[name]
+    pixel_values = torch.randn(batch_size, 3, size, size, dtype=getattr(torch, dtype_name))
+    baseline = _resident_kib()
+    with torch.inference_mode():
+        model(pixel_values)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024)
+
+
+def peak_memory_bytes(name: str, size: int, batch_size: int, dtype: torch.dtype, device: str, models: dict) -> int:
+    """Extra memory one forward pass needs beyond the loaded model."""
+    if device.startswith("cuda"):
+        pixel_values = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            models[name](pixel_values)
+        return torch.cuda.max_memory_allocated() - baseline
+    # A fresh process per measurement: the resident-set high-water mark cannot be reset in place.
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_cpu_peak_worker, args=(name, size, batch_size, str(dtype).split(".")[-1], queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def run(args) -> dict:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    models = build_models(dtype, device)
+    rows = []
+    for size in args.sizes:
+        pixel_values = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
+        for name in MODELS:
+            time_forward(models[name], pixel_values, args.warmup, device)
+        # Interleaved rounds, so that drift of the machine's speed hits both models alike.
+        seconds = {name: [] for name in MODELS}
+        for _ in range(args.repeats):
+            for name in MODELS:
+                seconds[name] += time_forward(models[name], pixel_values, 1, device)
+        row = {"size": size, "tokens": 1 + 4 + (size // 14) ** 2}
+        for name in MODELS:
+            median = statistics.median(seconds[name])
+            row[f"{name}_images_per_s"] = args.batch_size / median
+            row[f"{name}_seconds"] = seconds[name]
+            row[f"{name}_peak_bytes"] = peak_memory_bytes(name, size, args.batch_size, dtype, device, models)
+        row["throughput_ratio"] = row["alibi_images_per_s"] / row["stock_images_per_s"]
+        row["memory_ratio"] = row["alibi_peak_bytes"] / max(row["stock_peak_bytes"], 1)
+        rows.append(row)
+        print_row(row)
+    return {
+        "benchmark": "bench_attention",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "device_type": device,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "target": "ALiBi throughput >= 0.95x stock at 518 px",
+        "rows": rows,
+    }
+
+
+HEADER = f"{'size':>6} {'tokens':>7} {'stock img/s':>12} {'alibi img/s':>12} {'ratio':>6} {'stock MiB':>10} {'alibi MiB':>10} {'mem ratio':>9}"
+
+
+def print_row(row: dict) -> None:
+    mib = 2**20
+    print(
+        f"{row['size']:>6} {row['tokens']:>7} {row['stock_images_per_s']:>12.3f} {row['alibi_images_per_s']:>12.3f} "
+        f"{row['throughput_ratio']:>6.3f} {row['stock_peak_bytes'] / mib:>10.1f} {row['alibi_peak_bytes'] / mib:>10.1f} "
+        f"{row['memory_ratio']:>9.3f}",
+        flush=True,
+    )
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1036], help="square input sizes in px")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model and size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model and size")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_attention.json"))
+    args = parser.parse_args(argv)
+    print(HEADER)
+    results = run(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print(f"written {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+# Copyright 2026 The alibi-dinov2 authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch ALiBi-DINOv2: DINOv2 with a 2D ALiBi attention bias instead of a learned absolute position embedding.
+
+DINOv2's learned position embedding leaks into its output features (some channels are nearly pure left-right or
+radial ramps). ALiBi-DINOv2 drops it and adds, in every attention layer, a bias that falls linearly with the
+(wrapped, normalised) distance between patch positions, so that features describe what a patch shows rather than
+where it sits.
+
+The model reuses transformers' DINOv2-with-registers patch embedding, transformer layers, attention and
+LayerScale; the bias reaches the attention as its additive `attention_mask`, so the `sdpa` path runs it inside
+`torch.nn.functional.scaled_dot_product_attention`.
+
+This file is copied into Hub repositories as remote code: it imports only torch, transformers and
+`configuration_alibi_dinov2`.
+"""
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from transformers import AutoBackbone, AutoConfig, AutoModel
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersPatchEmbeddings,
+    Dinov2WithRegistersPreTrainedModel,
+)
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+
+try:  # loaded as remote code (a package in transformers' module cache)
+    from .configuration_alibi_dinov2 import AlibiDinov2Config
+except ImportError:  # imported from the project itself (top-level modules)
+    from configuration_alibi_dinov2 import AlibiDinov2Config
+
+
+# Attention implementations that cannot add an arbitrary (N, N) bias to the logits.
+_BIASLESS_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+# Bias tensors kept per model: enough for the few resolutions a job alternates between, bounded for huge grids.
+_BIAS_CACHE_SIZE = 8
+
+
+def alibi_distance_matrix(
+    height: int,
+    width: int,
+    metric: str = "euclidean",
+    wrap: bool = True,
+    normalize: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Distances between the patches of a `height x width` grid, in row-major token order.
+
+    Returns:
+        `torch.FloatTensor` of shape `(height * width, height * width)`, float32. With `wrap`, distances are
+        measured on a torus; with `normalize` they are divided by the largest one, so they lie in [0, 1]. A grid
+        with no distinct positions (1 x 1) gives zeros.
+    """
+    if metric not in ("euclidean", "manhattan"):
+        raise ValueError(f"`metric` must be 'euclidean' or 'manhattan'; got {metric!r}.")
+
+    def axis_offsets(size: int) -> torch.Tensor:
+        positions = torch.arange(size, device=device, dtype=torch.float32)
+        offsets = (positions[:, None] - positions[None, :]).abs()
+        return torch.minimum(offsets, size - offsets) if wrap else offsets
+
+    dy, dx = axis_offsets(height), axis_offsets(width)
+    # Broadcast the small per-axis tables to (h, w, h, w): one N x N allocation, no N x N coordinate tensors.
+    if metric == "euclidean":
+        distance = (dy.square()[:, None, :, None] + dx.square()[None, :, None, :]).sqrt_()
+    else:
+        distance = dy[:, None, :, None] + dx[None, :, None, :]
+    distance = distance.reshape(height * width, height * width)
+    if normalize:
+        largest = distance.max()
+        if largest > 0:
+            distance.div_(largest)
+    return distance
+
+
+def alibi_head_slopes(kind: str, num_heads: int) -> list[float]:
+    """Fixed per-head slopes: `"constant"` (all 1) or `"geometric"` (2^(-8 (i + 1) / heads), classic ALiBi)."""
+    if kind == "constant":
+        return [1.0] * num_heads
+    if kind == "geometric":
+        return [2.0 ** (-8.0 * (head + 1) / num_heads) for head in range(num_heads)]
+    raise ValueError(f"Fixed slopes are 'constant' or 'geometric'; got {kind!r}.")
+
+
+def merge_attention_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Combine an additive bias with an optional boolean (True = attend) or additive attention mask."""
+    if attention_mask is None:
+        return bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, bias, torch.finfo(bias.dtype).min)
+    return bias + attention_mask.to(bias.dtype)
+
+
+def patch_tokens_to_map(hidden_state: torch.Tensor, num_prefix_tokens: int, height: int, width: int) -> torch.Tensor:
+    """Drop the CLS and register tokens and fold the patch tokens into a feature map.
+
+    Args:
+        hidden_state: `(batch_size, num_prefix_tokens + height * width, hidden_size)`.
+    Returns:
+        `(batch_size, hidden_size, height, width)`.
+    """
+    patch_tokens = hidden_state[:, num_prefix_tokens:]
+    batch_size, _, hidden_size = patch_tokens.shape
+    return patch_tokens.reshape(batch_size, height, width, hidden_size).permute(0, 3, 1, 2).contiguous()
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, patch_size: int) -> None:
+    """Raise a ValueError that names the problem and the fix for input the model cannot take."""
+    if pixel_values is None:
+        raise ValueError("`pixel_values` is required: a float tensor of shape (batch_size, channels, height, width).")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor; got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4:
+        fix = " Add the batch dimension with `pixel_values.unsqueeze(0)`." if pixel_values.ndim == 3 else ""
+        raise ValueError(
+            f"`pixel_values` must have shape (batch_size, channels, height, width); got a {pixel_values.ndim}-D "
+            f"tensor of shape {tuple(pixel_values.shape)}.{fix}"
+        )
+    channels, height, width = pixel_values.shape[1:]
+    if channels != num_channels:
+        fix = " Repeat a grayscale image to 3 channels, e.g. `pixel_values.expand(-1, 3, -1, -1)`." if channels == 1 else ""
+        raise ValueError(
+            f"`pixel_values` has {channels} channels but the model expects {num_channels} "
+            f"(shape {tuple(pixel_values.shape)}).{fix}"
+        )
+    if height < patch_size or width < patch_size:
+        raise ValueError(
+            f"The image ({height} x {width} px) is smaller than one {patch_size} x {patch_size} patch. "
+            f"Resize or pad it to at least {patch_size} px per side."
+        )
+
+
+def _patch_size_of(config: AlibiDinov2Config) -> tuple[int, int]:
+    patch_size = config.patch_size
+    return tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+
+
+class AlibiDinov2Embeddings(nn.Module):
+    """CLS token, register tokens, mask token and patch embeddings; the learned absolute position embedding only
+    when `config.use_absolute_position_embeddings` (stock DINOv2 behaviour).
+
+    Token order of the output: `[CLS, register_1 .. register_R, patches in row-major order]`.
+    """
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.patch_embeddings = Dinov2WithRegistersPatchEmbeddings(config)
+        if config.use_absolute_position_embeddings:
+            self.position_embeddings = nn.Parameter(
+                torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size)
+            )
+        else:
+            self.position_embeddings = None
+        if config.num_register_tokens > 0:
+            self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+        else:
+            self.register_tokens = None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+    def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
+        """Learned position embedding (CLS position first) resized bicubically to the grid of a `height x width`
+        px input. Shape `(1, 1 + grid_h * grid_w, hidden_size)`. Antialiasing follows `config.interpolate_antialias`
+        (transformers' `Dinov2WithRegistersModel` antialiases, `Dinov2Model` does not)."""
+        num_positions = self.position_embeddings.shape[1] - 1
+        if not torch.jit.is_tracing() and num_patches == num_positions and height == width:
+            return self.position_embeddings
+        class_pos_embed = self.position_embeddings[:, :1]
+        patch_pos_embed = self.position_embeddings[:, 1:]
+        dim = patch_pos_embed.shape[-1]
+        side = int(math.sqrt(num_positions))
+        patch_height, patch_width = self.patch_embeddings.patch_size
+        patch_pos_embed = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        # Resampled in float32: bicubic interpolation in half precision shifts the embedding.
+        patch_pos_embed = nn.functional.interpolate(
+            patch_pos_embed.to(torch.float32),
+            size=(height // patch_height, width // patch_width),
+            mode="bicubic",
+            align_corners=False,
+            antialias=self.config.interpolate_antialias,
+        ).to(self.position_embeddings.dtype)
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch_size, channels, height, width)` -> `(batch_size, 1 + R + grid_h * grid_w, hidden_size)`."""
+        batch_size, _, height, width = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values)
+        if bool_masked_pos is not None:
+            embeddings = torch.where(
+                bool_masked_pos.unsqueeze(-1), self.mask_token.to(embeddings.dtype).unsqueeze(0), embeddings
+            )
+        embeddings = torch.cat((self.cls_token.expand(batch_size, -1, -1), embeddings), dim=1)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.interpolate_pos_encoding(embeddings.shape[1] - 1, height, width)
+        if self.register_tokens is not None:
+            registers = self.register_tokens.expand(batch_size, -1, -1)
+            embeddings = torch.cat((embeddings[:, :1], registers, embeddings[:, 1:]), dim=1)
+        return self.dropout(embeddings)
+
+
+class AlibiDinov2PositionBias(nn.Module):
+    """The 2D ALiBi bias added to the attention logits.
+
+    For patch tokens i, j the bias is `-m_head * d(i, j)` with `d` from [`alibi_distance_matrix`]; rows and
+    columns of the CLS and register tokens are 0. Fixed slopes ("constant", "geometric") give one bias for every
+    layer, built once per (grid, device, dtype) and cached: shape `(1, 1, N, N)` when all heads share the slope,
+    `(1, heads, N, N)` otherwise, broadcast over the batch, never expanded in memory. Learned slopes
+    (`slopes` parameter of shape `(layers, heads)`) give one bias per layer, from a cached distance matrix.
+    """
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__()
+        self.metric = config.alibi_metric
+        self.wrap = config.alibi_wrap
+        self.normalize = config.alibi_normalize
+        self.jitter = config.alibi_jitter
+        self.num_prefix_tokens = 1 + config.num_register_tokens
+        self.num_heads = config.num_attention_heads
+        if config.alibi_slopes == "learned":
+            self.slopes = nn.Parameter(torch.empty(config.num_hidden_layers, config.num_attention_heads))
+            self.fixed_slopes = None
+        else:
+            self.slopes = None
+            self.fixed_slopes = alibi_head_slopes(config.alibi_slopes, config.num_attention_heads)
+        self._cache: OrderedDict = OrderedDict()
+
+    def _cached(self, key: tuple, build) -> torch.Tensor:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        # Built outside inference mode so that a bias first made for inference can later be used in training.
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
+        self._cache[key] = value
+        if len(self._cache) > _BIAS_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return value
+
+    def _padded_distance(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """`(N, N)` float32 distances with zero rows and columns for the prefix tokens, N = prefix + h * w."""
+        prefix = self.num_prefix_tokens
+        num_tokens = prefix + height * width
+        padded = torch.zeros(num_tokens, num_tokens, device=device)
+        padded[prefix:, prefix:] = alibi_distance_matrix(
+            height, width, self.metric, self.wrap, self.normalize, device=device
+        )
+        return padded
+
+    def _fixed_bias(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        slopes = self.fixed_slopes
+        distance = self._padded_distance(height, width, device)
+        if len(set(slopes)) == 1:
+            bias = distance.mul_(-slopes[0])[None, None]
+        else:
+            bias = -torch.tensor(slopes, device=device)[None, :, None, None] * distance[None, None]
+        return bias.to(dtype)
+
+    def forward(
+        self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Bias for layer `layer_index` on a `grid_size = (h, w)` patch grid: `(1, 1 or heads, N, N)` in `dtype`."""
+        height, width = grid_size
+        if self.slopes is None:
+            key = ("bias", height, width, torch.device(device), dtype)
+            bias = self._cached(key, lambda: self._fixed_bias(height, width, device, dtype))
+        else:
+            key = ("distance", height, width, torch.device(device))
+            distance = self._cached(key, lambda: self._padded_distance(height, width, device))
+            bias = (-self.slopes[layer_index].to(torch.float32)[None, :, None, None] * distance).to(dtype)
+        if self.jitter > 0:
+            bias = bias + self.jitter * torch.randn_like(bias)
+        return bias
+
+
+def _check_attention_takes_bias(attn_implementation: str | None) -> None:
+    if attn_implementation in _BIASLESS_ATTENTION:
+        raise ValueError(
+            f'attn_implementation="{attn_implementation}" cannot add the 2D ALiBi bias to the attention logits. '
+            'Use attn_implementation="sdpa" (default, fused) or "eager", or set `use_alibi=False` in the config.'
+        )
+
+
+class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
+    """Weight initialisation, attention-implementation checks and the shared embed-and-encode step."""
+
+    config_class = AlibiDinov2Config
+    config: AlibiDinov2Config
+    base_model_prefix = "alibi_dinov2"
+    _no_split_modules = ["AlibiDinov2Embeddings", "Dinov2WithRegistersLayer"]
+    _can_compile_fullgraph = False  # the bias cache is Python state
+
+    @torch.no_grad()
+    def _init_weights(self, module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AlibiDinov2Embeddings):
+            init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.mask_token)
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            if module.register_tokens is not None:
+                init.zeros_(module.register_tokens)
+        if isinstance(module, AlibiDinov2PositionBias) and module.slopes is not None:
+            init.uniform_(module.slopes, 0.0, 1.0)
+
+    def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
+        if self.config.use_alibi:
+            _check_attention_takes_bias(f"flash_attention_{flash_attn_version}")
+        return super()._flash_attn_can_dispatch(flash_attn_version, is_init_check=is_init_check)
+
+    def _flex_attn_can_dispatch(self, is_init_check: bool = False) -> bool:
+        if self.config.use_alibi:
+            _check_attention_takes_bias("flex_attention")
+        return super()._flex_attn_can_dispatch(is_init_check=is_init_check)
+
+    def _embed_and_encode(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """Check the input, embed it and run the encoder with the ALiBi bias of its grid."""
+        patch_height, patch_width = _patch_size_of(self.config)
+        check_pixel_values(pixel_values, self.config.num_channels, min(patch_height, patch_width))
+        if self.config.use_alibi:
+            _check_attention_takes_bias(self.config._attn_implementation)
+        height, width = pixel_values.shape[-2:]
+        embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        return self.encoder(
+            embedding_output,
+            grid_size=(height // patch_height, width // patch_width),
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+
+
+class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
+    """transformers' DINOv2 layers, each attending with the ALiBi bias of the input's patch grid."""
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__(config)
+        self.layer = nn.ModuleList([Dinov2WithRegistersLayer(config) for _ in range(config.num_hidden_layers)])
+        self.alibi = AlibiDinov2PositionBias(config) if config.use_alibi else None
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_size: tuple[int, int],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """
+        Args:
+            hidden_states: `(batch_size, 1 + R + h * w, hidden_size)` embeddings.
+            grid_size: `(h, w)`, the patch grid the tokens come from.
+            attention_mask: optional extra mask (boolean or additive), merged with the ALiBi bias.
+        """
+        for layer_index, layer_module in enumerate(self.layer):
+            layer_mask = attention_mask
+            if self.alibi is not None:
+                bias = self.alibi(grid_size, layer_index, dtype=hidden_states.dtype, device=hidden_states.device)
+                layer_mask = merge_attention_masks(bias, attention_mask)
+            hidden_states = layer_module(hidden_states, layer_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
+    """ALiBi-DINOv2 image encoder.
+
+    Outputs follow transformers' `Dinov2WithRegistersModel`: `last_hidden_state` of shape
+    `(batch_size, 1 + R + h * w, hidden_size)` = `[CLS, registers, patches]` after the final LayerNorm,
+    `pooler_output` (the CLS token), and on request `hidden_states` and `attentions` (eager only). The patch grid
+    is `h = H // patch_size`, `w = W // patch_size` for any `H, W >= patch_size`.
+
+    Patch features as a `(batch_size, hidden_size, h, w)` map, in one line:
+
+    ```python
+    >>> features = model.get_patch_features(pixel_values)
+    ```
+    """
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__(config)
+        self.config = config
+        self.embeddings = AlibiDinov2Embeddings(config)
+        self.encoder = AlibiDinov2Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> Dinov2WithRegistersPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values: `(batch_size, num_channels, height, width)`, normalised with ImageNet mean and std.
+            bool_masked_pos: `(batch_size, h * w)` boolean, patches replaced by the mask token (pre-training).
+            attention_mask: optional extra attention mask, merged with the ALiBi bias.
+        """
+        encoder_outputs = self._embed_and_encode(pixel_values, bool_masked_pos, attention_mask, **kwargs)
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=sequence_output[:, 0, :],
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
+
+    def get_patch_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Final-normed patch tokens (CLS and registers dropped) as a map of shape `(batch_size, hidden_size, h, w)`."""
+        last_hidden_state = self(pixel_values, **kwargs).last_hidden_state
+        patch_height, patch_width = _patch_size_of(self.config)
+        height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
+        return patch_tokens_to_map(last_hidden_state, self.embeddings.num_prefix_tokens, height, width)
+
+
+class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
+    """ALiBi-DINOv2 as a backbone for dense-prediction heads: `feature_maps` of shape
+    `(batch_size, hidden_size, h, w)` for each stage of `config.out_features` (final LayerNorm applied when
+    `config.apply_layernorm`; `(batch_size, N, hidden_size)` tokens when `config.reshape_hidden_states` is off)."""
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__(config)
+        self.num_features = [config.hidden_size for _ in range(config.num_hidden_layers + 1)]
+        self.embeddings = AlibiDinov2Embeddings(config)
+        self.encoder = AlibiDinov2Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> Dinov2WithRegistersPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BackboneOutput:
+        """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `BackboneOutput`."""
+        output = self._embed_and_encode(pixel_values, attention_mask=attention_mask, **kwargs)
+        patch_height, patch_width = _patch_size_of(self.config)
+        height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, output.hidden_states):
+            if stage in self.out_features:
+                if self.config.apply_layernorm:
+                    hidden_state = self.layernorm(hidden_state)
+                if self.config.reshape_hidden_states:
+                    hidden_state = patch_tokens_to_map(
+                        hidden_state, self.embeddings.num_prefix_tokens, height, width
+                    )
+                feature_maps += (hidden_state,)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=output.hidden_states, attentions=output.attentions)
+
+
+# `save_pretrained` copies this file and the configuration into the output folder and writes `auto_map`, so that
+# `AutoModel.from_pretrained(folder, trust_remote_code=True)` works where this project is not installed.
+AlibiDinov2Config.register_for_auto_class()
+AlibiDinov2Model.register_for_auto_class("AutoModel")
+AlibiDinov2Backbone.register_for_auto_class("AutoBackbone")
+# Importing the module also makes the Auto classes resolve `model_type = "alibi_dinov2"` without remote code.
+AutoConfig.register(AlibiDinov2Config.model_type, AlibiDinov2Config, exist_ok=True)
+AutoModel.register(AlibiDinov2Config, AlibiDinov2Model, exist_ok=True)
+AutoBackbone.register(AlibiDinov2Config, AlibiDinov2Backbone, exist_ok=True)
+
+
+__all__ = [
+    "AlibiDinov2Backbone",
+    "AlibiDinov2Model",
+    "AlibiDinov2PreTrainedModel",
+    "alibi_distance_matrix",
+    "patch_tokens_to_map",
+]

@@ -1,0 +1,52 @@
+"""alibi-dinov2: DINOv2 features without positional bias, through a 2D ALiBi attention bias."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+HERE = Path(__file__).parent
+
+# Install torch first (`pip install torch==2.13.0` for the CPU build): a bare `torch` requirement that pip must
+# resolve by itself may pull a CUDA build of several GB.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "transformers>=5.0,<6",
+    "safetensors>=0.4",
+    "huggingface_hub>=1.0",
+    "numpy>=1.24",
+    "pillow>=10.0",
+    "tqdm>=4.66",
+]
+EXTRAS = {
+    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard>=2.15"],
+    "eval": [
+        "scikit-learn>=1.4",
+        "scikit-image>=0.22",
+        "scipy>=1.11",
+        "matplotlib>=3.8",
+        "tifffile>=2023.1",
+        "xgboost>=2.0",
+    ],
+    "demo": ["gradio>=4.0"],
+}
+EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], "pytest>=8.0"})
+
+setup(
+    name="alibi-dinov2",
+    version="0.1.0",
+    description="DINOv2 for transformers with a 2D ALiBi attention bias instead of a learned position embedding",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=["configuration_alibi_dinov2", "modeling_alibi_dinov2"],
+    packages=find_packages(include=["evaluation", "evaluation.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
