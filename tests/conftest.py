@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random configurations, offline Hub access, the repository root on sys.path."""
 
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,30 @@ TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, p
 @pytest.fixture
 def tiny_kwargs():
     return dict(TINY_DINOV2)
+
+
+# Run first in an isolated child: the project's model modules become unimportable, whatever sys.path holds.
+_BLOCK_PROJECT = (
+    "import sys; sys.modules['modeling_alibi_dinov2'] = None; sys.modules['configuration_alibi_dinov2'] = None\n"
+)
+
+
+@pytest.fixture
+def run_isolated(tmp_path):
+    """Run Python code in a fresh process where this project cannot be imported; returns the finished process."""
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+        result = subprocess.run(
+            [sys.executable, "-c", _BLOCK_PROJECT + textwrap.dedent(code)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return run

@@ -3,34 +3,12 @@ this project cannot be imported."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from modeling_alibi_dinov2 import AlibiDinov2Model
-
-
-# Run in the child before anything else: the project's modules become unimportable, whatever sys.path holds.
-BLOCK_PROJECT = "import sys; sys.modules['modeling_alibi_dinov2'] = None; sys.modules['configuration_alibi_dinov2'] = None\n"
-
-
-def run_isolated(code: str, cwd) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCK_PROJECT + textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture
@@ -59,7 +37,7 @@ def test_save_pretrained_writes_auto_map_and_both_model_files(saved_model):
     }
 
 
-def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path):
+def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path, run_isolated):
     result = run_isolated(
         f"""
         import torch
@@ -77,13 +55,12 @@ def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path):
             actual = model(data["pixel_values"]).last_hidden_state
         assert torch.equal(actual, data["expected"]), (actual - data["expected"]).abs().max()
         print("identical")
-        """,
-        tmp_path,
+        """
     )
     assert "identical" in result.stdout
 
 
-def test_remote_code_backbone_feature_map_shapes(saved_model, tmp_path):
+def test_remote_code_backbone_feature_map_shapes(saved_model, run_isolated):
     # transformers 5.x's AutoBackbone.from_pretrained asks the Hub about any name before looking on disk, so a local
     # folder goes through AutoBackbone.from_config, which resolves the remote class, and that class's from_pretrained.
     result = run_isolated(
@@ -98,7 +75,6 @@ def test_remote_code_backbone_feature_map_shapes(saved_model, tmp_path):
         with torch.no_grad():
             maps = backbone(torch.randn(2, 3, 42, 70)).feature_maps
         print([tuple(m.shape) for m in maps])
-        """,
-        tmp_path,
+        """
     )
     assert "[(2, 32, 3, 5), (2, 32, 3, 5)]" in result.stdout

@@ -1,0 +1,587 @@
+"""Retrofit a DINOv2 checkpoint into a ready-to-publish ALiBi-DINOv2 folder.
+
+Sources (detected from the path and its keys; `--source-format` overrides):
+
+- `hf`: a transformers `Dinov2Model` / `Dinov2WithRegistersModel` (Hub id such as `facebook/dinov2-small`, or a
+  local folder), or a folder saved by this project;
+- `meta`: a Meta torch-hub state dict (`dinov2_vits14_pretrain.pth`, `dinov2_vits14_reg4_pretrain.pth`, ...);
+- `timm`: a timm VisionTransformer state dict, such as the reference ALiBi / NoPE checkpoints (keys bare or
+  prefixed by `model.` or `vit.`; learned ALiBi slopes `blocks.N.attn.m` are loaded when present).
+
+Variants: `alibi` (learned position embedding dropped, ALiBi on), `nope` (neither), `keep-pe` (the source's own
+position scheme, reproducing its outputs: for parity checks).
+
+    python convert_checkpoint.py facebook/dinov2-with-registers-small out/alibi-dinov2-small
+    python convert_checkpoint.py dinov2_vits14_reg4_pretrain.pth out/nope --variant nope
+    python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push-to-hub me/alibi-dinov2-small
+
+`.pth` files are read with `torch.load(..., weights_only=True)` only and never modified.
+"""
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from configuration_alibi_dinov2 import ALIBI_METRICS, ALIBI_SLOPES, AlibiDinov2Config
+from modeling_alibi_dinov2 import AlibiDinov2Model
+
+
+DEFAULT_SOURCE = "facebook/dinov2-with-registers-small"
+SOURCE_FORMATS = ("auto", "hf", "meta", "timm")
+VARIANTS = ("alibi", "nope", "keep-pe")
+POSITION_SCHEMES = ("auto", "learned", "alibi", "nope")
+PAPER_ARXIV_ID = "2603.16840"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Every DINOv2 size uses 64-dimensional heads; Meta and timm state dicts do not store the head count.
+DINOV2_HEAD_DIM = 64
+TIMM_PREFIXES = ("model.", "vit.")
+EVALUATION_START, EVALUATION_END = "<!-- evaluation-table:start -->", "<!-- evaluation-table:end -->"
+
+
+@dataclass
+class SourceCheckpoint:
+    """A checkpoint read into this project's parameter names.
+
+    `state_dict` uses `AlibiDinov2Model`'s keys; `architecture` holds the `AlibiDinov2Config` fields it implies;
+    `position_scheme` is how the source encodes positions ("learned", "alibi" or "nope"); `alibi_options` the
+    ALiBi settings of an ALiBi source.
+    """
+
+    state_dict: dict
+    architecture: dict
+    source_format: str
+    position_scheme: str
+    name: str
+    alibi_options: dict = field(default_factory=dict)
+
+
+class CheckpointKeyError(ValueError):
+    """A state dict whose keys do not fit the expected layout."""
+
+
+# --- reading sources -----------------------------------------------------------------------------------------------
+
+
+def _is_checkpoint_file(source) -> bool:
+    return Path(str(source)).suffix in (".pth", ".pt", ".bin", ".safetensors") and Path(str(source)).is_file()
+
+
+def read_state_dict_file(path) -> dict:
+    """Tensors of a `.pth` / `.pt` / `.bin` (loaded with `weights_only=True`) or `.safetensors` file; a state dict
+    wrapped in a dict under `model`, `state_dict`, `teacher` or `student` is unwrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state_dict = load_file(str(path))
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a pickle with code, a truncated file, not a checkpoint at all
+            raise ValueError(
+                f"Cannot read {path} as a weights-only PyTorch checkpoint ({type(error).__name__}: {error}). "
+                "Only plain state dicts of tensors are accepted."
+            ) from error
+    for wrapper in ("model", "state_dict", "teacher", "student"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors.")
+    return state_dict
+
+
+def strip_prefix(state_dict: dict, prefixes=TIMM_PREFIXES) -> dict:
+    """Drop a `model.` or `vit.` prefix carried by every key."""
+    for prefix in prefixes:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            return {key[len(prefix) :]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def detect_format(source, state_dict: dict | None = None) -> str:
+    """`hf` for a Hub id or a transformers folder; `meta` or `timm` for a state-dict file, told apart by its keys
+    (timm calls the registers `reg_token` and has no mask token)."""
+    if state_dict is None and not _is_checkpoint_file(source):
+        return "hf"
+    keys = set(strip_prefix(state_dict if state_dict is not None else read_state_dict_file(source)))
+    if "blocks.0.attn.qkv.weight" not in keys:
+        raise ValueError(f"{source} is not a DINOv2 ViT state dict (no `blocks.0.attn.qkv.weight`).")
+    if "reg_token" in keys or "mask_token" not in keys:
+        return "timm"
+    return "meta"
+
+
+def _block_count(keys) -> int:
+    indices = {int(match.group(1)) for key in keys if (match := re.match(r"blocks\.(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
+def _vit_architecture(state_dict: dict, num_heads: int | None) -> dict:
+    hidden_size, _, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
+    swiglu = "blocks.0.mlp.w12.weight" in state_dict
+    if swiglu:
+        mlp_hidden = state_dict["blocks.0.mlp.w3.weight"].shape[1]
+    else:
+        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    return dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=_block_count(state_dict),
+        num_attention_heads=num_heads or hidden_size // DINOV2_HEAD_DIM,
+        mlp_ratio=4 if swiglu else mlp_hidden // hidden_size,
+        patch_size=patch_size,
+        use_swiglu_ffn=swiglu,
+        layer_norm_eps=1e-6,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+    )
+
+
+def convert_vit_state_dict(state_dict: dict, source_format: str, num_heads: int | None = None) -> tuple[dict, dict]:
+    """Map a Meta or timm ViT state dict onto `AlibiDinov2Model` keys.
+
+    Returns:
+        `(state_dict, architecture)`; unmapped source keys raise `CheckpointKeyError` naming them.
+    """
+    state_dict = strip_prefix(dict(state_dict)) if source_format == "timm" else dict(state_dict)
+    architecture = _vit_architecture(state_dict, num_heads)
+    hidden_size, patch_size = architecture["hidden_size"], architecture["patch_size"]
+    converted, unexpected = {}, []
+    slopes = {}
+
+    def put(name, tensor):
+        converted[name] = tensor.clone()
+
+    for key, tensor in state_dict.items():
+        block = re.match(r"blocks\.(\d+)\.(.+)$", key)
+        if key == "cls_token":
+            put("embeddings.cls_token", tensor)
+        elif key == "mask_token":
+            put("embeddings.mask_token", tensor.reshape(1, hidden_size))
+        elif key in ("register_tokens", "reg_token"):
+            put("embeddings.register_tokens", tensor)
+        elif key == "pos_embed":
+            if source_format == "timm":
+                # timm's no-class-token layout: prepend a zero CLS position (timm adds none to the CLS token).
+                tensor = torch.cat((tensor.new_zeros(1, 1, hidden_size), tensor), dim=1)
+            architecture["image_size"] = math.isqrt(tensor.shape[1] - 1) * patch_size
+            put("embeddings.position_embeddings", tensor)
+        elif key.startswith("patch_embed.proj."):
+            put("embeddings.patch_embeddings.projection." + key.rsplit(".", 1)[1], tensor)
+        elif key.startswith("norm."):
+            put("layernorm." + key.rsplit(".", 1)[1], tensor)
+        elif block:
+            index, rest = block.groups()
+            prefix = f"encoder.layer.{index}."
+            if rest.startswith(("norm1.", "norm2.")):
+                put(prefix + rest, tensor)
+            elif rest.startswith("attn.qkv."):
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    put(f"{prefix}attention.{name}.{rest.rsplit('.', 1)[1]}", part)
+            elif rest.startswith("attn.proj."):
+                put(f"{prefix}attention.o_proj.{rest.rsplit('.', 1)[1]}", tensor)
+            elif rest == "attn.m":
+                slopes[int(index)] = tensor.reshape(-1)
+            elif rest in ("ls1.gamma", "ls2.gamma"):
+                put(f"{prefix}layer_scale{rest[2]}.lambda1", tensor)
+            elif rest.startswith(("mlp.fc1.", "mlp.fc2.")) and not architecture["use_swiglu_ffn"]:
+                put(prefix + rest, tensor)
+            elif rest.startswith("mlp.w12."):
+                # Meta's fused SwiGLU: the first half gates (through SiLU), the second half is the value.
+                gate, up = tensor.chunk(2, dim=0)
+                put(f"{prefix}mlp.gate_proj.{rest.rsplit('.', 1)[1]}", gate)
+                put(f"{prefix}mlp.up_proj.{rest.rsplit('.', 1)[1]}", up)
+            elif rest.startswith("mlp.w3."):
+                put(f"{prefix}mlp.down_proj.{rest.rsplit('.', 1)[1]}", tensor)
+            else:
+                unexpected.append(key)
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointKeyError(
+            f"{len(unexpected)} unexpected key(s) in the {source_format} state dict: {', '.join(sorted(unexpected))}"
+        )
+    if slopes:
+        converted["encoder.alibi.slopes"] = torch.stack([slopes[i] for i in range(len(slopes))])
+    # timm checkpoints carry no mask token (used only by masked pre-training): start it at zero, as DINOv2 does.
+    converted.setdefault("embeddings.mask_token", torch.zeros(1, hidden_size))
+    architecture["num_register_tokens"] = (
+        converted["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in converted else 0
+    )
+    return converted, architecture
+
+
+def _position_scheme(state_dict: dict, name: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    position = state_dict.get("embeddings.position_embeddings")
+    if position is not None and position.count_nonzero() > 0:
+        return "learned"
+    if "encoder.alibi.slopes" in state_dict:
+        return "alibi"
+    # Zero or absent position embedding and no slopes: the reference releases name their NoPE files "nope_...".
+    return "nope" if "nope" in Path(name).name.lower() else "alibi"
+
+
+def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
+    """A transformers DINOv2 model (Hub id or folder), loaded with transformers' own classes."""
+    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+
+    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
+    if config.model_type == "alibi_dinov2":
+        model = AlibiDinov2Model.from_pretrained(source, revision=revision)
+        config_fields = model.config.to_dict()
+        architecture = {k: config_fields[k] for k in _ARCHITECTURE_FIELDS + ("interpolate_antialias",)}
+        alibi_options = {k: config_fields[k] for k in _ALIBI_FIELDS}
+        scheme = "alibi" if config.use_alibi else ("learned" if config.use_absolute_position_embeddings else "nope")
+        return SourceCheckpoint(model.state_dict(), architecture, "hf", scheme, str(source), alibi_options)
+    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+    if config.model_type not in classes:
+        raise ValueError(
+            f"{source} is a `{config.model_type}` model; the converter reads `dinov2`, `dinov2_with_registers` "
+            "and `alibi_dinov2` models."
+        )
+    model = classes[config.model_type].from_pretrained(source, revision=revision)
+    state_dict = model.state_dict()
+    if "embeddings.mask_token" not in state_dict:  # Dinov2Config(use_mask_token=False)
+        state_dict["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)
+    architecture = {k: getattr(config, k) for k in _ARCHITECTURE_FIELDS if hasattr(config, k)}
+    architecture["num_register_tokens"] = getattr(config, "num_register_tokens", 0)
+    # transformers resizes a learned embedding with antialiasing in the registers class only.
+    architecture["interpolate_antialias"] = config.model_type == "dinov2_with_registers"
+    return SourceCheckpoint(state_dict, architecture, "hf", "learned", str(source))
+
+
+_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "hidden_act",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "layerscale_value",
+    "use_swiglu_ffn",
+    "num_register_tokens",
+)
+_ALIBI_FIELDS = ("alibi_metric", "alibi_wrap", "alibi_normalize", "alibi_slopes", "alibi_jitter")
+# Settings of the reference ALiBi checkpoints: constant slope, Euclidean, wrapped, normalised.
+REFERENCE_ALIBI_OPTIONS = dict(alibi_metric="euclidean", alibi_wrap=True, alibi_normalize=True, alibi_slopes="constant")
+
+
+def read_source(
+    source,
+    source_format: str = "auto",
+    num_heads: int | None = None,
+    source_position: str = "auto",
+    revision: str | None = None,
+) -> SourceCheckpoint:
+    """Read any supported checkpoint into this project's parameter names."""
+    _check_choice("source_format", source_format, SOURCE_FORMATS)
+    _check_choice("source_position", source_position, POSITION_SCHEMES)
+    if source_format == "hf" or (source_format == "auto" and not _is_checkpoint_file(source)):
+        return read_hf_source(source, revision=revision)
+    if not Path(str(source)).is_file():
+        raise FileNotFoundError(f"No checkpoint file at {source}.")
+    raw_state_dict = read_state_dict_file(source)
+    if source_format == "auto":
+        source_format = detect_format(source, raw_state_dict)
+    state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
+    scheme = _position_scheme(state_dict, str(source), source_position)
+    alibi_options = dict(REFERENCE_ALIBI_OPTIONS)
+    if "encoder.alibi.slopes" in state_dict:
+        alibi_options["alibi_slopes"] = "learned"
+    # Resizing a learned embedding: timm antialiases; Meta's hub code does for its register models only (its
+    # other models also offset the scale by 0.1, which transformers' Dinov2Model, followed here, does not).
+    architecture["interpolate_antialias"] = source_format == "timm" or architecture["num_register_tokens"] > 0
+    return SourceCheckpoint(state_dict, architecture, source_format, scheme, str(source), alibi_options)
+
+
+# --- building the model --------------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_options) -> AlibiDinov2Model:
+    """An `AlibiDinov2Model` of the requested variant holding the checkpoint's weights.
+
+    `keep-pe` reproduces the source (its learned embedding, or its ALiBi); `alibi` and `nope` drop any learned
+    position embedding. `alibi_options` (`alibi_metric`, `alibi_slopes`, ...) override the defaults, and for an
+    ALiBi source, its own settings.
+    """
+    _check_choice("variant", variant, VARIANTS)
+    unknown = set(alibi_options) - set(_ALIBI_FIELDS)
+    if unknown:
+        raise ValueError(f"Unknown ALiBi option(s) {sorted(unknown)}; allowed: {', '.join(_ALIBI_FIELDS)}.")
+    scheme = checkpoint.position_scheme if variant == "keep-pe" else variant
+    options = dict(checkpoint.alibi_options) if checkpoint.position_scheme == "alibi" else {}
+    options.update({k: v for k, v in alibi_options.items() if v is not None})
+    config = AlibiDinov2Config(
+        **checkpoint.architecture,
+        use_alibi=scheme == "alibi",
+        use_absolute_position_embeddings=scheme == "learned",
+        **options,
+    )
+    state_dict = dict(checkpoint.state_dict)
+    if scheme != "learned":
+        state_dict.pop("embeddings.position_embeddings", None)
+    slopes = state_dict.pop("encoder.alibi.slopes", None)
+    model = AlibiDinov2Model(config)
+    if config.use_alibi and config.alibi_slopes == "learned":
+        if slopes is None:
+            slopes = torch.ones(config.num_hidden_layers, config.num_attention_heads)  # start from the paper's m = 1
+        state_dict["encoder.alibi.slopes"] = slopes
+    if config.num_register_tokens == 0:
+        state_dict.pop("embeddings.register_tokens", None)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointKeyError(
+            f"The checkpoint does not fit the model. Missing: {', '.join(result.missing_keys) or 'none'}. "
+            f"Unexpected: {', '.join(result.unexpected_keys) or 'none'}."
+        )
+    model.config.name_or_path = checkpoint.name
+    return model.eval()
+
+
+# --- writing the output folder -------------------------------------------------------------------------------------
+
+
+def save_image_processor(output_dir) -> None:
+    """DINOv2's preprocessing: shortest side 256, centre crop 224, ImageNet normalisation. For dense features of a
+    whole image pass `do_center_crop=False` (and `do_resize=False` to keep the native size)."""
+    from transformers import BitImageProcessor
+
+    BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    ).save_pretrained(output_dir)
+
+
+def evaluation_table(results: dict | None) -> str:
+    """Markdown table of `{metric: value}` (or `{metric: {model: value}}`) results, between markers that
+    `update_model_card_evaluation` replaces."""
+    rows = ["| metric | value |", "|---|---|"]
+    for metric, value in (results or {}).items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {_format_number(v)}" for k, v in value.items())
+        rows.append(f"| {metric} | {_format_number(value)} |")
+    if len(rows) == 2:
+        rows.append("| *not evaluated yet* | |")
+    return "\n".join([EVALUATION_START, *rows, EVALUATION_END])
+
+
+def _format_number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_model_card(
+    model: AlibiDinov2Model,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    hyperparameters: dict | None = None,
+    evaluation_results: dict | None = None,
+):
+    """A `huggingface_hub.ModelCard` describing the converted model, with usage and an evaluation table."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    variant = "ALiBi" if config.use_alibi else ("learned position embedding" if config.use_absolute_position_embeddings else "NoPE")
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license="apache-2.0",
+        base_model=base_model if base_model and "/" in base_model and not Path(base_model).exists() else None,
+        tags=["alibi-dinov2", "dinov2", "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
+    )
+    name = repo_id or "path/to/this/folder"
+    settings = "\n".join(
+        f"| `{key}` | `{getattr(config, key)}` |"
+        for key in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS, "num_register_tokens", "patch_size")
+    )
+    hyper = ""
+    if hyperparameters:
+        hyper = "\n## Training hyperparameters\n\n| name | value |\n|---|---|\n" + "\n".join(
+            f"| `{k}` | `{v}` |" for k, v in hyperparameters.items()
+        ) + "\n"
+    content = f"""---
+{data.to_yaml()}
+---
+
+# ALiBi-DINOv2 ({variant})
+
+DINOv2 ViT-{_size_name(config.hidden_size)}/{config.patch_size} whose learned absolute position embedding is
+replaced by a 2D ALiBi attention bias (`-m * d(i, j) / d_max` between patch positions), so that its patch
+features describe what a patch shows rather than where it sits. Converted from `{base_model or config.name_or_path}`.
+Method: [What DINO saw: ALiBi positional encoding reduces positional bias in Vision Transformers](https://arxiv.org/abs/{PAPER_ARXIV_ID}).
+
+## Usage
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+model = AutoModel.from_pretrained("{name}", trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained("{name}")
+image = Image.open("micrograph.png").convert("RGB")
+# Dense features of the whole image: no centre crop (and do_resize=False keeps the native size).
+inputs = processor(images=image, return_tensors="pt", do_center_crop=False)
+with torch.no_grad():
+    features = model.get_patch_features(inputs.pixel_values)  # (1, {config.hidden_size}, H // {config.patch_size}, W // {config.patch_size})
+```
+
+`last_hidden_state` is `[CLS, {config.num_register_tokens} registers, patches]` after the final LayerNorm, as in
+transformers' `Dinov2WithRegistersModel`. The model takes any input of at least one patch per side.
+
+## Settings
+
+| option | value |
+|---|---|
+{settings}
+{hyper}
+## Evaluation
+
+{evaluation_table(evaluation_results)}
+"""
+    return ModelCard(content)
+
+
+def _size_name(hidden_size: int) -> str:
+    return {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(hidden_size, f"{hidden_size}d")
+
+
+def update_model_card_evaluation(folder, results: dict) -> None:
+    """Replace the evaluation table of `folder/README.md` with `results` (e.g. read from an evaluation JSON)."""
+    card_path = Path(folder) / "README.md"
+    text = card_path.read_text(encoding="utf-8")
+    start, end = text.index(EVALUATION_START), text.index(EVALUATION_END) + len(EVALUATION_END)
+    card_path.write_text(text[:start] + evaluation_table(results) + text[end:], encoding="utf-8")
+
+
+def save_model_folder(
+    model: AlibiDinov2Model,
+    output_dir,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    hyperparameters: dict | None = None,
+    evaluation_results: dict | None = None,
+) -> Path:
+    """Write a remote-code folder: config (with `auto_map`), safetensors weights, both model files, the image
+    processor and a model card."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    save_image_processor(output_dir)
+    card = build_model_card(model, repo_id, base_model, hyperparameters, evaluation_results)
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def push_folder_to_hub(output_dir, repo_id: str, private: bool = False) -> str:
+    """Upload the folder to a (created if needed) Hub model repository; returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model")
+    return str(url)
+
+
+def convert(
+    source=DEFAULT_SOURCE,
+    output_dir=None,
+    variant: str = "alibi",
+    source_format: str = "auto",
+    num_heads: int | None = None,
+    source_position: str = "auto",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    **alibi_options,
+) -> AlibiDinov2Model:
+    """Convert `source` into an `AlibiDinov2Model` of `variant`; with `output_dir`, also write the publishable
+    folder (and upload it with `push_to_hub=REPO_ID`)."""
+    checkpoint = read_source(source, source_format, num_heads, source_position, revision)
+    model = build_model(checkpoint, variant, **alibi_options)
+    if output_dir is not None:
+        base_model = str(source) if checkpoint.source_format == "hf" else None
+        save_model_folder(model, output_dir, base_model=base_model, repo_id=push_to_hub)
+        if push_to_hub:
+            push_folder_to_hub(output_dir, push_to_hub, private=private)
+    return model
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="Hub id, transformers folder, Meta .pth or timm .pth")
+    parser.add_argument("output_dir", type=Path, help="folder to write")
+    parser.add_argument("--variant", choices=VARIANTS, default="alibi")
+    parser.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto")
+    parser.add_argument(
+        "--source-position",
+        choices=POSITION_SCHEMES,
+        default="auto",
+        help="how a .pth source encodes positions (auto: learned if it has a non-zero embedding, else ALiBi, or "
+        "NoPE when the file name says 'nope')",
+    )
+    parser.add_argument("--num-heads", type=int, help="attention heads of a .pth source (default hidden / 64)")
+    parser.add_argument("--revision", help="Hub revision of an hf source")
+    parser.add_argument("--alibi-metric", choices=ALIBI_METRICS)
+    parser.add_argument("--alibi-wrap", type=_bool, metavar="{true,false}")
+    parser.add_argument("--alibi-normalize", type=_bool, metavar="{true,false}")
+    parser.add_argument("--alibi-slopes", choices=ALIBI_SLOPES)
+    parser.add_argument("--alibi-jitter", type=float)
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> AlibiDinov2Model:
+    args = parse_args(argv)
+    alibi_options = {name: getattr(args, name) for name in _ALIBI_FIELDS}
+    model = convert(
+        args.source,
+        args.output_dir,
+        variant=args.variant,
+        source_format=args.source_format,
+        num_heads=args.num_heads,
+        source_position=args.source_position,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        revision=args.revision,
+        **alibi_options,
+    )
+    summary = {k: getattr(model.config, k) for k in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS)}
+    print(f"wrote {args.output_dir}: {json.dumps(summary)}")
+    return model
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""convert_checkpoint: every source layout reproduces its model, ALiBi folders round-trip, the card parses."""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+import convert_checkpoint
+from convert_checkpoint import CheckpointKeyError, convert, update_model_card_evaluation
+
+
+PATCH = 14
+
+
+def pixels(height, width, batch=2, seed=3):
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(tiny_kwargs, registers=4, swiglu=False, seed=0):
+    torch.manual_seed(seed)
+    if registers:
+        config = Dinov2WithRegistersConfig(**tiny_kwargs, num_register_tokens=registers, use_swiglu_ffn=swiglu)
+        model = Dinov2WithRegistersModel(config)
+    else:
+        model = Dinov2Model(Dinov2Config(**tiny_kwargs, use_swiglu_ffn=swiglu))
+    # Non-trivial LayerScale so that a mix-up of ls1 / ls2 shows.
+    for layer in model.encoder.layer:
+        layer.layer_scale1.lambda1.data.uniform_(0.5, 1.5)
+        layer.layer_scale2.lambda1.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def to_vit_keys(model, layout):
+    """Write a transformers DINOv2 state dict in Meta's (`meta`) or timm's (`timm`) key layout."""
+    source = model.state_dict()
+    out = {
+        "cls_token": source["embeddings.cls_token"],
+        "patch_embed.proj.weight": source["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": source["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": source["layernorm.weight"],
+        "norm.bias": source["layernorm.bias"],
+    }
+    position = source["embeddings.position_embeddings"]
+    if layout == "meta":
+        out["pos_embed"] = position
+        out["mask_token"] = source["embeddings.mask_token"]
+        if "embeddings.register_tokens" in source:
+            out["register_tokens"] = source["embeddings.register_tokens"]
+    else:
+        out["pos_embed"] = position[:, 1:]  # timm's no_embed_class: no CLS position
+        if "embeddings.register_tokens" in source:
+            out["reg_token"] = source["embeddings.register_tokens"]
+    for index in range(len(model.encoder.layer)):
+        hf, vit = f"encoder.layer.{index}.", f"blocks.{index}."
+        for name in ("norm1", "norm2"):
+            for kind in ("weight", "bias"):
+                out[f"{vit}{name}.{kind}"] = source[f"{hf}{name}.{kind}"]
+        for kind in ("weight", "bias"):
+            out[f"{vit}attn.qkv.{kind}"] = torch.cat([source[f"{hf}attention.{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{vit}attn.proj.{kind}"] = source[f"{hf}attention.o_proj.{kind}"]
+            if f"{hf}mlp.fc1.{kind}" in source:
+                out[f"{vit}mlp.fc1.{kind}"] = source[f"{hf}mlp.fc1.{kind}"]
+                out[f"{vit}mlp.fc2.{kind}"] = source[f"{hf}mlp.fc2.{kind}"]
+            else:
+                out[f"{vit}mlp.w12.{kind}"] = torch.cat(
+                    [source[f"{hf}mlp.gate_proj.{kind}"], source[f"{hf}mlp.up_proj.{kind}"]]
+                )
+                out[f"{vit}mlp.w3.{kind}"] = source[f"{hf}mlp.down_proj.{kind}"]
+        out[f"{vit}ls1.gamma"] = source[f"{hf}layer_scale1.lambda1"]
+        out[f"{vit}ls2.gamma"] = source[f"{hf}layer_scale2.lambda1"]
+    return {key: value.clone() for key, value in out.items()}
+
+
+def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap=True, eps=1e-6):
+    """An eager ViT written from a timm-layout state dict: position embedding on patch tokens only (timm's
+    no_embed_class), CLS then registers, and with `slopes` (layers x heads) a 2D ALiBi bias from explicit loops."""
+    weight = state_dict["patch_embed.proj.weight"]
+    x = F.conv2d(pixel_values, weight, state_dict["patch_embed.proj.bias"], stride=weight.shape[-1])
+    batch, channels, height, width = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    if "pos_embed" in state_dict and state_dict["pos_embed"].count_nonzero() > 0:
+        x = x + state_dict["pos_embed"]
+    prefix = [state_dict["cls_token"].expand(batch, -1, -1)]
+    if "reg_token" in state_dict:
+        prefix.append(state_dict["reg_token"].expand(batch, -1, -1))
+    x = torch.cat(prefix + [x], dim=1)
+    num_prefix, num_tokens = x.shape[1] - height * width, x.shape[1]
+    distance = torch.zeros(num_tokens, num_tokens)
+    cells = [(y, x_) for y in range(height) for x_ in range(width)]
+    for i, (yi, xi) in enumerate(cells):
+        for j, (yj, xj) in enumerate(cells):
+            dy, dx = abs(yi - yj), abs(xi - xj)
+            if wrap:
+                dy, dx = min(dy, height - dy), min(dx, width - dx)
+            distance[num_prefix + i, num_prefix + j] = math.sqrt(dy * dy + dx * dx)
+    if distance.max() > 0:
+        distance /= distance.max()
+    head_dim = channels // num_heads
+    layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    for layer in range(layers):
+        p = lambda name: state_dict[f"blocks.{layer}.{name}"]  # noqa: E731
+        y = F.layer_norm(x, (channels,), p("norm1.weight"), p("norm1.bias"), eps)
+        qkv = (y @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(batch, num_tokens, 3, num_heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+        if slopes is not None:
+            logits = logits - slopes[layer].reshape(1, num_heads, 1, 1) * distance
+        attended = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, num_tokens, channels)
+        x = x + p("ls1.gamma") * (attended @ p("attn.proj.weight").T + p("attn.proj.bias"))
+        y = F.layer_norm(x, (channels,), p("norm2.weight"), p("norm2.bias"), eps)
+        hidden = F.gelu(y @ p("mlp.fc1.weight").T + p("mlp.fc1.bias"))
+        x = x + p("ls2.gamma") * (hidden @ p("mlp.fc2.weight").T + p("mlp.fc2.bias"))
+    return F.layer_norm(x, (channels,), state_dict["norm.weight"], state_dict["norm.bias"], eps)
+
+
+def assert_same_outputs(converted, reference_fn, sizes):
+    for size in sizes:
+        pixel_values = pixels(*size)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                converted(pixel_values).last_hidden_state, reference_fn(pixel_values), atol=1e-5, rtol=0
+            )
+
+
+# --- transformers layout ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registers", [4, 0])
+def test_hf_keep_pe_reproduces_transformers(tmp_path, tiny_kwargs, registers):
+    source = hf_model(tiny_kwargs, registers=registers)
+    source.save_pretrained(tmp_path / "source")
+    converted = convert(str(tmp_path / "source"), variant="keep-pe")
+    assert converted.config.num_register_tokens == registers
+    assert converted.config.interpolate_antialias == bool(registers)
+    assert_same_outputs(converted, lambda x: source(x).last_hidden_state, [(56, 56), (70, 42)])
+
+
+def test_alibi_conversion_drops_the_embedding_and_keeps_the_rest(tmp_path, tiny_kwargs):
+    source = hf_model(tiny_kwargs)
+    source.save_pretrained(tmp_path / "source")
+    converted = convert(str(tmp_path / "source"), variant="alibi", alibi_slopes="geometric")
+    assert converted.config.use_alibi and not converted.config.use_absolute_position_embeddings
+    assert converted.config.alibi_slopes == "geometric"
+    theirs = source.state_dict()
+    for name, tensor in converted.state_dict().items():
+        torch.testing.assert_close(tensor, theirs[name], atol=0, rtol=0)
+    nope = convert(str(tmp_path / "source"), variant="nope")
+    assert not nope.config.use_alibi and nope.encoder.alibi is None
+
+
+def test_alibi_folder_reloads_in_a_fresh_process(tmp_path, tiny_kwargs, run_isolated):
+    source = hf_model(tiny_kwargs)
+    source.save_pretrained(tmp_path / "source")
+    output = tmp_path / "alibi"
+    converted = convert(str(tmp_path / "source"), output, variant="alibi")
+    pixel_values = pixels(42, 70)
+    with torch.no_grad():
+        torch.save({"x": pixel_values, "y": converted(pixel_values).last_hidden_state}, tmp_path / "io.pt")
+    result = run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True).eval()
+        data = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(model(data["x"]).last_hidden_state, data["y"])
+        print("identical", type(model).__module__.split(".")[0])
+        """
+    )
+    assert "identical transformers_modules" in result.stdout
+
+
+def test_feature_extraction_pipeline_runs_on_a_pil_image(tmp_path, tiny_kwargs):
+    from transformers import pipeline
+
+    source = hf_model(tiny_kwargs)
+    source.save_pretrained(tmp_path / "source")
+    output = tmp_path / "alibi"
+    convert(str(tmp_path / "source"), output)
+    extractor = pipeline("image-feature-extraction", model=str(output), trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8))
+    features = np.asarray(extractor(image))
+    # DINOv2 preprocessing: shortest side 256, centre crop 224 -> a 16 x 16 grid, plus CLS and 4 registers.
+    assert features.shape == (1, 1 + 4 + 16 * 16, 32)
+
+
+def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
+    from huggingface_hub import ModelCard
+
+    model = convert_checkpoint.build_model(
+        convert_checkpoint.SourceCheckpoint(
+            hf_model(tiny_kwargs).state_dict(),
+            dict(tiny_kwargs, num_register_tokens=4),
+            "hf",
+            "learned",
+            "facebook/dinov2-with-registers-small",
+        ),
+        "alibi",
+    )
+    output = convert_checkpoint.save_model_folder(
+        model,
+        tmp_path / "out",
+        base_model="facebook/dinov2-with-registers-small",
+        hyperparameters={"learning_rate": 1e-4},
+    )
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert card.data.base_model == "facebook/dinov2-with-registers-small"
+    assert card.data.license == "apache-2.0"
+    assert "arxiv:2603.16840" in card.data.tags
+    assert "trust_remote_code=True" in card.text and "do_center_crop=False" in card.text
+    assert "| `learning_rate` | `0.0001` |" in card.text
+    assert "not evaluated yet" in card.text
+    update_model_card_evaluation(output, {"lr+ud R^2 (micro)": -0.2312, "patch cosine": 0.9})
+    card = ModelCard.load(output / "README.md")
+    assert "| lr+ud R^2 (micro) | -0.2312 |" in card.text and "not evaluated yet" not in card.text
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert (output / "preprocessor_config.json").exists()
+
+
+# --- Meta torch-hub layout ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registers, swiglu", [(4, False), (0, False), (4, True)])
+def test_meta_keep_pe_reproduces_the_model(tmp_path, tiny_kwargs, registers, swiglu):
+    source = hf_model(tiny_kwargs, registers=registers, swiglu=swiglu)
+    path = tmp_path / "dinov2_tiny_pretrain.pth"
+    torch.save(to_vit_keys(source, "meta"), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert convert_checkpoint.detect_format(path) == "meta"
+    converted = convert(path, variant="keep-pe", num_heads=2)
+    assert converted.config.use_swiglu_ffn == swiglu and converted.config.image_size == 56
+    assert_same_outputs(converted, lambda x: source(x).last_hidden_state, [(56, 56), (70, 42)])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the source file is untouched
+
+
+def test_meta_head_count_defaults_to_64_dimensional_heads(tmp_path):
+    torch.manual_seed(0)
+    source = hf_model(dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=28))
+    path = tmp_path / "meta.pth"
+    torch.save(to_vit_keys(source, "meta"), path)
+    converted = convert(path, variant="keep-pe")
+    assert converted.config.num_attention_heads == 2 and converted.config.num_hidden_layers == 1
+    assert_same_outputs(converted, lambda x: source(x).last_hidden_state, [(28, 28)])
+
+
+def test_unexpected_and_missing_keys_are_listed(tmp_path, tiny_kwargs):
+    state_dict = to_vit_keys(hf_model(tiny_kwargs), "meta")
+    with_head = dict(state_dict, **{"head.weight": torch.zeros(3, 32), "head.bias": torch.zeros(3)})
+    torch.save(with_head, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointKeyError, match="unexpected key.*head.bias, head.weight"):
+        convert(tmp_path / "extra.pth", num_heads=2)
+    del state_dict["blocks.1.ls2.gamma"]
+    torch.save(state_dict, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointKeyError, match=r"Missing: encoder\.layer\.1\.layer_scale2\.lambda1"):
+        convert(tmp_path / "missing.pth", num_heads=2)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"cls_token": torch.zeros(1), "recipe": Image.new("L", (1, 1))}, tmp_path / "unsafe.pth")
+    with pytest.raises(ValueError, match="weights-only"):
+        convert(tmp_path / "unsafe.pth")
+
+
+# --- timm layout (reference ALiBi / NoPE checkpoints) -------------------------------------------------------------
+
+
+def timm_checkpoint(tiny_kwargs, positional="alibi", slopes=None, prefix=""):
+    state_dict = to_vit_keys(hf_model(tiny_kwargs), "timm")
+    if positional != "learned":
+        state_dict["pos_embed"] = torch.zeros_like(state_dict["pos_embed"])
+    if slopes is not None:
+        for layer, layer_slopes in enumerate(slopes):
+            state_dict[f"blocks.{layer}.attn.m"] = layer_slopes.reshape(-1, 1, 1).clone()
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", "model.", "vit."])
+def test_timm_alibi_keep_pe_matches_an_eager_alibi_reference(tmp_path, tiny_kwargs, prefix):
+    state_dict = timm_checkpoint(tiny_kwargs, prefix=prefix)
+    path = tmp_path / "alibi_dv2_tiny_reg4.pth"
+    torch.save(state_dict, path)
+    assert convert_checkpoint.detect_format(path) == "timm"
+    converted = convert(path, variant="keep-pe", num_heads=2)
+    assert converted.config.use_alibi and converted.config.alibi_slopes == "constant"
+    bare = convert_checkpoint.strip_prefix(state_dict)
+    constant = torch.ones(2, 2)
+    assert_same_outputs(converted, lambda x: reference_vit_forward(bare, x, 2, constant), [(56, 56), (42, 70)])
+
+
+def test_timm_learned_slopes_are_loaded(tmp_path, tiny_kwargs):
+    slopes = torch.tensor([[0.3, 1.7], [0.9, 0.1]])
+    state_dict = timm_checkpoint(tiny_kwargs, slopes=slopes)
+    torch.save(state_dict, tmp_path / "alibi_learned.pth")
+    converted = convert(tmp_path / "alibi_learned.pth", variant="keep-pe", num_heads=2)
+    assert converted.config.alibi_slopes == "learned"
+    torch.testing.assert_close(converted.encoder.alibi.slopes.detach(), slopes)
+    assert_same_outputs(converted, lambda x: reference_vit_forward(state_dict, x, 2, slopes), [(42, 56)])
+
+
+def test_timm_nope_and_learned_embedding_checkpoints(tmp_path, tiny_kwargs):
+    nope = timm_checkpoint(tiny_kwargs)
+    torch.save(nope, tmp_path / "nope_coco_dv2_tiny_reg4.pth")
+    converted = convert(tmp_path / "nope_coco_dv2_tiny_reg4.pth", variant="keep-pe", num_heads=2)
+    assert not converted.config.use_alibi and not converted.config.use_absolute_position_embeddings
+    assert_same_outputs(converted, lambda x: reference_vit_forward(nope, x, 2), [(42, 70)])
+
+    learned = timm_checkpoint(tiny_kwargs, positional="learned")
+    torch.save(learned, tmp_path / "timm_pe.pth")
+    converted = convert(tmp_path / "timm_pe.pth", variant="keep-pe", num_heads=2)
+    assert converted.config.use_absolute_position_embeddings
+    assert_same_outputs(converted, lambda x: reference_vit_forward(learned, x, 2), [(56, 56)])
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def test_command_line_sets_alibi_options(tmp_path, tiny_kwargs):
+    hf_model(tiny_kwargs).save_pretrained(tmp_path / "source")
+    model = convert_checkpoint.main(
+        [
+            str(tmp_path / "source"),
+            str(tmp_path / "out"),
+            "--alibi-metric",
+            "manhattan",
+            "--alibi-wrap",
+            "false",
+            "--alibi-slopes",
+            "learned",
+        ]
+    )
+    assert (model.config.alibi_metric, model.config.alibi_wrap, model.config.alibi_slopes) == (
+        "manhattan",
+        False,
+        "learned",
+    )
+    torch.testing.assert_close(model.encoder.alibi.slopes.detach(), torch.ones(2, 2))
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_unknown_variant_is_a_clear_error(tmp_path, tiny_kwargs):
+    hf_model(tiny_kwargs).save_pretrained(tmp_path / "source")
+    with pytest.raises(ValueError, match="`variant` must be one of 'alibi', 'nope', 'keep-pe'"):
+        convert(str(tmp_path / "source"), variant="rope")
+    with pytest.raises(SystemExit):
+        convert_checkpoint.parse_args([str(tmp_path / "source"), "out", "--variant", "rope"])
