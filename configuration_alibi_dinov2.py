@@ -45,6 +45,11 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
             ALiBi) or `"learned"` (one trainable slope per layer and head).
         alibi_jitter (`float`, *optional*, defaults to 0.0):
             Standard deviation of Gaussian noise added to the bias at every forward pass (0 disables it).
+        alibi_dense_max_tokens (`int`, *optional*, defaults to 8192):
+            Largest token count for which the `sdpa` and `eager` paths build the `N x N` bias; larger inputs run
+            through `alibi_chunked` (same numbers, memory linear in N).
+        alibi_query_chunk_size (`int`, *optional*, defaults to 1024):
+            Queries per block of the `alibi_chunked` attention path.
         interpolate_antialias (`bool`, *optional*, defaults to `True`):
             Antialiasing of the bicubic resize of the learned position embedding when it is kept and the grid
             differs from the trained one. `Dinov2WithRegistersModel` uses `True`, `Dinov2Model` `False`.
@@ -74,6 +79,8 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
     alibi_normalize: bool = True
     alibi_slopes: str = "constant"
     alibi_jitter: float | int = 0.0
+    alibi_dense_max_tokens: int = 8192
+    alibi_query_chunk_size: int = 1024
     interpolate_antialias: bool = True
 
     def __post_init__(self, **kwargs):
@@ -81,6 +88,9 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
         _check_choice("alibi_slopes", self.alibi_slopes, ALIBI_SLOPES)
         if self.alibi_jitter < 0:
             raise ValueError(f"`alibi_jitter` is a standard deviation and must be >= 0; got {self.alibi_jitter}.")
+        for name in ("alibi_dense_max_tokens", "alibi_query_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive number of tokens; got {getattr(self, name)}.")
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0; got {self.num_register_tokens}.")
         if self.hidden_size % self.num_attention_heads != 0:

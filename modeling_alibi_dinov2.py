@@ -19,10 +19,10 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from transformers import AutoBackbone, AutoConfig, AutoModel
+from transformers import AttentionInterface, AttentionMaskInterface, AutoBackbone, AutoConfig, AutoModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, sdpa_mask
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersLayer,
@@ -45,6 +45,30 @@ _BIASLESS_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attentio
 _BIAS_CACHE_SIZE = 8
 
 
+def _axis_offsets(a: torch.Tensor, b: torch.Tensor, size: int, wrap: bool) -> torch.Tensor:
+    """|a - b| along one grid axis of `size` cells; on a torus with `wrap`."""
+    offsets = (a - b).abs()
+    return torch.minimum(offsets, size - offsets) if wrap else offsets
+
+
+def _combine_offsets(dy: torch.Tensor, dx: torch.Tensor, metric: str) -> torch.Tensor:
+    return torch.hypot(dy, dx) if metric == "euclidean" else dy + dx
+
+
+def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wrap: bool = True) -> float:
+    """The largest distance between two cells of a `height x width` grid (0 for a single cell)."""
+    dy, dx = (height // 2, width // 2) if wrap else (height - 1, width - 1)
+    return math.hypot(dy, dx) if metric == "euclidean" else float(dy + dx)
+
+
+def _token_grid_coordinates(token_index: torch.Tensor, num_prefix_tokens: int, width: int):
+    """Row, column (float32) and is-patch flag of tokens laid out as `[prefix tokens, patches in row-major order]`."""
+    patch_index = token_index - num_prefix_tokens
+    is_patch = patch_index >= 0
+    patch_index = patch_index.clamp(min=0)
+    return (patch_index // width).to(torch.float32), (patch_index % width).to(torch.float32), is_patch
+
+
 def alibi_distance_matrix(
     height: int,
     width: int,
@@ -62,23 +86,15 @@ def alibi_distance_matrix(
     """
     if metric not in ("euclidean", "manhattan"):
         raise ValueError(f"`metric` must be 'euclidean' or 'manhattan'; got {metric!r}.")
-
-    def axis_offsets(size: int) -> torch.Tensor:
-        positions = torch.arange(size, device=device, dtype=torch.float32)
-        offsets = (positions[:, None] - positions[None, :]).abs()
-        return torch.minimum(offsets, size - offsets) if wrap else offsets
-
-    dy, dx = axis_offsets(height), axis_offsets(width)
-    # Broadcast the small per-axis tables to (h, w, h, w): one N x N allocation, no N x N coordinate tensors.
-    if metric == "euclidean":
-        distance = (dy.square()[:, None, :, None] + dx.square()[None, :, None, :]).sqrt_()
-    else:
-        distance = dy[:, None, :, None] + dx[None, :, None, :]
-    distance = distance.reshape(height * width, height * width)
-    if normalize:
-        largest = distance.max()
-        if largest > 0:
-            distance.div_(largest)
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    columns = torch.arange(width, device=device, dtype=torch.float32)
+    # Per-axis tables of shape (h, 1, h, 1) and (1, w, 1, w) broadcast to (h, w, h, w): one N x N allocation.
+    dy = _axis_offsets(rows[:, None, None, None], rows[None, None, :, None], height, wrap)
+    dx = _axis_offsets(columns[None, :, None, None], columns[None, None, None, :], width, wrap)
+    distance = _combine_offsets(dy, dx, metric).reshape(height * width, height * width)
+    largest = largest_grid_distance(height, width, metric, wrap)
+    if normalize and largest > 0:
+        distance.div_(largest)
     return distance
 
 
@@ -220,8 +236,13 @@ class AlibiDinov2PositionBias(nn.Module):
     For patch tokens i, j the bias is `-m_head * d(i, j)` with `d` from [`alibi_distance_matrix`]; rows and
     columns of the CLS and register tokens are 0. Fixed slopes ("constant", "geometric") give one bias for every
     layer, built once per (grid, device, dtype) and cached: shape `(1, 1, N, N)` when all heads share the slope,
-    `(1, heads, N, N)` otherwise, broadcast over the batch, never expanded in memory. Learned slopes
-    (`slopes` parameter of shape `(layers, heads)`) give one bias per layer, from a cached distance matrix.
+    `(1, heads, N, N)` otherwise, broadcast over the batch, never expanded in memory, its rows padded to a
+    multiple of 8 elements so that fused kernels take it without a copy. Learned slopes (`slopes` parameter of
+    shape `(layers, heads)`) give one bias per layer, from a cached distance matrix.
+
+    The streamed attention paths never build the `N x N` bias: `alibi_chunked` asks for blocks of rows
+    ([`~AlibiDinov2PositionBias.rows`]), `alibi_flex` for a FlexAttention `score_mod`
+    ([`~AlibiDinov2PositionBias.score_mod`]).
     """
 
     def __init__(self, config: AlibiDinov2Config) -> None:
@@ -237,8 +258,29 @@ class AlibiDinov2PositionBias(nn.Module):
             self.fixed_slopes = None
         else:
             self.slopes = None
+            # Python floats, not tensors: models are built on the meta device when loaded.
             self.fixed_slopes = alibi_head_slopes(config.alibi_slopes, config.num_attention_heads)
         self._cache: OrderedDict = OrderedDict()
+
+    @property
+    def shared_slope(self) -> float | None:
+        """The slope of every head when they all share one fixed slope, else None."""
+        if self.fixed_slopes is not None and len(set(self.fixed_slopes)) == 1:
+            return self.fixed_slopes[0]
+        return None
+
+    def head_slopes(self, layer_index: int, device) -> torch.Tensor:
+        """Slopes of the heads of one layer, `(heads,)` float32."""
+        if self.slopes is not None:
+            return self.slopes[layer_index].to(device=device, dtype=torch.float32)
+        return torch.tensor(self.fixed_slopes, device=device, dtype=torch.float32)
+
+    def _scale(self, distance: torch.Tensor, layer_index: int) -> torch.Tensor:
+        """`(rows, N)` distances -> `(1, 1 or heads, rows, N)` float32 bias."""
+        slope = self.shared_slope
+        if slope is not None:
+            return (distance * -slope)[None, None]
+        return -self.head_slopes(layer_index, distance.device)[None, :, None, None] * distance[None, None]
 
     def _cached(self, key: tuple, build) -> torch.Tensor:
         if key in self._cache:
@@ -263,13 +305,16 @@ class AlibiDinov2PositionBias(nn.Module):
         return padded
 
     def _fixed_bias(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        slopes = self.fixed_slopes
-        distance = self._padded_distance(height, width, device)
-        if len(set(slopes)) == 1:
-            bias = distance.mul_(-slopes[0])[None, None]
-        else:
-            bias = -torch.tensor(slopes, device=device)[None, :, None, None] * distance[None, None]
-        return bias.to(dtype)
+        prefix = self.num_prefix_tokens
+        num_tokens = prefix + height * width
+        heads = 1 if self.shared_slope is not None else self.num_heads
+        # Rows padded to a multiple of 8 elements: the memory-efficient SDPA kernels need aligned mask rows and
+        # would otherwise pad a copy of the mask at every call.
+        storage = torch.zeros(1, heads, num_tokens, -(-num_tokens // 8) * 8, device=device, dtype=dtype)
+        bias = storage[..., :num_tokens]
+        distance = alibi_distance_matrix(height, width, self.metric, self.wrap, self.normalize, device=device)
+        bias[:, :, prefix:, prefix:] = self._scale(distance, 0).to(dtype)
+        return bias
 
     def forward(
         self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
@@ -282,10 +327,157 @@ class AlibiDinov2PositionBias(nn.Module):
         else:
             key = ("distance", height, width, torch.device(device))
             distance = self._cached(key, lambda: self._padded_distance(height, width, device))
-            bias = (-self.slopes[layer_index].to(torch.float32)[None, :, None, None] * distance).to(dtype)
+            bias = self._scale(distance, layer_index).to(dtype)
         if self.jitter > 0:
             bias = bias + self.jitter * torch.randn_like(bias)
         return bias
+
+    def rows(
+        self,
+        grid_size: tuple[int, int],
+        layer_index: int,
+        start: int,
+        stop: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`,
+        computed from token coordinates without the `N x N` matrix."""
+        height, width = grid_size
+        num_tokens = self.num_prefix_tokens + height * width
+        query_y, query_x, query_is_patch = _token_grid_coordinates(
+            torch.arange(start, stop, device=device), self.num_prefix_tokens, width
+        )
+        key_y, key_x, key_is_patch = _token_grid_coordinates(
+            torch.arange(num_tokens, device=device), self.num_prefix_tokens, width
+        )
+        dy = _axis_offsets(query_y[:, None], key_y[None, :], height, self.wrap)
+        dx = _axis_offsets(query_x[:, None], key_x[None, :], width, self.wrap)
+        distance = _combine_offsets(dy, dx, self.metric)
+        largest = largest_grid_distance(height, width, self.metric, self.wrap)
+        if self.normalize and largest > 0:
+            distance.div_(largest)
+        distance.mul_(query_is_patch[:, None] & key_is_patch[None, :])
+        bias = self._scale(distance, layer_index).to(dtype)
+        if self.jitter > 0:
+            bias = bias + self.jitter * torch.randn_like(bias)
+        return bias
+
+    def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
+        """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
+        if self.jitter > 0:
+            raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
+        height, width = grid_size
+        prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
+        largest = largest_grid_distance(height, width, metric, wrap)
+        scale = 1.0 / largest if self.normalize and largest > 0 else 1.0
+        slopes = self.head_slopes(layer_index, device) * scale
+
+        def add_alibi_bias(score, batch_index, head_index, query_index, key_index):
+            query_y, query_x, query_is_patch = _token_grid_coordinates(query_index, prefix, width)
+            key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, prefix, width)
+            distance = _combine_offsets(
+                _axis_offsets(query_y, key_y, height, wrap), _axis_offsets(query_x, key_x, width, wrap), metric
+            )
+            bias = torch.where(query_is_patch & key_is_patch, -slopes[head_index] * distance, 0.0)
+            return score + bias.to(score.dtype)
+
+        return add_alibi_bias
+
+
+def alibi_chunked_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    alibi: AlibiDinov2PositionBias | None = None,
+    alibi_grid_size: tuple[int, int] | None = None,
+    alibi_layer_index: int = 0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Exact attention with the ALiBi bias, one block of queries at a time (`attn_implementation="alibi_chunked"`).
+
+    Each block of `config.alibi_query_chunk_size` queries gets its rows of the bias and one SDPA call, so memory
+    grows linearly with the token count instead of quadratically; no compilation is involved.
+
+    Args:
+        query, key, value: `(batch_size, heads, N, head_dim)`.
+    Returns:
+        `(batch_size, N, heads, head_dim)` and no attention weights.
+    """
+    num_tokens = query.shape[2]
+    chunk_size = module.config.alibi_query_chunk_size
+    outputs = []
+    for start in range(0, num_tokens, chunk_size):
+        stop = min(start + chunk_size, num_tokens)
+        mask = None if attention_mask is None else attention_mask[..., start:stop, :]
+        if alibi is not None:
+            bias = alibi.rows(alibi_grid_size, alibi_layer_index, start, stop, query.dtype, query.device)
+            mask = merge_attention_masks(bias, mask)
+        outputs.append(
+            nn.functional.scaled_dot_product_attention(
+                query[:, :, start:stop], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention_kernel(device: torch.device):
+    """FlexAttention, compiled into a fused kernel on GPUs. On CPU the uncompiled form materialises the scores
+    (correct, for checks); `alibi_chunked` is the bounded-memory path there."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def alibi_flex_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    alibi: AlibiDinov2PositionBias | None = None,
+    alibi_grid_size: tuple[int, int] | None = None,
+    alibi_layer_index: int = 0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention through FlexAttention with the ALiBi bias computed inside the kernel from token indices
+    (`attn_implementation="alibi_flex"`): no `N x N` tensor at all.
+
+    Args:
+        query, key, value: `(batch_size, heads, N, head_dim)`.
+    Returns:
+        `(batch_size, N, heads, head_dim)` and no attention weights.
+    """
+    if dropout > 0:
+        raise ValueError('attn_implementation="alibi_flex" does not support attention dropout; use "alibi_chunked".')
+    if attention_mask is not None:
+        raise ValueError('attn_implementation="alibi_flex" takes no attention_mask; use "alibi_chunked" or "sdpa".')
+    score_mod = None
+    if alibi is not None:
+        score_mod = alibi.score_mod(alibi_grid_size, alibi_layer_index, query.device)
+    output = _flex_attention_kernel(query.device)(query, key, value, score_mod=score_mod, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+# Streamed paths: registered with transformers' attention interface, so `attn_implementation` selects them.
+STREAMED_ATTENTION = {"alibi_chunked": alibi_chunked_attention_forward, "alibi_flex": alibi_flex_attention_forward}
+for _name, _function in STREAMED_ATTENTION.items():
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)
 
 
 def _check_attention_takes_bias(attn_implementation: str | None) -> None:
@@ -345,12 +537,21 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
-        return self.encoder(
-            embedding_output,
-            grid_size=(height // patch_height, width // patch_width),
-            attention_mask=attention_mask,
-            **kwargs,
-        )
+        grid_size = (height // patch_height, width // patch_width)
+        implementation = self.config._attn_implementation
+        if (
+            self.config.use_alibi
+            and implementation in ("sdpa", "eager")
+            and embedding_output.shape[1] > self.config.alibi_dense_max_tokens
+            and not kwargs.get("output_attentions", self.config.output_attentions)
+        ):
+            # A dense bias this large would dominate memory: stream it for this call.
+            self.config._attn_implementation = "alibi_chunked"
+            try:
+                return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
+            finally:
+                self.config._attn_implementation = implementation
+        return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
 
 
 class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
@@ -377,12 +578,16 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
             grid_size: `(h, w)`, the patch grid the tokens come from.
             attention_mask: optional extra mask (boolean or additive), merged with the ALiBi bias.
         """
+        streamed = self.config._attn_implementation in STREAMED_ATTENTION
         for layer_index, layer_module in enumerate(self.layer):
-            layer_mask = attention_mask
-            if self.alibi is not None:
+            layer_mask, alibi_kwargs = attention_mask, {}
+            if streamed:
+                # The attention function computes the bias itself, from the grid geometry.
+                alibi_kwargs = dict(alibi=self.alibi, alibi_grid_size=grid_size, alibi_layer_index=layer_index)
+            elif self.alibi is not None:
                 bias = self.alibi(grid_size, layer_index, dtype=hidden_states.dtype, device=hidden_states.device)
                 layer_mask = merge_attention_masks(bias, attention_mask)
-            hidden_states = layer_module(hidden_states, layer_mask, **kwargs)
+            hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 

@@ -1,0 +1,146 @@
+"""The streamed ALiBi attention paths (`alibi_chunked`, `alibi_flex`) against the dense `sdpa` path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from modeling_alibi_dinov2 import AlibiDinov2Model
+
+from conftest import REPO_ROOT
+
+
+def alibi_model(tiny_kwargs, **options):
+    torch.manual_seed(0)
+    options.setdefault("alibi_query_chunk_size", 7)  # several blocks and a ragged last one on tiny grids
+    return AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs, **options)).eval()
+
+
+def outputs(model, pixel_values, implementation, **kwargs):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPU FlexAttention warns that it runs uncompiled
+        return model(pixel_values, **kwargs).last_hidden_state
+
+
+CASES = [
+    dict(),
+    dict(num_register_tokens=0),
+    dict(alibi_slopes="geometric"),
+    dict(alibi_slopes="learned"),
+    dict(alibi_wrap=False, alibi_metric="manhattan"),
+    dict(alibi_normalize=False),
+]
+
+
+@pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("implementation", ["alibi_chunked", "alibi_flex"])
+@pytest.mark.parametrize("size", [(56, 56), (42, 98), (14, 70)])
+def test_streamed_paths_match_dense_sdpa(tiny_kwargs, options, implementation, size):
+    model = alibi_model(tiny_kwargs, **options)
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    dense = outputs(model, pixel_values, "sdpa")
+    torch.testing.assert_close(outputs(model, pixel_values, implementation), dense, atol=1e-4, rtol=0)
+
+
+def test_chunked_path_honours_a_padding_mask(tiny_kwargs):
+    model = alibi_model(tiny_kwargs)
+    pixel_values = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 5 + 12, dtype=torch.bool)
+    keep[0, -4:] = False
+    dense = outputs(model, pixel_values, "sdpa", attention_mask=keep)
+    assert not torch.allclose(dense, outputs(model, pixel_values, "sdpa"), atol=1e-4)
+    torch.testing.assert_close(outputs(model, pixel_values, "alibi_chunked", attention_mask=keep), dense, atol=1e-4, rtol=0)
+
+
+def test_chunked_path_gives_the_same_gradients(tiny_kwargs):
+    pixel_values = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(1))
+    gradients = []
+    for implementation in ("sdpa", "alibi_chunked"):
+        model = alibi_model(tiny_kwargs, alibi_slopes="learned").train()
+        model.set_attn_implementation(implementation)
+        model(pixel_values).last_hidden_state.square().mean().backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=1e-4)
+
+
+def test_large_grids_switch_to_the_chunked_path_by_themselves(tiny_kwargs):
+    model = alibi_model(tiny_kwargs, alibi_dense_max_tokens=20)
+    small, large = torch.randn(1, 3, 42, 42), torch.randn(1, 3, 56, 70)  # 5 + 9 and 5 + 20 tokens
+    outputs(model, small, "sdpa")
+    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]
+    switched = outputs(model, large, "sdpa")
+    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]  # no dense bias was built for 4 x 5
+    assert model.config._attn_implementation == "sdpa"
+    model.config.alibi_dense_max_tokens = 8192
+    torch.testing.assert_close(switched, outputs(model, large, "sdpa"), atol=1e-4, rtol=0)
+
+
+def test_cached_bias_rows_are_padded_to_a_multiple_of_8(tiny_kwargs):
+    model = alibi_model(tiny_kwargs)
+    bias = model.encoder.alibi((3, 4), 0, dtype=torch.float16, device=torch.device("cpu"))  # 17 tokens
+    assert bias.shape == (1, 1, 17, 17) and bias.dtype == torch.float16
+    assert bias.stride(-2) == 24 and bias.stride(-1) == 1
+
+
+def test_flex_path_refuses_what_it_cannot_do(tiny_kwargs):
+    model = alibi_model(tiny_kwargs, alibi_jitter=0.1)
+    with pytest.raises(ValueError, match="alibi_jitter.*alibi_chunked"):
+        outputs(model, torch.randn(1, 3, 28, 28), "alibi_flex")
+    model = alibi_model(tiny_kwargs)
+    with pytest.raises(ValueError, match="takes no attention_mask"):
+        padding = torch.ones(1, 1 + 4 + 4, dtype=torch.bool)
+        padding[0, -1] = False
+        outputs(model, torch.randn(1, 3, 28, 28), "alibi_flex", attention_mask=padding)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from modeling_alibi_dinov2 import AlibiDinov2Model
+implementation, side = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)
+config = AlibiDinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, patch_size=2, image_size=8,
+                           num_register_tokens=0, alibi_dense_max_tokens=10**9, alibi_query_chunk_size=256)
+model = AlibiDinov2Model(config).eval()
+model.set_attn_implementation(implementation)
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+with torch.inference_mode():
+    model(torch.randn(1, 3, 8, 8))  # first call: lazy initialisation outside the measurement
+    baseline = resident()
+    model(torch.randn(1, 3, 2 * side, 2 * side))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+"""
+
+
+def peak_forward_bytes(implementation: str, side: int) -> int:
+    """Resident-memory growth of one forward pass on a `side x side` grid, in a fresh process."""
+    # Large blocks straight from mmap and back on free: resident memory then tracks live allocations, instead of
+    # glibc's heap keeping freed blocks around at its whim.
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(MEMORY_PROBE), implementation, str(side)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1])
+
+
+def test_chunked_memory_grows_linearly_with_tokens():
+    # 3600 then 14400 tokens: 4x the tokens costs ~4x the memory when linear, ~16x when quadratic.
+    chunked = [peak_forward_bytes("alibi_chunked", side) for side in (60, 120)]
+    assert chunked[1] < 6 * chunked[0], chunked
+    # The measurement does see a quadratic cost: the dense path's N x N bias at 14400 tokens (830 MB in float32).
+    dense = peak_forward_bytes("sdpa", 120)
+    assert dense > 8 * chunked[1], (dense, chunked)
