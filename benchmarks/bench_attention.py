@@ -73,9 +73,9 @@ def _resident_kib() -> int:
     return 0
 
 
-def _cpu_peak_worker(name: str, size: int, batch_size: int, dtype_name: str, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
+def _cpu_peak_worker(name: str, size: int, batch_size: int, dtype_name: str, implementation: str, queue) -> None:
     model = build_models(getattr(torch, dtype_name), "cpu")[name]
+    model.set_attn_implementation(implementation)
     pixel_values = torch.randn(batch_size, 3, size, size, dtype=getattr(torch, dtype_name))
     baseline = _resident_kib()
     with torch.inference_mode():
@@ -83,20 +83,31 @@ def _cpu_peak_worker(name: str, size: int, batch_size: int, dtype_name: str, que
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024)
 
 
-def peak_memory_bytes(name: str, size: int, batch_size: int, dtype: torch.dtype, device: str, models: dict) -> int:
-    """Extra memory one forward pass needs beyond the loaded model."""
+def peak_memory_bytes(
+    name: str,
+    size: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: str,
+    models: dict,
+    implementation: str = "sdpa",
+) -> int:
+    """Extra memory one forward pass of `models[name]` on `implementation` needs beyond the loaded model."""
     if device.startswith("cuda"):
+        model = models[name]
+        model.set_attn_implementation(implementation)
         pixel_values = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
         with torch.inference_mode():
-            models[name](pixel_values)
+            model(pixel_values)
         return torch.cuda.max_memory_allocated() - baseline
     # A fresh process per measurement: the resident-set high-water mark cannot be reset in place.
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_cpu_peak_worker, args=(name, size, batch_size, str(dtype).split(".")[-1], queue))
+    arguments = (name, size, batch_size, str(dtype).split(".")[-1], implementation, queue)
+    process = context.Process(target=_cpu_peak_worker, args=arguments)
     process.start()
     result = queue.get()
     process.join()
