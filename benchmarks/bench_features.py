@@ -1,0 +1,111 @@
+"""Time the classical feature stack (evaluation.classical_features) on large images.
+
+Usage::
+
+    python benchmarks/bench_features.py --output outputs/bench_features.json
+    python benchmarks/bench_features.py --sizes 1024 2048 4096 --repeats 5 --torch-cpu
+
+Backends timed: ``numpy`` (scipy, CPU) always, ``torch`` on CUDA when a GPU is available, and torch on
+the CPU with ``--torch-cpu``. Target: a 1024 x 1024 image in under 5 s on 2 CPU cores (numpy backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.classical_features import classical_features, n_features  # noqa: E402
+from evaluation.synthetic import generate_microstructure  # noqa: E402
+
+TARGET_SECONDS_1024 = 5.0
+
+
+def time_backend(image: np.ndarray, backend: str, device, repeats: int) -> dict:
+    """Run the stack ``repeats`` times after one warm-up; seconds per run."""
+    classical_features(image[:64, :64], backend=backend, device=device)  # warm-up (imports, kernels)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        features = classical_features(image, backend=backend, device=device)
+        if device is not None and str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {
+        "min_s": min(seconds),
+        "mean_s": float(np.mean(seconds)),
+        "runs_s": seconds,
+        "output_shape": list(features.shape),
+        "output_mib": features.nbytes / 2**20,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-cpu", action="store_true", help="also time the torch backend on the CPU")
+    parser.add_argument("--output", default="outputs/bench_features.json")
+    args = parser.parse_args(argv)
+
+    backends = [("numpy", "numpy", None)]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            backends.append((f"torch-cuda ({torch.cuda.get_device_name(0)})", "torch", "cuda"))
+        if args.torch_cpu:
+            backends.append(("torch-cpu", "torch", "cpu"))
+        torch_threads = torch.get_num_threads()
+    except ImportError:
+        torch_threads = None
+
+    results = []
+    for size in args.sizes:
+        image, _ = generate_microstructure((size, size), n_phases=3, seed=0)
+        for label, backend, device in backends:
+            timing = time_backend(image, backend, device, args.repeats)
+            results.append({"size": size, "backend": label, **timing})
+
+    print(f"Classical feature stack, {n_features()} channels, CPU cores available: {os.cpu_count()}")
+    print(f"{'size':>11} | {'backend':<34} | {'min s':>7} | {'mean s':>7} | {'output MiB':>10}")
+    print("-" * 82)
+    for row in results:
+        print(
+            f"{row['size']:>5}x{row['size']:<5} | {row['backend']:<34} | {row['min_s']:7.2f} | "
+            f"{row['mean_s']:7.2f} | {row['output_mib']:10.0f}"
+        )
+    numpy_1024 = [r for r in results if r["size"] == 1024 and r["backend"] == "numpy"]
+    if numpy_1024:
+        verdict = "meets" if numpy_1024[0]["min_s"] < TARGET_SECONDS_1024 else "MISSES"
+        print(f"1024x1024 numpy: {numpy_1024[0]['min_s']:.2f} s, {verdict} the {TARGET_SECONDS_1024:.0f} s target")
+
+    report = {
+        "benchmark": "classical_features",
+        "n_channels": n_features(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch_threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "target_seconds_1024": TARGET_SECONDS_1024,
+        "results": results,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"Wrote {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

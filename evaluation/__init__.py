@@ -1,0 +1,1 @@
+"""Evaluation tools for alibi-dinov2: positional probes, segmentation benchmarks and feature utilities."""

@@ -1,0 +1,109 @@
+"""Exact whole-image features of large micrographs.
+
+ALiBi attends globally, so features of tiles differ from features of the whole image. This module runs the whole
+image at once through the `alibi_chunked` attention path, whose working memory grows linearly with the number of
+patches and is bounded by `attention_memory_mb`:
+
+    >>> from evaluation.large_image_features import extract_feature_map
+    >>> features = extract_feature_map(model, "grain_map_16bit.tif", attention_memory_mb=512)   # (C, h, w)
+"""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.feature_extraction import (
+    extract_patch_features_batch,
+    image_to_pixel_values,
+    patch_size_of,
+    prefix_token_count,
+    resolve_backbone,
+)
+from evaluation.image_io import read_image
+
+
+# Float32 values held per (query, key) pair and head by a block of the chunked path: the attention scores, plus the
+# bias row and the distance temporaries it is computed from (shared by the heads).
+_SCORE_COPIES_PER_HEAD = 1
+_BIAS_COPIES = 4
+
+
+def query_chunk_size_for(attention_memory_mb: float, num_tokens: int, num_heads: int) -> int:
+    """Largest block of queries whose attention working memory stays under `attention_memory_mb`."""
+    if attention_memory_mb <= 0:
+        raise ValueError(f"attention_memory_mb must be positive; got {attention_memory_mb}.")
+    bytes_per_query = num_tokens * (num_heads * _SCORE_COPIES_PER_HEAD + _BIAS_COPIES) * 4
+    return int(max(1, min(num_tokens, attention_memory_mb * 2**20 // bytes_per_query)))
+
+
+@contextmanager
+def chunked_attention(model, query_chunk_size: int):
+    """Run an ALiBi-DINOv2 model on the `alibi_chunked` path with the given block size; restores its settings."""
+    config = model.config
+    saved = config._attn_implementation, config.alibi_query_chunk_size
+    config._attn_implementation, config.alibi_query_chunk_size = "alibi_chunked", query_chunk_size
+    try:
+        yield model
+    finally:
+        config._attn_implementation, config.alibi_query_chunk_size = saved
+
+
+@contextmanager
+def layer_progress(backbone, description: str, enabled: bool = True):
+    """A progress bar that advances as each transformer layer finishes."""
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None) or []
+    bar = tqdm(total=len(layers) or 1, desc=description, unit="layer", disable=not enabled)
+    hooks = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+    try:
+        yield bar
+    finally:
+        for hook in hooks:
+            hook.remove()
+        bar.close()
+
+
+def extract_feature_map(
+    model: torch.nn.Module,
+    image,
+    page: int | None = None,
+    attention_memory_mb: float = 512.0,
+    image_processor=None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Final-normed patch features of a whole image, however large.
+
+    Args:
+        model: a transformers image model giving patch tokens; ALiBi-DINOv2 models run on the memory-bounded
+            `alibi_chunked` path, others (whose attention has no bias) on their own path.
+        image: a path (PNG, JPEG, TIFF including 16-bit and multi-page) or an (H, W) / (H, W, 3) array.
+        page: page of a multi-page TIFF (default: the first).
+        attention_memory_mb: bound on the attention's working memory (scores and bias rows of one block of
+            queries); the rest of the forward pass needs about `tokens x hidden_size x 20` bytes.
+        image_processor: optional source of `image_mean` / `image_std` (ImageNet statistics otherwise).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        `(C, h, w)` float32 with `h = H // patch_size`, `w = W // patch_size`.
+    """
+    if isinstance(image, (str, Path)):
+        image = read_image(image, page=page if page is not None else 0)
+    backbone = resolve_backbone(model)
+    patch_size = patch_size_of(backbone)
+    pixel_values = image_to_pixel_values(np.asarray(image), patch_size, image_processor)
+    grid_h, grid_w = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+    num_tokens = prefix_token_count(backbone) + grid_h * grid_w
+    description = f"features {grid_h}x{grid_w} patches"
+    with layer_progress(backbone, description, enabled=progress):
+        if getattr(backbone.config, "model_type", None) == "alibi_dinov2":
+            chunk = query_chunk_size_for(attention_memory_mb, num_tokens, backbone.config.num_attention_heads)
+            with chunked_attention(backbone, chunk):
+                grid = extract_patch_features_batch(backbone, pixel_values)
+        else:
+            grid = extract_patch_features_batch(backbone, pixel_values)
+    return grid[0].permute(2, 0, 1).float().cpu().numpy()
+
+
+__all__ = ["chunked_attention", "extract_feature_map", "query_chunk_size_for"]

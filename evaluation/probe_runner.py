@@ -1,0 +1,423 @@
+"""Positional-probe runs over models x image sets, with a command line.
+
+Image sources (``--images``):
+
+* ``textures``: scikit-image's bundled homogeneous textures (brick, grass, gravel; 512 x 512).
+* ``micro``: synthetic homogeneous microstructures from :func:`evaluation.synthetic.generate_microstructure`
+  (15 images of 518 x 518 by default).
+* ``noise``: uniform RGB noise (60 images of 518 x 518 by default).
+* ``NAME:COUNT`` for any of the three above picks the number of images (``noise:10``).
+* a folder of image files (PNG, JPEG, TIFF, ...), read at native size;
+* a folder written by ``datasets.Dataset.save_to_disk`` or ``hf:NAME`` for ``datasets.load_dataset``.
+
+Every image is cropped to its native size floored to the patch grid (never resized), its features are
+extracted once per model, and each ramp is probed with ``repeats`` samplings (6 by default). Sample
+seeds depend on the image and the repeat only, so every model is probed on the same positions. Scores
+are summarised as mean +- std over images x repeats.
+
+Example::
+
+    python -m evaluation.probe_runner --models facebook/dinov2-with-registers-small ./alibi-dinov2-small \\
+        --images textures micro noise:20 --ramps lr+ud random --output results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from evaluation.feature_extraction import (
+    extract_patch_features,
+    patch_size_of,
+    prefix_token_count,
+    resolve_backbone,
+)
+from evaluation.positional_probe import expand_ramps, linear_probe, per_channel_probe
+
+BUILTIN_SOURCES: tuple[str, ...] = ("textures", "micro", "noise")
+DEFAULT_COUNTS = {"textures": 3, "micro": 15, "noise": 60}
+DEFAULT_SIZE = (518, 518)
+TEXTURE_NAMES = ("brick", "grass", "gravel")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+NamedImage = tuple[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# Image sources
+# --------------------------------------------------------------------------------------------------
+def texture_images(count: int | None = None) -> list[NamedImage]:
+    """scikit-image's bundled textures (no download): brick, grass, gravel, uint8 (512, 512)."""
+    from skimage import data
+
+    names = TEXTURE_NAMES[: count if count is not None else len(TEXTURE_NAMES)]
+    return [(name, getattr(data, name)()) for name in names]
+
+
+def micro_images(count: int = 15, size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0) -> list[NamedImage]:
+    """Synthetic homogeneous microstructures (2 or 3 phases, varied grain sizes), float32 in [0, 1].
+
+    No illumination gradient: the images carry no positional signal, so any probe score is the model's.
+    """
+    from evaluation.synthetic import generate_microstructure  # imported on use: only this source needs it
+
+    grain_sizes = (8.0, 12.0, 16.0)
+    images = []
+    for index in range(count):
+        image, _ = generate_microstructure(
+            size=tuple(size),
+            n_phases=2 + index % 2,
+            seed=seed + index,
+            noise=0.05,
+            illumination=0.0,
+            blur=0.0,
+            grain_size=grain_sizes[index % len(grain_sizes)],
+        )
+        images.append((f"micro_{index:02d}", np.asarray(image, dtype=np.float32)))
+    return images
+
+
+def noise_images(count: int = 60, size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0) -> list[NamedImage]:
+    """Uniform RGB noise images, float32 (H, W, 3) in [0, 1)."""
+    return [
+        (f"noise_{index:02d}", np.random.default_rng([seed, index]).random((*size, 3), dtype=np.float32))
+        for index in range(count)
+    ]
+
+
+def folder_images(folder: Union[str, Path], limit: int | None = None) -> list[NamedImage]:
+    """Every image file of a folder (sorted by name, not recursive), in its stored dtype."""
+    from evaluation.image_io import read_image
+
+    folder = Path(folder)
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    images = []
+    for path in paths[:limit]:
+        image = np.asarray(read_image(path, page=0))
+        if image.ndim == 3 and image.shape[-1] == 4:
+            image = image[..., :3]  # drop alpha
+        images.append((path.name, image))
+    return images
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def dataset_images(
+    name_or_path: str, split: str = "train", image_column: str | None = None, limit: int | None = None
+) -> list[NamedImage]:
+    """Images of a ``datasets`` dataset: a ``save_to_disk`` folder or a name for ``load_dataset``.
+
+    Args:
+        image_column: column holding the images; by default the first ``Image`` feature, else
+            ``"image"`` or ``"img"``.
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and _is_saved_dataset(path):
+        dataset = datasets.load_from_disk(str(path))
+    else:
+        dataset = datasets.load_dataset(name_or_path, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[split]
+    if image_column is None:
+        image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+        image_columns += [name for name in ("image", "img") if name in dataset.column_names]
+        if not image_columns:
+            raise ValueError(f"No image column in {name_or_path}; columns are {dataset.column_names}")
+        image_column = image_columns[0]
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    images = []
+    for index in range(count):
+        image = np.asarray(dataset[index][image_column])
+        if image.ndim == 3 and image.shape[-1] == 4:
+            image = image[..., :3]
+        images.append((f"{Path(name_or_path).name}_{index:04d}", image))
+    return images
+
+
+def load_image_source(
+    spec: str,
+    limit: int | None = None,
+    size: tuple[int, int] | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    seed: int = 0,
+) -> list[NamedImage]:
+    """Resolve one ``--images`` entry to a list of (name, image) pairs.
+
+    Args:
+        spec: ``textures``, ``micro``, ``noise`` (optionally ``:COUNT``), a folder of images, a
+            ``save_to_disk`` folder, or ``hf:NAME``.
+        limit: at most this many images (overrides the default count of the built-in sets).
+        size: (H, W) of the generated sets ``micro`` and ``noise`` (518 x 518 by default).
+    """
+    name, _, count_text = spec.partition(":")
+    if name in BUILTIN_SOURCES:
+        count = int(count_text) if count_text else DEFAULT_COUNTS[name]
+        count = count if limit is None else min(count, limit)
+        if name == "textures":
+            return texture_images(count)
+        generator = micro_images if name == "micro" else noise_images
+        return generator(count=count, size=tuple(size or DEFAULT_SIZE), seed=seed)
+    if name == "hf":
+        return dataset_images(count_text, split=split, image_column=image_column, limit=limit)
+    path = Path(spec)
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return dataset_images(spec, split=split, image_column=image_column, limit=limit)
+        return folder_images(path, limit=limit)
+    raise ValueError(
+        f"Unknown image source {spec!r}: use one of {', '.join(BUILTIN_SOURCES)} (optionally NAME:COUNT), "
+        "an image folder, a datasets save_to_disk folder or hf:NAME"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def load_model(name: str, device: str | None = None):
+    """``AutoModel.from_pretrained(name, trust_remote_code=True)`` in eval mode, and its image statistics.
+
+    Returns:
+        (model, image_processor_stats): the stats are a dict with ``image_mean`` / ``image_std`` from the
+        model's image processor when one is stored with it, else None (ImageNet statistics are used).
+    """
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
+    if device is not None:
+        model = model.to(device)
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=True)
+        stats = {"image_mean": processor.image_mean, "image_std": processor.image_std}
+    except Exception:  # no preprocessor_config.json (e.g. a converted folder): ImageNet statistics
+        stats = None
+    return model, stats
+
+
+def probe_seed(base_seed: int, image_index: int, repeat: int) -> int:
+    """Seed of one sampling; independent of the model so that all models share sample positions."""
+    return int(np.random.SeedSequence([base_seed, image_index, repeat]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------------
+def _summary(scores: list[list[float]]) -> dict:
+    flat = np.asarray([score for image_scores in scores for score in image_scores], dtype=np.float64)
+    return {
+        "mean": float(flat.mean()),
+        "std": float(flat.std()),
+        "n": int(flat.size),
+        "per_image": [[float(score) for score in image_scores] for image_scores in scores],
+    }
+
+
+def _model_description(model) -> dict:
+    backbone = resolve_backbone(model)
+    return {
+        "class": type(backbone).__name__,
+        "model_type": backbone.config.model_type,
+        "patch_size": patch_size_of(backbone),
+        "prefix_tokens": prefix_token_count(backbone),
+        "hidden_size": int(backbone.config.hidden_size),
+    }
+
+
+def run_probe(
+    models: Mapping[str, object],
+    sources: Mapping[str, Sequence[NamedImage]],
+    ramps: Sequence[str] = ("lr+ud", "random"),
+    step: int = 6,
+    sampling: str = "random",
+    alpha: float = 1.0,
+    holdout: bool = False,
+    repeats: int = 6,
+    seed: int = 0,
+    per_channel: bool = False,
+    image_processors: Mapping[str, object] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Probe every model on every image of every source.
+
+    Args:
+        models: {name: transformers model}.
+        sources: {source name: [(image name, image array), ...]}.
+        ramps: ramp names (see :data:`evaluation.positional_probe.RAMPS`).
+        repeats: samplings per image (for ``sampling="grid"`` only the ``random`` ramp changes).
+        per_channel: also store the per-channel R^2 (mean over images x repeats) of each ramp.
+        image_processors: {model name: processor or dict with image_mean / image_std}.
+
+    Returns:
+        JSON-ready dict: ``protocol``, ``models`` (descriptions), ``sources`` (image names and sizes),
+        ``grids[model][source]`` (patch grid of each image), ``scores[model][source][ramp] = {mean, std, n, per_image}`` and, with ``per_channel``,
+        ``per_channel[model][source][ramp] = [C values]``.
+    """
+    for ramp in ramps:
+        expand_ramps(ramp)  # fail on a bad name before any model runs
+    image_processors = dict(image_processors or {})
+    results: dict = {
+        "protocol": {
+            "ramps": list(ramps),
+            "step": step,
+            "sampling": sampling,
+            "alpha": alpha,
+            "holdout": holdout,
+            "repeats": repeats,
+            "seed": seed,
+            "score": "R^2 over held-out patches" if holdout else "R^2 over all patches",
+        },
+        "models": {name: _model_description(model) for name, model in models.items()},
+        "sources": {},
+        "grids": {name: {} for name in models},
+        "scores": {name: {} for name in models},
+    }
+    if per_channel:
+        results["per_channel"] = {name: {} for name in models}
+    total = len(models) * sum(len(images) for images in sources.values())
+    bar = tqdm(total=total, desc="positional probe", disable=not progress, file=sys.stderr)
+    for model_name, model in models.items():
+        for source_name, images in sources.items():
+            scores = {ramp: [] for ramp in ramps}
+            channel_sums: dict[str, np.ndarray] = {}
+            described = []
+            for image_index, (image_name, image) in enumerate(images):
+                bar.set_postfix_str(f"{model_name} / {image_name}", refresh=False)
+                features = extract_patch_features(model, image, image_processors.get(model_name))
+                described.append(
+                    {
+                        "name": image_name,
+                        "shape": list(np.shape(image)[:2]),
+                        "grid": [int(features.shape[0]), int(features.shape[1])],
+                    }
+                )
+                for ramp in ramps:
+                    image_scores = []
+                    for repeat in range(repeats):
+                        repeat_seed = probe_seed(seed, image_index, repeat)
+                        image_scores.append(
+                            linear_probe(features, ramp, step, sampling, alpha, holdout, seed=repeat_seed)
+                        )
+                        if per_channel:
+                            channel_r2 = per_channel_probe(features, ramp, step, sampling, alpha, holdout, repeat_seed)
+                            channel_sums[ramp] = channel_sums.get(ramp, 0.0) + channel_r2
+                    scores[ramp].append(image_scores)
+                bar.update(1)
+            results["sources"][source_name] = [
+                {"name": item["name"], "shape": item["shape"]} for item in described
+            ]
+            results["grids"][model_name][source_name] = [item["grid"] for item in described]
+            results["scores"][model_name][source_name] = {ramp: _summary(scores[ramp]) for ramp in ramps}
+            if per_channel:
+                n_fits = max(1, len(images) * repeats)
+                results["per_channel"][model_name][source_name] = {
+                    ramp: (channel_sums[ramp] / n_fits).tolist() for ramp in channel_sums
+                }
+    bar.close()
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Plain-text table: one row per model and source, one ``mean +- std`` column per ramp."""
+    ramps = results["protocol"]["ramps"]
+    header = ["model", "images"] + list(ramps)
+    rows = []
+    for model_name, per_source in results["scores"].items():
+        for source_name, per_ramp in per_source.items():
+            rows.append(
+                [model_name, source_name]
+                + [f"{per_ramp[ramp]['mean']:+.3f} +- {per_ramp[ramp]['std']:.3f}" for ramp in ramps]
+            )
+    widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.probe_runner",
+        description="Positional linear probe (R^2 of positional ramps predicted from patch features).",
+    )
+    parser.add_argument("--models", nargs="+", required=True, help="Hub ids or local folders (AutoModel)")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=["textures"],
+        help="textures, micro, noise (optionally NAME:COUNT), an image folder, a save_to_disk folder or hf:NAME",
+    )
+    parser.add_argument("--ramps", nargs="+", default=["lr+ud", "random"])
+    parser.add_argument("--step", type=int, default=6)
+    parser.add_argument("--sampling", choices=("random", "grid"), default="random")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--holdout", action="store_true", help="score held-out patches only")
+    parser.add_argument("--repeats", type=int, default=6, help="samplings per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-channel", action="store_true", help="also store per-channel R^2")
+    parser.add_argument("--max-images", type=int, default=None, help="at most this many images per source")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of micro/noise")
+    parser.add_argument("--split", default="train", help="split of datasets sources")
+    parser.add_argument("--image-column", default=None, help="image column of datasets sources")
+    parser.add_argument("--device", default=None, help="torch device (default: the model's)")
+    parser.add_argument("--output", default=None, help="JSON file to write")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> dict:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    for ramp in args.ramps:
+        expand_ramps(ramp)
+    sources = {
+        spec: load_image_source(
+            spec,
+            limit=args.max_images,
+            size=tuple(args.size) if args.size else None,
+            split=args.split,
+            image_column=args.image_column,
+            seed=args.seed,
+        )
+        for spec in args.images
+    }
+    models, processors = {}, {}
+    for name in args.models:
+        models[name], processors[name] = load_model(name, device=args.device)
+    results = run_probe(
+        models,
+        sources,
+        ramps=args.ramps,
+        step=args.step,
+        sampling=args.sampling,
+        alpha=args.alpha,
+        holdout=args.holdout,
+        repeats=args.repeats,
+        seed=args.seed,
+        per_channel=args.per_channel,
+        image_processors=processors,
+        progress=not args.no_progress,
+    )
+    print(format_table(results))
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2))
+        print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Positional-bias report: one HTML page (with PNG pictures and a JSON file) comparing models.
+
+    python -m evaluation.report --models facebook/dinov2-with-registers-small out/alibi-dinov2-small \\
+        --images micro textures --output-dir outputs/report
+
+For every model: the positional linear-probe R^2 table (the `random` ramp is the control and must score about 0),
+per-channel R^2, the layer x channel fingerprint, PCA / k-means / cosine-similarity pictures side by side, and the
+transformation check (flip, rot90, roll by whole patches). Models are named by their Hub id or folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from evaluation.feature_extraction import extract_patch_features
+from evaluation.positional_probe import layer_fingerprint
+from evaluation.probe_runner import NamedImage, load_image_source, load_model, run_probe
+from evaluation.transform_check import transform_check
+from evaluation.visualisation import (
+    cosine_similarity_map,
+    kmeans_map,
+    pca_rgb,
+    plot_channel_r2,
+    plot_layer_fingerprint,
+    side_by_side,
+)
+
+
+DEFAULT_RAMPS = ("lr+ud", "lr", "ud", "radial", "random")
+
+
+def _save(figure, path: Path) -> str:
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path.name
+
+
+def feature_pictures(
+    models: Mapping[str, object],
+    images: Sequence[NamedImage],
+    output_dir: Path,
+    n_clusters: int = 4,
+    image_processors: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """PCA-RGB, k-means and cosine-similarity (from the centre patch) maps of every model on every image, one
+    side-by-side PNG per kind. Returns {kind: file name}."""
+    image_processors = dict(image_processors or {})
+    maps = {"pca": {}, "kmeans": {}, "cosine": {}}
+    for name, model in models.items():
+        features = [extract_patch_features(model, image, image_processors.get(name)) for _, image in images]
+        maps["pca"][name] = [pca_rgb(f, standardised=True) for f in features]
+        maps["kmeans"][name] = [kmeans_map(f, n_clusters=n_clusters, standardised=True) for f in features]
+        maps["cosine"][name] = [cosine_similarity_map(f, (f.shape[0] // 2, f.shape[1] // 2)) for f in features]
+    titles = [image_name for image_name, _ in images]
+    pictures = [image for _, image in images]
+    return {
+        kind: _save(side_by_side(pictures, kind_maps, image_titles=titles), output_dir / f"{kind}.png")
+        for kind, kind_maps in maps.items()
+    }
+
+
+def fingerprints(
+    models: Mapping[str, object],
+    images: Sequence[NamedImage],
+    ramp: str = "lr",
+    seed: int = 0,
+    image_processors: Mapping[str, object] | None = None,
+) -> dict[str, np.ndarray]:
+    """Channels x layers per-channel R^2 of every model, averaged over the images: {model: (C, L)}."""
+    image_processors = dict(image_processors or {})
+    return {
+        name: layer_fingerprint(
+            [extract_patch_features(model, image, image_processors.get(name), layers="all") for _, image in images],
+            ramp=ramp,
+            seed=seed,
+        )
+        for name, model in models.items()
+    }
+
+
+def build_report(
+    models: Mapping[str, object],
+    sources: Mapping[str, Sequence[NamedImage]],
+    output_dir,
+    ramps: Sequence[str] = DEFAULT_RAMPS,
+    repeats: int = 6,
+    picture_images: int = 3,
+    seed: int = 0,
+    image_processors: Mapping[str, object] | None = None,
+    title: str = "Positional-bias report",
+    notes: Sequence[str] = (),
+    progress: bool = True,
+) -> dict:
+    """Probe, picture and check every model; write `report.json`, `report.html` and PNGs to `output_dir`.
+
+    Args:
+        models: {display name: transformers model}.
+        sources: {image-set name: [(image name, image array), ...]}.
+        picture_images: images (the first of each set) shown in the pictures and used for the fingerprint and the
+            transformation check.
+        notes: lines shown under the title (e.g. that a model is synthetic).
+
+    Returns:
+        The JSON content: `probe` (see `evaluation.probe_runner.run_probe`), `summary[model][set][ramp]`
+        (mean, std), `transform_errors[model][transform]`, `figures`.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_probe(models, sources, ramps=ramps, repeats=repeats, seed=seed, per_channel=True,
+                      image_processors=image_processors, progress=progress)
+    shown = [item for images in sources.values() for item in images[: max(1, picture_images // len(sources))]]
+    shown = shown[:picture_images] or [next(iter(sources.values()))[0]]
+    steps = tqdm(total=4, desc="report", disable=not progress, file=sys.stderr)
+    figures = feature_pictures(models, shown, output_dir, image_processors=image_processors)
+    steps.update(1)
+    first_source = next(iter(sources))
+    channel_series = {name: probe["per_channel"][name][first_source]["lr"] for name in models}
+    figures["channels"] = _save(
+        plot_channel_r2(channel_series, kind="line", title=f"per-channel R^2, lr ramp ({first_source})"),
+        output_dir / "channels.png",
+    )
+    figures["fingerprint"] = _save(
+        plot_layer_fingerprint(fingerprints(models, shown, seed=seed, image_processors=image_processors),
+                               title="per-channel R^2 against the lr ramp, every layer"),
+        output_dir / "fingerprint.png",
+    )
+    steps.update(2)
+    errors = transform_check(models, [image for _, image in shown])
+    steps.update(1)
+    steps.close()
+    summary = {
+        model: {
+            source: {ramp: {"mean": s["mean"], "std": s["std"]} for ramp, s in by_ramp.items()}
+            for source, by_ramp in by_source.items()
+        }
+        for model, by_source in probe["scores"].items()
+    }
+    report = {
+        "title": title,
+        "notes": list(notes),
+        "summary": summary,
+        "transform_errors": errors,
+        "figures": figures,
+        "probe": probe,
+    }
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "report.html").write_text(render_html(report))
+    return report
+
+
+def render_html(report: dict) -> str:
+    """A self-contained page (pictures referenced beside it) of the report's tables and figures."""
+    escape = html.escape
+    summary = report["summary"]
+    models = list(summary)
+    sources = list(next(iter(summary.values())))
+    ramps = list(next(iter(next(iter(summary.values())).values())))
+    header = "".join(f"<th>{escape(source)}<br>{escape(ramp)}</th>" for source in sources for ramp in ramps)
+    rows = []
+    for model in models:
+        cells = "".join(
+            f"<td>{summary[model][source][ramp]['mean']:.3f} &plusmn; {summary[model][source][ramp]['std']:.3f}</td>"
+            for source in sources
+            for ramp in ramps
+        )
+        rows.append(f"<tr><th>{escape(model)}</th>{cells}</tr>")
+    transforms = list(next(iter(report["transform_errors"].values())))
+    transform_rows = "".join(
+        f"<tr><th>{escape(model)}</th>"
+        + "".join(f"<td>{report['transform_errors'][model][t]:.4f}</td>" for t in transforms)
+        + "</tr>"
+        for model in report["transform_errors"]
+    )
+    figures = report["figures"]
+    captions = {
+        "pca": "First three principal components of the standardised patch features, as RGB.",
+        "kmeans": "k-means clusters of the standardised patch features.",
+        "cosine": "Cosine similarity of every patch to the centre patch.",
+        "channels": "Per-channel R^2 against the left-right ramp: spikes are positional channels.",
+        "fingerprint": "Per-channel R^2 against the left-right ramp at the output of every layer.",
+    }
+    figure_html = "".join(
+        f'<figure><img src="{escape(name)}" alt="{escape(kind)}"><figcaption>{escape(captions.get(kind, kind))}'
+        "</figcaption></figure>"
+        for kind, name in figures.items()
+    )
+    notes = "".join(f"<p class=note>{escape(note)}</p>" for note in report["notes"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(report["title"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f4f4f4; }}
+.note {{ background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b000; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
+</style></head><body>
+<h1>{escape(report["title"])}</h1>
+{notes}
+<h2>Positional linear probe (R^2, mean &plusmn; std over images and samplings)</h2>
+<p>High R^2 means the features encode where a patch sits. The <code>random</code> ramp is a control: about 0 or
+below for every model.</p>
+<table><tr><th>model</th>{header}</tr>{''.join(rows)}</table>
+<h2>Transformation check (relative L2 error: features of the transformed image vs transformed features)</h2>
+<table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>{transform_rows}</table>
+<h2>Pictures</h2>
+{figure_html}
+</body></html>
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="Hub ids or folders (loaded with trust_remote_code)")
+    parser.add_argument("--names", nargs="+", help="display names, one per model (default: as given)")
+    parser.add_argument("--images", nargs="+", default=["micro"],
+                        help="image sets: textures, micro, noise (NAME:COUNT), an image folder or hf:NAME")
+    parser.add_argument("--max-images", type=int, help="at most this many images per set")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the generated sets")
+    parser.add_argument("--ramps", nargs="+", default=list(DEFAULT_RAMPS))
+    parser.add_argument("--repeats", type=int, default=6, help="random samplings per image")
+    parser.add_argument("--picture-images", type=int, default=3, help="images shown in the pictures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="e.g. cuda; default: CPU")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/report"))
+    args = parser.parse_args(argv)
+    if args.names and len(args.names) != len(args.models):
+        parser.error(f"--names gives {len(args.names)} names for {len(args.models)} models")
+    if "lr" not in args.ramps:
+        args.ramps.append("lr")  # the per-channel plot uses it
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    names = args.names or args.models
+    models, processors = {}, {}
+    for name, source in zip(names, args.models):
+        models[name], processors[name] = load_model(source, device=args.device)
+    size = tuple(args.size) if args.size else None
+    sources = {spec: load_image_source(spec, limit=args.max_images, size=size, seed=args.seed) for spec in args.images}
+    report = build_report(models, sources, args.output_dir, ramps=args.ramps, repeats=args.repeats,
+                          picture_images=args.picture_images, seed=args.seed, image_processors=processors)
+    print(f"wrote {args.output_dir / 'report.html'} and report.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""Scribble benchmark for trainable segmentation (paper S16).
+
+Simulates a user who labels a few training images with scribbles, round after round: in every round
+each training image gets one new scribble per class present in it; scribbles accumulate. After each
+round a :class:`~evaluation.trainable_segmentation.TrainableSegmenter` is fitted on all scribbles so
+far and scored on separate, unlabelled test images with the class-averaged mIoU. Scribbles are short
+thick random-walk strokes drawn strictly inside the eroded region of their class, so they always agree
+with the ground truth.
+
+Data (``--data DIR``), label masks with 0 = unlabelled/ignored and 1..K = classes
+(``--mask-zero-is-class`` if the masks use 0..K-1):
+
+* ``DIR/images/NAME.EXT`` with ``DIR/masks/NAME.EXT`` (or ``DIR/masks/NAME_mask.EXT``), or
+* ``DIR/NAME.EXT`` with ``DIR/NAME_mask.EXT`` side by side;
+* optionally split into ``DIR/train/`` and ``DIR/test/``, each laid out as above. Without that split
+  the first ``--n-train`` pairs (sorted by name) train and the rest test.
+
+EXT is any of png, jpg, jpeg, tif, tiff, bmp (mask and image may differ). Without ``--data`` a
+generated multi-phase microstructure set is used (:mod:`evaluation.synthetic`).
+
+Usage::
+
+    python -m evaluation.scribble_benchmark --rounds 5 --output-dir outputs/scribbles
+    python -m evaluation.scribble_benchmark --models facebook/dinov2-small ./my-alibi-model \\
+        --feature-sets classical classical+vit --rounds 5 --output-dir outputs/scribbles
+
+Models are hub ids or local folders loaded with
+``transformers.AutoModel.from_pretrained(name, trust_remote_code=True)``. Outputs:
+``scribble_benchmark.json`` (configuration, mIoU per round per run) and ``scribble_benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from evaluation.image_io import IMAGE_SUFFIXES, read_image, read_labels
+from evaluation.trainable_segmentation import FEATURE_SETS, TrainableSegmenter
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric
+# --------------------------------------------------------------------------------------------------
+def _class_ids(n_classes: int, ignore_index: Optional[int]) -> np.ndarray:
+    """Classes are 1..n_classes when 0 marks unlabelled pixels, else 0..n_classes-1."""
+    return np.arange(1, n_classes + 1) if ignore_index == 0 else np.arange(n_classes)
+
+
+def iou_counts(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: Optional[int] = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class intersection and union pixel counts.
+
+    Pixels whose target equals ``ignore_index`` are left out (whatever was predicted there).
+
+    Returns:
+        ``(intersection, union)``, int64 arrays of length ``n_classes`` in the class order of
+        :func:`mean_iou`.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"Prediction shape {pred.shape} differs from target shape {target.shape}")
+    valid = np.ones(target.shape, dtype=bool) if ignore_index is None else target != ignore_index
+    pred, target = pred[valid], target[valid]
+    classes = _class_ids(n_classes, ignore_index)
+    intersection = np.array([np.count_nonzero((pred == c) & (target == c)) for c in classes], dtype=np.int64)
+    union = np.array([np.count_nonzero((pred == c) | (target == c)) for c in classes], dtype=np.int64)
+    return intersection, union
+
+
+def iou_from_counts(intersection: np.ndarray, union: np.ndarray) -> float:
+    """Class-averaged IoU; classes absent from both prediction and target (union 0) are skipped."""
+    present = union > 0
+    if not np.any(present):
+        return float("nan")
+    return float(np.mean(intersection[present] / union[present]))
+
+
+def mean_iou(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: Optional[int] = 0) -> float:
+    """Class-averaged intersection over union.
+
+    Args:
+        pred: predicted label image (any shape).
+        target: ground truth of the same shape.
+        n_classes: number of real classes K. With ``ignore_index=0`` (this project's convention:
+            0 = unlabelled) the classes are 1..K; otherwise they are 0..K-1.
+        ignore_index: target value whose pixels are not scored (``None``: score every pixel).
+
+    Returns:
+        Mean over classes of |pred == c and target == c| / |pred == c or target == c|, counting only
+        non-ignored pixels and skipping classes absent from both (NaN when no class is present).
+    """
+    return iou_from_counts(*iou_counts(pred, target, n_classes, ignore_index))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scribbles
+# --------------------------------------------------------------------------------------------------
+def _disk(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius * radius
+
+
+def default_scribble_length(shape: tuple[int, int]) -> int:
+    """Random-walk steps of a scribble: about 1/8 of the shorter image side (at least 8)."""
+    return max(8, min(shape[:2]) // 8)
+
+
+def random_scribble(
+    labels: np.ndarray,
+    class_value: int,
+    rng: np.random.Generator,
+    length: Optional[int] = None,
+    thickness: int = 3,
+    margin: int = 1,
+) -> np.ndarray:
+    """Draw one scribble of ``class_value`` that lies entirely inside that class.
+
+    The stroke's centre line is a persistent random walk (small random turns) confined to the class
+    region eroded by ``thickness // 2 + margin`` pixels; dilating it to ``thickness`` therefore stays
+    inside the class. Thin regions fall back to smaller erosions and, at worst, a 1-pixel stroke.
+
+    Args:
+        labels: ground truth (H, W).
+        class_value: the class to scribble.
+        rng: random generator.
+        length: centre-line steps (default :func:`default_scribble_length`).
+        thickness: stroke width in pixels.
+        margin: extra distance kept from the class boundary.
+
+    Returns:
+        bool (H, W) mask of the scribble (all False when the class is absent).
+    """
+    labels = np.asarray(labels)
+    region = labels == class_value
+    if not region.any():
+        return np.zeros(labels.shape, dtype=bool)
+    length = default_scribble_length(labels.shape) if length is None else int(length)
+    radius = max(int(thickness) // 2, 0)
+
+    # Largest erosion that leaves room for a start point; shrink the stroke if the region is thin.
+    allowed = None
+    for erosion, stroke_radius in [(radius + margin, radius), (radius, radius), (0, 0)]:
+        eroded = ndimage.binary_erosion(region, _disk(erosion)) if erosion > 0 else region
+        if eroded.any():
+            allowed, radius = eroded, stroke_radius
+            break
+
+    candidates = np.argwhere(allowed)
+    position = candidates[rng.integers(len(candidates))].astype(np.float64)
+    angle = rng.uniform(0, 2 * np.pi)
+    path = np.zeros(labels.shape, dtype=bool)
+    path[int(position[0]), int(position[1])] = True
+    height, width = labels.shape
+    for _ in range(length):
+        for attempt in range(8):
+            # Persistent walk: small turns; when blocked, try sharper random turns.
+            turn = rng.normal(0.0, 0.3) if attempt == 0 else rng.uniform(-np.pi, np.pi)
+            step = np.array([np.sin(angle + turn), np.cos(angle + turn)])
+            candidate = position + step
+            row, col = int(round(candidate[0])), int(round(candidate[1]))
+            if 0 <= row < height and 0 <= col < width and allowed[row, col]:
+                angle, position = angle + turn, candidate
+                path[row, col] = True
+                break
+        else:
+            break  # boxed in: end the stroke early
+    stroke = ndimage.binary_dilation(path, _disk(radius)) if radius > 0 else path
+    return stroke & region  # a no-op by construction; guarantees agreement with the ground truth
+
+
+def scribble_round(
+    ground_truth: np.ndarray,
+    rng: np.random.Generator,
+    length: Optional[int] = None,
+    thickness: int = 3,
+    classes: Optional[Iterable[int]] = None,
+) -> np.ndarray:
+    """One scribble per class present in ``ground_truth``.
+
+    Args:
+        ground_truth: int (H, W), 0 = unknown, 1..K = classes.
+        rng: random generator.
+        length, thickness: see :func:`random_scribble`.
+        classes: the classes to scribble (default: every non-zero value present).
+
+    Returns:
+        int32 (H, W): class value on scribbled pixels, 0 elsewhere.
+    """
+    ground_truth = np.asarray(ground_truth)
+    if classes is None:
+        classes = [c for c in np.unique(ground_truth) if c != 0]
+    scribbles = np.zeros(ground_truth.shape, dtype=np.int32)
+    for class_value in classes:
+        stroke = random_scribble(ground_truth, int(class_value), rng, length=length, thickness=thickness)
+        scribbles[stroke] = class_value
+    return scribbles
+
+
+def simulate_scribble_rounds(
+    ground_truths: Sequence[np.ndarray],
+    n_rounds: int,
+    seed: int = 0,
+    length: Optional[int] = None,
+    thickness: int = 3,
+) -> list[list[np.ndarray]]:
+    """Accumulated scribbles after each labelling round.
+
+    Returns:
+        ``rounds[r][i]``: int32 label image of training image ``i`` after round ``r + 1`` (all
+        scribbles of rounds 1..r+1; 0 = unlabelled).
+    """
+    if n_rounds < 1:
+        raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
+    rng = np.random.default_rng(seed)
+    current = [np.zeros(np.shape(gt), dtype=np.int32) for gt in ground_truths]
+    rounds = []
+    for _ in range(n_rounds):
+        for index, ground_truth in enumerate(ground_truths):
+            new = scribble_round(ground_truth, rng, length=length, thickness=thickness)
+            current[index] = np.where(new > 0, new, current[index]).astype(np.int32)
+        rounds.append([labels.copy() for labels in current])
+    return rounds
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _find_mask(directory: Path, stem: str) -> Optional[Path]:
+    for candidate_stem in (stem, f"{stem}_mask"):
+        for path in _image_files(directory):
+            if path.stem == candidate_stem:
+                return path
+    return None
+
+
+def find_image_mask_pairs(directory: str | Path) -> list[tuple[Path, Path]]:
+    """(image, mask) paths in ``directory`` (``images/`` + ``masks/`` or ``NAME`` + ``NAME_mask``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Data directory not found: {directory}")
+    pairs = []
+    if (directory / "images").is_dir() and (directory / "masks").is_dir():
+        for image_path in _image_files(directory / "images"):
+            mask_path = _find_mask(directory / "masks", image_path.stem)
+            if mask_path is None:
+                raise FileNotFoundError(f"No mask for {image_path} in {directory / 'masks'}")
+            pairs.append((image_path, mask_path))
+    else:
+        files = _image_files(directory)
+        for image_path in files:
+            if image_path.stem.endswith("_mask"):
+                continue
+            mask_path = next((p for p in files if p.stem == f"{image_path.stem}_mask"), None)
+            if mask_path is None:
+                raise FileNotFoundError(f"No mask {image_path.stem}_mask.* for {image_path}")
+            pairs.append((image_path, mask_path))
+    if not pairs:
+        raise FileNotFoundError(
+            f"No image/mask pairs in {directory} (expected images/ + masks/ or NAME.png + NAME_mask.png)"
+        )
+    return pairs
+
+
+def load_image_mask_pairs(directory: str | Path, mask_zero_is_class: bool = False) -> list[Pair]:
+    """Read the pairs found by :func:`find_image_mask_pairs` as (image, int32 labels)."""
+    pairs = []
+    for image_path, mask_path in find_image_mask_pairs(directory):
+        image, labels = read_image(image_path), read_labels(mask_path)
+        if image.shape[:2] != labels.shape:
+            raise ValueError(f"{mask_path} has shape {labels.shape} but {image_path} is {image.shape[:2]}")
+        pairs.append((image, labels + 1 if mask_zero_is_class else labels))
+    return pairs
+
+
+def load_benchmark_data(
+    directory: str | Path, n_train: int, mask_zero_is_class: bool = False
+) -> tuple[list[Pair], list[Pair]]:
+    """Training and test pairs: ``train/`` + ``test/`` subfolders, else the first ``n_train`` pairs."""
+    directory = Path(directory)
+    if (directory / "train").is_dir() and (directory / "test").is_dir():
+        return (
+            load_image_mask_pairs(directory / "train", mask_zero_is_class),
+            load_image_mask_pairs(directory / "test", mask_zero_is_class),
+        )
+    pairs = load_image_mask_pairs(directory, mask_zero_is_class)
+    if len(pairs) <= n_train:
+        raise ValueError(f"{directory} holds {len(pairs)} pairs; need more than n_train={n_train} to keep test images")
+    return pairs[:n_train], pairs[n_train:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------------
+def _run_plan(feature_sets: Sequence[str], models: dict) -> list[tuple[str, str, Optional[str]]]:
+    """(run name, feature set, model name) for every run; classical-only sets run once."""
+    plan = []
+    for feature_set in feature_sets:
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"Unknown feature set {feature_set!r}; allowed values: {', '.join(FEATURE_SETS)}")
+        if "vit" not in feature_set:
+            plan.append((feature_set, feature_set, None))
+            continue
+        if not models:
+            raise ValueError(f"Feature set {feature_set!r} needs at least one model (--models)")
+        plan += [(f"{feature_set} [{name}]", feature_set, name) for name in models]
+    return plan
+
+
+def run_scribble_benchmark(
+    train_pairs: Sequence[Pair],
+    test_pairs: Sequence[Pair],
+    feature_sets: Sequence[str] = ("classical",),
+    models: Optional[dict] = None,
+    n_rounds: int = 5,
+    classifier: str = "xgboost",
+    seed: int = 0,
+    scribble_length: Optional[int] = None,
+    scribble_thickness: int = 3,
+    n_components: int = 9,
+    max_side: Optional[int] = None,
+    n_jobs: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
+    """Run the scribble benchmark.
+
+    Args:
+        train_pairs: (image, ground truth) pairs that receive scribbles.
+        test_pairs: (image, ground truth) pairs that are only predicted and scored.
+        feature_sets: any of ``"classical"``, ``"vit"``, ``"classical+vit"``.
+        models: ``{name: transformers model}`` for the ViT feature sets (each set runs per model).
+        n_rounds: labelling rounds.
+        classifier: ``"xgboost"`` or ``"random_forest"``.
+        seed: seed of the scribbles and the classifier. All runs see the same scribbles.
+        scribble_length, scribble_thickness: see :func:`random_scribble`.
+        n_components, max_side: ViT channel options (see :class:`TrainableSegmenter`).
+        n_jobs: classifier threads.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        JSON-ready dict: ``config``, ``rounds`` (1..N) and ``runs``, each with ``name``,
+        ``feature_set``, ``model``, ``miou`` (per round; pooled over the test images),
+        ``mean_image_miou`` (per round; mean of per-image mIoU), ``per_class_iou`` (per round) and
+        ``labelled_pixels`` (per round).
+    """
+    from tqdm.auto import tqdm
+
+    models = dict(models or {})
+    if not train_pairs or not test_pairs:
+        raise ValueError("Need at least one training and one test image")
+    plan = _run_plan(feature_sets, models)
+    n_classes = int(max(np.max(labels) for _, labels in list(train_pairs) + list(test_pairs)))
+    scribble_rounds = simulate_scribble_rounds(
+        [labels for _, labels in train_pairs], n_rounds, seed=seed, length=scribble_length, thickness=scribble_thickness
+    )
+    all_images = [image for image, _ in train_pairs] + [image for image, _ in test_pairs]
+    n_train = len(train_pairs)
+    needs_classical = any("classical" in feature_set for _, feature_set, _ in plan)
+    vit_models = sorted({name for _, feature_set, name in plan if name is not None})
+    total = (len(all_images) if needs_classical else 0) + len(all_images) * len(vit_models) + len(plan) * n_rounds
+    bar = tqdm(total=total, disable=not progress, desc="scribble benchmark")
+
+    # Features do not change between rounds (only the scribbles do): compute each once.
+    cache: dict[tuple[str, Optional[str]], list[np.ndarray]] = {}
+    if needs_classical:
+        extractor = TrainableSegmenter(features="classical")
+        cache[("classical", None)] = []
+        for image in all_images:
+            cache[("classical", None)].append(extractor.extract_features(image))
+            bar.update(1)
+    for name in vit_models:
+        extractor = TrainableSegmenter(features="vit", model=models[name], n_components=n_components, max_side=max_side)
+        cache[("vit", name)] = []
+        for image in all_images:
+            cache[("vit", name)].append(extractor.extract_features(image))
+            bar.update(1)
+
+    runs = []
+    for run_name, feature_set, model_name in plan:
+        parts = [cache[(part, model_name if part == "vit" else None)] for part in feature_set.split("+")]
+        feature_maps = [np.concatenate(maps, axis=-1) if len(maps) > 1 else maps[0] for maps in zip(*parts)]
+        train_maps, test_maps = feature_maps[:n_train], feature_maps[n_train:]
+        record = {
+            "name": run_name,
+            "feature_set": feature_set,
+            "model": model_name,
+            "miou": [],
+            "mean_image_miou": [],
+            "per_class_iou": [],
+            "labelled_pixels": [],
+            "fit_seconds": [],
+        }
+        for round_labels in scribble_rounds:
+            bar.set_postfix_str(run_name)
+            segmenter = TrainableSegmenter(
+                features=feature_set,
+                classifier=classifier,
+                model=models.get(model_name),
+                n_components=n_components,
+                random_state=seed,
+                n_jobs=n_jobs,
+            )
+            start = time.perf_counter()
+            record["labelled_pixels"].append(int(sum(np.count_nonzero(labels) for labels in round_labels)))
+            try:
+                segmenter.fit_features(train_maps, round_labels)
+            except ValueError:  # e.g. only one class scribbled so far
+                for key in ("miou", "mean_image_miou", "per_class_iou"):
+                    record[key].append(None)
+                record["fit_seconds"].append(None)
+                bar.update(1)
+                continue
+            record["fit_seconds"].append(time.perf_counter() - start)
+            intersection, union = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
+            image_scores = []
+            for feature_map, (_, truth) in zip(test_maps, test_pairs):
+                counts = iou_counts(segmenter.predict_features(feature_map), truth, n_classes)
+                intersection += counts[0]
+                union += counts[1]
+                image_scores.append(iou_from_counts(*counts))
+            record["miou"].append(iou_from_counts(intersection, union))
+            record["mean_image_miou"].append(float(np.nanmean(image_scores)))
+            record["per_class_iou"].append(
+                [float(i / u) if u > 0 else None for i, u in zip(intersection, union)]
+            )
+            bar.update(1)
+        runs.append(record)
+    bar.close()
+    return {
+        "config": {
+            "n_train": n_train,
+            "n_test": len(test_pairs),
+            "n_classes": n_classes,
+            "n_rounds": n_rounds,
+            "classifier": classifier,
+            "seed": seed,
+            "scribble_length": scribble_length,
+            "scribble_thickness": scribble_thickness,
+            "n_components": n_components,
+            "feature_sets": list(feature_sets),
+            "models": list(models),
+        },
+        "rounds": list(range(1, n_rounds + 1)),
+        "runs": runs,
+    }
+
+
+def plot_results(results: dict, path: str | Path) -> None:
+    """Plot mIoU against labelling round, one line per run (feature set and model), to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for run in results["runs"]:
+        values = [np.nan if v is None else v for v in run["miou"]]
+        axis.plot(results["rounds"], values, marker="o", label=run["name"])
+    axis.set_xlabel("labelling round (one scribble per class per training image)")
+    axis.set_ylabel("class-averaged mIoU on test images")
+    axis.set_ylim(0, 1)
+    axis.set_xticks(results["rounds"])
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def load_model(name: str, device: Optional[str] = None):
+    """Load a hub id or local folder with ``AutoModel.from_pretrained(name, trust_remote_code=True)``."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(name, trust_remote_code=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.scribble_benchmark",
+        description="Scribble benchmark: mIoU of trainable segmentation against labelling rounds.",
+    )
+    parser.add_argument("--models", nargs="*", default=[], help="hub ids or local model folders")
+    parser.add_argument(
+        "--feature-sets",
+        nargs="+",
+        choices=FEATURE_SETS,
+        default=None,
+        help="default: classical, plus classical+vit when --models are given",
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output-dir", default="outputs/scribbles")
+    parser.add_argument("--data", default=None, help="folder of image/mask pairs (default: generated microstructures)")
+    parser.add_argument("--mask-zero-is-class", action="store_true", help="masks use 0..K-1 (shifted to 1..K)")
+    parser.add_argument("--n-train", type=int, default=5)
+    parser.add_argument("--n-test", type=int, default=17, help="generated data only")
+    parser.add_argument("--size", type=int, default=256, help="generated image side (pixels)")
+    parser.add_argument("--n-phases", type=int, default=3, help="generated data only")
+    parser.add_argument("--noise", type=float, default=0.08, help="generated data only")
+    parser.add_argument("--illumination", type=float, default=0.0, help="generated data only")
+    parser.add_argument("--blur", type=float, default=0.0, help="generated data only")
+    parser.add_argument("--classifier", choices=("xgboost", "random_forest"), default="xgboost")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scribble-length", type=int, default=None)
+    parser.add_argument("--scribble-thickness", type=int, default=3)
+    parser.add_argument("--n-components", type=int, default=9)
+    parser.add_argument("--max-side", type=int, default=None, help="tile size for ViT features on large images")
+    parser.add_argument("--device", default=None, help="torch device for the models (default: cuda if available)")
+    parser.add_argument("--n-jobs", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    feature_sets = args.feature_sets or (["classical", "classical+vit"] if args.models else ["classical"])
+    if args.data:
+        train_pairs, test_pairs = load_benchmark_data(args.data, args.n_train, args.mask_zero_is_class)
+    else:
+        from evaluation.synthetic import generate_microstructure_dataset
+
+        pairs = generate_microstructure_dataset(
+            args.n_train + args.n_test,
+            size=(args.size, args.size),
+            n_phases=args.n_phases,
+            seed=args.seed,
+            noise=args.noise,
+            illumination=args.illumination,
+            blur=args.blur,
+        )
+        train_pairs, test_pairs = pairs[: args.n_train], pairs[args.n_train :]
+    models = {name: load_model(name, args.device) for name in args.models}
+    results = run_scribble_benchmark(
+        train_pairs,
+        test_pairs,
+        feature_sets=feature_sets,
+        models=models,
+        n_rounds=args.rounds,
+        classifier=args.classifier,
+        seed=args.seed,
+        scribble_length=args.scribble_length,
+        scribble_thickness=args.scribble_thickness,
+        n_components=args.n_components,
+        max_side=args.max_side,
+        n_jobs=args.n_jobs,
+        progress=not args.no_progress,
+    )
+    results["config"]["data"] = args.data or "generated microstructures"
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "scribble_benchmark.json", "w") as handle:
+        json.dump(results, handle, indent=2)
+    plot_results(results, output_dir / "scribble_benchmark.png")
+    for run in results["runs"]:
+        scores = " ".join("  n/a" if v is None else f"{v:.3f}" for v in run["miou"])
+        print(f"{run['name']:40s} mIoU per round: {scores}")
+    print(f"Wrote {output_dir / 'scribble_benchmark.json'} and {output_dir / 'scribble_benchmark.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Trainable (interactive, scribble-driven) segmentation: a per-pixel classifier on feature stacks.
+
+Pixels a user labels (scribbles) train a classifier on per-pixel features; the classifier then labels
+every pixel. Features are the Weka-style classical stack, the ViT channels (PCA of a transformers
+model's patch features), or both. Label convention everywhere: 0 = unlabelled, 1..K = classes.
+
+Example::
+
+    segmenter = TrainableSegmenter(features="classical", classifier="xgboost")
+    segmenter.fit(image, scribbles)          # scribbles: int (H, W), 0 where unlabelled
+    mask = segmenter.predict(image)           # int32 (H, W), values = the scribbled classes
+    segmenter.save("segmenter.pkl")
+    same = TrainableSegmenter.load("segmenter.pkl")
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from evaluation.classical_features import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
+
+FEATURE_SETS = ("classical", "vit", "classical+vit")
+CLASSIFIERS = ("xgboost", "random_forest")
+# Dense-CRF parameters of the reference (unary = -log p).
+CRF_PARAMETERS = {
+    "gaussian_sxy": 1,
+    "gaussian_compat": 10,
+    "bilateral_sxy": 30,
+    "bilateral_srgb": 13,
+    "bilateral_compat": 10,
+    "n_iterations": 10,
+}
+_SAVE_FORMAT = "alibi-dinov2/trainable-segmenter"
+_SAVE_VERSION = 1
+_PREDICT_CHUNK_ROWS = 1 << 18  # bounds the classifier's working memory on large images
+_NO_LABELS_MESSAGE = "No labelled pixels: label at least one pixel of two classes (values 1..K; 0 = unlabelled)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def _as_image_list(images) -> tuple[list[np.ndarray], bool]:
+    """A list/tuple is many images; a single array is one image. Returns (list, was_single)."""
+    if isinstance(images, (list, tuple)):
+        return [np.asarray(image) for image in images], False
+    return [np.asarray(images)], True
+
+
+def _check_labels(labels: np.ndarray, image_shape: tuple[int, ...], index: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != tuple(image_shape[:2]):
+        raise ValueError(
+            f"Label image {index} has shape {labels.shape} but its image is {tuple(image_shape[:2])} "
+            "(labels must be (H, W) with 0 = unlabelled, 1..K = classes)"
+        )
+    if labels.dtype == bool:
+        labels = labels.astype(np.int32)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise ValueError(f"Label image {index} holds non-integer values")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"Label image {index} holds negative values; use 0 for unlabelled, 1..K for classes")
+    return labels.astype(np.int64)
+
+
+def model_name_of(model) -> Optional[str]:
+    """Hub id or local folder a transformers model was loaded from, if known."""
+    if model is None:
+        return None
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else type(model).__name__
+
+
+def _import_densecrf():
+    try:
+        import pydensecrf.densecrf as densecrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as error:
+        raise ImportError(
+            "crf=True needs the optional 'pydensecrf' package. Install it with "
+            "`pip install pydensecrf2` (prebuilt wheels) or "
+            "`pip install git+https://github.com/lucasb-eyer/pydensecrf.git`, or use crf=False."
+        ) from error
+    return densecrf, unary_from_softmax
+
+
+def dense_crf(image: np.ndarray, probabilities: np.ndarray, parameters: Optional[dict] = None) -> np.ndarray:
+    """Refine class probabilities with a fully connected CRF (pydensecrf).
+
+    Args:
+        image: (H, W) or (H, W, 3|4) image; its [0, 1] grayscale drives the bilateral term.
+        probabilities: (H, W, K) class probabilities.
+        parameters: overrides of :data:`CRF_PARAMETERS`.
+
+    Returns:
+        float32 (H, W, K) refined marginals.
+    """
+    densecrf, unary_from_softmax = _import_densecrf()
+    params = {**CRF_PARAMETERS, **(parameters or {})}
+    height, width, n_classes = probabilities.shape
+    gray = (prepare_image(image) * 255).round().astype(np.uint8)
+    rgb = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    softmax = np.ascontiguousarray(np.moveaxis(probabilities, -1, 0), dtype=np.float32)
+    crf = densecrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(softmax)))
+    crf.addPairwiseGaussian(sxy=params["gaussian_sxy"], compat=params["gaussian_compat"])
+    crf.addPairwiseBilateral(
+        sxy=params["bilateral_sxy"], srgb=params["bilateral_srgb"], rgbim=rgb, compat=params["bilateral_compat"]
+    )
+    marginals = np.array(crf.inference(params["n_iterations"]), dtype=np.float32)
+    return np.moveaxis(marginals.reshape(n_classes, height, width), 0, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimator
+# --------------------------------------------------------------------------------------------------
+class TrainableSegmenter(BaseEstimator):
+    """Per-pixel classifier trained on scribbles.
+
+    Args:
+        features: ``"classical"`` (Weka-style stack, 58 channels by default), ``"vit"`` (PCA of the
+            model's patch features) or ``"classical+vit"``.
+        classifier: ``"xgboost"`` (max_depth 8, otherwise XGBoost defaults) or ``"random_forest"``
+            (scikit-learn, balanced class weights).
+        model: transformers image model; required by the ViT feature sets.
+        n_components: PCA dimensions of the ViT channels.
+        crf: refine predictions with a dense CRF (needs the optional ``pydensecrf`` package).
+        random_state: seed of the classifier.
+        sigmas: Gaussian scales of the classical stack.
+        max_side: tile size (pixels) for ViT feature extraction on large images; ``None`` = whole image.
+        image_processor: optional transformers image processor passed to the patch-feature extractor.
+        classifier_params: extra keyword arguments for the classifier (e.g. ``{"n_estimators": 200}``).
+        n_jobs: threads for the classifier (``None`` = library default).
+        feature_backend: ``"auto"``, ``"numpy"`` or ``"torch"`` for the classical stack.
+
+    Attributes (after fit):
+        classes_: sorted class values seen in the labels (e.g. ``[1, 2, 3]``).
+        feature_names_: names of the feature channels.
+        n_features_in_: number of feature channels.
+        classifier_: the fitted classifier.
+        model_name_: hub id / folder of ``model`` (ViT feature sets), stored by :meth:`save`.
+    """
+
+    def __init__(
+        self,
+        features: str = "classical",
+        classifier: str = "xgboost",
+        model=None,
+        n_components: int = 9,
+        crf: bool = False,
+        random_state: Optional[int] = 0,
+        sigmas: Sequence[float] = DEFAULT_SIGMAS,
+        max_side: Optional[int] = None,
+        image_processor=None,
+        classifier_params: Optional[dict] = None,
+        n_jobs: Optional[int] = None,
+        feature_backend: str = "auto",
+    ):
+        self.features = features
+        self.classifier = classifier
+        self.model = model
+        self.n_components = n_components
+        self.crf = crf
+        self.random_state = random_state
+        self.sigmas = sigmas
+        self.max_side = max_side
+        self.image_processor = image_processor
+        self.classifier_params = classifier_params
+        self.n_jobs = n_jobs
+        self.feature_backend = feature_backend
+
+    def __repr__(self) -> str:
+        # Keep the (possibly huge) torch model out of the representation.
+        params = self.get_params(deep=False)
+        params["model"] = model_name_of(params["model"])
+        params.pop("image_processor")
+        shown = ", ".join(f"{key}={value!r}" for key, value in params.items())
+        return f"{type(self).__name__}({shown})"
+
+    # ---------------------------------------------------------------- validation
+    @property
+    def _uses_classical(self) -> bool:
+        return self.features in ("classical", "classical+vit")
+
+    @property
+    def _uses_vit(self) -> bool:
+        return self.features in ("vit", "classical+vit")
+
+    def _validate_params(self) -> None:
+        if self.features not in FEATURE_SETS:
+            raise ValueError(f"Unknown feature set {self.features!r}; allowed values: {', '.join(FEATURE_SETS)}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"Unknown classifier {self.classifier!r}; allowed values: {', '.join(CLASSIFIERS)}")
+        if self._uses_vit and self.model is None:
+            raise ValueError(f"features={self.features!r} needs a ViT: pass model=<transformers model>")
+        if self.crf:
+            _import_densecrf()
+
+    # ---------------------------------------------------------------- features
+    def feature_names(self) -> list[str]:
+        """Names of the feature channels this configuration produces."""
+        names = list(feature_names(self.sigmas)) if self._uses_classical else []
+        if self._uses_vit:
+            names += [f"vit_pca{index + 1}" for index in range(self.n_components)]
+        return names
+
+    def extract_features(self, image: np.ndarray) -> np.ndarray:
+        """Feature stack of one image.
+
+        Args:
+            image: (H, W) or (H, W, 3|4) image.
+
+        Returns:
+            float32 (H, W, C), channels as :meth:`feature_names`.
+        """
+        self._validate_params()
+        parts = []
+        if self._uses_classical:
+            parts.append(classical_features(image, sigmas=self.sigmas, backend=self.feature_backend))
+        if self._uses_vit:
+            from evaluation.vit_features import vit_feature_channels
+
+            parts.append(
+                vit_feature_channels(
+                    self.model,
+                    image,
+                    n_components=self.n_components,
+                    image_processor=self.image_processor,
+                    max_side=self.max_side,
+                )
+            )
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+    # ---------------------------------------------------------------- classifier
+    def _make_classifier(self):
+        extra = dict(self.classifier_params or {})
+        if self.classifier == "xgboost":
+            from xgboost import XGBClassifier
+
+            return XGBClassifier(**{"max_depth": 8, "random_state": self.random_state, "n_jobs": self.n_jobs, **extra})
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier(
+            **{"class_weight": "balanced", "random_state": self.random_state, "n_jobs": self.n_jobs, **extra}
+        )
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, images, labels) -> "TrainableSegmenter":
+        """Train on the labelled pixels of one image or a list of images.
+
+        Args:
+            images: image (H, W) / (H, W, 3) or a list of them (sizes may differ).
+            labels: matching label image(s), int (H, W): 0 = unlabelled, 1..K = classes.
+
+        Returns:
+            self
+        """
+        self._validate_params()
+        image_list, single = _as_image_list(images)
+        label_list = [np.asarray(labels)] if single else list(labels)
+        if len(label_list) != len(image_list):
+            raise ValueError(f"Got {len(image_list)} image(s) but {len(label_list)} label image(s)")
+        checked = [_check_labels(lab, img.shape, i) for i, (img, lab) in enumerate(zip(image_list, label_list))]
+        if not any(np.any(lab > 0) for lab in checked):
+            raise ValueError(_NO_LABELS_MESSAGE)
+        self._check_class_count(checked)
+        rows, targets = [], []
+        for image, lab in zip(image_list, checked):
+            if not np.any(lab > 0):
+                continue  # skip feature extraction for images without scribbles
+            feature_map = self.extract_features(image)
+            mask = lab > 0
+            rows.append(feature_map[mask])
+            targets.append(lab[mask])
+        return self._fit_rows(np.concatenate(rows), np.concatenate(targets))
+
+    def fit_features(self, feature_maps: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> "TrainableSegmenter":
+        """Train on precomputed feature stacks (from :meth:`extract_features`); saves recomputing
+        features when the same images are labelled again, as in the scribble benchmark.
+
+        Args:
+            feature_maps: list of (H, W, C) float arrays.
+            labels: list of (H, W) label images (0 = unlabelled).
+        """
+        self._validate_params()
+        if len(feature_maps) != len(labels):
+            raise ValueError(f"Got {len(feature_maps)} feature map(s) but {len(labels)} label image(s)")
+        checked = [_check_labels(lab, fm.shape, i) for i, (fm, lab) in enumerate(zip(feature_maps, labels))]
+        if not any(np.any(lab > 0) for lab in checked):
+            raise ValueError(_NO_LABELS_MESSAGE)
+        self._check_class_count(checked)
+        rows = np.concatenate([fm[lab > 0] for fm, lab in zip(feature_maps, checked)])
+        targets = np.concatenate([lab[lab > 0] for lab in checked])
+        return self._fit_rows(rows, targets)
+
+    @staticmethod
+    def _check_class_count(labels: Sequence[np.ndarray]) -> None:
+        present = np.unique(np.concatenate([np.unique(lab[lab > 0]) for lab in labels]))
+        if len(present) < 2:
+            raise ValueError(
+                f"Only one class ({present.tolist()}) is labelled; a segmenter needs scribbles of at least two classes"
+            )
+
+    def _fit_rows(self, rows: np.ndarray, targets: np.ndarray) -> "TrainableSegmenter":
+        expected = len(self.feature_names())
+        if rows.shape[1] != expected:
+            raise ValueError(f"Feature maps have {rows.shape[1]} channels; this configuration produces {expected}")
+        self.classes_ = np.unique(targets)
+        self.feature_names_ = self.feature_names()
+        self.n_features_in_ = rows.shape[1]
+        self.model_name_ = model_name_of(self.model) if self._uses_vit else None
+        self.classifier_ = self._make_classifier()
+        self.classifier_.fit(rows.astype(np.float32), np.searchsorted(self.classes_, targets))
+        return self
+
+    # ---------------------------------------------------------------- prediction
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classifier_"):
+            raise RuntimeError("This TrainableSegmenter is not fitted yet; call fit() first")
+
+    def _probabilities_from_features(self, feature_map: np.ndarray) -> np.ndarray:
+        height, width, channels = feature_map.shape
+        if channels != self.n_features_in_:
+            raise ValueError(f"Feature map has {channels} channels, the segmenter was trained on {self.n_features_in_}")
+        rows = feature_map.reshape(-1, channels)
+        probabilities = np.empty((rows.shape[0], len(self.classes_)), dtype=np.float32)
+        for start in range(0, rows.shape[0], _PREDICT_CHUNK_ROWS):
+            chunk = rows[start : start + _PREDICT_CHUNK_ROWS]
+            probabilities[start : start + len(chunk)] = self.classifier_.predict_proba(chunk)
+        return probabilities.reshape(height, width, -1)
+
+    def predict_proba_features(self, feature_maps, images=None):
+        """Class probabilities from precomputed feature stacks.
+
+        Args:
+            feature_maps: (H, W, C) array or list of them.
+            images: the matching images, needed only when ``crf=True``.
+
+        Returns:
+            float32 (H, W, K) (or a list), channel k = probability of ``classes_[k]``.
+        """
+        self._check_fitted()
+        maps, single = _as_image_list(feature_maps)
+        if self.crf:
+            if images is None:
+                raise ValueError("crf=True needs the images as well as their feature maps")
+            image_list, _ = _as_image_list(images)
+        results = []
+        for index, feature_map in enumerate(maps):
+            probabilities = self._probabilities_from_features(feature_map)
+            if self.crf:
+                probabilities = dense_crf(image_list[index], probabilities)
+            results.append(probabilities)
+        return results[0] if single else results
+
+    def predict_features(self, feature_maps, images=None):
+        """Masks (int32 (H, W), values from ``classes_``) from precomputed feature stacks."""
+        probabilities = self.predict_proba_features(feature_maps, images)
+        if isinstance(probabilities, list):
+            return [self._to_mask(p) for p in probabilities]
+        return self._to_mask(probabilities)
+
+    def _to_mask(self, probabilities: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(probabilities, axis=-1)].astype(np.int32)
+
+    def predict_proba(self, images):
+        """Class probabilities of one image (H, W, K) or a list of images (list of arrays).
+
+        With ``crf=True`` these are the CRF-refined marginals.
+        """
+        self._check_fitted()
+        self._validate_params()
+        image_list, single = _as_image_list(images)
+        results = [
+            self.predict_proba_features(self.extract_features(image), image if self.crf else None)
+            for image in image_list
+        ]
+        return results[0] if single else results
+
+    def predict(self, images):
+        """Segment one image (-> int32 (H, W)) or a list of images (-> list of masks).
+
+        Mask values are the class values seen in training (1..K).
+        """
+        probabilities = self.predict_proba(images)
+        if isinstance(probabilities, list):
+            return [self._to_mask(p) for p in probabilities]
+        return self._to_mask(probabilities)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the fitted segmenter to one file.
+
+        The torch model is not stored, only its hub id / folder (``model_name_``); pass the model again
+        to :meth:`load`. XGBoost classifiers are stored in XGBoost's own format (portable across
+        versions), random forests with pickle. Load only files you trust (pickle).
+        """
+        self._check_fitted()
+        params = self.get_params(deep=False)
+        params.pop("model")
+        params.pop("image_processor")
+        params["sigmas"] = tuple(params["sigmas"])
+        if self.classifier == "xgboost":
+            raw_model = bytes(self.classifier_.get_booster().save_raw("ubj"))
+            classifier_state: Any = {"kind": "xgboost-ubj", "data": raw_model}
+        else:
+            classifier_state = {"kind": "pickle", "data": pickle.dumps(self.classifier_)}
+        state = {
+            "format": _SAVE_FORMAT,
+            "version": _SAVE_VERSION,
+            "params": params,
+            "model_name": self.model_name_,
+            "classes": self.classes_.tolist(),
+            "feature_names": self.feature_names_,
+            "classifier": classifier_state,
+        }
+        with open(path, "wb") as handle:
+            pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, image_processor=None) -> "TrainableSegmenter":
+        """Load a segmenter written by :meth:`save`.
+
+        Args:
+            path: the saved file.
+            model: the transformers model, required when the segmenter uses ViT features (the file
+                names the model it was trained with).
+            image_processor: optional image processor for the ViT features.
+        """
+        with open(path, "rb") as handle:
+            try:
+                state = pickle.load(handle)
+            except Exception as error:
+                raise ValueError(f"{path} is not a saved TrainableSegmenter: {error}") from error
+        if not isinstance(state, dict) or state.get("format") != _SAVE_FORMAT:
+            raise ValueError(f"{path} is not a saved TrainableSegmenter")
+        if state["version"] > _SAVE_VERSION:
+            raise ValueError(f"{path} was written by a newer version (format {state['version']})")
+        segmenter = cls(**state["params"], model=model, image_processor=image_processor)
+        if segmenter._uses_vit and model is None:
+            raise ValueError(
+                f"This segmenter uses {segmenter.features!r} features of the model {state['model_name']!r}; "
+                "load that model (e.g. transformers.AutoModel.from_pretrained(name, trust_remote_code=True)) "
+                "and pass it as model="
+            )
+        if segmenter._uses_vit and model_name_of(model) != state["model_name"]:
+            import warnings
+
+            warnings.warn(
+                f"Segmenter was trained with model {state['model_name']!r} but got {model_name_of(model)!r}",
+                stacklevel=2,
+            )
+        classifier_state = state["classifier"]
+        if classifier_state["kind"] == "xgboost-ubj":
+            classifier = segmenter._make_classifier()
+            classifier.load_model(bytearray(classifier_state["data"]))
+        else:
+            classifier = pickle.loads(classifier_state["data"])
+        segmenter.classifier_ = classifier
+        segmenter.classes_ = np.asarray(state["classes"])
+        segmenter.feature_names_ = list(state["feature_names"])
+        segmenter.n_features_in_ = len(segmenter.feature_names_)
+        segmenter.model_name_ = state["model_name"]
+        return segmenter

@@ -1,0 +1,254 @@
+"""ViT patch features turned into dense per-pixel channels for trainable segmentation.
+
+Per image: patch features (h, w, C) are standardised per channel, reduced by a PCA fitted on the
+image's own tokens to ``n_components`` (9 by default), min-max scaled to [0, 1] per component and
+bilinearly resized to the image, giving (H, W, n_components) float32 channels that are concatenated
+with the classical stack. The resize is aligned with the top-left area the patch grid covers (the
+extractor crops the image to whole patches); the few border pixels beyond it repeat the edge.
+
+Large images can be processed on overlapping tiles (:func:`extract_patch_features_tiled`) so the
+model's memory stays bounded; the tiles' patch grids are blended into one grid for the whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from evaluation.image_io import to_float01
+
+DEFAULT_N_COMPONENTS = 9
+
+PatchExtractor = Callable[..., np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# PCA reduction and resizing (pure numpy)
+# --------------------------------------------------------------------------------------------------
+def pca_reduce_patches(patch_features: np.ndarray, n_components: int = DEFAULT_N_COMPONENTS) -> np.ndarray:
+    """Standardise, PCA-reduce (fitted on these tokens) and min-max scale a patch grid.
+
+    Args:
+        patch_features: (h, w, C) patch features of one image.
+        n_components: number of principal components kept.
+
+    Returns:
+        float32 (h, w, n_components) in [0, 1]. Components are sorted by explained variance; each
+        component's sign is fixed so that its largest loading is positive (deterministic output).
+        When fewer components exist than requested (few tokens or channels) the rest are zeros, so
+        the channel count never depends on the image.
+    """
+    patch_features = np.asarray(patch_features)
+    if patch_features.ndim != 3:
+        raise ValueError(f"patch_features must have shape (h, w, C), got {patch_features.shape}")
+    if n_components < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    grid_h, grid_w, n_channels = patch_features.shape
+    if grid_h * grid_w == 0 or n_channels == 0:
+        raise ValueError(f"patch_features is empty (shape {patch_features.shape})")
+    tokens = patch_features.reshape(-1, n_channels).astype(np.float64)
+    if not np.all(np.isfinite(tokens)):
+        raise ValueError("patch_features contain NaN or infinite values")
+
+    std = tokens.std(axis=0)
+    tokens = (tokens - tokens.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    _, singular_values, components = np.linalg.svd(tokens, full_matrices=False)
+    n_valid = min(n_components, int(np.sum(singular_values > 1e-8 * max(singular_values.max(), 1e-30))))
+    components = components[:n_valid]
+    signs = np.sign(components[np.arange(n_valid), np.argmax(np.abs(components), axis=1)])
+    components = components * signs[:, None]
+
+    reduced = np.zeros((tokens.shape[0], n_components), dtype=np.float64)
+    scores = tokens @ components.T
+    low, high = scores.min(axis=0), scores.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    reduced[:, :n_valid] = (scores - low) / span
+    return reduced.reshape(grid_h, grid_w, n_components).astype(np.float32)
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights, pixel-centre aligned (align_corners=False)."""
+    position = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    position = np.clip(position, 0, n_in - 1)
+    lower = np.floor(position).astype(int)
+    upper = np.minimum(lower + 1, n_in - 1)
+    weight = position - lower
+    matrix = np.zeros((n_out, n_in))
+    matrix[np.arange(n_out), lower] += 1 - weight
+    matrix[np.arange(n_out), upper] += weight
+    return matrix
+
+
+def resize_bilinear(grid: np.ndarray, output_shape: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize (h, w, k) to (H, W, k), pixel centres aligned as torch's align_corners=False."""
+    grid = np.asarray(grid)
+    height, width = int(output_shape[0]), int(output_shape[1])
+    rows = _bilinear_matrix(height, grid.shape[0])
+    cols = _bilinear_matrix(width, grid.shape[1])
+    resized = np.einsum("Hh,hwk,Ww->HWk", rows, grid.astype(np.float64), cols, optimize=True)
+    return resized.astype(np.float32)
+
+
+def vit_feature_channels_from_patches(
+    patch_features: np.ndarray,
+    image_shape: tuple[int, ...],
+    n_components: int = DEFAULT_N_COMPONENTS,
+    patch_size: Optional[int] = None,
+) -> np.ndarray:
+    """Per-pixel ViT channels from precomputed patch features.
+
+    Args:
+        patch_features: (h, w, C) patch grid of one image.
+        image_shape: the image's shape; only (H, W) = ``image_shape[:2]`` is used.
+        n_components: PCA dimensions kept.
+        patch_size: when given, the grid is taken to cover the top-left (h * p, w * p) pixels (the
+            extractor crops the image to the patch grid): it is resized to that area and the few
+            remaining border rows/columns repeat the edge values. ``None`` stretches the grid over
+            the whole image.
+
+    Returns:
+        float32 (H, W, n_components) in [0, 1].
+    """
+    if len(image_shape) < 2 or min(image_shape[:2]) < 1:
+        raise ValueError(f"image_shape must start with (H, W) > 0, got {image_shape}")
+    height, width = int(image_shape[0]), int(image_shape[1])
+    reduced = pca_reduce_patches(patch_features, n_components)
+    if patch_size is None:
+        return np.clip(resize_bilinear(reduced, (height, width)), 0.0, 1.0)
+    covered_h = min(reduced.shape[0] * patch_size, height)
+    covered_w = min(reduced.shape[1] * patch_size, width)
+    resized = resize_bilinear(reduced, (covered_h, covered_w))
+    padded = np.pad(resized, ((0, height - covered_h), (0, width - covered_w), (0, 0)), mode="edge")
+    return np.clip(padded, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side
+# --------------------------------------------------------------------------------------------------
+def model_patch_size(model) -> int:
+    """Patch size of a transformers model (its backbone's ``config.patch_size``; 14 if unknown)."""
+    try:
+        from evaluation.feature_extraction import patch_size_of
+
+        return patch_size_of(model)
+    except (ImportError, ValueError, AttributeError):
+        pass  # unsupported or stand-in model: read the config directly
+    patch_size = getattr(getattr(model, "config", None), "patch_size", 14)
+    if isinstance(patch_size, (tuple, list)):
+        patch_size = patch_size[0]
+    return int(patch_size)
+
+
+def _default_extractor() -> PatchExtractor:
+    # Imported lazily: the ViT side (and torch) is needed only when ViT features are asked for.
+    from evaluation.feature_extraction import extract_patch_features
+
+    return extract_patch_features
+
+
+def _tile_starts(n_cells: int, tile_cells: int, step_cells: int) -> list[int]:
+    """Start cells of tiles covering ``n_cells``; the last tile is aligned to the end."""
+    if n_cells <= tile_cells:
+        return [0]
+    starts = list(range(0, n_cells - tile_cells, step_cells))
+    starts.append(n_cells - tile_cells)
+    return starts
+
+
+def _tent_weights(n: int) -> np.ndarray:
+    """Weights high in a tile's centre and low at its edges, for smooth blending of overlaps."""
+    position = np.arange(n) + 0.5
+    return np.minimum(position, n - position) / (n / 2.0) + 1e-3
+
+
+def extract_patch_features_tiled(
+    model,
+    image: np.ndarray,
+    max_side: Optional[int] = None,
+    overlap: int = 56,
+    image_processor=None,
+    extractor: Optional[PatchExtractor] = None,
+) -> np.ndarray:
+    """Patch features of a whole image, optionally computed on overlapping tiles.
+
+    Args:
+        model: transformers image model (e.g. ``Dinov2Model`` or an ALiBi-DINOv2 model).
+        image: (H, W) or (H, W, 3) image.
+        max_side: largest tile side in pixels (rounded down to a multiple of the patch size). ``None``
+            or an image that fits gives a single pass.
+        overlap: overlap between neighbouring tiles in pixels (rounded up to whole patches).
+        image_processor: passed to the extractor.
+        extractor: ``f(model, image, image_processor=None) -> (h, w, C)``; default
+            :func:`evaluation.feature_extraction.extract_patch_features`.
+
+    Returns:
+        (H // p, W // p, C) patch grid (p = patch size). Tiles are cut on patch boundaries and their
+        grids blended with weights that fall off towards each tile's edges.
+    """
+    extractor = extractor or _default_extractor()
+    image = np.asarray(image)
+    patch = model_patch_size(model)
+    grid_h, grid_w = image.shape[0] // patch, image.shape[1] // patch
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"Image of shape {image.shape} is smaller than one {patch} x {patch} patch")
+    if max_side is None or (image.shape[0] <= max_side and image.shape[1] <= max_side):
+        return np.asarray(extractor(model, image, image_processor=image_processor))
+
+    tile_cells = max_side // patch
+    if tile_cells < 1:
+        raise ValueError(f"max_side={max_side} is smaller than the patch size {patch}")
+    overlap_cells = min(-(-overlap // patch), tile_cells - 1)
+    step = tile_cells - overlap_cells
+    accumulated = None
+    weight_sum = np.zeros((grid_h, grid_w))
+    for top in _tile_starts(grid_h, tile_cells, step):
+        for left in _tile_starts(grid_w, tile_cells, step):
+            rows, cols = min(tile_cells, grid_h), min(tile_cells, grid_w)
+            tile = image[top * patch : (top + rows) * patch, left * patch : (left + cols) * patch]
+            features = np.asarray(extractor(model, tile, image_processor=image_processor), dtype=np.float64)
+            if features.shape[:2] != (rows, cols):
+                raise RuntimeError(
+                    f"Extractor returned a {features.shape[:2]} grid for a {rows} x {cols}-patch tile"
+                )
+            if accumulated is None:
+                accumulated = np.zeros((grid_h, grid_w, features.shape[-1]))
+            weight = np.outer(_tent_weights(rows), _tent_weights(cols))
+            accumulated[top : top + rows, left : left + cols] += weight[..., None] * features
+            weight_sum[top : top + rows, left : left + cols] += weight
+    return (accumulated / weight_sum[..., None]).astype(np.float32)
+
+
+def vit_feature_channels(
+    model,
+    image: np.ndarray,
+    n_components: int = DEFAULT_N_COMPONENTS,
+    image_processor=None,
+    max_side: Optional[int] = None,
+    overlap: int = 56,
+    extractor: Optional[PatchExtractor] = None,
+) -> np.ndarray:
+    """Per-pixel ViT feature channels of one image.
+
+    Args:
+        model: transformers image model.
+        image: (H, W) or (H, W, 3) image of any numeric dtype (scaled to float32 [0, 1] first).
+        n_components: PCA dimensions kept (9 in the reference).
+        image_processor, extractor: see :func:`extract_patch_features_tiled`.
+        max_side, overlap: tiling for large images, see :func:`extract_patch_features_tiled`.
+
+    Returns:
+        float32 (H, W, n_components) in [0, 1].
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"Expected a non-empty (H, W) or (H, W, 3) image, got shape {image.shape}")
+    if image.ndim == 3 and image.shape[-1] in (1, 4):
+        image = image[..., 0] if image.shape[-1] == 1 else image[..., :3]  # gray plane / drop alpha
+    image01 = to_float01(image)
+    patch_features = extract_patch_features_tiled(
+        model, image01, max_side=max_side, overlap=overlap, image_processor=image_processor, extractor=extractor
+    )
+    return vit_feature_channels_from_patches(
+        patch_features, image.shape, n_components, patch_size=model_patch_size(model)
+    )

@@ -1,0 +1,66 @@
+"""Whole-image features of large images through the memory-bounded chunked attention path."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation.feature_extraction import image_to_pixel_values
+from evaluation.large_image_features import extract_feature_map, query_chunk_size_for
+from modeling_alibi_dinov2 import AlibiDinov2Model
+
+
+@pytest.fixture
+def alibi_model(tiny_kwargs):
+    torch.manual_seed(0)
+    return AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs)).eval()
+
+
+@pytest.fixture
+def sixteen_bit_tiff(tmp_path):
+    rng = np.random.default_rng(0)
+    pages = rng.integers(0, 65535, size=(2, 150, 213), dtype=np.uint16)  # not multiples of the patch size
+    path = tmp_path / "micrograph.tif"
+    tifffile.imwrite(path, pages)
+    return path, pages
+
+
+def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_bit_tiff):
+    path, pages = sixteen_bit_tiff
+    features = extract_feature_map(alibi_model, path, page=1, attention_memory_mb=0.01, progress=False)
+    assert features.shape == (32, 150 // 14, 213 // 14) and features.dtype == np.float32
+    pixel_values = image_to_pixel_values(pages[1], 14)
+    with torch.no_grad():
+        expected = alibi_model.get_patch_features(pixel_values)[0].numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-4)
+    # The model is left as it was.
+    assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.config.alibi_query_chunk_size == 1024
+    assert not np.allclose(features, extract_feature_map(alibi_model, pages[0], progress=False), atol=1e-3)
+
+
+def test_memory_bound_sets_the_query_block():
+    tokens, heads = 21321, 6  # a 2044 x 2044 px image through ViT-S/14 with 4 registers
+    small, large = query_chunk_size_for(64, tokens, heads), query_chunk_size_for(1024, tokens, heads)
+    assert 1 <= small < large
+    assert large * tokens * (heads + 4) * 4 <= 1024 * 2**20
+    assert query_chunk_size_for(10**6, 100, heads) == 100
+    with pytest.raises(ValueError, match="must be positive"):
+        query_chunk_size_for(0, tokens, heads)
+
+
+def test_models_without_alibi_run_on_their_own_path(tiny_kwargs):
+    torch.manual_seed(0)
+    stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**tiny_kwargs, num_register_tokens=4)).eval()
+    image = np.random.default_rng(1).random((70, 84)).astype(np.float32)
+    features = extract_feature_map(stock, image, progress=False)
+    with torch.no_grad():
+        tokens = stock(image_to_pixel_values(image, 14), interpolate_pos_encoding=True).last_hidden_state
+    expected = tokens[0, 5:].reshape(5, 6, 32).permute(2, 0, 1).numpy()
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+
+
+def test_an_image_smaller_than_a_patch_is_refused(alibi_model):
+    with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
+        extract_feature_map(alibi_model, np.zeros((10, 300), dtype=np.uint8), progress=False)

@@ -1,0 +1,139 @@
+"""Probe runner: image sources, runs over models x images, JSON and the command line (all offline)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from evaluation.positional_probe import make_ramp
+from evaluation.probe_runner import (
+    format_table,
+    load_image_source,
+    main,
+    noise_images,
+    probe_seed,
+    run_probe,
+    texture_images,
+)
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14)
+
+
+def positional_model():
+    """Tiny DINOv2 whose position embedding encodes lr and ud on a 12 x 12 grid.
+
+    Each ramp is an angle on a circle (cos, sin) of radius 10, so that the per-token LayerNorms do not
+    wash the position out; the patch content of noise images is small next to it.
+    """
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**TINY, image_size=168)).eval()
+    with torch.no_grad():
+        embedding = model.embeddings.position_embeddings
+        embedding.zero_()
+        for index, ramp in enumerate(("lr", "ud")):
+            angle = torch.tensor(make_ramp(ramp, 12, 12).ravel() * np.pi / 2, dtype=torch.float32)
+            embedding[0, 1:, 2 * index] = 10 * torch.cos(angle)
+            embedding[0, 1:, 2 * index + 1] = 10 * torch.sin(angle)
+    return model
+
+
+def alibi_model():
+    configuration = pytest.importorskip("configuration_alibi_dinov2")
+    modeling = pytest.importorskip("modeling_alibi_dinov2")
+    torch.manual_seed(0)
+    config = configuration.AlibiDinov2Config(**TINY, image_size=168, num_register_tokens=4)
+    return modeling.AlibiDinov2Model(config).eval()
+
+
+def test_builtin_sources():
+    textures = texture_images()
+    assert [name for name, _ in textures] == ["brick", "grass", "gravel"]
+    assert all(image.shape == (512, 512) and image.dtype == np.uint8 for _, image in textures)
+    noise = load_image_source("noise:2", size=(30, 44))
+    assert len(noise) == 2 and noise[0][1].shape == (30, 44, 3) and noise[0][1].dtype == np.float32
+    assert 0 <= noise[0][1].min() and noise[0][1].max() < 1
+    np.testing.assert_array_equal(noise[1][1], noise_images(2, size=(30, 44))[1][1])
+    assert not np.array_equal(noise[0][1], noise[1][1])
+    assert len(load_image_source("noise", size=(14, 14), limit=3)) == 3
+    with pytest.raises(ValueError, match="Unknown image source"):
+        load_image_source("not-a-source")
+
+
+def test_micro_source_is_homogeneous_synthetic_microstructure():
+    pytest.importorskip("evaluation.synthetic")
+    micro = load_image_source("micro:2", size=(42, 56))
+    assert [name for name, _ in micro] == ["micro_00", "micro_01"]
+    assert micro[0][1].shape == (42, 56) and micro[0][1].dtype == np.float32
+    assert 0.0 <= micro[0][1].min() and micro[0][1].max() <= 1.0
+
+
+def test_folder_and_saved_dataset_sources(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((30, 40), 7, dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((28, 28, 4), 9, dtype=np.uint8)).save(folder / "b.png")  # RGBA
+    (folder / "notes.txt").write_text("not an image")
+    images = load_image_source(str(folder))
+    assert [name for name, _ in images] == ["a.png", "b.png"]
+    assert images[0][1].shape == (30, 40) and images[1][1].shape == (28, 28, 3)
+
+    datasets = pytest.importorskip("datasets")
+    pictures = [Image.fromarray(np.full((20, 24), value, dtype=np.uint8)) for value in (1, 2, 3)]
+    dataset = datasets.Dataset.from_dict({"picture": pictures}, features=datasets.Features({"picture": datasets.Image()}))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_source(str(tmp_path / "saved"), limit=2)
+    assert len(loaded) == 2 and loaded[1][1].shape == (20, 24) and loaded[1][1][0, 0] == 2
+
+
+def test_probe_seeds_depend_on_image_and_repeat_only():
+    assert probe_seed(0, 1, 2) == probe_seed(0, 1, 2)
+    assert len({probe_seed(0, image, repeat) for image in range(3) for repeat in range(3)}) == 9
+
+
+def test_run_probe_finds_planted_positions_and_random_control_is_zero():
+    models = {"positional": positional_model(), "alibi": alibi_model()}
+    sources = {"noise": noise_images(2, size=(168, 168))}
+    results = run_probe(models, sources, ramps=("lr+ud", "random"), step=2, repeats=2, per_channel=True, progress=False)
+    scores = results["scores"]
+    assert scores["positional"]["noise"]["lr+ud"]["mean"] > 0.85
+    # Wrapped ALiBi is equivariant to whole-patch rolls: nothing in its features marks absolute position.
+    assert scores["alibi"]["noise"]["lr+ud"]["mean"] < 0.1
+    for name in models:
+        random_control = scores[name]["noise"]["random"]
+        assert random_control["n"] == 4 and len(random_control["per_image"]) == 2
+        assert random_control["mean"] < 0.1
+    assert results["grids"]["alibi"]["noise"] == [[12, 12], [12, 12]]
+    assert results["models"]["alibi"]["prefix_tokens"] == 5
+    channel_scores = np.array(results["per_channel"]["positional"]["noise"]["lr+ud"])
+    assert channel_scores.shape == (32,)
+    json.dumps(results)  # JSON-ready
+    table = format_table(results)
+    assert "positional" in table and "alibi" in table and "+-" in table
+
+
+def test_command_line_writes_json(tmp_path, capsys):
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-dinov2"
+    Dinov2Model(Dinov2Config(**TINY, image_size=56)).save_pretrained(folder)
+    output = tmp_path / "out" / "results.json"
+    main(
+        [
+            "--models", str(folder),
+            "--images", "noise:2",
+            "--size", "84", "98",
+            "--ramps", "lr+ud", "random",
+            "--step", "2",
+            "--repeats", "3",
+            "--output", str(output),
+            "--no-progress",
+        ]
+    )
+    written = json.loads(output.read_text())
+    summary = written["scores"][str(folder)]["noise:2"]
+    assert summary["lr+ud"]["n"] == 6 and summary["random"]["n"] == 6
+    assert written["grids"][str(folder)]["noise:2"] == [[6, 7], [6, 7]]
+    assert written["protocol"]["step"] == 2
+    assert "lr+ud" in capsys.readouterr().out

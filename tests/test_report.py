@@ -1,0 +1,77 @@
+"""The positional-bias report: tables, pictures and checks of several models on one HTML page."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation.positional_probe import make_ramp
+from evaluation.probe_runner import load_image_source
+from evaluation.report import build_report, main
+from modeling_alibi_dinov2 import AlibiDinov2Model
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=224)
+
+
+def positional_model():
+    """Tiny DINOv2 whose position embedding holds lr and ud as angles (so LayerNorm keeps them)."""
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**TINY)).eval()
+    with torch.no_grad():
+        embedding = model.embeddings.position_embeddings
+        embedding.zero_()
+        for index, ramp in enumerate(("lr", "ud")):
+            angle = torch.tensor(make_ramp(ramp, 16, 16).ravel() * np.pi / 2, dtype=torch.float32)
+            embedding[0, 1:, 2 * index] = 10 * torch.cos(angle)
+            embedding[0, 1:, 2 * index + 1] = 10 * torch.sin(angle)
+    return model
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
+    torch.manual_seed(0)
+    models = {"positional": positional_model(), "alibi": AlibiDinov2Model(AlibiDinov2Config(**TINY)).eval()}
+    sources = {"noise": load_image_source("noise:2", size=(518, 518)), "micro": load_image_source("micro:1", size=(252, 294))}
+    return build_report(models, sources, tmp_path, repeats=2, picture_images=2, progress=False,
+                        notes=["synthetic models"]), tmp_path
+
+
+def test_report_ranks_positional_bias_and_passes_the_control(report):
+    content, _ = report
+    noise = {model: content["summary"][model]["noise"] for model in ("positional", "alibi")}
+    assert noise["positional"]["lr+ud"]["mean"] > 0.8
+    assert noise["alibi"]["lr+ud"]["mean"] < 0.1
+    for model in noise:
+        assert noise[model]["random"]["mean"] < 0.1
+    # Wrapped ALiBi is roll-equivariant; the learned embedding is not.
+    errors = content["transform_errors"]
+    assert errors["alibi"]["roll"] < 1e-4 < errors["positional"]["roll"]
+
+
+def test_report_writes_html_json_and_pictures(report):
+    content, folder = report
+    on_disk = json.loads((folder / "report.json").read_text())
+    assert on_disk["summary"] == content["summary"]
+    page = (folder / "report.html").read_text()
+    assert "synthetic models" in page and "<th>positional</th>" in page and "<th>alibi</th>" in page
+    for name in content["figures"].values():
+        assert (folder / name).stat().st_size > 1000 and f'src="{name}"' in page
+    assert set(content["figures"]) == {"pca", "kmeans", "cosine", "channels", "fingerprint"}
+
+
+def test_command_line_loads_saved_folders(tmp_path):
+    torch.manual_seed(0)
+    AlibiDinov2Model(AlibiDinov2Config(**TINY)).save_pretrained(tmp_path / "alibi")
+    positional_model().save_pretrained(tmp_path / "positional")
+    content = main(["--models", str(tmp_path / "alibi"), str(tmp_path / "positional"), "--names", "A", "P",
+                    "--images", "noise:1", "--size", "84", "84", "--repeats", "1", "--picture-images", "1",
+                    "--output-dir", str(tmp_path / "out")])
+    assert set(content["summary"]) == {"A", "P"}
+    assert (tmp_path / "out" / "report.html").exists()
+    with pytest.raises(SystemExit):
+        main(["--models", "a", "b", "--names", "only-one"])

@@ -1,0 +1,180 @@
+"""Scribble generation, the mIoU metric and the scribble benchmark end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from evaluation.image_io import write_image, write_mask
+from evaluation.scribble_benchmark import (
+    find_image_mask_pairs,
+    main,
+    mean_iou,
+    random_scribble,
+    run_scribble_benchmark,
+    simulate_scribble_rounds,
+)
+from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
+
+CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+# ---------------------------------------------------------------- metric
+def test_mean_iou_matches_a_hand_computed_case():
+    target = np.array([[1, 1, 2], [2, 0, 2]])
+    pred = np.array([[1, 2, 2], [2, 1, 1]])
+    # Pixel (1, 1) is unlabelled and ignored. Class 1: I = 1, U = 3. Class 2: I = 2, U = 4.
+    assert mean_iou(pred, target, n_classes=2) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    # A class absent from prediction and target is skipped, not counted as 0 or 1.
+    assert mean_iou(pred, target, n_classes=3) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    # Scoring every pixel with classes 0..2: class 0 I = 0, U = 1; class 1 I = 1, U = 4; class 2 I = 2, U = 4.
+    assert mean_iou(pred, target, n_classes=3, ignore_index=None) == pytest.approx((0 + 1 / 4 + 2 / 4) / 3)
+
+
+def test_mean_iou_extremes_and_shape_check():
+    truth = np.array([[1, 2], [2, 1]])
+    assert mean_iou(truth, truth, n_classes=2) == 1.0
+    assert mean_iou(3 - truth, truth, n_classes=2) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        mean_iou(truth, truth[:1], n_classes=2)
+
+
+# ---------------------------------------------------------------- scribbles
+@pytest.mark.parametrize("seed", range(4))
+def test_scribbles_never_disagree_with_ground_truth_and_accumulate(seed):
+    truths = [labels for _, labels in generate_microstructure_dataset(3, size=(64, 80), n_phases=3, seed=seed)]
+    rounds = simulate_scribble_rounds(truths, n_rounds=4, seed=seed)
+    assert len(rounds) == 4 and all(len(r) == 3 for r in rounds)
+    for index, truth in enumerate(truths):
+        previous = np.zeros_like(truth)
+        for round_labels in rounds:
+            scribbles = round_labels[index]
+            labelled = scribbles > 0
+            np.testing.assert_array_equal(scribbles[labelled], truth[labelled])
+            np.testing.assert_array_equal(scribbles[previous > 0], previous[previous > 0])  # kept
+            assert np.count_nonzero(scribbles) > np.count_nonzero(previous)  # grows
+            assert np.count_nonzero(scribbles) < 0.25 * scribbles.size  # still sparse
+            previous = scribbles
+        # Round 1 already holds one scribble per class present in the image.
+        assert set(np.unique(rounds[0][index])) - {0} == set(np.unique(truth))
+
+
+def test_scribbles_stay_inside_the_eroded_class_region():
+    _, truth = generate_microstructure((96, 96), n_phases=2, seed=7)
+    rng = np.random.default_rng(0)
+    for class_value in (1, 2):
+        for _ in range(5):
+            stroke = random_scribble(truth, class_value, rng, length=20, thickness=3)
+            assert stroke.sum() > 20
+            # Thickness 3 with a 1-pixel margin: every scribble pixel's 4-neighbours share its class.
+            inner = ndimage.binary_erosion(truth == class_value, CROSS)
+            assert np.all(inner[stroke])
+
+
+def test_thin_regions_get_thin_scribbles_and_absent_classes_none():
+    truth = np.ones((30, 30), dtype=np.int32)
+    truth[:, 15] = 2  # a one-pixel-wide phase
+    rng = np.random.default_rng(1)
+    stroke = random_scribble(truth, 2, rng, length=10, thickness=5)
+    assert stroke.any() and np.all(truth[stroke] == 2)
+    assert not random_scribble(truth, 3, rng).any()
+
+
+# ---------------------------------------------------------------- benchmark
+def _check_results(results, n_rounds, run_names):
+    assert results["rounds"] == list(range(1, n_rounds + 1))
+    assert [run["name"] for run in results["runs"]] == run_names
+    for run in results["runs"]:
+        assert len(run["miou"]) == n_rounds
+        assert all(0.0 <= value <= 1.0 for value in run["miou"])
+        assert run["labelled_pixels"] == sorted(run["labelled_pixels"])
+
+
+def test_benchmark_cli_runs_end_to_end_with_classical_features(tmp_path):
+    output = tmp_path / "scribbles"
+    results = main(
+        ["--rounds", "2", "--size", "64", "--n-train", "2", "--n-test", "2", "--n-phases", "2",
+         "--output-dir", str(output), "--no-progress"]
+    )
+    saved = json.loads((output / "scribble_benchmark.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(results["runs"]))
+    _check_results(saved, 2, ["classical"])
+    assert saved["config"]["n_train"] == 2 and saved["config"]["n_test"] == 2
+    assert saved["runs"][0]["miou"][-1] > 0.7  # easy two-phase material
+    assert (output / "scribble_benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_reads_image_mask_pairs_from_a_folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, (image, labels) in enumerate(generate_microstructure_dataset(3, size=(48, 48), seed=2)):
+        write_image(data / f"sample{index}.png", (image * 255).astype(np.uint8))
+        write_mask(data / f"sample{index}_mask.png", labels)
+    assert [p[0].name for p in find_image_mask_pairs(data)] == ["sample0.png", "sample1.png", "sample2.png"]
+    results = main(
+        ["--data", str(data), "--n-train", "2", "--rounds", "1", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert results["config"]["n_train"] == 2 and results["config"]["n_test"] == 1
+    _check_results(results, 1, ["classical"])
+
+    (data / "sample2_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match="sample2"):
+        find_image_mask_pairs(data)
+
+
+def test_images_and_masks_folder_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    write_image(tmp_path / "images" / "a.tif", np.zeros((8, 8), dtype=np.uint16))
+    write_mask(tmp_path / "masks" / "a.png", np.ones((8, 8), dtype=np.uint8))
+    pairs = find_image_mask_pairs(tmp_path)
+    assert [(image.name, mask.name) for image, mask in pairs] == [("a.tif", "a.png")]
+
+
+def test_vit_feature_sets_need_models():
+    pairs = generate_microstructure_dataset(2, size=(32, 32), seed=0)
+    with pytest.raises(ValueError, match="needs at least one model"):
+        run_scribble_benchmark(pairs[:1], pairs[1:], feature_sets=["classical+vit"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56, num_register_tokens=4
+    )
+    folder = tmp_path_factory.mktemp("models") / "tiny-dinov2-registers"
+    transformers.Dinov2WithRegistersModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_benchmark_cli_with_a_tiny_local_vit(tmp_path, tiny_dinov2_folder):
+    pytest.importorskip("evaluation.feature_extraction")
+    output = tmp_path / "vit"
+    results = main(
+        ["--models", str(tiny_dinov2_folder), "--feature-sets", "classical", "classical+vit", "--rounds", "2",
+         "--size", "56", "--n-train", "2", "--n-test", "1", "--n-phases", "2", "--device", "cpu",
+         "--output-dir", str(output), "--no-progress"]
+    )
+    _check_results(results, 2, ["classical", f"classical+vit [{tiny_dinov2_folder}]"])
+    assert (output / "scribble_benchmark.png").exists()
+
+
+def test_benchmark_with_an_alibi_model_object():
+    torch = pytest.importorskip("torch")
+    alibi = pytest.importorskip("modeling_alibi_dinov2")
+    from configuration_alibi_dinov2 import AlibiDinov2Config
+
+    torch.manual_seed(0)
+    config = AlibiDinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
+    model = alibi.AlibiDinov2Model(config).eval()
+    pairs = generate_microstructure_dataset(3, size=(42, 56), n_phases=2, seed=1)
+    results = run_scribble_benchmark(
+        pairs[:2], pairs[2:], feature_sets=["vit", "classical+vit"], models={"alibi-tiny": model},
+        n_rounds=1, classifier="random_forest", progress=False,
+    )
+    _check_results(results, 1, ["vit [alibi-tiny]", "classical+vit [alibi-tiny]"])

@@ -1,0 +1,221 @@
+"""TrainableSegmenter: learning from scribbles, persistence, ViT channels and error messages."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from evaluation.classical_features import n_features
+from evaluation.scribble_benchmark import mean_iou, simulate_scribble_rounds
+from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
+from evaluation.trainable_segmentation import TrainableSegmenter
+from evaluation.vit_features import (
+    extract_patch_features_tiled,
+    pca_reduce_patches,
+    vit_feature_channels_from_patches,
+)
+
+HAS_CRF = importlib.util.find_spec("pydensecrf") is not None
+
+
+@pytest.fixture(scope="module")
+def two_phase():
+    """Train and test micrographs of one two-phase material, plus 3 rounds of scribbles on the train image."""
+    (train_image, train_truth), (test_image, test_truth) = generate_microstructure_dataset(
+        2, size=(96, 96), n_phases=2, seed=3
+    )
+    scribbles = simulate_scribble_rounds([train_truth], n_rounds=3, seed=0)[-1][0]
+    return train_image, train_truth, scribbles, test_image, test_truth
+
+
+@pytest.fixture(scope="module")
+def fitted(two_phase):
+    train_image, _, scribbles, _, _ = two_phase
+    return TrainableSegmenter(classifier_params={"n_estimators": 30}, n_jobs=2).fit(train_image, scribbles)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56, num_register_tokens=4
+    )
+    return transformers.Dinov2WithRegistersModel(config).eval()
+
+
+def test_learns_a_two_phase_microstructure_from_scribbles(two_phase, fitted):
+    _, _, scribbles, test_image, test_truth = two_phase
+    assert 0 < np.count_nonzero(scribbles) < 0.1 * scribbles.size  # sparse labels only
+    prediction = fitted.predict(test_image)
+    assert prediction.shape == test_truth.shape and prediction.dtype == np.int32
+    assert set(np.unique(prediction)) <= {1, 2}
+    assert mean_iou(prediction, test_truth, n_classes=2) >= 0.9
+
+
+def test_random_forest_also_learns_the_microstructure(two_phase):
+    train_image, _, scribbles, test_image, test_truth = two_phase
+    segmenter = TrainableSegmenter(classifier="random_forest", classifier_params={"n_estimators": 30}, n_jobs=2)
+    segmenter.fit([train_image], [scribbles])
+    assert segmenter.classifier_.class_weight == "balanced"
+    assert mean_iou(segmenter.predict(test_image), test_truth, n_classes=2) >= 0.9
+
+
+def test_xgboost_uses_depth_8(fitted):
+    assert fitted.classifier_.get_params()["max_depth"] == 8
+
+
+def test_probabilities_and_list_inputs(two_phase, fitted):
+    train_image, _, _, test_image, _ = two_phase
+    probabilities = fitted.predict_proba(test_image)
+    assert probabilities.shape == (96, 96, 2)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    masks = fitted.predict([train_image, test_image[:50, :70]])
+    assert isinstance(masks, list) and masks[1].shape == (50, 70)
+    np.testing.assert_array_equal(masks[0], fitted.predict(train_image))
+    np.testing.assert_array_equal(
+        fitted.classes_[np.argmax(probabilities, -1)], fitted.predict(test_image)
+    )
+
+
+def test_non_contiguous_class_values_are_kept(two_phase):
+    train_image, _, scribbles, test_image, _ = two_phase
+    relabelled = np.where(scribbles == 2, 7, scribbles)
+    segmenter = TrainableSegmenter(classifier_params={"n_estimators": 10}).fit(train_image, relabelled)
+    np.testing.assert_array_equal(segmenter.classes_, [1, 7])
+    assert set(np.unique(segmenter.predict(test_image))) <= {1, 7}
+
+
+@pytest.mark.parametrize("classifier", ["xgboost", "random_forest"])
+def test_save_load_round_trip_predicts_the_same_mask(tmp_path, two_phase, classifier):
+    train_image, _, scribbles, test_image, _ = two_phase
+    segmenter = TrainableSegmenter(classifier=classifier, classifier_params={"n_estimators": 10})
+    segmenter.fit(train_image, scribbles)
+    path = tmp_path / "segmenter.pkl"
+    segmenter.save(path)
+    loaded = TrainableSegmenter.load(path)
+    assert loaded.get_params()["classifier"] == classifier
+    np.testing.assert_array_equal(loaded.predict(test_image), segmenter.predict(test_image))
+    np.testing.assert_allclose(loaded.predict_proba(test_image), segmenter.predict_proba(test_image), atol=1e-6)
+
+
+def test_constructor_only_stores_parameters_and_clones():
+    segmenter = TrainableSegmenter(features="nonsense", classifier="svm")  # checked at fit time
+    assert segmenter.get_params()["features"] == "nonsense"
+    segmenter.set_params(features="classical", classifier="random_forest")
+    copy = clone(segmenter)
+    assert copy.get_params()["classifier"] == "random_forest"
+    assert not hasattr(copy, "classifier_")
+
+
+def test_error_messages(two_phase):
+    image, _, scribbles, _, _ = two_phase
+    with pytest.raises(ValueError, match="classical, vit, classical\\+vit"):
+        TrainableSegmenter(features="sift").fit(image, scribbles)
+    with pytest.raises(ValueError, match="xgboost, random_forest"):
+        TrainableSegmenter(classifier="svm").fit(image, scribbles)
+    with pytest.raises(ValueError, match="shape"):
+        TrainableSegmenter().fit(image, scribbles[:-1])
+    with pytest.raises(ValueError, match="No labelled pixels"):
+        TrainableSegmenter().fit(image, np.zeros_like(scribbles))
+    with pytest.raises(ValueError, match="one class"):
+        TrainableSegmenter().fit(image, (scribbles > 0).astype(int))
+    with pytest.raises(ValueError, match="2 image"):
+        TrainableSegmenter().fit([image, image], [scribbles])
+    with pytest.raises(ValueError, match="model"):
+        TrainableSegmenter(features="classical+vit").fit(image, scribbles)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        TrainableSegmenter().predict(image)
+
+
+@pytest.mark.skipif(HAS_CRF, reason="pydensecrf is installed")
+def test_crf_without_pydensecrf_says_how_to_install(two_phase):
+    image, _, scribbles, _, _ = two_phase
+    with pytest.raises(ImportError, match="pip install"):
+        TrainableSegmenter(crf=True).fit(image, scribbles)
+
+
+@pytest.mark.skipif(not HAS_CRF, reason="pydensecrf is not installed")
+def test_crf_keeps_a_clean_segmentation(two_phase):
+    train_image, _, scribbles, test_image, test_truth = two_phase
+    segmenter = TrainableSegmenter(crf=True, classifier_params={"n_estimators": 10}).fit(train_image, scribbles)
+    assert mean_iou(segmenter.predict(test_image), test_truth, n_classes=2) >= 0.85
+
+
+# ---------------------------------------------------------------- ViT channels
+def test_pca_channels_are_scaled_ordered_and_padded():
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(6, 8, 16))
+    grid[:, :4, :] += 5.0  # left/right halves differ: the dominant component
+    reduced = pca_reduce_patches(grid, n_components=9)
+    assert reduced.shape == (6, 8, 9) and reduced.dtype == np.float32
+    assert reduced.min() >= 0 and reduced.max() <= 1
+    first = reduced[..., 0]
+    assert abs(first[:, :4].mean() - first[:, 4:].mean()) > 0.5
+    # Only 3 channels: 3 informative components, the rest zero (fixed channel count).
+    few = pca_reduce_patches(rng.normal(size=(5, 5, 3)), n_components=9)
+    assert np.all(few[..., 3:] == 0) and np.ptp(few[..., 0]) == pytest.approx(1.0)
+
+
+def test_vit_channels_from_patches_cover_the_image():
+    rng = np.random.default_rng(1)
+    channels = vit_feature_channels_from_patches(rng.normal(size=(4, 5, 12)), (60, 75, 3), n_components=9)
+    assert channels.shape == (60, 75, 9) and channels.dtype == np.float32
+    assert channels.min() >= 0 and channels.max() <= 1
+    aligned = vit_feature_channels_from_patches(rng.normal(size=(4, 5, 12)), (60, 75), patch_size=14)
+    assert aligned.shape == (60, 75, 9)
+    np.testing.assert_array_equal(aligned[56:], np.repeat(aligned[55:56], 4, axis=0))  # edge beyond 4 x 14
+
+
+def test_tiled_extraction_stitches_to_the_untiled_grid():
+    class Model:
+        class config:
+            patch_size = 4
+
+    def patch_means(model, image, image_processor=None):
+        """Stand-in extractor: per-patch mean and max (a purely local feature)."""
+        h, w = image.shape[0] // 4, image.shape[1] // 4
+        blocks = image[: h * 4, : w * 4].reshape(h, 4, w, 4)
+        return np.stack([blocks.mean(axis=(1, 3)), blocks.max(axis=(1, 3))], axis=-1)
+
+    image = np.random.default_rng(2).random((50, 70)).astype(np.float32)
+    whole = patch_means(Model, image)
+    tiled = extract_patch_features_tiled(Model, image, max_side=24, overlap=8, extractor=patch_means)
+    assert tiled.shape == whole.shape == (12, 17, 2)
+    np.testing.assert_allclose(tiled, whole, atol=1e-6)
+
+
+def test_classical_plus_vit_segmenter_with_a_tiny_model(tmp_path, two_phase, tiny_vit):
+    train_image, _, scribbles, test_image, _ = two_phase
+    segmenter = TrainableSegmenter(
+        features="classical+vit", model=tiny_vit, classifier_params={"n_estimators": 10}
+    ).fit(train_image, scribbles)
+    assert segmenter.n_features_in_ == n_features() + 9
+    assert segmenter.feature_names_[-1] == "vit_pca9"
+    mask = segmenter.predict(test_image)
+    assert mask.shape == test_image.shape
+    # The torch model is not saved: loading needs it back.
+    path = tmp_path / "vit_segmenter.pkl"
+    segmenter.save(path)
+    with pytest.raises(ValueError, match="pass it as model="):
+        TrainableSegmenter.load(path)
+    loaded = TrainableSegmenter.load(path, model=tiny_vit)
+    np.testing.assert_array_equal(loaded.predict(test_image), mask)
+
+
+def test_vit_tiles_bound_the_input_size(tiny_vit):
+    image, _ = generate_microstructure((70, 98), seed=5)
+    seen = []
+
+    from evaluation.feature_extraction import extract_patch_features
+
+    def recording(model, tile, image_processor=None):
+        seen.append(tile.shape)
+        return extract_patch_features(model, tile, image_processor=image_processor)
+
+    grid = extract_patch_features_tiled(tiny_vit, image, max_side=42, overlap=14, extractor=recording)
+    assert grid.shape == (5, 7, 32)
+    assert len(seen) > 1 and all(max(shape[:2]) <= 42 for shape in seen)
