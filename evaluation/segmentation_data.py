@@ -1,0 +1,375 @@
+"""Semantic-segmentation data for the linear probes: image/mask pairs from the Hub, from disk or from a folder.
+
+Every source is turned into a ``datasets.Dataset`` with an image column and a mask column, so the probe code
+sees one kind of object whatever the data came from:
+
+* a Hub dataset, by name (``datasets.load_dataset(name, config_name, split=...)``), e.g. ADE20K or VOC;
+* a folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+* a local image/mask folder, in one of two layouts::
+
+      ROOT/train/images/x.jpg        ROOT/train/masks/x.png      (any split name: train, val, test ...)
+      ROOT/val/images/y.png          ROOT/val/masks/y.png
+
+  or Pascal VOC's own devkit layout (the extracted ``VOCdevkit/VOC2007`` or ``VOCdevkit/VOC2012`` folder)::
+
+      ROOT/JPEGImages/x.jpg   ROOT/SegmentationClass/x.png   ROOT/ImageSets/Segmentation/train.txt (one name a line)
+
+  Images and masks are paired by file stem. Masks are single-channel images holding class indices
+  (palette PNGs such as VOC's are read as their indices): 0 .. num_classes - 1, and the ignore index
+  (255 by default) for unlabelled pixels.
+
+:class:`SegmentationDataset` resizes every pair to a fixed square (image bilinear, mask nearest-neighbour),
+normalises the image and checks the label values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("resize", "center_crop")
+
+# Column names of the datasets built from local folders.
+LOCAL_IMAGE_COLUMN = "image"
+LOCAL_MASK_COLUMN = "mask"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _pairs_to_dataset(names: Sequence[str], images: Sequence[Path], masks: Sequence[Path]):
+    import datasets
+
+    columns = {
+        "name": list(names),
+        LOCAL_IMAGE_COLUMN: [str(path) for path in images],
+        LOCAL_MASK_COLUMN: [str(path) for path in masks],
+    }
+    dataset = datasets.Dataset.from_dict(columns)
+    # Decoding through datasets.Image keeps palette masks as their indices (PIL mode "P").
+    dataset = dataset.cast_column(LOCAL_IMAGE_COLUMN, datasets.Image())
+    return dataset.cast_column(LOCAL_MASK_COLUMN, datasets.Image())
+
+
+def is_voc_devkit_folder(root: PathLike) -> bool:
+    """Whether `root` looks like ``VOCdevkit/VOC20xx`` (JPEGImages, SegmentationClass, ImageSets/Segmentation)."""
+    root = Path(root)
+    return all((root / name).is_dir() for name in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
+
+
+def _voc_devkit_split(root: Path, split: str):
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not list_file.is_file():
+        available = sorted(path.stem for path in (root / "ImageSets" / "Segmentation").glob("*.txt"))
+        raise FileNotFoundError(
+            f"No split list {list_file}; this VOC folder has the splits {available}. Set the split name "
+            "(--train_split / --val_split) to one of them."
+        )
+    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    images = [root / "JPEGImages" / f"{name}.jpg" for name in names]
+    masks = [root / "SegmentationClass" / f"{name}.png" for name in names]
+    missing = [str(path) for path in images + masks if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files listed in {list_file} are missing, e.g. {missing[:3]}")
+    return _pairs_to_dataset(names, images, masks)
+
+
+def local_folder_split(root: PathLike, split: str):
+    """One split of a local image/mask folder as a ``datasets.Dataset`` with columns name, image, mask.
+
+    Layouts: ``ROOT/<split>/images`` + ``ROOT/<split>/masks`` (paired by file stem), or a VOC devkit folder
+    (``JPEGImages``, ``SegmentationClass``, ``ImageSets/Segmentation/<split>.txt``).
+
+    Raises:
+        FileNotFoundError: the folder, the split or a mask is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder {root} does not exist; set --data_dir to an existing folder.")
+    if is_voc_devkit_folder(root):
+        return _voc_devkit_split(root, split)
+    image_folder, mask_folder = root / split / "images", root / split / "masks"
+    if not image_folder.is_dir() or not mask_folder.is_dir():
+        splits = sorted(path.name for path in root.iterdir() if (path / "images").is_dir())
+        raise FileNotFoundError(
+            f"Expected {image_folder} and {mask_folder} (layout ROOT/<split>/images/x.jpg + ROOT/<split>/masks/x.png, "
+            f"or a VOCdevkit/VOC20xx folder); splits found in {root}: {splits or 'none'}."
+        )
+    images, masks = _files_by_stem(image_folder), _files_by_stem(mask_folder)
+    if not images:
+        raise FileNotFoundError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {image_folder}")
+    unpaired = sorted(set(images) - set(masks))
+    if unpaired:
+        raise FileNotFoundError(
+            f"{len(unpaired)} images in {image_folder} have no mask of the same name in {mask_folder}, "
+            f"e.g. {unpaired[:3]}; add the masks or remove those images."
+        )
+    names = sorted(images)
+    return _pairs_to_dataset(names, [images[name] for name in names], [masks[name] for name in names])
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_segmentation_split(
+    split: str,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: PathLike | None = None,
+    image_column: str = "image",
+    mask_column: str = "label",
+    max_samples: int | None = None,
+):
+    """One split of a segmentation data source.
+
+    Args:
+        split: split name (``train``, ``validation``, ``val`` ...).
+        dataset_name: a Hub dataset name or a ``save_to_disk`` folder; exclusive with `data_dir`.
+        data_dir: a local image/mask folder (see the module docstring for the layouts).
+        image_column, mask_column: columns of a Hub / saved dataset; local folders use ``image`` / ``mask``.
+        max_samples: keep only the first ones (quick runs).
+
+    Returns:
+        (dataset, image_column, mask_column): a ``datasets.Dataset`` and the columns to read.
+    """
+    import datasets
+
+    if (dataset_name is None) == (data_dir is None):
+        raise ValueError(
+            "Give exactly one data source: --dataset_name (a Hub dataset or a save_to_disk folder) or --data_dir "
+            f"(a local image/mask folder); got dataset_name={dataset_name!r}, data_dir={data_dir!r}."
+        )
+    if data_dir is not None:
+        dataset = local_folder_split(data_dir, split)
+        image_column, mask_column = LOCAL_IMAGE_COLUMN, LOCAL_MASK_COLUMN
+    else:
+        path = Path(dataset_name)
+        if path.is_dir() and _is_saved_dataset(path):
+            dataset = datasets.load_from_disk(str(path))
+        else:
+            dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"Split {split!r} not in {dataset_name}; its splits are {list(dataset)}.")
+            dataset = dataset[split]
+        for role, column in (("image", image_column), ("mask", mask_column)):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{role} column {column!r} not in {dataset_name} (split {split!r}); its columns are "
+                    f"{dataset.column_names}. Set --{role}_column."
+                )
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"Split {split!r} of the data source is empty.")
+    return dataset, image_column, mask_column
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-processing
+# --------------------------------------------------------------------------------------------------
+def _to_pil(value, what: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # an undecoded datasets.Image
+        import io
+
+        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    array = np.asarray(value)
+    if array.dtype == object or array.ndim not in (2, 3):
+        raise ValueError(f"Cannot read the {what} (type {type(value).__name__}, shape {array.shape}).")
+    return Image.fromarray(array)
+
+
+def _resize_crop_box(width: int, height: int, size: int, mode: str) -> tuple[tuple[int, int], tuple | None]:
+    """Target size of the resize and the crop box after it."""
+    if mode == "resize":
+        return (size, size), None
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return (new_width, new_height), (left, top, left + size, top + size)
+
+
+def resize_image(image, size: int, mode: str = "resize") -> np.ndarray:
+    """Image (PIL or array, grayscale / RGB / RGBA) -> (size, size, 3) uint8, bilinear.
+
+    ``mode="resize"`` squashes to the square; ``"center_crop"`` resizes the shorter side to `size` and crops the centre.
+    """
+    image = _to_pil(image, "image")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    (width, height), box = _resize_crop_box(*image.size, size, mode)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    if box is not None:
+        image = image.crop(box)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def mask_to_array(mask, where: str = "mask") -> np.ndarray:
+    """Mask (PIL or array) -> (H, W) int64 class indices; palette images give their indices.
+
+    Raises:
+        ValueError: a multi-channel (colour-coded) mask.
+    """
+    if isinstance(mask, Image.Image) or isinstance(mask, dict):
+        mask = _to_pil(mask, where)
+        if mask.mode in ("RGB", "RGBA", "LA"):
+            raise ValueError(
+                f"{where} is a {mask.mode} colour image; masks must hold one class index per pixel (a palette or "
+                "grayscale PNG). Convert colour-coded masks to index masks first."
+            )
+        mask = np.asarray(mask)
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{where} must be a (H, W) array of class indices; got shape {mask.shape}.")
+    if not np.issubdtype(mask.dtype, np.integer):
+        if not np.all(np.mod(mask, 1) == 0):
+            raise ValueError(f"{where} holds non-integer values; masks must hold class indices.")
+    return mask.astype(np.int64)
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
+    """(H, W) int class indices -> (size, size) int64, nearest neighbour (labels are never blended)."""
+    height, width = mask.shape
+    (new_width, new_height), box = _resize_crop_box(width, height, size, mode)
+    if (new_width, new_height) != (width, height):
+        rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
+        columns = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
+        mask = mask[rows[:, None], columns[None, :]]
+    if box is not None:
+        left, top, right, bottom = box
+        mask = mask[top:bottom, left:right]
+    return np.ascontiguousarray(mask, dtype=np.int64)
+
+
+def prepare_labels(
+    mask: np.ndarray, num_classes: int, ignore_index: int = 255, reduce_labels: bool = False, where: str = "mask"
+) -> np.ndarray:
+    """Map raw mask values to training labels and check them.
+
+    Args:
+        mask: (H, W) integer class indices.
+        reduce_labels: ADE20K convention: 0 ("other") becomes the ignore index and every other value v becomes v - 1.
+
+    Returns:
+        (H, W) int64 with values in [0, num_classes) or equal to `ignore_index`.
+
+    Raises:
+        ValueError: a value outside that range, naming the values and the fix.
+    """
+    raw = np.asarray(mask, dtype=np.int64)
+    mask = raw
+    if reduce_labels:
+        ignored = (raw == 0) | (raw == ignore_index)
+        mask = np.where(ignored, ignore_index, raw - 1)
+    bad = (mask != ignore_index) & ((mask < 0) | (mask >= num_classes))
+    if bad.any():
+        values = np.unique(raw[bad])  # as stored in the file, before reduce_labels
+        allowed = f"1..{num_classes} (reduce_labels)" if reduce_labels else f"0..{num_classes - 1}"
+        raise ValueError(
+            f"{where} holds label values {values[:10].tolist()} outside {allowed} and not the ignore index "
+            f"{ignore_index}. Set --num_classes to the number of classes, --ignore_index to the unlabelled value, "
+            "or --reduce_labels for masks whose 0 means 'unlabelled' (ADE20K)."
+        )
+    return mask
+
+
+def normalise_image(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with per-channel mean and std."""
+    scaled = image.astype(np.float32) / 255.0
+    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def denormalise_image(pixel_values: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W, 3) float in [0, 1], for display."""
+    image = pixel_values.transpose(1, 2, 0) * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
+    return np.clip(image, 0.0, 1.0)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Resized, normalised image/mask pairs of a ``datasets.Dataset``.
+
+    Items are dicts with ``pixel_values`` (3, S, S) float32, ``labels`` (S, S) int64 (values in
+    [0, num_classes) or the ignore index) and ``index`` (int), S = `image_size`.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        mask_column: str,
+        num_classes: int,
+        image_size: int,
+        ignore_index: int = 255,
+        reduce_labels: bool = False,
+        resize_mode: str = "resize",
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}; got {resize_mode!r}.")
+        self.dataset = dataset
+        self.image_column, self.mask_column = image_column, mask_column
+        self.num_classes, self.image_size = int(num_classes), int(image_size)
+        self.ignore_index, self.reduce_labels, self.resize_mode = int(ignore_index), bool(reduce_labels), resize_mode
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _name(self, index: int, row: dict) -> str:
+        return f"sample {index}" + (f" ({row['name']})" if "name" in row else "")
+
+    def image_and_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(S, S, 3) uint8 resized image and (S, S) int64 labels of one sample."""
+        row = self.dataset[int(index)]
+        where = f"mask of {self._name(index, row)}"
+        image = resize_image(row[self.image_column], self.image_size, self.resize_mode)
+        mask = resize_mask(mask_to_array(row[self.mask_column], where), self.image_size, self.resize_mode)
+        labels = prepare_labels(mask, self.num_classes, self.ignore_index, self.reduce_labels, where)
+        return image, labels
+
+    def __getitem__(self, index: int) -> dict:
+        image, labels = self.image_and_labels(index)
+        return {
+            "pixel_values": torch.from_numpy(normalise_image(image, self.image_mean, self.image_std)),
+            "labels": torch.from_numpy(labels),
+            "index": int(index),
+        }
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RESIZE_MODES",
+    "SegmentationDataset",
+    "denormalise_image",
+    "is_voc_devkit_folder",
+    "load_segmentation_split",
+    "local_folder_split",
+    "mask_to_array",
+    "normalise_image",
+    "prepare_labels",
+    "resize_image",
+    "resize_mask",
+]
