@@ -19,7 +19,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
 ]
 EXTRAS = {
-    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard>=2.15"],
+    # The positional probe logged during training and `--blank_channels auto` need scikit-learn and scipy.
+    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard>=2.15", "scikit-learn>=1.4", "scipy>=1.11", "pyyaml>=6.0"],
     "eval": [
         "scikit-learn>=1.4",
         "scikit-image>=0.22",
@@ -29,6 +30,8 @@ EXTRAS = {
         "xgboost>=2.0",
     ],
     "demo": ["gradio>=4.0"],
+    # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).
+    "crf": ["pydensecrf2>=1.1"],
 }
 EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], "pytest>=8.0"})
 
@@ -40,7 +43,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    py_modules=["configuration_alibi_dinov2", "modeling_alibi_dinov2"],
+    py_modules=[
+        "configuration_alibi_dinov2",
+        "modeling_alibi_dinov2",
+        "convert_checkpoint",
+        "train_distill",
+        "quickstart",
+    ],
     packages=find_packages(include=["evaluation", "evaluation.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -2,32 +2,26 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation.positional_probe import make_ramp
 from evaluation.probe_runner import load_image_source
 from evaluation.report import build_report, main
 from modeling_alibi_dinov2 import AlibiDinov2Model
+from quickstart import smooth_position_embedding
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=224)
 
 
 def positional_model():
-    """Tiny DINOv2 whose position embedding holds lr and ud as angles (so LayerNorm keeps them)."""
+    """Tiny DINOv2 whose position embedding holds smooth lr and ud ramps (the quickstart's synthetic leak)."""
     torch.manual_seed(0)
     model = Dinov2Model(Dinov2Config(**TINY)).eval()
     with torch.no_grad():
-        embedding = model.embeddings.position_embeddings
-        embedding.zero_()
-        for index, ramp in enumerate(("lr", "ud")):
-            angle = torch.tensor(make_ramp(ramp, 16, 16).ravel() * np.pi / 2, dtype=torch.float32)
-            embedding[0, 1:, 2 * index] = 10 * torch.cos(angle)
-            embedding[0, 1:, 2 * index + 1] = 10 * torch.sin(angle)
+        model.embeddings.position_embeddings.copy_(smooth_position_embedding(16, 32, amplitude=10.0, channels=4))
     return model
 
 
