@@ -37,8 +37,9 @@ def _tiny(model_class, config):
 
 
 def tiny_alibi(**overrides):
-    configuration = pytest.importorskip("configuration_alibi_dinov2")
-    modeling = pytest.importorskip("modeling_alibi_dinov2")
+    import configuration_alibi_dinov2 as configuration
+    import modeling_alibi_dinov2 as modeling
+
     return _tiny(modeling.AlibiDinov2Model, configuration.AlibiDinov2Config(**{**TINY, "num_register_tokens": 4, **overrides}))
 
 

@@ -41,8 +41,9 @@ def positional_model():
 
 
 def alibi_model():
-    configuration = pytest.importorskip("configuration_alibi_dinov2")
-    modeling = pytest.importorskip("modeling_alibi_dinov2")
+    import configuration_alibi_dinov2 as configuration
+    import modeling_alibi_dinov2 as modeling
+
     torch.manual_seed(0)
     config = configuration.AlibiDinov2Config(**TINY, image_size=168, num_register_tokens=4)
     return modeling.AlibiDinov2Model(config).eval()
@@ -63,7 +64,6 @@ def test_builtin_sources():
 
 
 def test_micro_source_is_homogeneous_synthetic_microstructure():
-    pytest.importorskip("evaluation.synthetic")
     micro = load_image_source("micro:2", size=(42, 56))
     assert [name for name, _ in micro] == ["micro_00", "micro_01"]
     assert micro[0][1].shape == (42, 56) and micro[0][1].dtype == np.float32

@@ -140,8 +140,8 @@ def test_vit_feature_sets_need_models():
 
 @pytest.fixture(scope="module")
 def tiny_dinov2_folder(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
     import torch
+    import transformers
 
     torch.manual_seed(0)
     config = transformers.Dinov2WithRegistersConfig(
@@ -153,7 +153,6 @@ def tiny_dinov2_folder(tmp_path_factory):
 
 
 def test_benchmark_cli_with_a_tiny_local_vit(tmp_path, tiny_dinov2_folder):
-    pytest.importorskip("evaluation.feature_extraction")
     output = tmp_path / "vit"
     results = main(
         ["--models", str(tiny_dinov2_folder), "--feature-sets", "classical", "classical+vit", "--rounds", "2",
