@@ -49,7 +49,10 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
             Largest token count for which the `sdpa` and `eager` paths build the `N x N` bias; larger inputs run
             through `alibi_chunked` (same numbers, memory linear in N).
         alibi_query_chunk_size (`int`, *optional*, defaults to 1024):
-            Queries per block of the `alibi_chunked` attention path.
+            Largest number of queries per block of the `alibi_chunked` attention path.
+        alibi_chunk_memory_mb (`float`, *optional*, defaults to 256):
+            Bound on one block's attention scores and bias rows in the `alibi_chunked` path; blocks shrink below
+            `alibi_query_chunk_size` to stay under it on large grids.
         interpolate_antialias (`bool`, *optional*, defaults to `True`):
             Antialiasing of the bicubic resize of the learned position embedding when it is kept and the grid
             differs from the trained one. `Dinov2WithRegistersModel` uses `True`, `Dinov2Model` `False`.
@@ -81,6 +84,7 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
     alibi_jitter: float | int = 0.0
     alibi_dense_max_tokens: int = 8192
     alibi_query_chunk_size: int = 1024
+    alibi_chunk_memory_mb: float | int = 256
     interpolate_antialias: bool = True
 
     def __post_init__(self, **kwargs):
@@ -88,9 +92,9 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
         _check_choice("alibi_slopes", self.alibi_slopes, ALIBI_SLOPES)
         if self.alibi_jitter < 0:
             raise ValueError(f"`alibi_jitter` is a standard deviation and must be >= 0; got {self.alibi_jitter}.")
-        for name in ("alibi_dense_max_tokens", "alibi_query_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive number of tokens; got {getattr(self, name)}.")
+        for name in ("alibi_dense_max_tokens", "alibi_query_chunk_size", "alibi_chunk_memory_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive; got {getattr(self, name)}.")
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0; got {self.num_register_tokens}.")
         if self.hidden_size % self.num_attention_heads != 0:

@@ -385,6 +385,13 @@ class AlibiDinov2PositionBias(nn.Module):
         return add_alibi_bias
 
 
+def alibi_query_chunk_size(num_tokens: int, num_heads: int, max_chunk_size: int, memory_mb: float) -> int:
+    """Queries per block of the chunked path: at most `max_chunk_size`, and few enough that one block's scores
+    (per head) and bias rows (with their distance temporaries), float32, fit in `memory_mb`."""
+    bytes_per_query = num_tokens * (num_heads + 4) * 4
+    return int(max(1, min(max_chunk_size, num_tokens, memory_mb * 2**20 // bytes_per_query)))
+
+
 def alibi_chunked_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -400,8 +407,9 @@ def alibi_chunked_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Exact attention with the ALiBi bias, one block of queries at a time (`attn_implementation="alibi_chunked"`).
 
-    Each block of `config.alibi_query_chunk_size` queries gets its rows of the bias and one SDPA call, so memory
-    grows linearly with the token count instead of quadratically; no compilation is involved.
+    Each block of queries (`config.alibi_query_chunk_size` at most, fewer when a block's scores would exceed
+    `config.alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the
+    token count instead of quadratically; no compilation is involved.
 
     Args:
         query, key, value: `(batch_size, heads, N, head_dim)`.
@@ -409,7 +417,10 @@ def alibi_chunked_attention_forward(
         `(batch_size, N, heads, head_dim)` and no attention weights.
     """
     num_tokens = query.shape[2]
-    chunk_size = module.config.alibi_query_chunk_size
+    config = module.config
+    chunk_size = alibi_query_chunk_size(
+        num_tokens, query.shape[1], config.alibi_query_chunk_size, config.alibi_chunk_memory_mb
+    )
     outputs = []
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
@@ -702,5 +713,6 @@ __all__ = [
     "AlibiDinov2Model",
     "AlibiDinov2PreTrainedModel",
     "alibi_distance_matrix",
+    "alibi_query_chunk_size",
     "patch_tokens_to_map",
 ]

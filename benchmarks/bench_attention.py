@@ -34,13 +34,14 @@ VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch
 MODELS = ("stock", "alibi")
 
 
-def build_models(dtype: torch.dtype, device: str) -> dict:
-    """The stock model and the ALiBi model with the same weights (the ALiBi model has no position embedding)."""
+def build_models(dtype: torch.dtype, device: str, alibi_options: dict | None = None) -> dict:
+    """The stock model and the ALiBi model with the same weights (the ALiBi model has no position embedding);
+    `alibi_options` are extra `AlibiDinov2Config` fields."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
     stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**VIT_S, num_register_tokens=4))
-    alibi = AlibiDinov2Model(AlibiDinov2Config(**VIT_S, num_register_tokens=4))
+    alibi = AlibiDinov2Model(AlibiDinov2Config(**VIT_S, num_register_tokens=4, **(alibi_options or {})))
     for model in (stock, alibi):
         model.set_attn_implementation("sdpa")
     weights = {k: v for k, v in stock.state_dict().items() if "position_embeddings" not in k}
@@ -73,8 +74,8 @@ def _resident_kib() -> int:
     return 0
 
 
-def _cpu_peak_worker(name: str, size: int, batch_size: int, dtype_name: str, implementation: str, queue) -> None:
-    model = build_models(getattr(torch, dtype_name), "cpu")[name]
+def _cpu_peak_worker(name, size, batch_size, dtype_name, implementation, alibi_options, queue) -> None:
+    model = build_models(getattr(torch, dtype_name), "cpu", alibi_options)[name]
     model.set_attn_implementation(implementation)
     pixel_values = torch.randn(batch_size, 3, size, size, dtype=getattr(torch, dtype_name))
     baseline = _resident_kib()
@@ -91,6 +92,7 @@ def peak_memory_bytes(
     device: str,
     models: dict,
     implementation: str = "sdpa",
+    alibi_options: dict | None = None,
 ) -> int:
     """Extra memory one forward pass of `models[name]` on `implementation` needs beyond the loaded model."""
     if device.startswith("cuda"):
@@ -106,7 +108,7 @@ def peak_memory_bytes(
     # A fresh process per measurement: the resident-set high-water mark cannot be reset in place.
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    arguments = (name, size, batch_size, str(dtype).split(".")[-1], implementation, queue)
+    arguments = (name, size, batch_size, str(dtype).split(".")[-1], implementation, alibi_options, queue)
     process = context.Process(target=_cpu_peak_worker, args=arguments)
     process.start()
     result = queue.get()

@@ -39,8 +39,11 @@ def dense_bias_bytes(grid: int, dtype: torch.dtype) -> int:
     return tokens * (-(-tokens // 8) * 8) * torch.finfo(dtype).bits // 8
 
 
-def paths_for(device: str) -> list[tuple[str, str]]:
-    """(model, attention implementation) pairs measured on `device`."""
+def paths_for(device: str, requested: list[str] | None = None) -> list[tuple[str, str]]:
+    """(model, attention implementation) pairs measured on `device`: `requested` ones ("alibi:alibi_chunked"),
+    or all that run there."""
+    if requested:
+        return [tuple(path.split(":", 1)) for path in requested]
     paths = [("stock", "sdpa"), ("alibi", "sdpa"), ("alibi", "alibi_chunked")]
     if device.startswith("cuda"):
         paths.append(("alibi", "alibi_flex"))
@@ -50,14 +53,18 @@ def paths_for(device: str) -> list[tuple[str, str]]:
 def measure(args) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    models = build_models(dtype, device)
-    models["alibi"].config.alibi_dense_max_tokens = 10**9  # measure the dense path as such, never auto-switched
-    models["alibi"].config.alibi_query_chunk_size = args.query_chunk_size
+    # The dense path measured as such, never switched to the chunked one by size.
+    alibi_options = dict(
+        alibi_dense_max_tokens=10**9,
+        alibi_query_chunk_size=args.query_chunk_size,
+        alibi_chunk_memory_mb=args.chunk_memory_mb,
+    )
+    models = build_models(dtype, device, alibi_options)
     rows = []
     for grid in args.grids:
         size = grid * PATCH
         pixel_values = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
-        for name, implementation in paths_for(device):
+        for name, implementation in paths_for(device, args.paths):
             row = {"grid": grid, "size": size, "tokens": PREFIX_TOKENS + grid * grid, "model": name, "path": implementation}
             if name == "alibi" and implementation == "sdpa" and dense_bias_bytes(grid, dtype) > args.max_dense_bias_gb * 2**30:
                 row["skipped"] = f"dense bias of {dense_bias_bytes(grid, dtype) / 2**30:.1f} GiB"
@@ -70,7 +77,9 @@ def measure(args) -> dict:
             seconds = time_forward(model, pixel_values, args.repeats, device)
             row["seconds"] = seconds
             row["images_per_s"] = args.batch_size / statistics.median(seconds)
-            row["peak_bytes"] = peak_memory_bytes(name, size, args.batch_size, dtype, device, models, implementation)
+            row["peak_bytes"] = peak_memory_bytes(
+                name, size, args.batch_size, dtype, device, models, implementation, alibi_options
+            )
             rows.append(row)
             print_row(row)
     return {
@@ -80,6 +89,7 @@ def measure(args) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "query_chunk_size": args.query_chunk_size,
+        "chunk_memory_mb": args.chunk_memory_mb,
         "torch": torch.__version__,
         "targets": {"cpu_2044px_peak_gb": 4.0, "gpu_518px_throughput_ratio": 0.95},
         "max_rss_bytes_of_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -104,7 +114,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="timed forward passes per path and grid")
     parser.add_argument("--warmup", type=int, default=0, help="untimed forward passes per path and grid")
-    parser.add_argument("--query-chunk-size", type=int, default=1024, help="queries per block of alibi_chunked")
+    parser.add_argument("--query-chunk-size", type=int, default=1024, help="most queries per block of alibi_chunked")
+    parser.add_argument("--chunk-memory-mb", type=float, default=256, help="memory bound of one alibi_chunked block")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["stock:sdpa", "alibi:sdpa", "alibi:alibi_chunked", "alibi:alibi_flex"],
+        help="paths to measure (default: all that run on the device)",
+    )
     parser.add_argument("--max-dense-bias-gb", type=float, default=2.0, help="skip the dense path above this bias size")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

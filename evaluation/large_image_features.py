@@ -19,36 +19,28 @@ from evaluation.feature_extraction import (
     extract_patch_features_batch,
     image_to_pixel_values,
     patch_size_of,
-    prefix_token_count,
     resolve_backbone,
 )
 from evaluation.image_io import read_image
 
 
-# Float32 values held per (query, key) pair and head by a block of the chunked path: the attention scores, plus the
-# bias row and the distance temporaries it is computed from (shared by the heads).
-_SCORE_COPIES_PER_HEAD = 1
-_BIAS_COPIES = 4
-
-
-def query_chunk_size_for(attention_memory_mb: float, num_tokens: int, num_heads: int) -> int:
-    """Largest block of queries whose attention working memory stays under `attention_memory_mb`."""
+@contextmanager
+def chunked_attention(model, attention_memory_mb: float):
+    """Run an ALiBi-DINOv2 model on the `alibi_chunked` path with its blocks bounded by `attention_memory_mb`;
+    restores the model's settings afterwards."""
     if attention_memory_mb <= 0:
         raise ValueError(f"attention_memory_mb must be positive; got {attention_memory_mb}.")
-    bytes_per_query = num_tokens * (num_heads * _SCORE_COPIES_PER_HEAD + _BIAS_COPIES) * 4
-    return int(max(1, min(num_tokens, attention_memory_mb * 2**20 // bytes_per_query)))
-
-
-@contextmanager
-def chunked_attention(model, query_chunk_size: int):
-    """Run an ALiBi-DINOv2 model on the `alibi_chunked` path with the given block size; restores its settings."""
     config = model.config
-    saved = config._attn_implementation, config.alibi_query_chunk_size
-    config._attn_implementation, config.alibi_query_chunk_size = "alibi_chunked", query_chunk_size
+    names = ("_attn_implementation", "alibi_query_chunk_size", "alibi_chunk_memory_mb")
+    saved = {name: getattr(config, name) for name in names}
+    config._attn_implementation = "alibi_chunked"
+    config.alibi_query_chunk_size = 1 << 30  # the memory bound alone sets the block size
+    config.alibi_chunk_memory_mb = attention_memory_mb
     try:
         yield model
     finally:
-        config._attn_implementation, config.alibi_query_chunk_size = saved
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 @contextmanager
@@ -94,16 +86,14 @@ def extract_feature_map(
     patch_size = patch_size_of(backbone)
     pixel_values = image_to_pixel_values(np.asarray(image), patch_size, image_processor)
     grid_h, grid_w = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
-    num_tokens = prefix_token_count(backbone) + grid_h * grid_w
     description = f"features {grid_h}x{grid_w} patches"
     with layer_progress(backbone, description, enabled=progress):
         if getattr(backbone.config, "model_type", None) == "alibi_dinov2":
-            chunk = query_chunk_size_for(attention_memory_mb, num_tokens, backbone.config.num_attention_heads)
-            with chunked_attention(backbone, chunk):
+            with chunked_attention(backbone, attention_memory_mb):
                 grid = extract_patch_features_batch(backbone, pixel_values)
         else:
             grid = extract_patch_features_batch(backbone, pixel_values)
     return grid[0].permute(2, 0, 1).float().cpu().numpy()
 
 
-__all__ = ["chunked_attention", "extract_feature_map", "query_chunk_size_for"]
+__all__ = ["chunked_attention", "extract_feature_map"]

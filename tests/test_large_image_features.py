@@ -8,8 +8,8 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.feature_extraction import image_to_pixel_values
-from evaluation.large_image_features import extract_feature_map, query_chunk_size_for
-from modeling_alibi_dinov2 import AlibiDinov2Model
+from evaluation.large_image_features import extract_feature_map
+from modeling_alibi_dinov2 import AlibiDinov2Model, alibi_query_chunk_size
 
 
 @pytest.fixture
@@ -37,17 +37,21 @@ def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_
     np.testing.assert_allclose(features, expected, atol=1e-4)
     # The model is left as it was.
     assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.config.alibi_query_chunk_size == 1024
+    assert alibi_model.config.alibi_chunk_memory_mb == 256
     assert not np.allclose(features, extract_feature_map(alibi_model, pages[0], progress=False), atol=1e-3)
 
 
-def test_memory_bound_sets_the_query_block():
+def test_memory_bound_sets_the_query_block(alibi_model):
     tokens, heads = 21321, 6  # a 2044 x 2044 px image through ViT-S/14 with 4 registers
-    small, large = query_chunk_size_for(64, tokens, heads), query_chunk_size_for(1024, tokens, heads)
+    small, large = alibi_query_chunk_size(tokens, heads, 4096, 64), alibi_query_chunk_size(tokens, heads, 4096, 1024)
     assert 1 <= small < large
     assert large * tokens * (heads + 4) * 4 <= 1024 * 2**20
-    assert query_chunk_size_for(10**6, 100, heads) == 100
+    assert alibi_query_chunk_size(tokens, heads, 100, 1024) == 100  # the configured block is a ceiling
+    assert alibi_query_chunk_size(100, heads, 4096, 10**6) == 100
     with pytest.raises(ValueError, match="must be positive"):
-        query_chunk_size_for(0, tokens, heads)
+        extract_feature_map(alibi_model, np.zeros((28, 28)), attention_memory_mb=0, progress=False)
+    with pytest.raises(ValueError, match="alibi_chunk_memory_mb"):
+        AlibiDinov2Config(alibi_chunk_memory_mb=0)
 
 
 def test_models_without_alibi_run_on_their_own_path(tiny_kwargs):
