@@ -734,6 +734,8 @@ def build_feature_cache(
                 f"The feature cache {cache_dir} was built with other settings ({', '.join(changed)} differ). Delete it "
                 "or set --feature_cache_dir to another folder."
             )
+    # Every process lists the missing entries before any of them writes, so that all split the same list.
+    missing = _missing_cache_entries(cache_dir, len(dataset))
     if is_main:
         (cache_dir / "features").mkdir(parents=True, exist_ok=True)
         (cache_dir / "labels").mkdir(parents=True, exist_ok=True)
@@ -741,7 +743,6 @@ def build_feature_cache(
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
-    missing = _missing_cache_entries(cache_dir, len(dataset))
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     mine = missing[rank::world]
     device = next(backbone.parameters()).device
