@@ -552,29 +552,23 @@ class LinearSegmentationProbe:
         self.in_channels_ = int(features.shape[1])
         return self
 
-    def predict_logits(self, features, output_size: tuple[int, int] | None = None) -> np.ndarray:
-        """(N, C, h, w) features -> (N, K, H, W) float32 logits (H, W = output_size, else h, w)."""
+    def _batched_logits(self, features, output_size: tuple[int, int] | None):
+        """Logits of `batch_size` samples at a time, so that full-resolution logits never exist for all at once."""
         self._check_fitted()
         features = self._as_tensor(features)
         device = next(self.head_.parameters()).device
-        chunks = []
         with torch.no_grad():
             for start in range(0, len(features), self.batch_size):
-                logits = self.head_.eval()(features[start : start + self.batch_size].to(device), output_size)
-                chunks.append(logits.float().cpu())
-        return torch.cat(chunks).numpy()
+                yield self.head_.eval()(features[start : start + self.batch_size].to(device), output_size)
+
+    def predict_logits(self, features, output_size: tuple[int, int] | None = None) -> np.ndarray:
+        """(N, C, h, w) features -> (N, K, H, W) float32 logits (H, W = output_size, else h, w)."""
+        return torch.cat([logits.float().cpu() for logits in self._batched_logits(features, output_size)]).numpy()
 
     def predict(self, features, output_size: tuple[int, int] | None = None) -> np.ndarray:
         """(N, C, h, w) features -> (N, H, W) int64 class indices."""
-        self._check_fitted()
-        features = self._as_tensor(features)
-        device = next(self.head_.parameters()).device
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(features), self.batch_size):
-                logits = self.head_.eval()(features[start : start + self.batch_size].to(device), output_size)
-                chunks.append(logits.argmax(dim=1).cpu())
-        return torch.cat(chunks).numpy().astype(np.int64)
+        batches = self._batched_logits(features, output_size)
+        return torch.cat([logits.argmax(dim=1).cpu() for logits in batches]).numpy().astype(np.int64)
 
     def evaluate(self, features, labels) -> dict:
         """Scores (:func:`scores_from_confusion`) of the predictions at the labels' resolution."""
