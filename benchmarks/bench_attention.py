@@ -167,22 +167,31 @@ def print_row(row: dict) -> None:
     )
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """Device, precision and output flags shared by the benchmark scripts."""
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--output", type=Path, default=Path(output))
+
+
+def run_and_write(measure, args, header: str) -> dict:
+    """Print the table header, run `measure(args)` (which prints the rows) and write its results as JSON."""
+    print(header)
+    results = measure(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print(f"written {args.output}")
+    return results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1036], help="square input sizes in px")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model and size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model and size")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_attention.json"))
-    args = parser.parse_args(argv)
-    print(HEADER)
-    results = run(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"written {args.output}")
-    return results
+    add_run_arguments(parser, "benchmarks/results/bench_attention.json")
+    return run_and_write(run, parser.parse_args(argv), HEADER)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ stock throughput. A table on stdout, JSON on disk.
 """
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -27,7 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_attention import build_models, peak_memory_bytes, time_forward  # noqa: E402
+from bench_attention import (  # noqa: E402
+    add_run_arguments,
+    build_models,
+    peak_memory_bytes,
+    run_and_write,
+    time_forward,
+)
 
 
 PATCH = 14
@@ -123,16 +128,8 @@ def main(argv=None) -> dict:
         help="paths to measure (default: all that run on the device)",
     )
     parser.add_argument("--max-dense-bias-gb", type=float, default=2.0, help="skip the dense path above this bias size")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_large.json"))
-    args = parser.parse_args(argv)
-    print(HEADER)
-    results = measure(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"written {args.output}")
-    return results
+    add_run_arguments(parser, "benchmarks/results/bench_large.json")
+    return run_and_write(measure, parser.parse_args(argv), HEADER)
 
 
 if __name__ == "__main__":
