@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from evaluation.image_io import to_float01
+
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC TEACHER: a small DINOv2 with random weights whose position embedding was set by hand to smooth 2D "
@@ -90,9 +92,7 @@ def build_synthetic_teacher(
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image, dtype=np.float64)
-    low, high = image.min(), image.max()
-    return np.zeros(image.shape, np.uint8) if high <= low else ((image - low) / (high - low) * 255).astype(np.uint8)
+    return (to_float01(image, method="minmax") * 255).astype(np.uint8)
 
 
 def _bundled_image(name: str) -> np.ndarray:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluation.feature_extraction import IMAGENET_MEAN, IMAGENET_STD
+
 PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("resize", "center_crop")
 
 # Column names of the datasets built from local folders.
