@@ -439,16 +439,25 @@ def alibi_chunked_attention_forward(
 _compiled_flex_attention = None
 
 
+def compile_flex_attention(backend="inductor"):
+    """`flex_attention` compiled for the ALiBi `score_mod`. Shapes are left to torch.compile's automatic dynamic mode:
+    a static compile (`dynamic=False`) recompiles for every new image size and, past dynamo's recompile limit (8
+    sizes), silently falls back to the unfused form that materialises all `N x N` scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, backend=backend)
+
+
 def _flex_attention_kernel(device: torch.device):
     """FlexAttention, compiled into a fused kernel on GPUs. On CPU the uncompiled form materialises the scores
     (correct, for checks); `alibi_chunked` is the bounded-memory path there."""
     global _compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
-
     if device.type == "cpu":
+        from torch.nn.attention.flex_attention import flex_attention
+
         return flex_attention
     if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex_attention = compile_flex_attention()
     return _compiled_flex_attention
 
 

@@ -1,6 +1,7 @@
 """The streamed ALiBi attention paths (`alibi_chunked`, `alibi_flex`) against the dense `sdpa` path."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from modeling_alibi_dinov2 import AlibiDinov2Model
+from modeling_alibi_dinov2 import AlibiDinov2Model, compile_flex_attention
 
 from conftest import REPO_ROOT
 
@@ -100,10 +101,62 @@ def test_flex_path_refuses_what_it_cannot_do(tiny_kwargs):
         outputs(model, torch.randn(1, 3, 28, 28), "alibi_flex", attention_mask=padding)
 
 
+
+def test_compiled_flex_path_stops_recompiling_for_new_image_sizes(tiny_kwargs, monkeypatch):
+    """A folder of micrographs of many sizes must not exhaust dynamo's recompile limit (8 by default), past which
+    the compiled kernel silently gives way to the unfused one. `aot_eager` traces and guards exactly like the GPU
+    compile without generating kernels."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import modeling_alibi_dinov2
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    monkeypatch.setattr(modeling_alibi_dinov2, "_flex_attention_kernel", lambda device: compile_flex_attention(counter))
+    model = alibi_model(tiny_kwargs, alibi_slopes="learned")
+    # Token count, batch size and grid width change once each; dynamo specialises a size of 1, so batch sizes 1
+    # and >1 keep a graph each.
+    warm_up = [(1, 28, 28), (1, 42, 28), (2, 56, 28), (1, 56, 70), (2, 70, 42)]
+    new_sizes = [(1, 28 + 14 * i, 14 * (i % 4 + 1)) for i in range(1, 10)] + [(3, 98, 42)]
+    try:
+        for batch_size, height, width in warm_up + new_sizes:
+            if (batch_size, height, width) == new_sizes[0]:
+                compiles_after_warm_up = counter.frame_count
+            pixel_values = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(height))
+            torch.testing.assert_close(
+                outputs(model, pixel_values, "alibi_flex"), outputs(model, pixel_values, "sdpa"), atol=1e-4, rtol=0
+            )
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == compiles_after_warm_up <= len(warm_up)
+
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_inductor_compiles_the_alibi_score_mod(tiny_kwargs, monkeypatch, dtype, tolerance):
+    """The score_mod (integer grid coordinates, wrap, hypot, per-head slopes) lowers through inductor into a fused
+    kernel, here its CPU backend, and matches the dense path."""
+    import torch._dynamo
+
+    import modeling_alibi_dinov2
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(modeling_alibi_dinov2, "_flex_attention_kernel", lambda device: compile_flex_attention())
+    model = alibi_model(tiny_kwargs, alibi_slopes="geometric").to(dtype)
+    pixel_values = torch.randn(1, 3, 56, 42, generator=torch.Generator().manual_seed(1)).to(dtype)
+    try:
+        compiled = outputs(model, pixel_values, "alibi_flex")
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, outputs(model, pixel_values, "sdpa"), atol=tolerance, rtol=tolerance)
+
+
 MEMORY_PROBE = """
 import resource, sys, torch
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from modeling_alibi_dinov2 import AlibiDinov2Model
+from modeling_alibi_dinov2 import AlibiDinov2Model, compile_flex_attention
 implementation, side = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 config = AlibiDinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, patch_size=2, image_size=8,
