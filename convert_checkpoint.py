@@ -409,7 +409,7 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license="apache-2.0",
-        base_model=base_model if base_model and "/" in base_model and not Path(base_model).exists() else None,
+        base_model=_hub_id_or_none(base_model),
         tags=["alibi-dinov2", "dinov2", "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
     )
     name = repo_id or "path/to/this/folder"
@@ -452,6 +452,17 @@ with torch.no_grad():
 `last_hidden_state` is `[CLS, {config.num_register_tokens} registers, patches]` after the final LayerNorm, as in
 transformers' `Dinov2WithRegistersModel`. The model takes any input of at least one patch per side.
 
+## Demo
+
+Compare this model with stock DINOv2 in the browser: PCA colours and k-means clusters of the patch features of
+your own micrographs (PNG, JPEG, 8/16-bit TIFF), and how well a linear probe recovers each patch's position from
+them. From the alibi-dinov2 source tree:
+
+```bash
+pip install -e ".[eval,demo]"
+python -m demo.app --models {_comparison_model(config, base_model)} {name}
+```
+
 ## Settings
 
 | option | value |
@@ -463,6 +474,20 @@ transformers' `Dinov2WithRegistersModel`. The model takes any input of at least 
 {evaluation_table(evaluation_results)}
 """
     return ModelCard(content)
+
+
+def _hub_id_or_none(name: str | None) -> str | None:
+    """`name` when it reads as a Hub id (`owner/model`, not a local path), else None."""
+    return name if name and "/" in name and not Path(name).exists() else None
+
+
+def _comparison_model(config, base_model: str | None) -> str:
+    """The stock DINOv2 the demo compares with: the hub model this one was converted from, else the hub DINOv2
+    of the same size and register layout."""
+    if _hub_id_or_none(base_model):
+        return base_model
+    size = {384: "small", 768: "base", 1024: "large", 1536: "giant"}.get(config.hidden_size, "small")
+    return f"facebook/dinov2-with-registers-{size}" if config.num_register_tokens else f"facebook/dinov2-{size}"
 
 
 def _size_name(hidden_size: int) -> str:

@@ -33,7 +33,7 @@ EXTRAS = {
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).
     "crf": ["pydensecrf2>=1.1"],
 }
-EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], "pytest>=8.0"})
+EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], "pytest>=8.0"})
 
 setup(
     name="alibi-dinov2",
@@ -50,7 +50,7 @@ setup(
         "train_distill",
         "quickstart",
     ],
-    packages=find_packages(include=["evaluation", "evaluation.*"]),
+    packages=find_packages(include=["evaluation", "evaluation.*", "demo"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     classifiers=[

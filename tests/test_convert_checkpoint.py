@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 import convert_checkpoint
+from configuration_alibi_dinov2 import AlibiDinov2Config
 from convert_checkpoint import CheckpointKeyError, convert, update_model_card_evaluation
 
 
@@ -216,12 +217,23 @@ def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
     assert "arxiv:2603.16840" in card.data.tags
     assert "trust_remote_code=True" in card.text and "do_center_crop=False" in card.text
     assert "| `learning_rate` | `0.0001` |" in card.text
+    assert "python -m demo.app --models facebook/dinov2-with-registers-small path/to/this/folder" in card.text
     assert "not evaluated yet" in card.text
     update_model_card_evaluation(output, {"lr+ud R^2 (micro)": -0.2312, "patch cosine": 0.9})
     card = ModelCard.load(output / "README.md")
     assert "| lr+ud R^2 (micro) | -0.2312 |" in card.text and "not evaluated yet" not in card.text
     assert card.data.pipeline_tag == "image-feature-extraction"
     assert (output / "preprocessor_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "hidden_size, registers, expected",
+    [(768, 0, "facebook/dinov2-base"), (1024, 4, "facebook/dinov2-with-registers-large")],
+)
+def test_demo_compares_with_the_stock_hub_model_of_the_same_layout(tmp_path, hidden_size, registers, expected):
+    config = AlibiDinov2Config(hidden_size=hidden_size, num_attention_heads=hidden_size // 64, num_register_tokens=registers)
+    assert convert_checkpoint._comparison_model(config, str(tmp_path)) == expected  # converted from a local file
+    assert convert_checkpoint._comparison_model(config, "someone/dinov2-finetuned") == "someone/dinov2-finetuned"
 
 
 # --- Meta torch-hub layout ----------------------------------------------------------------------------------------

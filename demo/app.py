@@ -1,0 +1,228 @@
+"""Side-by-side features of DINOv2 and ALiBi-DINOv2 on one micrograph, in the browser (Gradio).
+
+For every model the demo shows the PCA colours of the patch features, a k-means segmentation of the patches and
+the positional probe: the held-out R^2 with which a linear map recovers each patch's column (x) and row (y) from
+its features. Position-free features score near 0 (or below); stock DINOv2 scores high, and its PCA and k-means
+maps show left-right and radial gradients on homogeneous material.
+
+    pip install -e ".[eval,demo]"
+    python -m demo.app --models facebook/dinov2-with-registers-small path/or/hub-id/of/an-alibi-model
+    # offline, with the models the quickstart writes:
+    python -m demo.app --models outputs/quickstart/teacher-synthetic outputs/quickstart/student-alibi
+
+Images are pictures dropped on the page, or files (PNG, JPEG, TIFF of 8 or 16 bits) chosen in the file box.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from evaluation.feature_extraction import extract_patch_features, image_to_rgb01, patch_size_of
+from evaluation.positional_probe import PositionalProbe, n_random_samples
+from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb
+
+
+PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
+MIN_PROBE_SAMPLES = 4  # fewer fitted patches give no meaningful R^2 (a 12 x 12 grid, 168 px, has 4)
+DEFAULT_MAX_SIDE = 896  # 64 patches of 14 px: a few seconds per ViT-S forward on a laptop CPU
+
+
+@dataclass
+class FeatureAnalysis:
+    """What one model's patch features show of one image; maps are per patch, on the `(h, w)` grid."""
+
+    pca_rgb: np.ndarray  # (h, w, 3) float64 in [0, 1]: first three principal components as colours
+    clusters: np.ndarray  # (h, w) int64 in [0, n_clusters): k-means labels of the standardised features
+    position_r2: dict[str, float]  # {"x": R^2, "y": R^2} held out; NaN where the grid is too small to probe
+
+
+def prepare_image(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """Any grayscale or RGB image -> `(H, W, 3)` float32 in [0, 1], shrunk (anti-aliased) so that its longer
+    side is at most `max_side` pixels.
+
+    Raises:
+        ValueError: not a grayscale or RGB image (the message names the shape), or `max_side < 1`.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    rgb = image_to_rgb01(image)
+    longest = max(rgb.shape[:2])
+    if longest <= max_side:
+        return rgb
+    from skimage.transform import resize
+
+    scale = max_side / longest
+    shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)), 3)
+    return resize(rgb, shape, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def position_r2(features: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Held-out R^2 of a linear probe from `(h, w, C)` features to the patch column (`x`) and row (`y`)."""
+    height, width = features.shape[:2]
+    if n_random_samples(height, width, PROBE_STEP) < MIN_PROBE_SAMPLES:
+        return {"x": float("nan"), "y": float("nan")}
+    probe = PositionalProbe(ramp="lr+ud", step=PROBE_STEP, holdout=True, seed=seed).fit(features)
+    x_r2, y_r2 = probe.score_per_ramp(features)
+    return {"x": float(x_r2), "y": float(y_r2)}
+
+
+def analyse_features(features: np.ndarray, n_clusters: int = 3, seed: int = 0) -> FeatureAnalysis:
+    """PCA colours, k-means labels and positional R^2 of an `(h, w, C)` patch-feature grid."""
+    features = np.asarray(features)
+    if features.ndim != 3:
+        raise ValueError(f"features must be an (h, w, C) grid, got shape {features.shape}")
+    n_patches = features.shape[0] * features.shape[1]
+    if not 2 <= n_clusters <= n_patches:
+        raise ValueError(f"n_clusters must lie between 2 and the number of patches ({n_patches}), got {n_clusters}")
+    return FeatureAnalysis(
+        pca_rgb=pca_rgb(features),
+        clusters=kmeans_map(features, n_clusters=n_clusters, seed=seed),
+        position_r2=position_r2(features, seed=seed),
+    )
+
+
+def analyse_image(model, image: np.ndarray, n_clusters: int = 3, image_statistics=None, seed: int = 0):
+    """`analyse_features` of the last-layer patch features of `model` on `image` (cropped to whole patches).
+
+    Returns:
+        `FeatureAnalysis` on the `(H // p, W // p)` patch grid.
+    """
+    features = extract_patch_features(model, image, image_statistics)
+    return analyse_features(features, n_clusters=n_clusters, seed=seed)
+
+
+def patches_to_pixels(patch_map: np.ndarray, patch_size: int) -> np.ndarray:
+    """`(h, w[, ...])` per-patch map -> `(h * p, w * p[, ...])`, each patch a constant block (no smoothing, so the
+    blocks show what the model resolves)."""
+    return np.repeat(np.repeat(np.asarray(patch_map), patch_size, axis=0), patch_size, axis=1)
+
+
+def to_uint8(rgb01: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def render_comparison(
+    models: Mapping[str, tuple[object, object]],
+    image: np.ndarray,
+    n_clusters: int = 3,
+    max_side: int = DEFAULT_MAX_SIDE,
+    seed: int = 0,
+) -> tuple[list[tuple[np.ndarray, str]], list[list]]:
+    """Everything the page shows for one image.
+
+    Args:
+        models: display name -> (model, image statistics or None), as `evaluation.probe_runner.load_model` returns.
+        image: grayscale or RGB image, any dtype.
+
+    Returns:
+        gallery: `(uint8 picture, caption)` pairs: the image as the models saw it, then per model its PCA colours
+            and its k-means segmentation, upsampled to pixels.
+        table: one row per model, `[name, "h x w", x R^2, y R^2]` (R^2 rounded to 3 decimals, NaN on tiny grids).
+    """
+    rgb = prepare_image(image, max_side)
+    gallery, table = [], []
+    for index, (name, (model, statistics)) in enumerate(models.items()):
+        patch_size = patch_size_of(model)
+        analysis = analyse_image(model, rgb, n_clusters=n_clusters, image_statistics=statistics, seed=seed)
+        height, width = analysis.clusters.shape
+        if index == 0:
+            gallery.append((to_uint8(rgb[: height * patch_size, : width * patch_size]), "input (cropped to whole patches)"))
+        gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), f"{name}: PCA of the features"))
+        segmentation = labels_to_rgb(analysis.clusters)
+        gallery.append((to_uint8(patches_to_pixels(segmentation, patch_size)), f"{name}: k-means, k = {n_clusters}"))
+        r2 = analysis.position_r2
+        table.append([name, f"{height} x {width}", round(r2["x"], 3), round(r2["y"], 3)])
+    return gallery, table
+
+
+def read_upload(path: str) -> np.ndarray:
+    """An uploaded file as a numpy image (first page of multi-page TIFFs); errors name the problem."""
+    from evaluation.image_io import read_image
+
+    return read_image(path, page=0)
+
+
+def sample_images() -> dict[str, np.ndarray]:
+    """Images bundled with scikit-image (no download): homogeneous textures and a fluorescence micrograph."""
+    from skimage import data
+
+    return {"gravel": data.gravel(), "brick": data.brick(), "grass": data.grass(), "cells (fluorescence)": data.cell()}
+
+
+TABLE_HEADERS = ["model", "patch grid", "x R^2 (held out)", "y R^2 (held out)"]
+
+
+def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFAULT_MAX_SIDE):
+    """The Gradio page: an image (picture or file), the number of k-means clusters, and the comparison."""
+    try:
+        import gradio as gr
+    except ImportError as error:
+        raise ImportError('The demo needs Gradio: pip install -e ".[demo]"') from error
+
+    samples = sample_images()
+
+    def run(picture, upload, n_clusters):
+        if upload is not None:
+            try:
+                picture = read_upload(upload)
+            except (OSError, ValueError) as error:
+                raise gr.Error(f"Could not read {upload}: {error}") from error
+        if picture is None:
+            raise gr.Error("Drop an image on the page, choose a file, or pick one of the examples.")
+        try:
+            return render_comparison(models, picture, int(n_clusters), max_side)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+
+    with gr.Blocks(title="ALiBi-DINOv2: features without position") as page:
+        gr.Markdown(
+            "# ALiBi-DINOv2: patch features without positional bias\n"
+            "PCA colours and k-means clusters of each model's patch features, and how well a linear probe "
+            "recovers a patch's position (x, y) from them: near 0 means the features describe what a patch "
+            f"shows, not where it sits. Images are shrunk to {max_side} px on their longer side."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                picture = gr.Image(label="image", type="numpy", image_mode="RGB")
+                upload = gr.File(label="or a file (PNG, JPEG, 8/16-bit TIFF)", type="filepath")
+                n_clusters = gr.Slider(2, 8, value=3, step=1, label="k-means clusters")
+                button = gr.Button("Compare", variant="primary")
+                gr.Examples(examples=[[image] for image in samples.values()], inputs=[picture], label="examples")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
+        button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
+    return page
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="hub ids or model folders (trust_remote_code)")
+    parser.add_argument("--names", nargs="+", help="display names, one per model (default: as given)")
+    parser.add_argument("--device", help="e.g. cuda; default: CPU")
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="shrink images to this longer side")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    args = parser.parse_args(argv)
+    if args.names and len(args.names) != len(args.models):
+        parser.error(f"--names gives {len(args.names)} names for {len(args.models)} models")
+    if args.max_side < 1:
+        parser.error(f"--max-side must be a positive number of pixels, got {args.max_side}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from evaluation.probe_runner import load_model
+
+    args = parse_args(argv)
+    names = args.names or args.models
+    models = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
+    build_demo(models, args.max_side).launch(server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
