@@ -61,6 +61,12 @@ def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wr
     return math.hypot(dy, dx) if metric == "euclidean" else float(dy + dx)
 
 
+def aligned_length(num_tokens: int) -> int:
+    """`num_tokens` rounded up to a multiple of 8: the row length of every bias tensor, so that its rows start at
+    aligned addresses as the fused SDPA kernels require."""
+    return -(-num_tokens // 8) * 8
+
+
 def _token_grid_coordinates(token_index: torch.Tensor, num_prefix_tokens: int, width: int):
     """Row, column (float32) and is-patch flag of tokens laid out as `[prefix tokens, patches in row-major order]`."""
     patch_index = token_index - num_prefix_tokens
@@ -295,31 +301,33 @@ class AlibiDinov2PositionBias(nn.Module):
         return value
 
     def _padded_distance(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """`(N, N)` float32 distances with zero rows and columns for the prefix tokens, N = prefix + h * w."""
+        """`(N, aligned N)` float32 distances, N = prefix + h * w: zero in the rows and columns of the prefix tokens
+        and in the alignment columns."""
         prefix = self.num_prefix_tokens
         num_tokens = prefix + height * width
-        padded = torch.zeros(num_tokens, num_tokens, device=device)
-        padded[prefix:, prefix:] = alibi_distance_matrix(
+        padded = torch.zeros(num_tokens, aligned_length(num_tokens), device=device)
+        padded[prefix:, prefix:num_tokens] = alibi_distance_matrix(
             height, width, self.metric, self.wrap, self.normalize, device=device
         )
         return padded
 
     def _fixed_bias(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        prefix = self.num_prefix_tokens
-        num_tokens = prefix + height * width
-        heads = 1 if self.shared_slope is not None else self.num_heads
-        # Rows padded to a multiple of 8 elements: the memory-efficient SDPA kernels need aligned mask rows and
-        # would otherwise pad a copy of the mask at every call.
-        storage = torch.zeros(1, heads, num_tokens, -(-num_tokens // 8) * 8, device=device, dtype=dtype)
-        bias = storage[..., :num_tokens]
-        distance = alibi_distance_matrix(height, width, self.metric, self.wrap, self.normalize, device=device)
-        bias[:, :, prefix:, prefix:] = self._scale(distance, 0).to(dtype)
-        return bias
+        """`(1, 1 or heads, N, N)` bias of the fixed slopes in `dtype`, a view of aligned rows."""
+        distance = self._padded_distance(height, width, device)
+        return self._scale(distance, 0).to(dtype)[..., : distance.shape[0]]
+
+    def _with_jitter(self, bias: torch.Tensor) -> torch.Tensor:
+        """`bias` plus Gaussian noise of standard deviation `alibi_jitter`, again a view of aligned rows (an
+        out-of-place sum of such a view would be allocated unaligned)."""
+        columns = bias.shape[-1]
+        noise = torch.randn(*bias.shape[:-1], aligned_length(columns), dtype=bias.dtype, device=bias.device)
+        return noise[..., :columns].mul_(self.jitter).add_(bias)
 
     def forward(
         self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """Bias for layer `layer_index` on a `grid_size = (h, w)` patch grid: `(1, 1 or heads, N, N)` in `dtype`."""
+        """Bias for layer `layer_index` on a `grid_size = (h, w)` patch grid: `(1, 1 or heads, N, N)` in `dtype`,
+        a view of rows padded to a multiple of 8 elements."""
         height, width = grid_size
         if self.slopes is None:
             key = ("bias", height, width, torch.device(device), dtype)
@@ -327,10 +335,9 @@ class AlibiDinov2PositionBias(nn.Module):
         else:
             key = ("distance", height, width, torch.device(device))
             distance = self._cached(key, lambda: self._padded_distance(height, width, device))
-            bias = self._scale(distance, layer_index).to(dtype)
-        if self.jitter > 0:
-            bias = bias + self.jitter * torch.randn_like(bias)
-        return bias
+            # Scaled at full width, then sliced: the view keeps the aligned rows.
+            bias = self._scale(distance, layer_index).to(dtype)[..., : distance.shape[0]]
+        return self._with_jitter(bias) if self.jitter > 0 else bias
 
     def rows(
         self,
@@ -341,16 +348,17 @@ class AlibiDinov2PositionBias(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor:
-        """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`,
-        computed from token coordinates without the `N x N` matrix."""
+        """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`
+        (a view of rows padded to a multiple of 8 elements), computed from token coordinates without the `N x N`
+        matrix."""
         height, width = grid_size
         num_tokens = self.num_prefix_tokens + height * width
         query_y, query_x, query_is_patch = _token_grid_coordinates(
             torch.arange(start, stop, device=device), self.num_prefix_tokens, width
         )
-        key_y, key_x, key_is_patch = _token_grid_coordinates(
-            torch.arange(num_tokens, device=device), self.num_prefix_tokens, width
-        )
+        key_index = torch.arange(aligned_length(num_tokens), device=device)
+        key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, self.num_prefix_tokens, width)
+        key_is_patch &= key_index < num_tokens  # alignment columns: zero, sliced off below
         dy = _axis_offsets(query_y[:, None], key_y[None, :], height, self.wrap)
         dx = _axis_offsets(query_x[:, None], key_x[None, :], width, self.wrap)
         distance = _combine_offsets(dy, dx, self.metric)
@@ -358,10 +366,8 @@ class AlibiDinov2PositionBias(nn.Module):
         if self.normalize and largest > 0:
             distance.div_(largest)
         distance.mul_(query_is_patch[:, None] & key_is_patch[None, :])
-        bias = self._scale(distance, layer_index).to(dtype)
-        if self.jitter > 0:
-            bias = bias + self.jitter * torch.randn_like(bias)
-        return bias
+        bias = self._scale(distance, layer_index).to(dtype)[..., :num_tokens]
+        return self._with_jitter(bias) if self.jitter > 0 else bias
 
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
         """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""

@@ -83,11 +83,26 @@ def test_large_grids_switch_to_the_chunked_path_by_themselves(tiny_kwargs):
     torch.testing.assert_close(switched, outputs(model, large, "sdpa"), atol=1e-4, rtol=0)
 
 
-def test_cached_bias_rows_are_padded_to_a_multiple_of_8(tiny_kwargs):
-    model = alibi_model(tiny_kwargs)
-    bias = model.encoder.alibi((3, 4), 0, dtype=torch.float16, device=torch.device("cpu"))  # 17 tokens
-    assert bias.shape == (1, 1, 17, 17) and bias.dtype == torch.float16
-    assert bias.stride(-2) == 24 and bias.stride(-1) == 1
+def aligned_for_fused_kernels(bias):
+    """PyTorch's memory-efficient SDPA takes a mask as it is only when every stride but the last (1) is a multiple
+    of 8 elements; otherwise it pads a copy at every call."""
+    return bias.stride(-1) == 1 and all(stride % 8 == 0 for stride in bias.stride()[:-1])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(alibi_slopes="geometric"), dict(alibi_slopes="learned"),
+                                     dict(alibi_jitter=0.1)], ids=["constant", "geometric", "learned", "jitter"])
+def test_every_bias_has_aligned_rows(tiny_kwargs, options):
+    model = alibi_model(tiny_kwargs, **options)
+    alibi, cpu = model.encoder.alibi, torch.device("cpu")
+    heads = 2 if options.get("alibi_slopes", "constant") != "constant" else 1
+    bias = alibi((3, 4), 1, dtype=torch.float16, device=cpu)  # 5 prefix + 12 patches = 17 tokens, rows of 24
+    assert bias.shape == (1, heads, 17, 17) and bias.dtype == torch.float16
+    assert aligned_for_fused_kernels(bias) and bias.stride(-2) == 24
+    rows = alibi.rows((3, 4), 1, 3, 10, torch.float16, cpu)
+    assert rows.shape == (1, heads, 7, 17) and aligned_for_fused_kernels(rows)
+    if "alibi_jitter" not in options:
+        torch.testing.assert_close(rows, bias[:, :, 3:10])
+        assert bias[:, :, :5].abs().sum() == 0 and bias[:, :, :, :5].abs().sum() == 0  # prefix tokens: no bias
 
 
 def test_flex_path_refuses_what_it_cannot_do(tiny_kwargs):
