@@ -85,6 +85,7 @@ class LinearSegmentationConfig:
     model: str | None = None
     dataset_name: str | None = None
     dataset_config_name: str | None = None
+    dataset_revision: str | None = None
     data_dir: str | None = None
     train_split: str = "train"
     val_split: str = "validation"
@@ -126,7 +127,9 @@ FIELD_HELP: dict[str, str] = {
     "model": "Hub id or local folder of the frozen backbone (AutoModel, trust_remote_code=True)",
     "dataset_name": "Hub dataset name (datasets.load_dataset) or a save_to_disk folder; exclusive with --data_dir",
     "dataset_config_name": "configuration name of the Hub dataset, if it has several",
-    "data_dir": "local folder: ROOT/<split>/images/x.jpg + ROOT/<split>/masks/x.png, or a VOCdevkit/VOC20xx folder",
+    "dataset_revision": "branch, tag or commit of the Hub dataset (refs/convert/parquet for script-only datasets)",
+    "data_dir": "local folder: ROOT/<split>/images/x.jpg + ROOT/<split>/masks/x.png, a VOCdevkit/VOC20xx folder "
+    "or ADEChallengeData2016",
     "train_split": "split to train on",
     "val_split": "split to score (mIoU)",
     "image_column": "image column of a Hub / saved dataset",
@@ -1053,6 +1056,7 @@ def _build_split(config: LinearSegmentationConfig, split: str, max_samples, mean
         image_column=config.image_column,
         mask_column=config.mask_column,
         max_samples=max_samples,
+        dataset_revision=config.dataset_revision,
     )
     return SegmentationDataset(
         dataset,
@@ -1074,6 +1078,7 @@ def _cache_key(config: LinearSegmentationConfig, model_name: str, split: str, hi
         "hidden_size": hidden_size,
         "data_source": config.dataset_name or config.data_dir,
         "dataset_config_name": config.dataset_config_name,
+        "dataset_revision": config.dataset_revision,
         "split": split,
         "image_size": config.image_size,
         "resize_mode": config.resize_mode,

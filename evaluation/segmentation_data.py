@@ -5,14 +5,19 @@ sees one kind of object whatever the data came from:
 
 * a Hub dataset, by name (``datasets.load_dataset(name, config_name, split=...)``), e.g. ADE20K or VOC;
 * a folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
-* a local image/mask folder, in one of two layouts::
+* a local image/mask folder, in one of three layouts::
 
       ROOT/train/images/x.jpg        ROOT/train/masks/x.png      (any split name: train, val, test ...)
       ROOT/val/images/y.png          ROOT/val/masks/y.png
 
-  or Pascal VOC's own devkit layout (the extracted ``VOCdevkit/VOC2007`` or ``VOCdevkit/VOC2012`` folder)::
+  Pascal VOC's own devkit layout (the extracted ``VOCdevkit/VOC2007`` or ``VOCdevkit/VOC2012`` folder)::
 
       ROOT/JPEGImages/x.jpg   ROOT/SegmentationClass/x.png   ROOT/ImageSets/Segmentation/train.txt (one name a line)
+
+  or ADE20K's (the extracted ``ADEChallengeData2016`` folder; splits ``train``/``training`` and
+  ``validation``/``val``)::
+
+      ROOT/images/training/x.jpg     ROOT/annotations/training/x.png
 
   Images and masks are paired by file stem. Masks are single-channel images holding class indices
   (palette PNGs such as VOC's are read as their indices): 0 .. num_classes - 1, and the ignore index
@@ -88,11 +93,22 @@ def _voc_devkit_split(root: Path, split: str):
     return _pairs_to_dataset(names, images, masks)
 
 
+def is_ade_challenge_folder(root: PathLike) -> bool:
+    """Whether `root` looks like the extracted ``ADEChallengeData2016`` (``images/<split>``, ``annotations/<split>``)."""
+    root = Path(root)
+    return (root / "images").is_dir() and (root / "annotations").is_dir()
+
+
+# ADE20K's folders are named "training" and "validation"; the Hub and our configs say "train" and "validation".
+ADE_SPLIT_FOLDERS = {"train": "training", "val": "validation"}
+
+
 def local_folder_split(root: PathLike, split: str):
     """One split of a local image/mask folder as a ``datasets.Dataset`` with columns name, image, mask.
 
-    Layouts: ``ROOT/<split>/images`` + ``ROOT/<split>/masks`` (paired by file stem), or a VOC devkit folder
-    (``JPEGImages``, ``SegmentationClass``, ``ImageSets/Segmentation/<split>.txt``).
+    Layouts: ``ROOT/<split>/images`` + ``ROOT/<split>/masks`` (paired by file stem), a VOC devkit folder
+    (``JPEGImages``, ``SegmentationClass``, ``ImageSets/Segmentation/<split>.txt``) or ``ADEChallengeData2016``
+    (``images/<split>`` + ``annotations/<split>``).
 
     Raises:
         FileNotFoundError: the folder, the split or a mask is missing.
@@ -102,12 +118,17 @@ def local_folder_split(root: PathLike, split: str):
         raise FileNotFoundError(f"Data folder {root} does not exist; set --data_dir to an existing folder.")
     if is_voc_devkit_folder(root):
         return _voc_devkit_split(root, split)
-    image_folder, mask_folder = root / split / "images", root / split / "masks"
-    if not image_folder.is_dir() or not mask_folder.is_dir():
+    if is_ade_challenge_folder(root):
+        folder = ADE_SPLIT_FOLDERS.get(split, split)
+        image_folder, mask_folder = root / "images" / folder, root / "annotations" / folder
+        splits = sorted(path.name for path in (root / "images").iterdir() if path.is_dir())
+    else:
+        image_folder, mask_folder = root / split / "images", root / split / "masks"
         splits = sorted(path.name for path in root.iterdir() if (path / "images").is_dir())
+    if not image_folder.is_dir() or not mask_folder.is_dir():
         raise FileNotFoundError(
             f"Expected {image_folder} and {mask_folder} (layout ROOT/<split>/images/x.jpg + ROOT/<split>/masks/x.png, "
-            f"or a VOCdevkit/VOC20xx folder); splits found in {root}: {splits or 'none'}."
+            f"a VOCdevkit/VOC20xx folder or ADEChallengeData2016); splits found in {root}: {splits or 'none'}."
         )
     images, masks = _files_by_stem(image_folder), _files_by_stem(mask_folder)
     if not images:
@@ -126,6 +147,22 @@ def _is_saved_dataset(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _load_hub_dataset(name: str, config_name: str | None, split: str, revision: str | None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name, split=split, revision=revision)
+    except RuntimeError as error:
+        if "scripts are no longer supported" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{name} is read by a loading script, which datasets {datasets.__version__} no longer runs. Use the "
+            "Hub's Parquet export (--dataset_revision refs/convert/parquet; its configuration may then be named "
+            "'default'), a Parquet copy of the dataset, or the original files with --data_dir (VOCdevkit/VOC20xx, "
+            "ADEChallengeData2016, or ROOT/<split>/images + ROOT/<split>/masks)."
+        ) from error
+
+
 def load_segmentation_split(
     split: str,
     dataset_name: str | None = None,
@@ -134,12 +171,15 @@ def load_segmentation_split(
     image_column: str = "image",
     mask_column: str = "label",
     max_samples: int | None = None,
+    dataset_revision: str | None = None,
 ):
     """One split of a segmentation data source.
 
     Args:
         split: split name (``train``, ``validation``, ``val`` ...).
         dataset_name: a Hub dataset name or a ``save_to_disk`` folder; exclusive with `data_dir`.
+        dataset_revision: branch, tag or commit of the Hub dataset (e.g. ``refs/convert/parquet``, the Hub's
+            Parquet export of a dataset that only a loading script could read).
         data_dir: a local image/mask folder (see the module docstring for the layouts).
         image_column, mask_column: columns of a Hub / saved dataset; local folders use ``image`` / ``mask``.
         max_samples: keep only the first ones (quick runs).
@@ -162,7 +202,7 @@ def load_segmentation_split(
         if path.is_dir() and _is_saved_dataset(path):
             dataset = datasets.load_from_disk(str(path))
         else:
-            dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
+            dataset = _load_hub_dataset(dataset_name, dataset_config_name, split, dataset_revision)
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise ValueError(f"Split {split!r} not in {dataset_name}; its splits are {list(dataset)}.")

@@ -329,6 +329,61 @@ def test_missing_masks_and_folders_are_named(tmp_path):
         load_segmentation_split("val", data_dir=tmp_path)
 
 
+
+def write_pairs(image_folder: Path, mask_folder: Path, names: list[str], seed: int, image_suffix=".jpg") -> None:
+    rng = np.random.default_rng(seed)
+    image_folder.mkdir(parents=True, exist_ok=True)
+    mask_folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        image, mask = make_image_and_mask(rng)
+        Image.fromarray(image).save(image_folder / f"{name}{image_suffix}")
+        Image.fromarray(mask).save(mask_folder / f"{name}.png")
+
+
+def test_voc_devkit_folder_reads_the_split_lists(tmp_path):
+    write_pairs(tmp_path / "JPEGImages", tmp_path / "SegmentationClass", ["2007_000032", "2007_000039", "2007_000063"], 6)
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n2007_000063\n")
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000039\n")
+    split, image_column, mask_column = load_segmentation_split("train", data_dir=tmp_path)
+    assert split["name"] == ["2007_000032", "2007_000063"]
+    mask = np.asarray(split[1][mask_column])
+    np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "SegmentationClass" / "2007_000063.png")))
+    with pytest.raises(FileNotFoundError, match=r"splits \['train', 'val'\]"):
+        load_segmentation_split("validation", data_dir=tmp_path)
+
+
+def test_ade_challenge_folder_maps_the_split_names(tmp_path):
+    write_pairs(tmp_path / "images" / "training", tmp_path / "annotations" / "training", ["ADE_train_1", "ADE_train_2"], 7)
+    write_pairs(tmp_path / "images" / "validation", tmp_path / "annotations" / "validation", ["ADE_val_1"], 8)
+    assert load_segmentation_split("train", data_dir=tmp_path)[0]["name"] == ["ADE_train_1", "ADE_train_2"]
+    for split_name in ("validation", "val"):
+        split, image_column, _ = load_segmentation_split(split_name, data_dir=tmp_path)
+        assert split["name"] == ["ADE_val_1"]
+        assert np.asarray(split[0][image_column]).shape[-1] == 3
+    with pytest.raises(FileNotFoundError, match=r"splits found in .*\['training', 'validation'\]"):
+        load_segmentation_split("test", data_dir=tmp_path)
+
+
+def test_hub_datasets_get_the_revision_and_a_way_out_of_loading_scripts(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def script_only(name, config_name=None, split=None, revision=None):
+        calls.append(revision)
+        if revision is None:
+            raise RuntimeError(f"Dataset scripts are no longer supported, but found {name.split('/')[-1]}.py")
+        return datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 3), np.uint8)], "annotation": [np.zeros((4, 4), np.uint8)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", script_only)
+    with pytest.raises(RuntimeError, match="--dataset_revision refs/convert/parquet.*--data_dir"):
+        load_segmentation_split("train", dataset_name="zhoubolei/scene_parse_150", mask_column="annotation")
+    split, _, _ = load_segmentation_split(
+        "train", dataset_name="zhoubolei/scene_parse_150", mask_column="annotation", dataset_revision="refs/convert/parquet"
+    )
+    assert len(split) == 1 and calls == [None, "refs/convert/parquet"]
+
 def test_colour_masks_are_refused(tmp_path):
     write_split(tmp_path, "train", 1, seed=5)
     mask_path = tmp_path / "train" / "masks" / "s000.png"
