@@ -122,6 +122,16 @@ def merge_attention_masks(bias: torch.Tensor, attention_mask: torch.Tensor | Non
     return bias + attention_mask.to(bias.dtype)
 
 
+def query_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype the attention queries will have: autocast's when it is on for this device (the projections cast
+    to it while the residual stream stays float32), else that of the hidden states. A bias in any other dtype is
+    copied at every call, and some fused kernels mishandle it."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_states.dtype
+
+
 def patch_tokens_to_map(hidden_state: torch.Tensor, num_prefix_tokens: int, height: int, width: int) -> torch.Tensor:
     """Drop the CLS and register tokens and fold the patch tokens into a feature map.
 
@@ -611,7 +621,8 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
                 # The attention function computes the bias itself, from the grid geometry.
                 alibi_kwargs = dict(alibi=self.alibi, alibi_grid_size=grid_size, alibi_layer_index=layer_index)
             elif self.alibi is not None:
-                bias = self.alibi(grid_size, layer_index, dtype=hidden_states.dtype, device=hidden_states.device)
+                dtype, device = query_dtype(hidden_states), hidden_states.device
+                bias = self.alibi(grid_size, layer_index, dtype=dtype, device=device)
                 layer_mask = merge_attention_masks(bias, attention_mask)
             hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)

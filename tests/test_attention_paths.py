@@ -105,6 +105,27 @@ def test_every_bias_has_aligned_rows(tiny_kwargs, options):
         assert bias[:, :, :5].abs().sum() == 0 and bias[:, :, :, :5].abs().sum() == 0  # prefix tokens: no bias
 
 
+
+@pytest.mark.parametrize("implementation", ["sdpa", "alibi_chunked"])
+def test_bias_reaches_sdpa_in_the_query_dtype_under_autocast(tiny_kwargs, monkeypatch, implementation):
+    """Mixed precision keeps the residual stream in float32 while the projections give bfloat16 queries: a float32
+    bias there would be cast (copied) at every call, and some fused kernels mishandle a mask of another dtype."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.dtype, None if attn_mask is None else attn_mask.dtype))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    model = alibi_model(tiny_kwargs, alibi_slopes="geometric")
+    pixel_values = torch.randn(1, 3, 42, 56, generator=torch.Generator().manual_seed(1))
+    reference = outputs(model, pixel_values, implementation)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = outputs(model, pixel_values, implementation)
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen), seen
+    torch.testing.assert_close(mixed.float(), reference, atol=0.1, rtol=0.05)
+
 def test_flex_path_refuses_what_it_cannot_do(tiny_kwargs):
     model = alibi_model(tiny_kwargs, alibi_jitter=0.1)
     with pytest.raises(ValueError, match="alibi_jitter.*alibi_chunked"):
