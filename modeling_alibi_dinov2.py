@@ -289,7 +289,11 @@ class AlibiDinov2PositionBias(nn.Module):
         """Slopes of the heads of one layer, `(heads,)` float32."""
         if self.slopes is not None:
             return self.slopes[layer_index].to(device=device, dtype=torch.float32)
-        return torch.tensor(self.fixed_slopes, device=device, dtype=torch.float32)
+        # Made once per device: a copy from host memory at every layer would stall the GPU queue each time.
+        return self._cached(
+            ("slopes", torch.device(device)),
+            lambda: torch.tensor(self.fixed_slopes, device=device, dtype=torch.float32),
+        )
 
     def _scale(self, distance: torch.Tensor, layer_index: int) -> torch.Tensor:
         """`(rows, N)` distances -> `(1, 1 or heads, rows, N)` float32 bias."""

@@ -120,6 +120,17 @@ def test_geometric_slopes_scale_each_head():
         assert torch.allclose(bias[0, head, 1:, 1:], -slope * distance)
 
 
+
+def test_fixed_slopes_are_made_once_per_device_and_serve_training_after_inference():
+    module, _ = position_bias((3, 3), alibi_slopes="geometric")
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        first = module.head_slopes(0, cpu)
+    assert module.head_slopes(1, cpu) is first and not first.is_inference()
+    assert first.tolist() == [2.0**-4, 2.0**-8]
+    rows = module.rows((3, 3), 0, 0, 10, torch.float32, cpu)  # uses them outside inference mode
+    torch.testing.assert_close(rows, module((3, 3), 0, dtype=torch.float32, device=cpu))
+
 def test_learned_slopes_differ_per_layer():
     module, bias_layer0 = position_bias((3, 3), alibi_slopes="learned", layer_index=0)
     bias_layer1 = module((3, 3), 1, dtype=torch.float32, device=torch.device("cpu"))
