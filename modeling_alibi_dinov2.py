@@ -51,6 +51,13 @@ def _axis_offsets(a: torch.Tensor, b: torch.Tensor, size: int, wrap: bool) -> to
     return torch.minimum(offsets, size - offsets) if wrap else offsets
 
 
+def _wrap_offsets_(offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """In place: offsets `0 <= d < size` along an axis -> `min(d, size - d)`, the offsets on a ring of `size` cells
+    (`size / 2 - |d - size / 2|`; exact for the small integers involved)."""
+    half = size / 2
+    return offsets.sub_(half).abs_().neg_().add_(half)
+
+
 def _combine_offsets(dy: torch.Tensor, dx: torch.Tensor, metric: str) -> torch.Tensor:
     return torch.hypot(dy, dx) if metric == "euclidean" else dy + dx
 
@@ -366,21 +373,30 @@ class AlibiDinov2PositionBias(nn.Module):
         (a view of rows padded to a multiple of 8 elements), computed from token coordinates without the `N x N`
         matrix."""
         height, width = grid_size
-        num_tokens = self.num_prefix_tokens + height * width
-        query_y, query_x, query_is_patch = _token_grid_coordinates(
-            torch.arange(start, stop, device=device), self.num_prefix_tokens, width
-        )
+        prefix = self.num_prefix_tokens
+        num_tokens = prefix + height * width
+        query_y, query_x, _ = _token_grid_coordinates(torch.arange(start, stop, device=device), prefix, width)
         key_index = torch.arange(aligned_length(num_tokens), device=device)
-        key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, self.num_prefix_tokens, width)
-        key_is_patch &= key_index < num_tokens  # alignment columns: zero, sliced off below
-        dy = _axis_offsets(query_y[:, None], key_y[None, :], height, self.wrap)
-        dx = _axis_offsets(query_x[:, None], key_x[None, :], width, self.wrap)
-        distance = _combine_offsets(dy, dx, self.metric)
+        key_y, key_x, _ = _token_grid_coordinates(key_index, prefix, width)
+        # In place wherever possible: two (rows, N) temporaries per block instead of a dozen, which keeps both the
+        # memory traffic and the allocator's churn (freed blocks glibc keeps resident) down on large grids.
+        distance = (query_y[:, None] - key_y[None, :]).abs_()
+        dx = (query_x[:, None] - key_x[None, :]).abs_()
+        if self.wrap:
+            _wrap_offsets_(distance, height)
+            _wrap_offsets_(dx, width)
+        distance = distance.hypot_(dx) if self.metric == "euclidean" else distance.add_(dx)
+        del dx
         largest = largest_grid_distance(height, width, self.metric, self.wrap)
         if self.normalize and largest > 0:
             distance.div_(largest)
-        distance.mul_(query_is_patch[:, None] & key_is_patch[None, :])
-        bias = self._scale(distance, layer_index).to(dtype)[..., :num_tokens]
+        # CLS and register rows and columns, and the alignment columns (sliced off below): no bias.
+        distance[: max(0, prefix - start)] = 0
+        distance[:, :prefix] = 0
+        distance[:, num_tokens:] = 0
+        slope = self.shared_slope
+        bias = distance.mul_(-slope)[None, None] if slope is not None else self._scale(distance, layer_index)
+        bias = bias.to(dtype)[..., :num_tokens]
         return self._with_jitter(bias) if self.jitter > 0 else bias
 
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):

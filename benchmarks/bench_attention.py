@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -66,22 +65,26 @@ def time_forward(model, pixel_values, repeats: int, device: str) -> list[float]:
     return seconds
 
 
-def _resident_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak), in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field}; peak memory is measured on Linux only")
 
 
 def _cpu_peak_worker(name, size, batch_size, dtype_name, implementation, alibi_options, queue) -> None:
     model = build_models(getattr(torch, dtype_name), "cpu", alibi_options)[name]
     model.set_attn_implementation(implementation)
     pixel_values = torch.randn(batch_size, 3, size, size, dtype=getattr(torch, dtype_name))
-    baseline = _resident_kib()
+    baseline = _status_kib("VmRSS")
+    # Reset the high-water mark (Linux >= 4.0) so that the peak of building both models does not count.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
     with torch.inference_mode():
         model(pixel_values)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024)
+    queue.put((_status_kib("VmHWM") - baseline) * 1024)
 
 
 def peak_memory_bytes(
@@ -105,7 +108,7 @@ def peak_memory_bytes(
         with torch.inference_mode():
             model(pixel_values)
         return torch.cuda.max_memory_allocated() - baseline
-    # A fresh process per measurement: the resident-set high-water mark cannot be reset in place.
+    # A fresh process per measurement: no allocator cache or earlier run inflates the resident set.
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     arguments = (name, size, batch_size, str(dtype).split(".")[-1], implementation, alibi_options, queue)
@@ -137,6 +140,10 @@ def run(args) -> dict:
             row[f"{name}_seconds"] = seconds[name]
             row[f"{name}_peak_bytes"] = peak_memory_bytes(name, size, args.batch_size, dtype, device, models)
         row["throughput_ratio"] = row["alibi_images_per_s"] / row["stock_images_per_s"]
+        # Per-round ratios: each round times both models back to back, so drift of a shared machine cancels.
+        paired = sorted(stock / alibi for stock, alibi in zip(seconds["stock"], seconds["alibi"]))
+        row["paired_ratio_median"] = statistics.median(paired)
+        row["paired_ratio_quartiles"] = statistics.quantiles(paired, n=4)[::2] if len(paired) > 1 else paired * 2
         row["memory_ratio"] = row["alibi_peak_bytes"] / max(row["stock_peak_bytes"], 1)
         rows.append(row)
         print_row(row)
@@ -154,14 +161,19 @@ def run(args) -> dict:
     }
 
 
-HEADER = f"{'size':>6} {'tokens':>7} {'stock img/s':>12} {'alibi img/s':>12} {'ratio':>6} {'stock MiB':>10} {'alibi MiB':>10} {'mem ratio':>9}"
+HEADER = (
+    f"{'size':>6} {'tokens':>7} {'stock img/s':>12} {'alibi img/s':>12} {'ratio':>6} {'paired (IQR)':>19} "
+    f"{'stock MiB':>10} {'alibi MiB':>10} {'mem ratio':>9}"
+)
 
 
 def print_row(row: dict) -> None:
     mib = 2**20
+    low, high = row["paired_ratio_quartiles"]
     print(
         f"{row['size']:>6} {row['tokens']:>7} {row['stock_images_per_s']:>12.3f} {row['alibi_images_per_s']:>12.3f} "
-        f"{row['throughput_ratio']:>6.3f} {row['stock_peak_bytes'] / mib:>10.1f} {row['alibi_peak_bytes'] / mib:>10.1f} "
+        f"{row['throughput_ratio']:>6.3f} {row['paired_ratio_median']:>5.3f} ({low:.3f}-{high:.3f}) "
+        f"{row['stock_peak_bytes'] / mib:>10.1f} {row['alibi_peak_bytes'] / mib:>10.1f} "
         f"{row['memory_ratio']:>9.3f}",
         flush=True,
     )

@@ -73,7 +73,9 @@ def extract_feature_map(
         image: a path (PNG, JPEG, TIFF including 16-bit and multi-page) or an (H, W) / (H, W, 3) array.
         page: page of a multi-page TIFF (default: the first).
         attention_memory_mb: bound on the attention's working memory (scores and bias rows of one block of
-            queries); the rest of the forward pass needs about `tokens x hidden_size x 20` bytes.
+            queries); the rest of the forward pass needs about `tokens x hidden_size x 20` bytes. These bound the
+            live tensors; the C allocator may keep freed blocks resident on top (`MALLOC_MMAP_THRESHOLD_=65536`
+            in the environment returns them at once, at some cost in speed).
         image_processor: optional source of `image_mean` / `image_std` (ImageNet statistics otherwise).
         progress: show a progress bar over the layers.
 
