@@ -50,11 +50,9 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
             through `alibi_chunked` (same numbers, memory linear in N).
         alibi_query_chunk_size (`int`, *optional*, defaults to 1024):
             Largest number of queries per block of the `alibi_chunked` attention path.
-        alibi_chunk_memory_mb (`float`, *optional*, defaults to 512):
+        alibi_chunk_memory_mb (`float`, *optional*, defaults to 256):
             Bound on one block's attention scores and bias rows in the `alibi_chunked` path; blocks shrink below
-            `alibi_query_chunk_size` to stay under it on large grids. At 512 a block's per-row temporaries on large
-            grids exceed 32 MiB, which glibc maps and unmaps directly instead of keeping freed in its heap: at
-            2044 px the resident memory of a ViT-S forward pass stays near 500 MiB, against 1.3 GiB at 256.
+            `alibi_query_chunk_size` to stay under it on large grids.
         interpolate_antialias (`bool`, *optional*, defaults to `True`):
             Antialiasing of the bicubic resize of the learned position embedding when it is kept and the grid
             differs from the trained one. `Dinov2WithRegistersModel` uses `True`, `Dinov2Model` `False`.
@@ -86,7 +84,7 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
     alibi_jitter: float | int = 0.0
     alibi_dense_max_tokens: int = 8192
     alibi_query_chunk_size: int = 1024
-    alibi_chunk_memory_mb: float | int = 512
+    alibi_chunk_memory_mb: float | int = 256
     interpolate_antialias: bool = True
 
     def __post_init__(self, **kwargs):

@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=1, help="timed forward passes per path and grid")
     parser.add_argument("--warmup", type=int, default=0, help="untimed forward passes per path and grid")
     parser.add_argument("--query-chunk-size", type=int, default=1024, help="most queries per block of alibi_chunked")
-    parser.add_argument("--chunk-memory-mb", type=float, default=512, help="memory bound of one alibi_chunked block")
+    parser.add_argument("--chunk-memory-mb", type=float, default=256, help="memory bound of one alibi_chunked block")
     parser.add_argument(
         "--paths",
         nargs="+",

@@ -37,7 +37,7 @@ def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_
     np.testing.assert_allclose(features, expected, atol=1e-4)
     # The model is left as it was.
     assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.config.alibi_query_chunk_size == 1024
-    assert alibi_model.config.alibi_chunk_memory_mb == 512
+    assert alibi_model.config.alibi_chunk_memory_mb == 256
     assert not np.allclose(features, extract_feature_map(alibi_model, pages[0], progress=False), atol=1e-3)
 
 
