@@ -486,12 +486,16 @@ def _comparison_model(config, base_model: str | None) -> str:
     of the same size and register layout."""
     if _hub_id_or_none(base_model):
         return base_model
-    size = {384: "small", 768: "base", 1024: "large", 1536: "giant"}.get(config.hidden_size, "small")
+    size = DINOV2_SIZES.get(config.hidden_size, ("S", "small"))[1]
     return f"facebook/dinov2-with-registers-{size}" if config.num_register_tokens else f"facebook/dinov2-{size}"
 
 
+# DINOv2 sizes by hidden size: (ViT size letter, Hub name suffix).
+DINOV2_SIZES = {384: ("S", "small"), 768: ("B", "base"), 1024: ("L", "large"), 1536: ("g", "giant")}
+
+
 def _size_name(hidden_size: int) -> str:
-    return {384: "S", 768: "B", 1024: "L", 1536: "g"}.get(hidden_size, f"{hidden_size}d")
+    return DINOV2_SIZES[hidden_size][0] if hidden_size in DINOV2_SIZES else f"{hidden_size}d"
 
 
 def update_model_card_evaluation(folder, results: dict) -> None:

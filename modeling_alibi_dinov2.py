@@ -635,14 +635,15 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
             attention_mask: optional extra mask (boolean or additive), merged with the ALiBi bias.
         """
         streamed = self.config._attn_implementation in STREAMED_ATTENTION
+        # Every layer's queries share one dtype and device (the residual stream keeps its dtype across layers).
+        bias_dtype, bias_device = query_dtype(hidden_states), hidden_states.device
         for layer_index, layer_module in enumerate(self.layer):
             layer_mask, alibi_kwargs = attention_mask, {}
             if streamed:
                 # The attention function computes the bias itself, from the grid geometry.
                 alibi_kwargs = dict(alibi=self.alibi, alibi_grid_size=grid_size, alibi_layer_index=layer_index)
             elif self.alibi is not None:
-                dtype, device = query_dtype(hidden_states), hidden_states.device
-                bias = self.alibi(grid_size, layer_index, dtype=dtype, device=device)
+                bias = self.alibi(grid_size, layer_index, dtype=bias_dtype, device=bias_device)
                 layer_mask = merge_attention_masks(bias, attention_mask)
             hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)

@@ -150,7 +150,9 @@ def sample_images() -> dict[str, np.ndarray]:
     """Images bundled with scikit-image (no download): homogeneous textures and a fluorescence micrograph."""
     from skimage import data
 
-    return {"gravel": data.gravel(), "brick": data.brick(), "grass": data.grass(), "cells (fluorescence)": data.cell()}
+    from evaluation.probe_runner import texture_images
+
+    return {**dict(texture_images()), "cells (fluorescence)": data.cell()}
 
 
 TABLE_HEADERS = ["model", "patch grid", "x R^2 (held out)", "y R^2 (held out)"]

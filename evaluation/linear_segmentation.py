@@ -261,19 +261,12 @@ def load_backbone(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float,
 
     The statistics come from the model's image processor when one is stored with it, else ImageNet's.
     """
-    from transformers import AutoImageProcessor, AutoModel
+    from evaluation.probe_runner import load_model
 
-    try:  # registers alibi_dinov2 with the Auto classes, for local folders saved without remote code
-        import modeling_alibi_dinov2  # noqa: F401
-    except ImportError:
-        pass
-    model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
-    try:
-        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=True)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    except Exception:  # no preprocessor_config.json (a converted or test folder): ImageNet statistics
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    return model, mean, std
+    model, statistics = load_model(name)
+    if statistics is None:  # no preprocessor_config.json (a converted or test folder)
+        return model, IMAGENET_MEAN, IMAGENET_STD
+    return model, tuple(statistics["image_mean"]), tuple(statistics["image_std"])
 
 
 def patch_feature_maps(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,10 @@ def load_model(name: str, device: str | None = None):
     """
     from transformers import AutoImageProcessor, AutoModel
 
+    try:  # registers alibi_dinov2 with the Auto classes, for local folders saved without remote code
+        import modeling_alibi_dinov2  # noqa: F401
+    except ImportError:
+        pass
     model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
     if device is not None:
         model = model.to(device)
