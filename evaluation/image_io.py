@@ -1,37 +1,62 @@
-"""Reading and writing the image files microscopists use.
+"""The one way the project reads images: training, evaluation, the demo and the segmentation tools all use it.
 
-Supported:
+Formats: PNG, JPEG, BMP, GIF, WebP, PPM / PGM (through Pillow) and TIFF (through ``tifffile``; 8/16/32-bit
+integer and float, single- or multi-page stacks). Every public function that takes an image takes a path, raw file
+bytes, a ``{"bytes", "path"}`` record (an undecoded ``datasets`` Image), a PIL image, a numpy array or a torch tensor
+(see :func:`load_image`).
 
-* PNG / JPEG / BMP / GIF (through Pillow), 8-bit and 16-bit grayscale, RGB and RGBA;
-* TIFF (through ``tifffile``), any bit depth, single- or multi-page (stacks);
-* label images (integer masks, 0 = unlabelled, 1..K = classes), also palette PNGs and colour-coded
-  RGB masks;
-* output masks written as PNG (uint8 when the values fit, else uint16) or TIFF.
+Policy, the same everywhere (:func:`to_rgb01`, :func:`read_rgb01`):
 
-Every reader raises :class:`ImageReadError` naming the file when the file exists but cannot be decoded,
-and :class:`FileNotFoundError` when it does not exist.
+* **Palette** images are expanded to their colours (RGB, or RGBA when the palette has transparency). Label masks
+  keep their palette indices instead (:func:`read_labels`).
+* **Grayscale** is replicated to three channels; **RGBA** and gray + alpha are composited onto the ImageNet mean
+  colour, which normalises to zero, so transparent pixels carry no signal.
+* **Intensities** become float32 in [0, 1]: ``uint8`` is divided by 255; wider unsigned integers by the largest value
+  of the smallest bit depth among 8, 10, 12, 14, 16 (then 32) that holds the image's maximum, so 12-bit data stored
+  in a 16-bit container (maximum <= 4095) is divided by 4095, not 65535; booleans give {0, 1}; floats already in
+  [0, 1] are kept; other floats and signed integers are min-max scaled. NaN or infinite values are an error.
+* **Channels-first** tensors and arrays ``(C, H, W)`` with C in 1..4 (and no such last axis) are moved to
+  channels-last.
+
+Errors: a missing file raises :class:`FileNotFoundError`; a file (or array) that cannot be decoded or used raises
+:class:`ImageReadError`, whose message starts with the file's name; an image smaller than the model's patch raises
+:class:`ImageTooSmallError`. Batch tools skip such inputs with a warning and a final count through
+:class:`SkippedInputs` (``strict=True`` fails instead).
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Bit depths tried, smallest first, when scaling unsigned integer data by its real range.
+_BIT_DEPTHS = (8, 10, 12, 14, 16, 32, 64)
+# Transparent pixels are composited onto this colour (the ImageNet mean, which normalises to 0).
+ALPHA_BACKGROUND = (0.485, 0.456, 0.406)
 
 # ITU-R BT.709 luma weights (the same as scikit-image's rgb2gray).
 _LUMA_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 
 
 class ImageReadError(OSError):
-    """A file exists but could not be decoded as an image."""
+    """A file exists but could not be decoded as an image (or an array cannot be used as one); the message starts
+    with the file's name."""
+
+
+class ImageTooSmallError(ImageReadError):
+    """An image smaller than one patch of the model along some side."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,10 +74,10 @@ def _is_tiff(path: Path) -> bool:
         return True
     with open(path, "rb") as handle:
         magic = handle.read(4)
-    return magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    return magic in _TIFF_MAGIC
 
 
-def _read_tiff_pages(path: Path) -> list[np.ndarray]:
+def _read_tiff_pages(path) -> list[np.ndarray]:
     import tifffile
 
     try:
@@ -65,7 +90,13 @@ def _read_tiff_pages(path: Path) -> list[np.ndarray]:
     return [np.asarray(page) for page in pages]
 
 
-def _pil_frame_to_array(frame) -> np.ndarray:
+def _pil_frame_to_array(frame, palette: str = "colours") -> np.ndarray:
+    """A PIL frame in its stored dtype; palette frames as colours (RGB / RGBA) or, for masks, as indices."""
+    if frame.mode in ("P", "PA") and palette == "colours":
+        has_alpha = frame.mode == "PA" or "transparency" in frame.info
+        return np.asarray(frame.convert("RGBA" if has_alpha else "RGB")).copy()
+    if frame.mode in ("La", "RGBa"):
+        return np.asarray(frame.convert("RGBA")).copy()
     # 16-bit grayscale PNGs open as mode "I;16*" or "I" (int32); keep them as uint16 when they fit.
     if frame.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(frame).astype(np.uint16)
@@ -79,12 +110,12 @@ def _pil_frame_to_array(frame) -> np.ndarray:
     return np.asarray(frame.convert("RGB")).copy()
 
 
-def _read_pil_pages(path: Path) -> list[np.ndarray]:
+def _read_pil_pages(path, palette: str = "colours") -> list[np.ndarray]:
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as image:
-            pages = [_pil_frame_to_array(frame) for frame in ImageSequence.Iterator(image)]
+            pages = [_pil_frame_to_array(frame, palette) for frame in ImageSequence.Iterator(image)]
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageReadError(f"Could not read image file {path}: {error}") from error
     if not pages:
@@ -92,11 +123,12 @@ def _read_pil_pages(path: Path) -> list[np.ndarray]:
     return pages
 
 
-def read_pages(path: PathLike) -> list[np.ndarray]:
+def read_pages(path: PathLike, palette: str = "colours") -> list[np.ndarray]:
     """Read every page (frame) of an image file.
 
     Args:
-        path: PNG, JPEG, TIFF (single- or multi-page), BMP or GIF file.
+        path: image file of any supported format (see the module docstring), single- or multi-page.
+        palette: ``"colours"`` expands palette images to RGB(A); ``"indices"`` keeps the palette indices (masks).
 
     Returns:
         List of arrays, one per page, each (H, W) or (H, W, channels), in the stored dtype
@@ -106,21 +138,22 @@ def read_pages(path: PathLike) -> list[np.ndarray]:
     _check_exists(path)
     if _is_tiff(path):
         return _read_tiff_pages(path)
-    return _read_pil_pages(path)
+    return _read_pil_pages(path, palette)
 
 
-def read_image(path: PathLike, page: int | None = None) -> np.ndarray:
+def read_image(path: PathLike, page: int | None = None, palette: str = "colours") -> np.ndarray:
     """Read one image in its stored dtype.
 
     Args:
         path: image file (see :func:`read_pages` for the formats).
         page: page index for multi-page files (negative indices count from the end). ``None`` requires
             the file to hold exactly one page; use :func:`read_pages` to get all pages of a stack.
+        palette: see :func:`read_pages`.
 
     Returns:
         Array (H, W) or (H, W, channels).
     """
-    pages = read_pages(path)
+    pages = read_pages(path, palette)
     if page is None:
         if len(pages) > 1:
             raise ValueError(
@@ -155,7 +188,7 @@ def read_labels(path: PathLike, page: int | None = None) -> np.ndarray:
     Returns:
         int32 array (H, W).
     """
-    labels = read_image(path, page=page)
+    labels = read_image(path, page=page, palette="indices")
     if labels.ndim == 3:
         if labels.shape[-1] == 4:
             labels = labels[..., :3]
@@ -252,26 +285,41 @@ def write_mask(path: PathLike, mask: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------
 # Conversions
 # --------------------------------------------------------------------------------------------------
-def to_float01(image: np.ndarray, method: str = "dtype") -> np.ndarray:
+def unsigned_range(image: np.ndarray) -> int:
+    """The largest value of the smallest bit depth (8, 10, 12, 14, 16, 32, 64) that holds an unsigned image's
+    maximum: 4095 for 12-bit data in a 16-bit container, 255 for any uint8 image."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return 255
+    peak = int(image.max()) if image.size else 0
+    for bits in _BIT_DEPTHS:
+        if peak <= 2**bits - 1 and bits <= image.dtype.itemsize * 8:
+            return 2**bits - 1
+    return int(np.iinfo(image.dtype).max)
+
+
+def to_float01(image: np.ndarray, method: str = "range") -> np.ndarray:
     """Scale an image to float32 in [0, 1].
 
     Args:
         image: array of any shape.
-        method: ``"dtype"`` divides unsigned integers by their dtype maximum (uint8 / 255,
-            uint16 / 65535), maps booleans to {0, 1}, keeps floats already in [0, 1] and min-max
-            scales any other float or signed-integer image. ``"minmax"`` always min-max scales (useful
-            for 12-bit data stored in uint16). A constant image becomes all zeros under min-max.
+        method: ``"range"`` (the project's rule, see the module docstring) divides unsigned integers by
+            :func:`unsigned_range` (uint8 / 255, 12-bit data in uint16 / 4095, full 16-bit data / 65535), maps
+            booleans to {0, 1}, keeps floats already in [0, 1] and min-max scales any other float or signed-integer
+            image. ``"dtype"`` divides unsigned integers by their dtype maximum instead (uint16 / 65535).
+            ``"minmax"`` always min-max scales. A constant image becomes all zeros under min-max.
 
     Returns:
         float32 array of the same shape.
     """
-    if method not in ("dtype", "minmax"):
-        raise ValueError(f"method must be 'dtype' or 'minmax', got {method!r}")
+    if method not in ("range", "dtype", "minmax"):
+        raise ValueError(f"method must be 'range', 'dtype' or 'minmax', got {method!r}")
     image = np.asarray(image)
     if image.dtype == bool:
         return image.astype(np.float32)
-    if method == "dtype" and np.issubdtype(image.dtype, np.unsignedinteger):
-        return (image.astype(np.float64) / np.iinfo(image.dtype).max).astype(np.float32)
+    if method != "minmax" and np.issubdtype(image.dtype, np.unsignedinteger):
+        scale = unsigned_range(image) if method == "range" else np.iinfo(image.dtype).max
+        return (image.astype(np.float64) / scale).astype(np.float32)
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise TypeError(f"Cannot convert an image of dtype {image.dtype} to float")
     values = image.astype(np.float32)
@@ -280,7 +328,7 @@ def to_float01(image: np.ndarray, method: str = "dtype") -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError("Image contains NaN or infinite values")
     low, high = float(values.min()), float(values.max())
-    if method == "dtype" and np.issubdtype(image.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+    if method != "minmax" and np.issubdtype(image.dtype, np.floating) and low >= 0.0 and high <= 1.0:
         return values
     if high == low:
         return np.zeros_like(values)
@@ -306,3 +354,193 @@ def to_grayscale(image: np.ndarray) -> np.ndarray:
         f"Expected 1 (gray), 3 (RGB) or 4 (RGBA) channels in the last axis, got {channels} "
         f"(shape {image.shape})"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Any image source -> array, and the RGB policy
+# --------------------------------------------------------------------------------------------------
+def describe_source(source: Any) -> str:
+    """A short name for an image source, for messages: the path, a record's path, or the type."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, dict) and source.get("path"):
+        return str(source["path"])
+    filename = getattr(source, "filename", None)  # a PIL image opened from a file
+    if filename:
+        return str(filename)
+    return f"<{type(source).__name__}>"
+
+
+def _read_bytes(data: bytes, name: str | None, page: int | None) -> np.ndarray:
+    stream = io.BytesIO(bytes(data))
+    if (name and Path(name).suffix.lower() in TIFF_SUFFIXES) or bytes(data[:4]) in _TIFF_MAGIC:
+        pages = _read_tiff_pages(stream)
+    else:
+        pages = _read_pil_pages(stream)
+    return _pick_page(pages, page, name or "image bytes")
+
+
+def _pick_page(pages: list[np.ndarray], page: int | None, name) -> np.ndarray:
+    index = 0 if page is None else page
+    if not -len(pages) <= index < len(pages):
+        raise IndexError(f"Page {page} requested but {name} holds {len(pages)} page(s)")
+    return pages[index]
+
+
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    return array
+
+
+def load_image(source: Any, page: int | None = None) -> np.ndarray:
+    """Any image source -> numpy array in its stored dtype, (H, W) or (H, W, C) channels-last.
+
+    Args:
+        source: a path, raw file bytes, a ``{"bytes": ..., "path": ...}`` record, a PIL image, a numpy array or a
+            torch tensor (``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``, C in 1..4).
+        page: page of a multi-page file (default: the first).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ImageReadError: anything that cannot be decoded or used as an image; the message names it.
+    """
+    name = describe_source(source)
+    try:
+        if isinstance(source, dict):
+            data, path = source.get("bytes"), source.get("path")
+            if data:
+                return _read_bytes(data, path, page)
+            if not path:
+                raise ImageReadError("empty image record (no bytes and no path)")
+            source = path
+        if isinstance(source, (str, os.PathLike)):
+            return _pick_page(read_pages(source), page, source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return _read_bytes(source, None, page)
+        if hasattr(source, "mode") and hasattr(source, "getbands"):  # a PIL image
+            return _pil_frame_to_array(source)
+        if type(source).__module__.startswith("torch"):
+            source = source.detach().cpu().numpy()
+        if isinstance(source, np.ndarray):
+            return _channels_last(source)
+    except (FileNotFoundError, IndexError):
+        raise
+    except ImageReadError as error:
+        raise ImageReadError(error if str(error).startswith(name) else f"{name}: {error}") from error
+    except Exception as error:  # Pillow and tifffile raise many types for damaged data
+        raise ImageReadError(f"{name}: {type(error).__name__}: {error}") from error
+    raise ImageReadError(f"{name}: unsupported image source of type {type(source).__name__}")
+
+
+def _composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    background = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
+    return rgb * alpha[..., None] + background * (1.0 - alpha[..., None])
+
+
+def to_rgb01(image: Any, name: str | None = None) -> np.ndarray:
+    """An image (any source, see :func:`load_image`) -> ``(H, W, 3)`` float32 RGB in [0, 1], by the policy of the
+    module docstring (gray replicated, alpha composited onto the ImageNet mean, high-bit data by its real range)."""
+    array = np.asarray(image) if isinstance(image, np.ndarray) else load_image(image)
+    array = _channels_last(array)
+    name = name or describe_source(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ImageReadError(f"{name}: unsupported image layout {array.shape}; expected gray, RGB or RGBA")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageReadError(f"{name}: empty image of shape {array.shape}")
+    try:
+        unit = to_float01(array)
+    except (ValueError, TypeError) as error:
+        raise ImageReadError(f"{name}: {error}") from error
+    if unit.ndim == 2:
+        return np.repeat(unit[..., None], 3, axis=-1)
+    if unit.shape[-1] == 2:
+        return _composite_alpha(np.repeat(unit[..., :1], 3, axis=-1), unit[..., 1])
+    if unit.shape[-1] == 4:
+        return _composite_alpha(unit[..., :3], unit[..., 3])
+    return unit
+
+
+def read_rgb01(source: Any, page: int | None = None) -> np.ndarray:
+    """:func:`load_image` then :func:`to_rgb01`: ``(H, W, 3)`` float32 in [0, 1]."""
+    return to_rgb01(load_image(source, page=page), name=describe_source(source))
+
+
+def check_image_size(image: np.ndarray, patch_size: int, name: str = "image") -> None:
+    """Raise :class:`ImageTooSmallError` naming the image when a side is shorter than one patch."""
+    height, width = np.asarray(image).shape[:2]
+    if height < patch_size or width < patch_size:
+        raise ImageTooSmallError(
+            f"{name}: image of {height} x {width} px is smaller than one {patch_size} x {patch_size} patch"
+        )
+
+
+def list_image_files(folder: PathLike, recursive: bool = True) -> list[Path]:
+    """Image files (:data:`IMAGE_SUFFIXES`) under `folder`, sorted; hidden files and folders are left out.
+
+    Raises:
+        FileNotFoundError: `folder` is not a folder. ImageReadError: it holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not found: {folder} (no such folder)")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = [
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    ]
+    if not files:
+        raise ImageReadError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return sorted(files)
+
+
+class SkippedInputs:
+    """The one policy of batch tools for unreadable or too-small inputs: skip each with a warning that names it
+    and give a final count, or, with `strict`, fail on the first.
+
+    Example:
+        >>> skipped = SkippedInputs(strict=args.strict)
+        >>> for path in paths:
+        ...     try:
+        ...         images.append(read_rgb01(path))
+        ...     except ImageReadError as error:
+        ...         skipped.add(path, error)
+        >>> skipped.summarise(total=len(paths))
+    """
+
+    def __init__(self, strict: bool = False, what: str = "image") -> None:
+        self.strict = strict
+        self.what = what
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, name: Any, error: BaseException) -> None:
+        """Record a skipped input (re-raises `error` when strict)."""
+        if self.strict:
+            raise error
+        message = str(error)
+        label = describe_source(name)
+        self.items.append((label, message))
+        logger.warning("Skipping %s %s: %s", self.what, label, message)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summarise(self, total: int) -> str | None:
+        """Log (and return) the final count, when anything was skipped."""
+        if not self.items:
+            return None
+        line = f"Skipped {len(self.items)} of {total} {self.what}s: {', '.join(self.names)} (pass --strict to fail instead)"
+        logger.warning(line)
+        return line
+
+    def as_dict(self) -> list[dict]:
+        return [{"name": name, "reason": reason} for name, reason in self.items]

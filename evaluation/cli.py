@@ -1,0 +1,232 @@
+"""The one command-line convention of the project's commands.
+
+Every command describes its options as dataclasses (help text in `field(metadata={"help": ...})`) and parses them
+with :class:`ArgumentParser`, transformers' `HfArgumentParser` with three additions:
+
+* a config file (`.json`, `.yaml`, `.yml`) may come first: `python train_distill.py configs/stage1.json
+  --learning_rate 1e-5`; its keys are the option names, and flags typed after it win;
+* `--help` lists each option once, in transformers' underscore style (`--output_dir`); the dashed spelling
+  (`--output-dir`) is still accepted;
+* user errors (:class:`InputError`: a missing model, image or folder, a bad value) end the command with one line
+  naming the problem and exit status 2, through :func:`run_command`.
+
+Model sources are checked before any Hub call: :func:`check_model_source` says "not found: PATH" for a path that is
+neither a file, a folder nor a Hub id (offline, a Hub id must be in the local cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import HfArgumentParser
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+# A Hub repository id: `name` or `owner/name`, letters, digits, `-`, `_`, `.` (no `--` or `..`, as the Hub rules).
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".yaml", ".yml")
+
+
+class InputError(ValueError):
+    """A problem with what the user gave (a path, a file, a value); its message is one line that names it."""
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    """A model, image or folder that does not exist."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------------
+def load_config_file(path) -> dict:
+    """Options from a JSON or YAML mapping `{"option_name": value}` (dashes in keys read as underscores).
+
+    Raises:
+        SourceNotFoundError: the file does not exist.
+        InputError: not a mapping, or not valid JSON / YAML.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceNotFoundError(f"not found: {path} (config file)")
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
+        raise InputError(f"{path}: a config file must end in {', '.join(CONFIG_SUFFIXES)}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except ImportError as error:
+        raise InputError(f"{path}: reading YAML needs PyYAML (`pip install pyyaml`); or write it as JSON") from error
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
+        raise InputError(f"{path} is not valid {path.suffix[1:].upper()}: {error}".replace("\n", " ")) from error
+    if not isinstance(values, dict):
+        raise InputError(f"{path} must hold a mapping of option names to values")
+    return {str(key).replace("-", "_"): value for key, value in values.items() if not str(key).startswith("_")}
+
+
+def _looks_like_config_file(token: str) -> bool:
+    return not token.startswith("-") and token.lower().endswith(CONFIG_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option under its first (underscore) spelling only."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if action.option_strings and len(action.option_strings) > 1:
+            shown = [option for option in action.option_strings if not option.startswith("--") or "-" not in option[2:]]
+            action = _with_options(action, shown)
+        return super()._format_action_invocation(action)
+
+
+def _with_options(action: argparse.Action, option_strings: list[str]) -> argparse.Action:
+    copy = argparse.Action.__new__(type(action))
+    copy.__dict__.update(action.__dict__)
+    copy.option_strings = option_strings or action.option_strings[:1]
+    return copy
+
+
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` over the command's dataclasses, taking an optional leading config file.
+
+    Example:
+        >>> parser = ArgumentParser(ProbeArguments, prog="python -m evaluation.probe_runner")
+        >>> (arguments,) = parser.parse(["config.yaml", "--seed", "3"])
+    """
+
+    def __init__(self, dataclass_types, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
+        if self.description is None:
+            self.description = "Options may also come from a JSON or YAML config file given first."
+
+    def _option_actions(self) -> dict[str, argparse.Action]:
+        return {action.dest: action for action in self._actions if action.option_strings and action.dest != "help"}
+
+    def apply_config(self, values: dict, source) -> None:
+        """Make the values of a config file the defaults (so that typed flags win); unknown keys are errors."""
+        actions = self._option_actions()
+        unknown = [key for key in values if key not in actions]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, actions, n=1)
+                hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            self.error(f"unknown option(s) in {source}: {', '.join(hints)}")
+        for key, value in values.items():
+            action = actions[key]
+            convert = action.type if callable(action.type) else None
+            if convert is not None and isinstance(value, str):
+                value = convert(value)
+            elif convert is not None and isinstance(value, list):
+                value = [convert(item) if isinstance(item, str) else item for item in value]
+            action.default = value
+            action.required = False
+
+    def parse(self, argv: Sequence[str] | None = None) -> tuple:
+        """Parse `argv` (default `sys.argv[1:]`), a config file first if given, into the dataclasses."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv and _looks_like_config_file(argv[0]):
+            try:
+                self.apply_config(load_config_file(argv[0]), argv[0])
+            except InputError as error:
+                self.error(str(error))
+            argv = argv[1:]
+        try:
+            return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        except ValueError as error:  # a dataclass's __post_init__ check, or unused strings
+            self.error(str(error))
+
+
+def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: str | None = None, **kwargs) -> tuple:
+    """One call: build an :class:`ArgumentParser` for `dataclass_types` and parse `argv`."""
+    return ArgumentParser(dataclass_types, prog=prog, **kwargs).parse(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model sources, errors, workers
+# --------------------------------------------------------------------------------------------------
+def _in_offline_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(try_to_load_from_cache(repo_id, filename), str)
+        for filename in ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
+    )
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
+    """Check, before any Hub call, that `name` is an existing file or folder or a possible Hub id.
+
+    A name that can only be a path (absolute, `./`, `~`, more than one `/`, a checkpoint suffix) and does not exist,
+    or a Hub id that is not in the local cache while the Hub is offline, raises
+    `SourceNotFoundError("not found: NAME ...")`.
+
+    Returns:
+        `name` as a string (with `~` expanded for paths).
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path)
+    is_path = (
+        not _REPO_ID.match(text)
+        or text.startswith((".", "/", "~"))
+        or text.lower().endswith(_FILE_SUFFIXES)
+        or "--" in text
+        or ".." in text
+    )
+    if is_path:
+        raise SourceNotFoundError(f"not found: {text} (no such file or folder, and not a Hub id)")
+    if _offline() and not _in_offline_hub_cache(text):
+        raise SourceNotFoundError(
+            f"not found: {text} (no such file or folder, and the Hub id is not in the local cache while "
+            "HF_HUB_OFFLINE is set)"
+        )
+    return text
+
+
+def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None):
+    """Run a command's `main(argv)`; a user error ends it with one line on stderr and exit status 2."""
+    from evaluation.image_io import ImageReadError
+
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        return main(argv)
+    except (InputError, ImageReadError, FileNotFoundError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and `taskset` restrict)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers(requested: int | None = None, processes: int = 1) -> int:
+    """DataLoader workers: `requested` (or 4) capped so that all processes' workers fit the available CPUs."""
+    cap = max(0, available_cpus() // max(1, processes) - 1)
+    return min(4 if requested is None else int(requested), cap)

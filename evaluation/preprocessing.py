@@ -1,0 +1,150 @@
+"""The one preprocessing path: RGB in [0, 1] (from :mod:`evaluation.image_io`) -> normalised pixel values.
+
+The statistics come from the image processor that every saved model folder carries (`AutoImageProcessor`:
+`image_mean`, `image_std`), ImageNet's when a model has none. Geometry is done in float32 with torch (bicubic or
+bilinear, antialiased), so that 16-bit precision survives, which the processor's 8-bit PIL path would lose:
+
+* ``"patch_grid"``: no resize; crop (top-left anchored) to a multiple of the patch size, what a stride-p patch
+  convolution sees anyway (dense features of a whole micrograph);
+* ``"center_crop"``: shortest side to `size`, then the central `size x size` square (distillation, DINOv2's recipe);
+* ``"resize"``: squash to `size x size` (segmentation probes).
+
+    pixel_values = to_pixel_values(read_rgb01("micrograph.tif"), mode="patch_grid", patch_size=14)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from evaluation.image_io import check_image_size
+
+
+IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+RESIZE_MODES = ("patch_grid", "center_crop", "resize")
+
+
+def dinov2_image_processor():
+    """DINOv2's image processor (shortest side 256, centre crop 224, bicubic, ImageNet statistics): what every
+    converted or distilled folder carries. For dense features pass `do_center_crop=False` (and `do_resize=False` to
+    keep the native size)."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+
+
+def load_image_processor(name_or_folder: str, **kwargs):
+    """`AutoImageProcessor.from_pretrained(name_or_folder)`, or DINOv2's processor when the source has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_folder, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return dinov2_image_processor()
+
+
+def image_statistics(processor: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean, std)` as float32 arrays of 3: from an image processor, a mapping with `image_mean` / `image_std`,
+    or ImageNet's."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if processor is not None:
+        get = processor.get if isinstance(processor, dict) else lambda name: getattr(processor, name, None)
+        mean = get("image_mean") if get("image_mean") is not None else mean
+        std = get("image_std") if get("image_std") is not None else std
+    mean = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,)).copy()
+    std = np.broadcast_to(np.asarray(std, dtype=np.float32), (3,)).copy()
+    return mean, std
+
+
+def _as_chw_tensor(rgb01) -> torch.Tensor:
+    """(H, W, 3) array or (3, H, W) tensor -> (3, H, W) float32 tensor."""
+    if isinstance(rgb01, torch.Tensor):
+        return rgb01.float() if rgb01.shape[0] == 3 else rgb01.permute(2, 0, 1).float()
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(rgb01, dtype=np.float32).transpose(2, 0, 1)))
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    resized = F.interpolate(image[None], size=size, mode=resample, align_corners=False, antialias=True)[0]
+    return resized.clamp_(0.0, 1.0)
+
+
+def center_crop_box(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`((new_height, new_width), (top, left))`: shortest side to `size`, then the central square."""
+    scale = size / min(height, width)
+    new_height = size if height <= width else max(size, round(height * scale))
+    new_width = size if width < height else max(size, round(width * scale))
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return (new_height, new_width), (top, left)
+
+
+def resize_and_crop(rgb01, size: int | None = None, mode: str = "center_crop", patch_size: int = 14,
+                    resample: str = "bicubic") -> torch.Tensor:
+    """Geometry only: (H, W, 3) array or (3, H, W) tensor in [0, 1] -> (3, H', W') float32 tensor (see module doc)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"mode must be one of {RESIZE_MODES}; got {mode!r}")
+    image = _as_chw_tensor(rgb01)
+    height, width = image.shape[-2:]
+    if mode == "patch_grid":
+        check_image_size(image.permute(1, 2, 0), patch_size)
+        return image[:, : height // patch_size * patch_size, : width // patch_size * patch_size].contiguous()
+    if size is None:
+        raise ValueError(f"mode {mode!r} needs a size")
+    if mode == "resize":
+        return _resize(image, (size, size), resample).contiguous()
+    (new_height, new_width), (top, left) = center_crop_box(height, width, size)
+    image = _resize(image, (new_height, new_width), resample)
+    return image[:, top : top + size, left : left + size].contiguous()
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> normalised with per-channel mean and std."""
+    mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), dtype=image.dtype)[:, None, None]
+    std = torch.as_tensor(np.asarray(std, dtype=np.float32), dtype=image.dtype)[:, None, None]
+    return (image - mean) / std
+
+
+def denormalize(pixel_values, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W, 3) float32 in [0, 1], for display."""
+    values = np.asarray(pixel_values, dtype=np.float32).transpose(1, 2, 0)
+    return np.clip(values * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32), 0.0, 1.0)
+
+
+def to_pixel_values(rgb01, size: int | None = None, mode: str = "patch_grid", patch_size: int = 14,
+                    processor: Any = None, resample: str = "bicubic") -> torch.Tensor:
+    """RGB in [0, 1] -> `(1, 3, H', W')` float32 pixel values: :func:`resize_and_crop`, then :func:`normalize`
+    with the statistics of `processor` (see :func:`image_statistics`)."""
+    mean, std = image_statistics(processor)
+    return normalize(resize_and_crop(rgb01, size, mode, patch_size, resample), mean, std)[None]
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RESIZE_MODES",
+    "center_crop_box",
+    "denormalize",
+    "dinov2_image_processor",
+    "image_statistics",
+    "load_image_processor",
+    "normalize",
+    "resize_and_crop",
+    "to_pixel_values",
+]
