@@ -138,13 +138,13 @@ def gaussian_kernel1d(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.n
 # --------------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------------
-def prepare_image(image: np.ndarray, scaling: str = "dtype") -> np.ndarray:
+def prepare_image(image: np.ndarray, scaling: str = "range") -> np.ndarray:
     """Turn (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) input into a float32 grayscale image in [0, 1].
 
     Args:
-        image: integer or float image. uint8/uint16 are divided by their dtype maximum, floats already
-            in [0, 1] are kept, other values are min-max scaled (see :func:`to_float01`).
-        scaling: ``"dtype"`` or ``"minmax"`` (always min-max scale).
+        image: integer or float image, scaled by the project's intensity rule (see :func:`to_float01`: uint8 / 255,
+            12-bit data in uint16 / 4095, floats in [0, 1] kept, other values min-max scaled).
+        scaling: ``"range"`` (that rule), ``"dtype"`` (uint16 / 65535) or ``"minmax"`` (always min-max scale).
 
     Returns:
         float32 array (H, W).
@@ -360,7 +360,7 @@ def classical_features(
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     backend: str = "auto",
     device=None,
-    scaling: str = "dtype",
+    scaling: str = "range",
 ) -> np.ndarray:
     """Compute the classical feature stack of one image.
 
@@ -372,7 +372,7 @@ def classical_features(
             when available else CPU) or ``"auto"`` (torch on a GPU when one is available or ``device``
             names one, else numpy).
         device: torch device for the torch backend.
-        scaling: ``"dtype"`` or ``"minmax"``, see :func:`prepare_image`.
+        scaling: ``"range"``, ``"dtype"`` or ``"minmax"``, see :func:`prepare_image`.
 
     Returns:
         float32 array (H, W, C) with ``C = n_features(sigmas)`` (58 by default); channel ``i`` is

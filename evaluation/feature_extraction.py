@@ -11,8 +11,9 @@ Supported ``config.model_type`` values (see :data:`SUPPORTED_MODEL_TYPES`): ``al
 ``ijepa``, ``clip_vision_model`` and ``siglip_vision_model``. Task wrappers (``Dinov2ForImageClassification``
 ...) are unwrapped to their backbone; ``CLIPModel`` / ``SiglipModel`` to their vision tower.
 
-Images are cropped (top-left anchored, never resized) to a multiple of the patch size, which is what a
-stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p``.
+Images are any source :mod:`evaluation.image_io` reads (a path, PIL image, numpy array or tensor), made RGB by
+its one policy, and cropped (top-left anchored, never resized) to a multiple of the patch size, which is what a
+stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p`` (:mod:`evaluation.preprocessing`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from evaluation.image_io import to_float01
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from evaluation.image_io import check_image_size, describe_source, to_rgb01
+from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
 
 LayerSelection = Union[str, int, Sequence[int]]
 
@@ -155,62 +154,27 @@ def _final_norm(backbone) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Image preparation
 # --------------------------------------------------------------------------------------------------
-def _mean_std(image_processor) -> tuple[np.ndarray, np.ndarray]:
-    """ImageNet statistics unless the processor (object or mapping) carries image_mean / image_std."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if image_processor is not None:
-        if isinstance(image_processor, dict):
-            given_mean, given_std = image_processor.get("image_mean"), image_processor.get("image_std")
-        else:
-            given_mean = getattr(image_processor, "image_mean", None)
-            given_std = getattr(image_processor, "image_std", None)
-        mean = mean if given_mean is None else given_mean
-        std = std if given_std is None else given_std
-    mean = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
-    std = np.broadcast_to(np.asarray(std, dtype=np.float32), (3,))
-    return mean, std
-
-
 def crop_to_patch_grid(image: np.ndarray, patch_size: int) -> np.ndarray:
     """Crop (H, W[, ...]) to (H // p * p, W // p * p), keeping the top-left corner.
 
     Raises:
-        ValueError: the image is smaller than one patch along some side.
+        ImageTooSmallError: the image is smaller than one patch along some side.
     """
+    check_image_size(image, patch_size)
     height, width = image.shape[:2]
-    grid_h, grid_w = height // patch_size, width // patch_size
-    if grid_h == 0 or grid_w == 0:
-        raise ValueError(
-            f"Image of size {height}x{width} is smaller than one {patch_size}x{patch_size} patch"
-        )
-    return image[: grid_h * patch_size, : grid_w * patch_size]
+    return image[: height // patch_size * patch_size, : width // patch_size * patch_size]
 
 
-def image_to_rgb01(image: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, 1) or (H, W, 3) image of any dtype -> (H, W, 3) float32 in [0, 1].
+def image_to_pixel_values(image, patch_size: int, image_processor=None) -> torch.Tensor:
+    """Any image source -> normalised (1, 3, H', W') float32 tensor cropped to the patch grid.
 
-    uint8 / uint16 are divided by their dtype maximum, floats already in [0, 1] are kept, other floats
-    and signed integers are min-max scaled. Grayscale is replicated to three channels.
+    Raises:
+        ImageReadError / ImageTooSmallError: naming the image.
     """
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    elif image.ndim != 3 or image.shape[-1] != 3:
-        hint = " (drop the alpha channel of RGBA images first)" if image.ndim == 3 and image.shape[-1] == 4 else ""
-        raise ValueError(
-            f"Expected a grayscale (H, W) or RGB (H, W, 3) image, got shape {image.shape}{hint}"
-        )
-    return to_float01(image)
-
-
-def image_to_pixel_values(image: np.ndarray, patch_size: int, image_processor=None) -> torch.Tensor:
-    """Numpy image -> normalised (1, 3, H', W') float32 tensor cropped to the patch grid."""
-    rgb = crop_to_patch_grid(image_to_rgb01(image), patch_size)
-    mean, std = _mean_std(image_processor)
-    normalised = (rgb - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32))[None]
+    name = describe_source(image)
+    rgb = to_rgb01(image, name=name)
+    check_image_size(rgb, patch_size, name)
+    return to_pixel_values(rgb, mode="patch_grid", patch_size=patch_size, processor=image_processor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +291,7 @@ def extract_patch_features_batch(
 
 def extract_patch_features(
     model: torch.nn.Module,
-    image: np.ndarray,
+    image,
     image_processor=None,
     layers: LayerSelection = "last",
 ) -> np.ndarray:
@@ -335,8 +299,9 @@ def extract_patch_features(
 
     Args:
         model: a supported transformers model (see :data:`SUPPORTED_MODEL_TYPES`); put in eval mode.
-        image: (H, W) grayscale (replicated to RGB) or (H, W, 3) RGB; uint8, uint16 or float in [0, 1]
-            (other ranges are min-max scaled). Cropped to (H // p * p, W // p * p), never resized.
+        image: a path, PIL image, numpy array or tensor, made RGB in [0, 1] by :func:`evaluation.image_io.to_rgb01`
+            (gray replicated, alpha composited, high-bit data by its real range). Cropped to
+            (H // p * p, W // p * p), never resized.
         image_processor: optional object or dict with ``image_mean`` / ``image_std``; ImageNet
             statistics otherwise. Nothing else of the processor is used (no resize, no crop).
         layers: ``"last"`` (final-normed output, the reference patch features), ``"all"`` (embeddings
@@ -361,7 +326,6 @@ __all__ = [
     "extract_patch_features",
     "extract_patch_features_batch",
     "image_to_pixel_values",
-    "image_to_rgb01",
     "patch_size_of",
     "prefix_token_count",
     "resolve_backbone",

@@ -7,13 +7,14 @@ Image sources (``--images``):
   (15 images of 518 x 518 by default).
 * ``noise``: uniform RGB noise (60 images of 518 x 518 by default).
 * ``NAME:COUNT`` for any of the three above picks the number of images (``noise:10``).
-* a folder of image files (PNG, JPEG, TIFF, ...), read at native size;
+* a folder of image files (PNG, JPEG, TIFF, ...), read at native size by :mod:`evaluation.image_io`'s one policy;
 * a folder written by ``datasets.Dataset.save_to_disk`` or ``hf:NAME`` for ``datasets.load_dataset``.
 
 Every image is cropped to its native size floored to the patch grid (never resized), its features are
 extracted once per model, and each ramp is probed with ``repeats`` samplings (6 by default). Sample
 seeds depend on the image and the repeat only, so every model is probed on the same positions. Scores
-are summarised as mean +- std over images x repeats.
+are summarised as mean +- std over images x repeats. An unreadable file, or an image smaller than one patch, is
+skipped with a warning that names it and counted in the results (``skipped``); ``--strict`` fails instead.
 
 Example::
 
@@ -23,28 +24,29 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from evaluation.cli import ArgumentParser, InputError, SourceNotFoundError, check_model_source, run_command
 from evaluation.feature_extraction import (
     extract_patch_features,
     patch_size_of,
     prefix_token_count,
     resolve_backbone,
 )
+from evaluation.files import write_json_atomic
+from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_rgb01, to_rgb01
 from evaluation.positional_probe import expand_ramps, linear_probe, per_channel_probe
 
 BUILTIN_SOURCES: tuple[str, ...] = ("textures", "micro", "noise")
 DEFAULT_COUNTS = {"textures": 3, "micro": 15, "noise": 60}
 DEFAULT_SIZE = (518, 518)
 TEXTURE_NAMES = ("brick", "grass", "gravel")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 NamedImage = tuple[str, np.ndarray]
 
@@ -91,20 +93,22 @@ def noise_images(count: int = 60, size: tuple[int, int] = DEFAULT_SIZE, seed: in
     ]
 
 
-def folder_images(folder: Union[str, Path], limit: int | None = None) -> list[NamedImage]:
-    """Every image file of a folder (sorted by name, not recursive), in its stored dtype."""
-    from evaluation.image_io import read_image
+def folder_images(
+    folder: Union[str, Path], limit: int | None = None, skipped: SkippedInputs | None = None
+) -> list[NamedImage]:
+    """Every image file of a folder (sorted by name, not recursive) as RGB in [0, 1] (first page of stacks).
 
-    folder = Path(folder)
-    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    Unreadable files are recorded in `skipped` (a warning naming each; `SkippedInputs(strict=True)` raises).
+    """
+    skipped = SkippedInputs() if skipped is None else skipped
     images = []
-    for path in paths[:limit]:
-        image = np.asarray(read_image(path, page=0))
-        if image.ndim == 3 and image.shape[-1] == 4:
-            image = image[..., :3]  # drop alpha
-        images.append((path.name, image))
+    for path in list_image_files(folder, recursive=False):
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            images.append((path.name, read_rgb01(path)))
+        except ImageReadError as error:
+            skipped.add(path, error)
     return images
 
 
@@ -137,13 +141,10 @@ def dataset_images(
             raise ValueError(f"No image column in {name_or_path}; columns are {dataset.column_names}")
         image_column = image_columns[0]
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    images = []
-    for index in range(count):
-        image = np.asarray(dataset[index][image_column])
-        if image.ndim == 3 and image.shape[-1] == 4:
-            image = image[..., :3]
-        images.append((f"{Path(name_or_path).name}_{index:04d}", image))
-    return images
+    return [
+        (f"{Path(name_or_path).name}_{index:04d}", to_rgb01(dataset[index][image_column]))
+        for index in range(count)
+    ]
 
 
 def load_image_source(
@@ -153,6 +154,7 @@ def load_image_source(
     split: str = "train",
     image_column: str | None = None,
     seed: int = 0,
+    skipped: SkippedInputs | None = None,
 ) -> list[NamedImage]:
     """Resolve one ``--images`` entry to a list of (name, image) pairs.
 
@@ -161,6 +163,10 @@ def load_image_source(
             ``save_to_disk`` folder, or ``hf:NAME``.
         limit: at most this many images (overrides the default count of the built-in sets).
         size: (H, W) of the generated sets ``micro`` and ``noise`` (518 x 518 by default).
+        skipped: where unreadable files of a folder are recorded (see :func:`folder_images`).
+
+    Raises:
+        SourceNotFoundError: a path that is no folder; InputError: an unknown name.
     """
     name, _, count_text = spec.partition(":")
     if name in BUILTIN_SOURCES:
@@ -176,8 +182,12 @@ def load_image_source(
     if path.is_dir():
         if _is_saved_dataset(path):
             return dataset_images(spec, split=split, image_column=image_column, limit=limit)
-        return folder_images(path, limit=limit)
-    raise ValueError(
+        return folder_images(path, limit=limit, skipped=skipped)
+    if path.is_file():
+        return [(path.name, read_rgb01(path))]
+    if spec.startswith((".", "/", "~")) or "/" in spec or Path(spec).suffix:
+        raise SourceNotFoundError(f"not found: {spec} (no such image file or folder)")
+    raise InputError(
         f"Unknown image source {spec!r}: use one of {', '.join(BUILTIN_SOURCES)} (optionally NAME:COUNT), "
         "an image folder, a datasets save_to_disk folder or hf:NAME"
     )
@@ -192,8 +202,13 @@ def load_model(name: str, device: str | None = None):
     Returns:
         (model, image_processor_stats): the stats are a dict with ``image_mean`` / ``image_std`` from the
         model's image processor when one is stored with it, else None (ImageNet statistics are used).
+
+    Raises:
+        SourceNotFoundError: `name` is neither a file, a folder nor a Hub id (checked before any Hub call).
     """
     from transformers import AutoImageProcessor, AutoModel
+
+    name = check_model_source(name)
 
     try:  # registers alibi_dinov2 with the Auto classes, for local folders saved without remote code
         import modeling_alibi_dinov2  # noqa: F401
@@ -252,6 +267,7 @@ def run_probe(
     per_channel: bool = False,
     image_processors: Mapping[str, object] | None = None,
     progress: bool = True,
+    skipped: SkippedInputs | None = None,
 ) -> dict:
     """Probe every model on every image of every source.
 
@@ -262,12 +278,16 @@ def run_probe(
         repeats: samplings per image (for ``sampling="grid"`` only the ``random`` ramp changes).
         per_channel: also store the per-channel R^2 (mean over images x repeats) of each ramp.
         image_processors: {model name: processor or dict with image_mean / image_std}.
+        skipped: where images a model cannot take (smaller than its patch) are recorded; by default they are
+            skipped with a warning (`SkippedInputs(strict=True)` raises instead).
 
     Returns:
         JSON-ready dict: ``protocol``, ``models`` (descriptions), ``sources`` (image names and sizes),
         ``grids[model][source]`` (patch grid of each image), ``scores[model][source][ramp] = {mean, std, n, per_image}`` and, with ``per_channel``,
-        ``per_channel[model][source][ramp] = [C values]``.
+        ``per_channel[model][source][ramp] = [C values]``, and ``skipped`` (name and reason of each input left
+        out, including unreadable files recorded in `skipped` before the call).
     """
+    skipped = SkippedInputs() if skipped is None else skipped
     for ramp in ramps:
         expand_ramps(ramp)  # fail on a bad name before any model runs
     image_processors = dict(image_processors or {})
@@ -298,7 +318,13 @@ def run_probe(
             described = []
             for image_index, (image_name, image) in enumerate(images):
                 bar.set_postfix_str(f"{model_name} / {image_name}", refresh=False)
-                features = extract_patch_features(model, image, image_processors.get(model_name))
+                bar.update(1)
+                try:
+                    features = extract_patch_features(model, image, image_processors.get(model_name))
+                except ImageReadError as error:
+                    if f"{source_name}/{image_name}" not in skipped.names:
+                        skipped.add(f"{source_name}/{image_name}", error)
+                    continue
                 described.append(
                     {
                         "name": image_name,
@@ -317,18 +343,20 @@ def run_probe(
                             channel_r2 = per_channel_probe(features, ramp, step, sampling, alpha, holdout, repeat_seed)
                             channel_sums[ramp] = channel_sums.get(ramp, 0.0) + channel_r2
                     scores[ramp].append(image_scores)
-                bar.update(1)
+            if not described:
+                raise InputError(f"no usable image in {source_name} for {model_name} (all skipped)")
             results["sources"][source_name] = [
                 {"name": item["name"], "shape": item["shape"]} for item in described
             ]
             results["grids"][model_name][source_name] = [item["grid"] for item in described]
             results["scores"][model_name][source_name] = {ramp: _summary(scores[ramp]) for ramp in ramps}
             if per_channel:
-                n_fits = max(1, len(images) * repeats)
+                n_fits = max(1, len(described) * repeats)
                 results["per_channel"][model_name][source_name] = {
                     ramp: (channel_sums[ramp] / n_fits).tolist() for ramp in channel_sums
                 }
     bar.close()
+    results["skipped"] = skipped.as_dict()
     return results
 
 
@@ -352,76 +380,92 @@ def format_table(results: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluation.probe_runner",
-        description="Positional linear probe (R^2 of positional ramps predicted from patch features).",
+@dataclass
+class ImageSetArguments:
+    """Which images a probing command reads (shared by the probe runner and the report)."""
+
+    images: list[str] = field(
+        default_factory=lambda: ["textures"],
+        metadata={"help": "image sets: textures, micro, noise (optionally NAME:COUNT), an image file or folder, "
+                          "a save_to_disk folder or hf:NAME"},
     )
-    parser.add_argument("--models", nargs="+", required=True, help="Hub ids or local folders (AutoModel)")
-    parser.add_argument(
-        "--images",
-        nargs="+",
-        default=["textures"],
-        help="textures, micro, noise (optionally NAME:COUNT), an image folder, a save_to_disk folder or hf:NAME",
-    )
-    parser.add_argument("--ramps", nargs="+", default=["lr+ud", "random"])
-    parser.add_argument("--step", type=int, default=6)
-    parser.add_argument("--sampling", choices=("random", "grid"), default="random")
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--holdout", action="store_true", help="score held-out patches only")
-    parser.add_argument("--repeats", type=int, default=6, help="samplings per image")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-channel", action="store_true", help="also store per-channel R^2")
-    parser.add_argument("--max-images", type=int, default=None, help="at most this many images per source")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of micro/noise")
-    parser.add_argument("--split", default="train", help="split of datasets sources")
-    parser.add_argument("--image-column", default=None, help="image column of datasets sources")
-    parser.add_argument("--device", default=None, help="torch device (default: the model's)")
-    parser.add_argument("--output", default=None, help="JSON file to write")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
+    max_images: int | None = field(default=None, metadata={"help": "at most this many images per set"})
+    size: list[int] | None = field(default=None, metadata={"help": "H W of the generated sets micro and noise"})
+    split: str = field(default="train", metadata={"help": "split of datasets sources"})
+    image_column: str | None = field(default=None, metadata={"help": "image column of datasets sources"})
+    strict: bool = field(default=False, metadata={"help": "fail on an unreadable or too-small image instead of "
+                                                          "skipping it with a warning"})
+
+    def __post_init__(self):
+        if self.size is not None and len(self.size) != 2:
+            raise ValueError(f"--size takes two numbers, H and W; got {self.size}")
+
+
+@dataclass
+class ProbeArguments:
+    """Models and probe protocol of ``python -m evaluation.probe_runner``."""
+
+    models: list[str] = field(metadata={"help": "Hub ids or local folders (AutoModel, trust_remote_code)"})
+    ramps: list[str] = field(default_factory=lambda: ["lr+ud", "random"], metadata={"help": "ramps to probe"})
+    step: int = field(default=6, metadata={"help": "sampling step of the probe (about one patch in step^2)"})
+    sampling: Literal["random", "grid"] = field(default="random", metadata={"help": "how patches are sampled"})
+    alpha: float = field(default=1.0, metadata={"help": "ridge penalty"})
+    holdout: bool = field(default=False, metadata={"help": "score held-out patches only"})
+    repeats: int = field(default=6, metadata={"help": "samplings per image"})
+    seed: int = field(default=0, metadata={"help": "seed of the samplings and generated sets"})
+    per_channel: bool = field(default=False, metadata={"help": "also store per-channel R^2"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: CPU)"})
+    output: str | None = field(default=None, metadata={"help": "JSON file to write"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def __post_init__(self):
+        for ramp in self.ramps:
+            expand_ramps(ramp)
+
+
+def load_image_sets(arguments: ImageSetArguments, seed: int = 0) -> tuple[dict[str, list[NamedImage]], SkippedInputs]:
+    """The image sets a command asked for, and the record of the files it skipped."""
+    skipped = SkippedInputs(strict=arguments.strict)
+    size = tuple(arguments.size) if arguments.size else None
+    sources = {
+        spec: load_image_source(spec, limit=arguments.max_images, size=size, split=arguments.split,
+                                image_column=arguments.image_column, seed=seed, skipped=skipped)
+        for spec in arguments.images
+    }
+    return sources, skipped
 
 
 def main(argv: Iterable[str] | None = None) -> dict:
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    for ramp in args.ramps:
-        expand_ramps(ramp)
-    sources = {
-        spec: load_image_source(
-            spec,
-            limit=args.max_images,
-            size=tuple(args.size) if args.size else None,
-            split=args.split,
-            image_column=args.image_column,
-            seed=args.seed,
-        )
-        for spec in args.images
-    }
+    probe_args, image_args = ArgumentParser(
+        (ProbeArguments, ImageSetArguments),
+        prog="python -m evaluation.probe_runner",
+        description="Positional linear probe (R^2 of positional ramps predicted from patch features).",
+    ).parse(None if argv is None else list(argv))
     models, processors = {}, {}
-    for name in args.models:
-        models[name], processors[name] = load_model(name, device=args.device)
+    for name in probe_args.models:
+        models[name], processors[name] = load_model(name, device=probe_args.device)
+    sources, skipped = load_image_sets(image_args, seed=probe_args.seed)
     results = run_probe(
         models,
         sources,
-        ramps=args.ramps,
-        step=args.step,
-        sampling=args.sampling,
-        alpha=args.alpha,
-        holdout=args.holdout,
-        repeats=args.repeats,
-        seed=args.seed,
-        per_channel=args.per_channel,
+        ramps=probe_args.ramps,
+        step=probe_args.step,
+        sampling=probe_args.sampling,
+        alpha=probe_args.alpha,
+        holdout=probe_args.holdout,
+        repeats=probe_args.repeats,
+        seed=probe_args.seed,
+        per_channel=probe_args.per_channel,
         image_processors=processors,
-        progress=not args.no_progress,
+        progress=not probe_args.no_progress,
+        skipped=skipped,
     )
+    skipped.summarise(total=sum(len(images) for images in sources.values()) + len(skipped))
     print(format_table(results))
-    if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
-        print(f"wrote {output}")
+    if probe_args.output:
+        print(f"wrote {write_json_atomic(probe_args.output, results)}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

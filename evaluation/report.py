@@ -1,7 +1,7 @@
 """Positional-bias report: one HTML page (with PNG pictures and a JSON file) comparing models.
 
     python -m evaluation.report --models facebook/dinov2-with-registers-small out/alibi-dinov2-small \\
-        --images micro textures --output-dir outputs/report
+        --images micro textures --output_dir outputs/report
 
 For every model: the positional linear-probe R^2 table (the `random` ramp is the control and must score about 0),
 per-channel R^2, the layer x channel fingerprint, PCA / k-means / cosine-similarity pictures side by side, and the
@@ -10,19 +10,21 @@ transformation check (flip, rot90, roll by whole patches). Models are named by t
 
 from __future__ import annotations
 
-import argparse
 import html
-import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from evaluation.cli import ArgumentParser, run_command
 from evaluation.feature_extraction import extract_patch_features
+from evaluation.files import write_json_atomic, write_text_atomic
+from evaluation.image_io import SkippedInputs
 from evaluation.positional_probe import layer_fingerprint
-from evaluation.probe_runner import NamedImage, load_image_source, load_model, run_probe
+from evaluation.probe_runner import ImageSetArguments, NamedImage, load_image_sets, load_model, run_probe
 from evaluation.transform_check import transform_check
 from evaluation.visualisation import (
     cosine_similarity_map,
@@ -97,6 +99,7 @@ def build_report(
     title: str = "Positional-bias report",
     notes: Sequence[str] = (),
     progress: bool = True,
+    skipped: SkippedInputs | None = None,
 ) -> dict:
     """Probe, picture and check every model; write `report.json`, `report.html` and PNGs to `output_dir`.
 
@@ -106,6 +109,7 @@ def build_report(
         picture_images: images (the first of each set) shown in the pictures and used for the fingerprint and the
             transformation check.
         notes: lines shown under the title (e.g. that a model is synthetic).
+        skipped: inputs left out so far (see `evaluation.probe_runner.run_probe`).
 
     Returns:
         The JSON content: `probe` (see `evaluation.probe_runner.run_probe`), `summary[model][set][ramp]`
@@ -114,7 +118,7 @@ def build_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     probe = run_probe(models, sources, ramps=ramps, repeats=repeats, seed=seed, per_channel=True,
-                      image_processors=image_processors, progress=progress)
+                      image_processors=image_processors, progress=progress, skipped=skipped)
     shown = [item for images in sources.values() for item in images[: max(1, picture_images // len(sources))]]
     shown = shown[:picture_images] or [next(iter(sources.values()))[0]]
     steps = tqdm(total=4, desc="report", disable=not progress, file=sys.stderr)
@@ -150,8 +154,8 @@ def build_report(
         "figures": figures,
         "probe": probe,
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.html").write_text(render_html(report))
+    write_json_atomic(output_dir / "report.json", report)
+    write_text_atomic(output_dir / "report.html", render_html(report))
     return report
 
 
@@ -216,41 +220,54 @@ below for every model.</p>
 """
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="Hub ids or folders (loaded with trust_remote_code)")
-    parser.add_argument("--names", nargs="+", help="display names, one per model (default: as given)")
-    parser.add_argument("--images", nargs="+", default=["micro"],
-                        help="image sets: textures, micro, noise (NAME:COUNT), an image folder or hf:NAME")
-    parser.add_argument("--max-images", type=int, help="at most this many images per set")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the generated sets")
-    parser.add_argument("--ramps", nargs="+", default=list(DEFAULT_RAMPS))
-    parser.add_argument("--repeats", type=int, default=6, help="random samplings per image")
-    parser.add_argument("--picture-images", type=int, default=3, help="images shown in the pictures")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="e.g. cuda; default: CPU")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/report"))
-    args = parser.parse_args(argv)
-    if args.names and len(args.names) != len(args.models):
-        parser.error(f"--names gives {len(args.names)} names for {len(args.models)} models")
-    if "lr" not in args.ramps:
-        args.ramps.append("lr")  # the per-channel plot uses it
-    return args
+@dataclass
+class ReportArguments:
+    """Models and layout of ``python -m evaluation.report``."""
+
+    models: list[str] = field(metadata={"help": "Hub ids or folders (loaded with trust_remote_code)"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: as given)"})
+    ramps: list[str] = field(default_factory=lambda: list(DEFAULT_RAMPS), metadata={"help": "ramps to probe"})
+    repeats: int = field(default=6, metadata={"help": "random samplings per image"})
+    picture_images: int = field(default=3, metadata={"help": "images shown in the pictures"})
+    seed: int = field(default=0, metadata={"help": "seed of the samplings and generated sets"})
+    device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
+    output_dir: str = field(default="outputs/report", metadata={"help": "folder of report.html, report.json, PNGs"})
+
+    def __post_init__(self):
+        if self.names and len(self.names) != len(self.models):
+            raise ValueError(f"--names gives {len(self.names)} names for {len(self.models)} models")
+        if "lr" not in self.ramps:
+            self.ramps.append("lr")  # the per-channel plot uses it
+
+
+@dataclass
+class ReportImageArguments(ImageSetArguments):
+    images: list[str] = field(
+        default_factory=lambda: ["micro"],
+        metadata={"help": "image sets: textures, micro, noise (NAME:COUNT), an image file or folder, or hf:NAME"},
+    )
+
+
+def parse_args(argv=None) -> tuple[ReportArguments, ImageSetArguments]:
+    parser = ArgumentParser((ReportArguments, ReportImageArguments), prog="python -m evaluation.report",
+                            description=__doc__.split("\n\n")[0])
+    return parser.parse(argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args, image_args = parse_args(argv)
     names = args.names or args.models
     models, processors = {}, {}
     for name, source in zip(names, args.models):
         models[name], processors[name] = load_model(source, device=args.device)
-    size = tuple(args.size) if args.size else None
-    sources = {spec: load_image_source(spec, limit=args.max_images, size=size, seed=args.seed) for spec in args.images}
+    sources, skipped = load_image_sets(image_args, seed=args.seed)
     report = build_report(models, sources, args.output_dir, ramps=args.ramps, repeats=args.repeats,
-                          picture_images=args.picture_images, seed=args.seed, image_processors=processors)
-    print(f"wrote {args.output_dir / 'report.html'} and report.json")
+                          picture_images=args.picture_images, seed=args.seed, image_processors=processors,
+                          skipped=skipped)
+    skipped.summarise(total=sum(len(images) for images in sources.values()) + len(skipped))
+    print(f"wrote {Path(args.output_dir) / 'report.html'} and report.json")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -15,62 +15,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
 
+from evaluation.image_io import to_rgb01
+from evaluation.pca import flatten_grid, pca_components, scale_per_component, standardise
+
 ChannelScores = Union[np.ndarray, Mapping[str, np.ndarray]]
 
 
 # --------------------------------------------------------------------------------------------------
 # Maps (numpy in, numpy out)
 # --------------------------------------------------------------------------------------------------
-def _flatten(features: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    features = np.asarray(features)
-    if features.ndim != 3:
-        raise ValueError(f"features must be an (h, w, C) grid, got shape {features.shape}")
-    height, width, channels = features.shape
-    return features.reshape(-1, channels).astype(np.float64), (height, width)
-
-
-def standardise(flat: np.ndarray) -> np.ndarray:
-    """Zero mean, unit (population) std per column; constant columns are only centred."""
-    scale = flat.std(axis=0)
-    scale[scale == 0] = 1.0
-    return (flat - flat.mean(axis=0)) / scale
-
-
-def pca_components(features: np.ndarray, n_components: int = 3, standardised: bool = False) -> np.ndarray:
-    """Projection of each patch on the image's own first principal components.
-
-    Signs are fixed so that the largest-magnitude loading of each component is positive, which makes
-    colours reproducible.
-
-    Args:
-        features: (h, w, C).
-        standardised: standardise channels before the PCA (otherwise only centred).
-
-    Returns:
-        float64 (h, w, n_components).
-    """
-    flat, (height, width) = _flatten(features)
-    if n_components > min(flat.shape):
-        raise ValueError(f"n_components={n_components} exceeds min(n_patches, channels)={min(flat.shape)}")
-    centred = standardise(flat) if standardised else flat - flat.mean(axis=0)
-    _, _, components = np.linalg.svd(centred, full_matrices=False)
-    components = components[:n_components]
-    signs = np.sign(components[np.arange(n_components), np.abs(components).argmax(axis=1)])
-    components *= np.where(signs == 0, 1.0, signs)[:, None]
-    return (centred @ components.T).reshape(height, width, n_components)
-
-
 def pca_rgb(features: np.ndarray, standardised: bool = False) -> np.ndarray:
     """First three principal components as RGB, each min-max scaled to [0, 1] over the image.
 
     Returns:
         float64 (h, w, 3) in [0, 1] (a constant component maps to 0).
     """
-    projected = pca_components(features, n_components=3, standardised=standardised)
-    low = projected.min(axis=(0, 1))
-    span = projected.max(axis=(0, 1)) - low
-    span[span == 0] = 1.0
-    return np.clip((projected - low) / span, 0.0, 1.0)
+    return scale_per_component(pca_components(features, n_components=3, standardised=standardised))
 
 
 def kmeans_map(
@@ -85,7 +45,7 @@ def kmeans_map(
     Returns:
         int64 (h, w) labels in [0, n_clusters).
     """
-    flat, (height, width) = _flatten(features)
+    flat, (height, width) = flatten_grid(features)
     design = standardise(flat) if standardised else flat
     labels = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(design)
     return labels.reshape(height, width).astype(np.int64)
@@ -97,7 +57,7 @@ def cosine_similarity_map(features: np.ndarray, query: tuple[int, int]) -> np.nd
     Returns:
         float64 (h, w) in [-1, 1]; 1 at the query.
     """
-    flat, (height, width) = _flatten(features)
+    flat, (height, width) = flatten_grid(features)
     row, col = query
     if not (0 <= row < height and 0 <= col < width):
         raise IndexError(f"query {query} outside the {height} x {width} grid")
@@ -192,7 +152,8 @@ def plot_layer_fingerprint(
 
 
 def _as_displayable(array: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Pick imshow arguments: RGB as is, integer labels through a qualitative map, floats gray."""
+    """Pick imshow arguments for a model's map: RGB as is, integer labels through a qualitative map, floats gray.
+    (Images are never maps: they are drawn through `evaluation.image_io.to_rgb01`.)"""
     array = np.asarray(array)
     if array.ndim == 3:
         return array, {}
@@ -210,7 +171,8 @@ def side_by_side(
     """Grid figure: one row per image, the image then one column per model's map.
 
     Args:
-        images: n images (H, W) or (H, W, 3).
+        images: n images, any source `evaluation.image_io` reads; drawn as the models see them (a grayscale
+            micrograph stays gray, whatever its dtype).
         maps: {model name: n maps}, each RGB (h, w, 3), labels (h, w) int or values (h, w) float.
     """
     for name, model_maps in maps.items():
@@ -219,8 +181,7 @@ def side_by_side(
     figure = _new_figure(panel_size * (1 + len(maps)), panel_size * len(images))
     axes = figure.subplots(len(images), 1 + len(maps), squeeze=False)
     for row, image in enumerate(images):
-        shown, options = _as_displayable(image)
-        axes[row, 0].imshow(shown, **options)
+        axes[row, 0].imshow(to_rgb01(image))
         axes[row, 0].set_ylabel(image_titles[row] if image_titles else f"image {row}")
         for column, (name, model_maps) in enumerate(maps.items(), start=1):
             shown, options = _as_displayable(model_maps[row])

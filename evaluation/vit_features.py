@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from evaluation.image_io import to_float01
+from evaluation.image_io import check_image_size, to_rgb01
+from evaluation.pca import pca_components, scale_per_component
 
 DEFAULT_N_COMPONENTS = 9
 
@@ -39,32 +40,8 @@ def pca_reduce_patches(patch_features: np.ndarray, n_components: int = DEFAULT_N
         When fewer components exist than requested (few tokens or channels) the rest are zeros, so
         the channel count never depends on the image.
     """
-    patch_features = np.asarray(patch_features)
-    if patch_features.ndim != 3:
-        raise ValueError(f"patch_features must have shape (h, w, C), got {patch_features.shape}")
-    if n_components < 1:
-        raise ValueError(f"n_components must be >= 1, got {n_components}")
-    grid_h, grid_w, n_channels = patch_features.shape
-    if grid_h * grid_w == 0 or n_channels == 0:
-        raise ValueError(f"patch_features is empty (shape {patch_features.shape})")
-    tokens = patch_features.reshape(-1, n_channels).astype(np.float64)
-    if not np.all(np.isfinite(tokens)):
-        raise ValueError("patch_features contain NaN or infinite values")
-
-    std = tokens.std(axis=0)
-    tokens = (tokens - tokens.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    _, singular_values, components = np.linalg.svd(tokens, full_matrices=False)
-    n_valid = min(n_components, int(np.sum(singular_values > 1e-8 * max(singular_values.max(), 1e-30))))
-    components = components[:n_valid]
-    signs = np.sign(components[np.arange(n_valid), np.argmax(np.abs(components), axis=1)])
-    components = components * signs[:, None]
-
-    reduced = np.zeros((tokens.shape[0], n_components), dtype=np.float64)
-    scores = tokens @ components.T
-    low, high = scores.min(axis=0), scores.max(axis=0)
-    span = np.where(high > low, high - low, 1.0)
-    reduced[:, :n_valid] = (scores - low) / span
-    return reduced.reshape(grid_h, grid_w, n_components).astype(np.float32)
+    projected = pca_components(patch_features, n_components, standardised=True, fill_missing=True)
+    return scale_per_component(projected).astype(np.float32)
 
 
 def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -189,9 +166,8 @@ def extract_patch_features_tiled(
     extractor = extractor or _default_extractor()
     image = np.asarray(image)
     patch = model_patch_size(model)
+    check_image_size(image, patch)
     grid_h, grid_w = image.shape[0] // patch, image.shape[1] // patch
-    if grid_h < 1 or grid_w < 1:
-        raise ValueError(f"Image of shape {image.shape} is smaller than one {patch} x {patch} patch")
     if max_side is None or (image.shape[0] <= max_side and image.shape[1] <= max_side):
         return np.asarray(extractor(model, image, image_processor=image_processor))
 
@@ -240,15 +216,10 @@ def vit_feature_channels(
     Returns:
         float32 (H, W, n_components) in [0, 1].
     """
-    image = np.asarray(image)
-    if image.ndim not in (2, 3) or image.size == 0:
-        raise ValueError(f"Expected a non-empty (H, W) or (H, W, 3) image, got shape {image.shape}")
-    if image.ndim == 3 and image.shape[-1] in (1, 4):
-        image = image[..., 0] if image.shape[-1] == 1 else image[..., :3]  # gray plane / drop alpha
-    image01 = to_float01(image)
+    image01 = to_rgb01(image)  # the project's one image policy (gray replicated, alpha composited)
     patch_features = extract_patch_features_tiled(
         model, image01, max_side=max_side, overlap=overlap, image_processor=image_processor, extractor=extractor
     )
     return vit_feature_channels_from_patches(
-        patch_features, image.shape, n_components, patch_size=model_patch_size(model)
+        patch_features, image01.shape, n_components, patch_size=model_patch_size(model)
     )

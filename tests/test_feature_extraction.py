@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from evaluation.image_io import ImageReadError, ImageTooSmallError, to_rgb01
 import torch
 import transformers
 from transformers import (
@@ -179,12 +181,13 @@ def test_alibi_model_features_follow_whole_patch_rolls():
 
 def test_clear_errors(image):
     model = MODEL_FACTORIES["dinov2"][0]()
-    with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
+    with pytest.raises(ImageTooSmallError, match="10 x 75 px is smaller than one 14 x 14 patch"):
         extract_patch_features(model, image[:10])
-    with pytest.raises(ValueError, match="alpha"):
-        extract_patch_features(model, np.zeros((28, 28, 4), dtype=np.uint8))
-    with pytest.raises(ValueError, match="grayscale"):
-        extract_patch_features(model, np.zeros((28, 28, 2), dtype=np.uint8))
+    with pytest.raises(ImageReadError, match="unsupported image layout"):
+        extract_patch_features(model, np.zeros((28, 28, 5), dtype=np.uint8))
+    # RGBA follows the one policy: alpha composited onto the ImageNet mean, the same as the composited RGB.
+    rgba = np.concatenate([image[:28, :28], np.full((28, 28, 1), 128, dtype=image.dtype)], axis=-1)
+    np.testing.assert_array_equal(extract_patch_features(model, rgba), extract_patch_features(model, to_rgb01(rgba)))
     with pytest.raises(ValueError, match="layers"):
         extract_patch_features(model, image, layers="middle")
     with pytest.raises(ValueError, match=r"Unsupported model.*dinov2.*vit"):

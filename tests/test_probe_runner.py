@@ -78,14 +78,19 @@ def test_folder_and_saved_dataset_sources(tmp_path):
     (folder / "notes.txt").write_text("not an image")
     images = load_image_source(str(folder))
     assert [name for name, _ in images] == ["a.png", "b.png"]
-    assert images[0][1].shape == (30, 40) and images[1][1].shape == (28, 28, 3)
+    # Read by the one image policy: RGB in [0, 1], gray replicated, alpha composited onto the ImageNet mean.
+    assert images[0][1].shape == (30, 40, 3) and images[1][1].shape == (28, 28, 3)
+    np.testing.assert_allclose(images[0][1], 7 / 255)
+    alpha = 9 / 255
+    np.testing.assert_allclose(images[1][1][0, 0], alpha * 9 / 255 + (1 - alpha) * np.array([0.485, 0.456, 0.406]), rtol=1e-5)
 
     datasets = pytest.importorskip("datasets")
     pictures = [Image.fromarray(np.full((20, 24), value, dtype=np.uint8)) for value in (1, 2, 3)]
     dataset = datasets.Dataset.from_dict({"picture": pictures}, features=datasets.Features({"picture": datasets.Image()}))
     dataset.save_to_disk(str(tmp_path / "saved"))
     loaded = load_image_source(str(tmp_path / "saved"), limit=2)
-    assert len(loaded) == 2 and loaded[1][1].shape == (20, 24) and loaded[1][1][0, 0] == 2
+    assert len(loaded) == 2 and loaded[1][1].shape == (20, 24, 3)
+    np.testing.assert_allclose(loaded[1][1], 2 / 255)
 
 
 def test_probe_seeds_depend_on_image_and_repeat_only():
