@@ -15,13 +15,15 @@ Images are pictures dropped on the page, or files (PNG, JPEG, TIFF of 8 or 16 bi
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from evaluation.feature_extraction import extract_patch_features, image_to_rgb01, patch_size_of
+from evaluation.cli import ArgumentParser, run_command
+from evaluation.feature_extraction import extract_patch_features, patch_size_of
+from evaluation.image_io import load_image, to_rgb01
+from evaluation.preprocessing import shrink_to_max_side
 from evaluation.positional_probe import PositionalProbe, n_random_samples
 from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb
 
@@ -40,24 +42,16 @@ class FeatureAnalysis:
     position_r2: dict[str, float]  # {"x": R^2, "y": R^2} held out; NaN where the grid is too small to probe
 
 
-def prepare_image(image: np.ndarray, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
-    """Any grayscale or RGB image -> `(H, W, 3)` float32 in [0, 1], shrunk (anti-aliased) so that its longer
-    side is at most `max_side` pixels.
+def prepare_image(image, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """Any image (path, PIL, array; gray, RGB, RGBA, palette, 8-16 bit) -> `(H, W, 3)` float32 in [0, 1] by the
+    project's one image policy, shrunk (anti-aliased) so that its longer side is at most `max_side` pixels.
 
     Raises:
-        ValueError: not a grayscale or RGB image (the message names the shape), or `max_side < 1`.
+        ImageReadError: not an image (the message names the shape); ValueError: `max_side < 1`.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
-    rgb = image_to_rgb01(image)
-    longest = max(rgb.shape[:2])
-    if longest <= max_side:
-        return rgb
-    from skimage.transform import resize
-
-    scale = max_side / longest
-    shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)), 3)
-    return resize(rgb, shape, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    return shrink_to_max_side(to_rgb01(image), max_side)
 
 
 def position_r2(features: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -141,9 +135,7 @@ def render_comparison(
 
 def read_upload(path: str) -> np.ndarray:
     """An uploaded file as a numpy image (first page of multi-page TIFFs); errors name the problem."""
-    from evaluation.image_io import read_image
-
-    return read_image(path, page=0)
+    return load_image(path)
 
 
 def sample_images() -> dict[str, np.ndarray]:
@@ -177,7 +169,7 @@ def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFA
             raise gr.Error("Drop an image on the page, choose a file, or pick one of the examples.")
         try:
             return render_comparison(models, picture, int(n_clusters), max_side)
-        except ValueError as error:
+        except (OSError, ValueError) as error:  # ImageReadError / ImageTooSmallError name the problem
             raise gr.Error(str(error)) from error
 
     with gr.Blocks(title="ALiBi-DINOv2: features without position") as page:
@@ -201,19 +193,26 @@ def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFA
     return page
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="hub ids or model folders (trust_remote_code)")
-    parser.add_argument("--names", nargs="+", help="display names, one per model (default: as given)")
-    parser.add_argument("--device", help="e.g. cuda; default: CPU")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="shrink images to this longer side")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
-    args = parser.parse_args(argv)
-    if args.names and len(args.names) != len(args.models):
-        parser.error(f"--names gives {len(args.names)} names for {len(args.models)} models")
-    if args.max_side < 1:
-        parser.error(f"--max-side must be a positive number of pixels, got {args.max_side}")
+@dataclass
+class DemoArguments:
+    """Models and serving of ``python -m demo.app``."""
+
+    models: list[str] = field(metadata={"help": "Hub ids or model folders (trust_remote_code)"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: as given)"})
+    device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
+    max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "shrink images to this longer side (pixels)"})
+    port: int = field(default=7860, metadata={"help": "port of the page on 127.0.0.1"})
+    share: bool = field(default=False, metadata={"help": "also serve through a public Gradio link"})
+
+    def __post_init__(self):
+        if self.names and len(self.names) != len(self.models):
+            raise ValueError(f"--names gives {len(self.names)} names for {len(self.models)} models")
+        if self.max_side < 1:
+            raise ValueError(f"--max_side must be a positive number of pixels, got {self.max_side}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
+    (args,) = ArgumentParser(DemoArguments, prog="python -m demo.app", description=__doc__.split("\n\n")[0]).parse(argv)
     return args
 
 
@@ -227,4 +226,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -114,6 +114,19 @@ def resize_and_crop(rgb01, size: int | None = None, mode: str = "center_crop", p
     return image[:, top : top + size, left : left + size].contiguous()
 
 
+def shrink_to_max_side(rgb01: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W, 3) in [0, 1] -> shrunk (bilinear, antialiased) so that its longer side is at most `max_side`;
+    returned as is when it already fits."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    height, width = rgb01.shape[:2]
+    if max(height, width) <= max_side:
+        return rgb01
+    scale = max_side / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return _resize(_as_chw_tensor(rgb01), size, "bilinear").permute(1, 2, 0).numpy()
+
+
 def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """(..., 3, H, W) in [0, 1] -> normalised with per-channel mean and std."""
     mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), dtype=image.dtype)[:, None, None]
@@ -146,5 +159,6 @@ __all__ = [
     "load_image_processor",
     "normalize",
     "resize_and_crop",
+    "shrink_to_max_side",
     "to_pixel_values",
 ]

@@ -18,7 +18,7 @@ from demo.app import (
     prepare_image,
     render_comparison,
 )
-from evaluation.feature_extraction import image_to_rgb01
+from evaluation.image_io import ImageReadError, ImageTooSmallError, to_rgb01
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -36,12 +36,12 @@ def test_prepare_image_shrinks_the_longer_side_and_scales_16_bit_values():
     assert prepared.shape == (300, 180, 3) and prepared.dtype == np.float32
     assert 0.0 <= prepared.min() < 0.01 and 0.99 < prepared.max() <= 1.0
     small = data.gravel()[:100, :120]
-    np.testing.assert_array_equal(prepare_image(small, max_side=300), image_to_rgb01(small))
+    np.testing.assert_array_equal(prepare_image(small, max_side=300), to_rgb01(small))
 
 
 def test_prepare_image_names_what_is_wrong():
-    with pytest.raises(ValueError, match="alpha"):
-        prepare_image(np.zeros((32, 32, 4), np.uint8))
+    with pytest.raises(ImageReadError, match="unsupported image layout"):
+        prepare_image(np.zeros((32, 32, 5), np.uint8))
     with pytest.raises(ValueError, match="max_side"):
         prepare_image(np.zeros((32, 32), np.uint8), max_side=0)
 
@@ -99,7 +99,7 @@ def test_render_comparison_gives_aligned_pictures_and_one_row_per_model(tiny_mod
 
 
 def test_render_comparison_refuses_an_image_smaller_than_a_patch(tiny_models):
-    with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
+    with pytest.raises(ImageTooSmallError, match="10 x 40 px is smaller than one 14 x 14 patch"):
         render_comparison(tiny_models, np.zeros((10, 40), np.uint8))
 
 
