@@ -8,21 +8,23 @@ thick random-walk strokes drawn strictly inside the eroded region of their class
 with the ground truth.
 
 Data (``--data DIR``), label masks with 0 = unlabelled/ignored and 1..K = classes
-(``--mask-zero-is-class`` if the masks use 0..K-1):
+(``--mask_zero_is_class`` if the masks use 0..K-1):
 
 * ``DIR/images/NAME.EXT`` with ``DIR/masks/NAME.EXT`` (or ``DIR/masks/NAME_mask.EXT``), or
 * ``DIR/NAME.EXT`` with ``DIR/NAME_mask.EXT`` side by side;
 * optionally split into ``DIR/train/`` and ``DIR/test/``, each laid out as above. Without that split
-  the first ``--n-train`` pairs (sorted by name) train and the rest test.
+  the first ``--n_train`` pairs (sorted by name) train and the rest test.
 
-EXT is any of png, jpg, jpeg, tif, tiff, bmp (mask and image may differ). Without ``--data`` a
+EXT is any image suffix :mod:`evaluation.image_io` reads (mask and image may differ); images are read by its one
+policy (RGB in [0, 1]). A pair whose image or mask cannot be read is skipped with a warning that names it and a
+final count; ``--strict`` fails instead. Without ``--data`` a
 generated multi-phase microstructure set is used (:mod:`evaluation.synthetic`).
 
 Usage::
 
-    python -m evaluation.scribble_benchmark --rounds 5 --output-dir outputs/scribbles
+    python -m evaluation.scribble_benchmark --rounds 5 --output_dir outputs/scribbles
     python -m evaluation.scribble_benchmark --models facebook/dinov2-small ./my-alibi-model \\
-        --feature-sets classical classical+vit --rounds 5 --output-dir outputs/scribbles
+        --feature_sets classical classical+vit --rounds 5 --output_dir outputs/scribbles
 
 Models are hub ids or local folders loaded with
 ``transformers.AutoModel.from_pretrained(name, trust_remote_code=True)``. Outputs:
@@ -31,16 +33,17 @@ Models are hub ids or local folders loaded with
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from evaluation.image_io import IMAGE_SUFFIXES, read_image, read_labels
+from evaluation.cli import ArgumentParser, InputError, SourceNotFoundError, run_command
+from evaluation.files import write_json_atomic
+from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
 from evaluation.trainable_segmentation import FEATURE_SETS, TrainableSegmenter
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -235,7 +238,7 @@ def simulate_scribble_rounds(
 # Data
 # --------------------------------------------------------------------------------------------------
 def _image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return list_image_files(directory, recursive=False)
 
 
 def _find_mask(directory: Path, stem: str) -> Optional[Path]:
@@ -250,7 +253,7 @@ def find_image_mask_pairs(directory: str | Path) -> list[tuple[Path, Path]]:
     """(image, mask) paths in ``directory`` (``images/`` + ``masks/`` or ``NAME`` + ``NAME_mask``)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Data directory not found: {directory}")
+        raise SourceNotFoundError(f"not found: {directory} (no such data folder)")
     pairs = []
     if (directory / "images").is_dir() and (directory / "masks").is_dir():
         for image_path in _image_files(directory / "images"):
@@ -274,30 +277,41 @@ def find_image_mask_pairs(directory: str | Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_image_mask_pairs(directory: str | Path, mask_zero_is_class: bool = False) -> list[Pair]:
-    """Read the pairs found by :func:`find_image_mask_pairs` as (image, int32 labels)."""
+def load_image_mask_pairs(
+    directory: str | Path, mask_zero_is_class: bool = False, skipped: SkippedInputs | None = None
+) -> list[Pair]:
+    """Read the pairs found by :func:`find_image_mask_pairs` as ((H, W, 3) float32 RGB in [0, 1], int32 labels).
+
+    A pair that cannot be read, or whose mask does not match its image, is recorded in `skipped` (a warning naming
+    it; `SkippedInputs(strict=True)` raises instead).
+    """
+    skipped = SkippedInputs(what="image/mask pair") if skipped is None else skipped
     pairs = []
     for image_path, mask_path in find_image_mask_pairs(directory):
-        image, labels = read_image(image_path), read_labels(mask_path)
-        if image.shape[:2] != labels.shape:
-            raise ValueError(f"{mask_path} has shape {labels.shape} but {image_path} is {image.shape[:2]}")
+        try:
+            image, labels = read_rgb01(image_path), read_labels(mask_path)
+            if image.shape[:2] != labels.shape:
+                raise ImageReadError(f"{mask_path} has shape {labels.shape} but {image_path} is {image.shape[:2]}")
+        except (ImageReadError, ValueError) as error:
+            skipped.add(image_path, error)
+            continue
         pairs.append((image, labels + 1 if mask_zero_is_class else labels))
     return pairs
 
 
 def load_benchmark_data(
-    directory: str | Path, n_train: int, mask_zero_is_class: bool = False
+    directory: str | Path, n_train: int, mask_zero_is_class: bool = False, skipped: SkippedInputs | None = None
 ) -> tuple[list[Pair], list[Pair]]:
     """Training and test pairs: ``train/`` + ``test/`` subfolders, else the first ``n_train`` pairs."""
     directory = Path(directory)
     if (directory / "train").is_dir() and (directory / "test").is_dir():
         return (
-            load_image_mask_pairs(directory / "train", mask_zero_is_class),
-            load_image_mask_pairs(directory / "test", mask_zero_is_class),
+            load_image_mask_pairs(directory / "train", mask_zero_is_class, skipped),
+            load_image_mask_pairs(directory / "test", mask_zero_is_class, skipped),
         )
-    pairs = load_image_mask_pairs(directory, mask_zero_is_class)
+    pairs = load_image_mask_pairs(directory, mask_zero_is_class, skipped)
     if len(pairs) <= n_train:
-        raise ValueError(f"{directory} holds {len(pairs)} pairs; need more than n_train={n_train} to keep test images")
+        raise InputError(f"{directory} holds {len(pairs)} readable pairs; need more than n_train={n_train} to keep test images")
     return pairs[:n_train], pairs[n_train:]
 
 
@@ -479,74 +493,75 @@ def plot_results(results: dict, path: str | Path) -> None:
     plt.close(figure)
 
 
-def load_model(name: str, device: Optional[str] = None):
-    """Load a hub id or local folder with ``AutoModel.from_pretrained(name, trust_remote_code=True)``."""
-    import torch
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(name, trust_remote_code=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluation.scribble_benchmark",
-        description="Scribble benchmark: mIoU of trainable segmentation against labelling rounds.",
+@dataclass
+class ScribbleBenchmarkArguments:
+    """Options of ``python -m evaluation.scribble_benchmark``."""
+
+    models: list[str] = field(default_factory=list, metadata={"help": "Hub ids or local model folders"})
+    feature_sets: list[str] | None = field(
+        default=None, metadata={"help": f"any of {', '.join(FEATURE_SETS)}; default: classical, plus "
+                                        "classical+vit when --models are given"})
+    rounds: int = field(default=5, metadata={"help": "labelling rounds"})
+    output_dir: str = field(default="outputs/scribbles", metadata={"help": "folder of the JSON and the plot"})
+    data: str | None = field(default=None, metadata={"help": "folder of image/mask pairs (default: generated "
+                                                             "microstructures)"})
+    mask_zero_is_class: bool = field(default=False, metadata={"help": "masks use 0..K-1 (shifted to 1..K)"})
+    n_train: int = field(default=5, metadata={"help": "training images"})
+    n_test: int = field(default=17, metadata={"help": "test images (generated data only)"})
+    size: int = field(default=256, metadata={"help": "generated image side (pixels)"})
+    n_phases: int = field(default=3, metadata={"help": "phases of the generated data"})
+    noise: float = field(default=0.08, metadata={"help": "noise of the generated data"})
+    illumination: float = field(default=0.0, metadata={"help": "illumination gradient of the generated data"})
+    blur: float = field(default=0.0, metadata={"help": "blur of the generated data"})
+    classifier: Literal["xgboost", "random_forest"] = field(default="xgboost", metadata={"help": "pixel classifier"})
+    seed: int = field(default=0, metadata={"help": "seed of data, scribbles and classifier"})
+    scribble_length: int | None = field(default=None, metadata={"help": "scribble length (pixels)"})
+    scribble_thickness: int = field(default=3, metadata={"help": "scribble thickness (pixels)"})
+    n_components: int = field(default=9, metadata={"help": "PCA dimensions of the ViT channels"})
+    max_side: int | None = field(default=None, metadata={"help": "tile size for ViT features on large images"})
+    device: str | None = field(default=None, metadata={"help": "torch device for the models (default: CPU)"})
+    n_jobs: int | None = field(default=None, metadata={"help": "classifier threads"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+    strict: bool = field(default=False, metadata={"help": "fail on an unreadable pair instead of skipping it"})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.feature_sets or ()) - set(FEATURE_SETS))
+        if unknown:
+            raise ValueError(f"--feature_sets: unknown {unknown}; choose from {', '.join(FEATURE_SETS)}")
+
+
+def _benchmark_data(args: ScribbleBenchmarkArguments, skipped: SkippedInputs) -> tuple[list[Pair], list[Pair]]:
+    if args.data:
+        return load_benchmark_data(args.data, args.n_train, args.mask_zero_is_class, skipped)
+    from evaluation.synthetic import generate_microstructure_dataset
+
+    pairs = generate_microstructure_dataset(
+        args.n_train + args.n_test,
+        size=(args.size, args.size),
+        n_phases=args.n_phases,
+        seed=args.seed,
+        noise=args.noise,
+        illumination=args.illumination,
+        blur=args.blur,
     )
-    parser.add_argument("--models", nargs="*", default=[], help="hub ids or local model folders")
-    parser.add_argument(
-        "--feature-sets",
-        nargs="+",
-        choices=FEATURE_SETS,
-        default=None,
-        help="default: classical, plus classical+vit when --models are given",
-    )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output-dir", default="outputs/scribbles")
-    parser.add_argument("--data", default=None, help="folder of image/mask pairs (default: generated microstructures)")
-    parser.add_argument("--mask-zero-is-class", action="store_true", help="masks use 0..K-1 (shifted to 1..K)")
-    parser.add_argument("--n-train", type=int, default=5)
-    parser.add_argument("--n-test", type=int, default=17, help="generated data only")
-    parser.add_argument("--size", type=int, default=256, help="generated image side (pixels)")
-    parser.add_argument("--n-phases", type=int, default=3, help="generated data only")
-    parser.add_argument("--noise", type=float, default=0.08, help="generated data only")
-    parser.add_argument("--illumination", type=float, default=0.0, help="generated data only")
-    parser.add_argument("--blur", type=float, default=0.0, help="generated data only")
-    parser.add_argument("--classifier", choices=("xgboost", "random_forest"), default="xgboost")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scribble-length", type=int, default=None)
-    parser.add_argument("--scribble-thickness", type=int, default=3)
-    parser.add_argument("--n-components", type=int, default=9)
-    parser.add_argument("--max-side", type=int, default=None, help="tile size for ViT features on large images")
-    parser.add_argument("--device", default=None, help="torch device for the models (default: cuda if available)")
-    parser.add_argument("--n-jobs", type=int, default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
+    return pairs[: args.n_train], pairs[args.n_train :]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    feature_sets = args.feature_sets or (["classical", "classical+vit"] if args.models else ["classical"])
-    if args.data:
-        train_pairs, test_pairs = load_benchmark_data(args.data, args.n_train, args.mask_zero_is_class)
-    else:
-        from evaluation.synthetic import generate_microstructure_dataset
+    from evaluation.probe_runner import load_model
 
-        pairs = generate_microstructure_dataset(
-            args.n_train + args.n_test,
-            size=(args.size, args.size),
-            n_phases=args.n_phases,
-            seed=args.seed,
-            noise=args.noise,
-            illumination=args.illumination,
-            blur=args.blur,
-        )
-        train_pairs, test_pairs = pairs[: args.n_train], pairs[args.n_train :]
-    models = {name: load_model(name, args.device) for name in args.models}
+    (args,) = ArgumentParser(
+        ScribbleBenchmarkArguments,
+        prog="python -m evaluation.scribble_benchmark",
+        description="Scribble benchmark: mIoU of trainable segmentation against labelling rounds.",
+    ).parse(argv)
+    feature_sets = args.feature_sets or (["classical", "classical+vit"] if args.models else ["classical"])
+    models = {name: load_model(name, args.device)[0] for name in args.models}
+    skipped = SkippedInputs(strict=args.strict, what="image/mask pair")
+    train_pairs, test_pairs = _benchmark_data(args, skipped)
     results = run_scribble_benchmark(
         train_pairs,
         test_pairs,
@@ -563,10 +578,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         progress=not args.no_progress,
     )
     results["config"]["data"] = args.data or "generated microstructures"
+    results["skipped"] = skipped.as_dict()
+    skipped.summarise(total=len(train_pairs) + len(test_pairs) + len(skipped))
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "scribble_benchmark.json", "w") as handle:
-        json.dump(results, handle, indent=2)
+    write_json_atomic(output_dir / "scribble_benchmark.json", results)
     plot_results(results, output_dir / "scribble_benchmark.png")
     for run in results["runs"]:
         scores = " ".join("  n/a" if v is None else f"{v:.3f}" for v in run["miou"])
@@ -576,4 +591,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

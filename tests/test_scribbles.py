@@ -94,8 +94,8 @@ def _check_results(results, n_rounds, run_names):
 def test_benchmark_cli_runs_end_to_end_with_classical_features(tmp_path):
     output = tmp_path / "scribbles"
     results = main(
-        ["--rounds", "2", "--size", "64", "--n-train", "2", "--n-test", "2", "--n-phases", "2",
-         "--output-dir", str(output), "--no-progress"]
+        ["--rounds", "2", "--size", "64", "--n_train", "2", "--n_test", "2", "--n_phases", "2",
+         "--output_dir", str(output), "--no_progress"]
     )
     saved = json.loads((output / "scribble_benchmark.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
@@ -113,7 +113,7 @@ def test_benchmark_reads_image_mask_pairs_from_a_folder(tmp_path):
         write_mask(data / f"sample{index}_mask.png", labels)
     assert [p[0].name for p in find_image_mask_pairs(data)] == ["sample0.png", "sample1.png", "sample2.png"]
     results = main(
-        ["--data", str(data), "--n-train", "2", "--rounds", "1", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+        ["--data", str(data), "--n_train", "2", "--rounds", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
     )
     assert results["config"]["n_train"] == 2 and results["config"]["n_test"] == 1
     _check_results(results, 1, ["classical"])
@@ -155,9 +155,9 @@ def tiny_dinov2_folder(tmp_path_factory):
 def test_benchmark_cli_with_a_tiny_local_vit(tmp_path, tiny_dinov2_folder):
     output = tmp_path / "vit"
     results = main(
-        ["--models", str(tiny_dinov2_folder), "--feature-sets", "classical", "classical+vit", "--rounds", "2",
-         "--size", "56", "--n-train", "2", "--n-test", "1", "--n-phases", "2", "--device", "cpu",
-         "--output-dir", str(output), "--no-progress"]
+        ["--models", str(tiny_dinov2_folder), "--feature_sets", "classical", "classical+vit", "--rounds", "2",
+         "--size", "56", "--n_train", "2", "--n_test", "1", "--n_phases", "2", "--device", "cpu",
+         "--output_dir", str(output), "--no_progress"]
     )
     _check_results(results, 2, ["classical", f"classical+vit [{tiny_dinov2_folder}]"])
     assert (output / "scribble_benchmark.png").exists()
