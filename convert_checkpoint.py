@@ -1,6 +1,6 @@
 """Retrofit a DINOv2 checkpoint into a ready-to-publish ALiBi-DINOv2 folder.
 
-Sources (detected from the path and its keys; `--source-format` overrides):
+Sources (detected from the path and its keys; `--source_format` overrides):
 
 - `hf`: a transformers `Dinov2Model` / `Dinov2WithRegistersModel` (Hub id such as `facebook/dinov2-small`, or a
   local folder), or a folder saved by this project;
@@ -13,21 +13,23 @@ position scheme, reproducing its outputs: for parity checks).
 
     python convert_checkpoint.py facebook/dinov2-with-registers-small out/alibi-dinov2-small
     python convert_checkpoint.py dinov2_vits14_reg4_pretrain.pth out/nope --variant nope
-    python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push-to-hub me/alibi-dinov2-small
+    python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push_to_hub me/alibi-dinov2-small
 
 `.pth` files are read with `torch.load(..., weights_only=True)` only and never modified.
 """
 
-import argparse
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from configuration_alibi_dinov2 import ALIBI_METRICS, ALIBI_SLOPES, AlibiDinov2Config
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation.cli import ArgumentParser, check_model_source, run_command
+from evaluation.preprocessing import dinov2_image_processor
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -36,8 +38,6 @@ SOURCE_FORMATS = ("auto", "hf", "meta", "timm")
 VARIANTS = ("alibi", "nope", "keep-pe")
 POSITION_SCHEMES = ("auto", "learned", "alibi", "nope")
 PAPER_ARXIV_ID = "2603.16840"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Every DINOv2 size uses 64-dimensional heads; Meta and timm state dicts do not store the head count.
 DINOV2_HEAD_DIM = 64
 TIMM_PREFIXES = ("model.", "vit.")
@@ -358,22 +358,9 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
 
 
 def save_image_processor(output_dir) -> None:
-    """DINOv2's preprocessing: shortest side 256, centre crop 224, ImageNet normalisation. For dense features of a
-    whole image pass `do_center_crop=False` (and `do_resize=False` to keep the native size)."""
-    from transformers import BitImageProcessor
-
-    BitImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": 256},
-        resample=3,  # bicubic
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    ).save_pretrained(output_dir)
+    """DINOv2's preprocessing (shortest side 256, centre crop 224, ImageNet normalisation), the processor every
+    folder carries; see `evaluation.preprocessing.dinov2_image_processor`."""
+    dinov2_image_processor().save_pretrained(output_dir)
 
 
 def evaluation_table(results: dict | None) -> str:
@@ -548,7 +535,12 @@ def convert(
     **alibi_options,
 ) -> AlibiDinov2Model:
     """Convert `source` into an `AlibiDinov2Model` of `variant`; with `output_dir`, also write the publishable
-    folder (and upload it with `push_to_hub=REPO_ID`)."""
+    folder (and upload it with `push_to_hub=REPO_ID`).
+
+    Raises:
+        SourceNotFoundError: `source` is neither a file, a folder nor a Hub id (checked before any Hub call).
+    """
+    source = check_model_source(source, what="checkpoint")
     checkpoint = read_source(source, source_format, num_heads, source_position, revision)
     model = build_model(checkpoint, variant, **alibi_options)
     if output_dir is not None:
@@ -559,37 +551,35 @@ def convert(
     return model
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+@dataclass
+class ConvertArguments:
+    """Options of `python convert_checkpoint.py SOURCE OUTPUT_DIR`."""
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="Hub id, transformers folder, Meta .pth or timm .pth")
-    parser.add_argument("output_dir", type=Path, help="folder to write")
-    parser.add_argument("--variant", choices=VARIANTS, default="alibi")
-    parser.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto")
-    parser.add_argument(
-        "--source-position",
-        choices=POSITION_SCHEMES,
+    source: str = field(metadata={"help": "Hub id, transformers folder, Meta .pth or timm .pth"})
+    output_dir: str = field(metadata={"help": "folder to write"})
+    variant: Literal["alibi", "nope", "keep-pe"] = field(default="alibi", metadata={"help": "what to build"})
+    source_format: Literal["auto", "hf", "meta", "timm"] = field(default="auto", metadata={"help": "layout of the source"})
+    source_position: Literal["auto", "learned", "alibi", "nope"] = field(
         default="auto",
-        help="how a .pth source encodes positions (auto: learned if it has a non-zero embedding, else ALiBi, or "
-        "NoPE when the file name says 'nope')",
+        metadata={"help": "how a .pth source encodes positions (auto: learned if it has a non-zero embedding, else "
+                          "ALiBi, or NoPE when the file name says 'nope')"},
     )
-    parser.add_argument("--num-heads", type=int, help="attention heads of a .pth source (default hidden / 64)")
-    parser.add_argument("--revision", help="Hub revision of an hf source")
-    parser.add_argument("--alibi-metric", choices=ALIBI_METRICS)
-    parser.add_argument("--alibi-wrap", type=_bool, metavar="{true,false}")
-    parser.add_argument("--alibi-normalize", type=_bool, metavar="{true,false}")
-    parser.add_argument("--alibi-slopes", choices=ALIBI_SLOPES)
-    parser.add_argument("--alibi-jitter", type=float)
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
-    return parser.parse_args(argv)
+    num_heads: int | None = field(default=None, metadata={"help": "attention heads of a .pth source (default hidden / 64)"})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of an hf source"})
+    alibi_metric: Literal["euclidean", "manhattan"] | None = field(default=None, metadata={"help": "distance metric"})
+    alibi_wrap: bool | None = field(default=None, metadata={"help": "true or false: wrapped (toroidal) distances"})
+    alibi_normalize: bool | None = field(default=None, metadata={"help": "true or false: divide by the largest distance"})
+    alibi_slopes: Literal["constant", "geometric", "learned"] | None = field(default=None, metadata={"help": "head slopes"})
+    alibi_jitter: float | None = field(default=None, metadata={"help": "std of Gaussian noise added to the bias"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "upload the folder to this Hub repository id"})
+    private: bool = field(default=False, metadata={"help": "with --push_to_hub: create a private repository"})
+
+
+def parse_args(argv=None) -> ConvertArguments:
+    parser = ArgumentParser(ConvertArguments, positionals=("source", "output_dir"), prog="convert_checkpoint.py",
+                            description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse(argv)
+    return args
 
 
 def main(argv=None) -> AlibiDinov2Model:
@@ -613,4 +603,4 @@ def main(argv=None) -> AlibiDinov2Model:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

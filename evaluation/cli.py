@@ -109,9 +109,15 @@ class ArgumentParser(HfArgumentParser):
         >>> (arguments,) = parser.parse(["config.yaml", "--seed", "3"])
     """
 
-    def __init__(self, dataclass_types, **kwargs) -> None:
+    def __init__(self, dataclass_types, positionals: Sequence[str] = (), **kwargs) -> None:
+        """`positionals`: option names that may also be given, in this order, as the leading bare words of the
+        command line (`convert_checkpoint.py SOURCE OUTPUT_DIR` is `--source SOURCE --output_dir OUTPUT_DIR`)."""
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
+        self.positionals = tuple(positionals)
+        if self.positionals:
+            shown = " ".join(name.upper() for name in self.positionals)
+            self.usage = f"{self.prog} [CONFIG_FILE] [{shown}] [options]"
         if self.description is None:
             self.description = "Options may also come from a JSON or YAML config file given first."
 
@@ -147,6 +153,11 @@ class ArgumentParser(HfArgumentParser):
             except InputError as error:
                 self.error(str(error))
             argv = argv[1:]
+        leading = []
+        while argv and len(leading) < len(self.positionals) and not argv[0].startswith("-"):
+            leading.append(argv.pop(0))
+        for name, value in zip(self.positionals, leading):
+            argv = [f"--{name}", value, *argv]
         try:
             return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
         except ValueError as error:  # a dataclass's __post_init__ check, or unused strings
