@@ -33,6 +33,10 @@ EXTRAS = {
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).
     "crf": ["pydensecrf2>=1.1"],
 }
+CONSOLE_SCRIPTS = [
+    f"alibi-{name.replace('_', '-')} = evaluation.commands:{name}"
+    for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "demo")
+]
 EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], "pytest>=8.0"})
 
 setup(
@@ -52,6 +56,8 @@ setup(
     ],
     packages=find_packages(include=["evaluation", "evaluation.*", "demo"]),
     install_requires=INSTALL_REQUIRES,
+    # One console command per entry point (`alibi-convert`, `alibi-distill`, ...): see evaluation/commands.py.
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require=EXTRAS,
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -84,7 +84,7 @@ def _read_tiff_pages(path) -> list[np.ndarray]:
         with tifffile.TiffFile(path) as tif:
             pages = [page.asarray() for page in tif.pages]
     except Exception as error:  # tifffile raises many error types for damaged files
-        raise ImageReadError(f"Could not read TIFF file {path}: {error}") from error
+        raise ImageReadError(f"{path}: not a readable TIFF ({error})") from error
     if not pages:
         raise ImageReadError(f"TIFF file {path} contains no pages")
     return [np.asarray(page) for page in pages]
@@ -117,7 +117,7 @@ def _read_pil_pages(path, palette: str = "colours") -> list[np.ndarray]:
         with Image.open(path) as image:
             pages = [_pil_frame_to_array(frame, palette) for frame in ImageSequence.Iterator(image)]
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ImageReadError(f"Could not read image file {path}: {error}") from error
+        raise ImageReadError(f"{path}: not a readable image ({error})") from error
     if not pages:
         raise ImageReadError(f"Image file {path} contains no frames")
     return pages
@@ -368,7 +368,7 @@ def describe_source(source: Any) -> str:
     filename = getattr(source, "filename", None)  # a PIL image opened from a file
     if filename:
         return str(filename)
-    return f"<{type(source).__name__}>"
+    return "image"
 
 
 def _read_bytes(data: bytes, name: str | None, page: int | None) -> np.ndarray:
@@ -525,7 +525,7 @@ class SkippedInputs:
         message = str(error)
         label = describe_source(name)
         self.items.append((label, message))
-        logger.warning("Skipping %s %s: %s", self.what, label, message)
+        logger.warning("Skipping %s %s", self.what, message if label in message else f"{label}: {message}")
 
     @property
     def names(self) -> list[str]:

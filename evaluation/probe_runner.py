@@ -445,6 +445,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
     for name in probe_args.models:
         models[name], processors[name] = load_model(name, device=probe_args.device)
     sources, skipped = load_image_sets(image_args, seed=probe_args.seed)
+    total = sum(len(images) for images in sources.values()) + len(skipped)
     results = run_probe(
         models,
         sources,
@@ -460,7 +461,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
         progress=not probe_args.no_progress,
         skipped=skipped,
     )
-    skipped.summarise(total=sum(len(images) for images in sources.values()) + len(skipped))
+    skipped.summarise(total=total)
     print(format_table(results))
     if probe_args.output:
         print(f"wrote {write_json_atomic(probe_args.output, results)}")

@@ -261,10 +261,11 @@ def main(argv=None) -> dict:
     for name, source in zip(names, args.models):
         models[name], processors[name] = load_model(source, device=args.device)
     sources, skipped = load_image_sets(image_args, seed=args.seed)
+    total = sum(len(images) for images in sources.values()) + len(skipped)
     report = build_report(models, sources, args.output_dir, ramps=args.ramps, repeats=args.repeats,
                           picture_images=args.picture_images, seed=args.seed, image_processors=processors,
                           skipped=skipped)
-    skipped.summarise(total=sum(len(images) for images in sources.values()) + len(skipped))
+    skipped.summarise(total=total)
     print(f"wrote {Path(args.output_dir) / 'report.html'} and report.json")
     return report
 

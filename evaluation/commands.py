@@ -1,0 +1,58 @@
+"""Console entry points of the project's commands (see `setup.py`): each runs a module's `main` through
+`evaluation.cli.run_command`, so a user error ends with one line and exit status 2 and no traceback.
+
+| command | module |
+|---|---|
+| `alibi-convert` | `convert_checkpoint` |
+| `alibi-distill` | `train_distill` (also `accelerate launch train_distill.py`) |
+| `alibi-quickstart` | `quickstart` |
+| `alibi-probe` | `evaluation.probe_runner` |
+| `alibi-report` | `evaluation.report` |
+| `alibi-scribbles` | `evaluation.scribble_benchmark` |
+| `alibi-linear-seg` | `evaluation.linear_segmentation` |
+| `alibi-demo` | `demo.app` |
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from evaluation.cli import run_command
+
+
+COMMANDS = {
+    "alibi-convert": "convert_checkpoint",
+    "alibi-distill": "train_distill",
+    "alibi-quickstart": "quickstart",
+    "alibi-probe": "evaluation.probe_runner",
+    "alibi-report": "evaluation.report",
+    "alibi-scribbles": "evaluation.scribble_benchmark",
+    "alibi-linear-seg": "evaluation.linear_segmentation",
+    "alibi-demo": "demo.app",
+}
+
+
+def _entry_point(command: str) -> Callable[[], None]:
+    def entry() -> None:
+        module = importlib.import_module(COMMANDS[command])
+        run_command(module.main, prog=command)
+
+    entry.__name__ = command.replace("-", "_")
+    entry.__doc__ = f"`{command}`: `{COMMANDS[command]}.main` on the command line."
+    return entry
+
+
+convert = _entry_point("alibi-convert")
+distill = _entry_point("alibi-distill")
+quickstart = _entry_point("alibi-quickstart")
+probe = _entry_point("alibi-probe")
+report = _entry_point("alibi-report")
+scribbles = _entry_point("alibi-scribbles")
+linear_seg = _entry_point("alibi-linear-seg")
+demo = _entry_point("alibi-demo")
+
+
+def console_scripts() -> list[str]:
+    """The `entry_points["console_scripts"]` lines of `setup.py`."""
+    return [f"{command} = evaluation.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]
