@@ -1,0 +1,120 @@
+"""Every command: one flag style in --help, a config file accepted first, and a missing model named in one line
+before any Hub call."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.cli import check_model_source, run_command
+from evaluation.commands import COMMANDS, console_scripts
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_options(command: str, missing: str, folder: Path) -> list[str]:
+    """Command-line options that name `missing` as the model, the rest valid."""
+    images = str(folder)
+    return {
+        "alibi-convert": [missing, str(folder / "out")],
+        "alibi-distill": ["--teacher", missing, "--train_dir", images, "--output_dir", str(folder / "out")],
+        "alibi-quickstart": ["--teacher", missing, "--output_dir", str(folder / "out")],
+        "alibi-probe": ["--models", missing],
+        "alibi-report": ["--models", missing, "--output_dir", str(folder / "out")],
+        "alibi-scribbles": ["--models", missing, "--output_dir", str(folder / "out")],
+        "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--output_dir", str(folder / "out")],
+        "alibi-demo": ["--models", missing],
+    }[command]
+
+
+def as_config(options: list[str]) -> dict:
+    """The same options as a config mapping (leading bare words are the converter's SOURCE OUTPUT_DIR)."""
+    if not options[0].startswith("--"):
+        return {"source": options[0], "output_dir": options[1]}
+    config, key = {}, None
+    for token in options:
+        if token.startswith("--"):
+            key = token[2:]
+            config[key] = True
+        else:
+            config[key] = [token] if key == "models" else token
+    return config
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    return folder
+
+
+def test_every_command_has_a_console_entry_point():
+    setup_text = (REPO_ROOT / "setup.py").read_text()
+    assert "entry_points" in setup_text
+    for line in console_scripts():
+        name, target = (part.strip() for part in line.split("="))
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), line
+        assert name in COMMANDS
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_uses_one_flag_style(command, capsys):
+    module = importlib.import_module(COMMANDS[command])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
+    assert len(options) > 1, text
+    dashed = sorted(option for option in options if "-" in option[2:])
+    assert not dashed, f"{command} --help shows dashed options {dashed}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_missing_model_is_named_before_any_hub_call(command, tmp_path, image_folder):
+    missing = str(tmp_path / "no-such-model")
+    module = COMMANDS[command]
+    code = f"import sys; from evaluation.cli import run_command; import {module} as m; run_command(m.main, sys.argv[1:], prog={command!r})"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub call would fail with a connection error instead
+    result = subprocess.run([sys.executable, "-c", code, *model_options(command, missing, image_folder)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"{command}: error: not found: {missing} (no such file or folder, and not a Hub id)", result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "127.0.0.1" not in result.stderr
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_reads_a_config_file_first(command, tmp_path, image_folder, capsys):
+    missing = str(tmp_path / "model-from-config")
+    config = tmp_path / "options.json"
+    config.write_text(json.dumps(as_config(model_options(command, missing, image_folder))))
+    module = importlib.import_module(COMMANDS[command])
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(module.main, [str(config)], prog=command)
+    assert exit_info.value.code == 2
+    assert f"{command}: error: not found: {missing}" in capsys.readouterr().err
+
+
+def test_hub_ids_pass_and_offline_misses_are_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    assert check_model_source("facebook/dinov2-small") == "facebook/dinov2-small"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not found: someone/not-cached .*not in the local cache"):
+        check_model_source("someone/not-cached")
+    for path in ("./model", "/abs/model", "a/b/c", "weights.pth", "~/model"):
+        with pytest.raises(FileNotFoundError, match=f"not found: {re.escape(path)}"):
+            check_model_source(path)
