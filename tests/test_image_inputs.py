@@ -1,6 +1,7 @@
 """Every entry point that reads images reads the same awkward files the same way, and skips the same bad ones."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def reference(awkward):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny_kwargs=None):
+def tiny_folder(tmp_path_factory):
     """A saved stock DINOv2 with registers (patch 14), for the commands."""
     torch.manual_seed(0)
     config = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
@@ -181,3 +182,30 @@ def test_report_pictures_draw_a_grayscale_micrograph_as_gray():
     label_cell = pixels[int(height - label_box.y1) + 2 : int(height - label_box.y0) - 2,
                         int(label_box.x0) + 2 : int(label_box.x1) - 2]
     assert np.abs(label_cell[..., 0] - label_cell[..., 2]).max() > 20  # label maps stay in colour
+
+
+def test_readme_usage_snippet_reads_a_16_bit_micrograph(tmp_path, tiny_kwargs):
+    """The README's first Python snippet, run as written on a saved model and a 16-bit TIFF."""
+    import re
+    import tifffile
+
+    from configuration_alibi_dinov2 import AlibiDinov2Config
+    from evaluation.feature_extraction import extract_patch_features
+    from evaluation.preprocessing import dinov2_image_processor
+    from modeling_alibi_dinov2 import AlibiDinov2Model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = readme[readme.index("## Use") :]
+    snippet = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+    torch.manual_seed(0)
+    model = AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs)).eval()
+    model.save_pretrained(tmp_path / "model")
+    dinov2_image_processor().save_pretrained(tmp_path / "model")
+    micrograph = (np.random.default_rng(0).random((70, 84)) * 4095).astype(np.uint16)  # 12-bit camera, 16-bit file
+    tifffile.imwrite(tmp_path / "micrograph.tif", micrograph)
+    code = snippet.replace("path/or/hub-id", str(tmp_path / "model")).replace("micrograph.tif", str(tmp_path / "micrograph.tif"))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    expected = extract_patch_features(model, micrograph / 4095.0)  # (h, w, C)
+    np.testing.assert_allclose(namespace["features"][0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    assert namespace["image"].max() > 0.99  # not divided by 65535
