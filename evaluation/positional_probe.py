@@ -110,9 +110,20 @@ def ramp_targets(ramps: Union[str, Sequence[str]], h: int, w: int, seed: SeedLik
     return np.stack(columns, axis=1)
 
 
+# Fewer sampled patches than this leave the Ridge fit underdetermined: the R^2 is noise (-3 +- 13 on small grids).
+MIN_PROBE_SAMPLES = 10
+
+
 def n_random_samples(h: int, w: int, step: int) -> int:
     """Number of randomly sampled patches: ``floor(h * w / step**2)``."""
     return (h * w) // (step * step)
+
+
+def n_samples(h: int, w: int, step: int = 6, sampling: str = "random") -> int:
+    """Number of patches the probe fits on for an ``h x w`` grid (see :func:`sample_positions`)."""
+    if sampling == "grid":
+        return -(-h // step) * -(-w // step)
+    return n_random_samples(h, w, step)
 
 
 def sample_positions(h: int, w: int, step: int = 6, sampling: str = "random", seed: SeedLike = None) -> np.ndarray:
@@ -502,6 +513,7 @@ def most_positional_channels(channel_scores: np.ndarray, k: int = 4) -> np.ndarr
 __all__ = [
     "COMPOUND_RAMPS",
     "RAMPS",
+    "MIN_PROBE_SAMPLES",
     "SAMPLINGS",
     "SINGLE_RAMPS",
     "PositionalProbe",
@@ -511,6 +523,7 @@ __all__ = [
     "make_ramp",
     "most_positional_channels",
     "n_random_samples",
+    "n_samples",
     "per_channel_probe",
     "r2_scores",
     "ramp_targets",

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ from evaluation.feature_extraction import (
 )
 from evaluation.files import write_json_atomic
 from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_rgb01, to_rgb01
-from evaluation.positional_probe import expand_ramps, linear_probe, per_channel_probe
+from evaluation.positional_probe import MIN_PROBE_SAMPLES, expand_ramps, linear_probe, n_samples, per_channel_probe
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_SOURCES: tuple[str, ...] = ("textures", "micro", "noise")
 DEFAULT_COUNTS = {"textures": 3, "micro": 15, "noise": 60}
@@ -236,8 +239,8 @@ def probe_seed(base_seed: int, image_index: int, repeat: int) -> int:
 def _summary(scores: list[list[float]]) -> dict:
     flat = np.asarray([score for image_scores in scores for score in image_scores], dtype=np.float64)
     return {
-        "mean": float(flat.mean()),
-        "std": float(flat.std()),
+        "mean": float(flat.mean()) if flat.size else float("nan"),
+        "std": float(flat.std()) if flat.size else float("nan"),
         "n": int(flat.size),
         "per_image": [[float(score) for score in image_scores] for image_scores in scores],
     }
@@ -284,8 +287,10 @@ def run_probe(
     Returns:
         JSON-ready dict: ``protocol``, ``models`` (descriptions), ``sources`` (image names and sizes),
         ``grids[model][source]`` (patch grid of each image), ``scores[model][source][ramp] = {mean, std, n, per_image}`` and, with ``per_channel``,
-        ``per_channel[model][source][ramp] = [C values]``, and ``skipped`` (name and reason of each input left
-        out, including unreadable files recorded in `skipped` before the call).
+        ``per_channel[model][source][ramp] = [C values]``, ``skipped`` (name and reason of each input left
+        out, including unreadable files recorded in `skipped` before the call) and ``warnings``: images whose
+        grid gives fewer than :data:`~evaluation.positional_probe.MIN_PROBE_SAMPLES` sampled patches, left out of
+        the means (their R^2 would be noise).
     """
     skipped = SkippedInputs() if skipped is None else skipped
     for ramp in ramps:
@@ -306,15 +311,18 @@ def run_probe(
         "sources": {},
         "grids": {name: {} for name in models},
         "scores": {name: {} for name in models},
+        "warnings": [],
     }
     if per_channel:
         results["per_channel"] = {name: {} for name in models}
+    protocol = dict(step=step, sampling=sampling, alpha=alpha, holdout=holdout, repeats=repeats, seed=seed)
     total = len(models) * sum(len(images) for images in sources.values())
     bar = tqdm(total=total, desc="positional probe", disable=not progress, file=sys.stderr)
     for model_name, model in models.items():
         for source_name, images in sources.items():
             scores = {ramp: [] for ramp in ramps}
             channel_sums: dict[str, np.ndarray] = {}
+            probed, channel_count = 0, 0
             described = []
             for image_index, (image_name, image) in enumerate(images):
                 bar.set_postfix_str(f"{model_name} / {image_name}", refresh=False)
@@ -325,24 +333,19 @@ def run_probe(
                     if f"{source_name}/{image_name}" not in skipped.names:
                         skipped.add(f"{source_name}/{image_name}", error)
                     continue
-                described.append(
-                    {
-                        "name": image_name,
-                        "shape": list(np.shape(image)[:2]),
-                        "grid": [int(features.shape[0]), int(features.shape[1])],
-                    }
-                )
+                grid = [int(features.shape[0]), int(features.shape[1])]
+                described.append({"name": image_name, "shape": list(np.shape(image)[:2]), "grid": grid})
+                channel_count = int(features.shape[-1])
+                sampled = n_samples(*grid, step, sampling)
+                if sampled < MIN_PROBE_SAMPLES:
+                    results["warnings"].append(_small_grid_warning(model_name, source_name, image_name, grid, sampled, step))
+                    continue
+                probed += 1
+                image_scores, image_channels = _probe_image(features, ramps, protocol, image_index, per_channel)
                 for ramp in ramps:
-                    image_scores = []
-                    for repeat in range(repeats):
-                        repeat_seed = probe_seed(seed, image_index, repeat)
-                        image_scores.append(
-                            linear_probe(features, ramp, step, sampling, alpha, holdout, seed=repeat_seed)
-                        )
-                        if per_channel:
-                            channel_r2 = per_channel_probe(features, ramp, step, sampling, alpha, holdout, repeat_seed)
-                            channel_sums[ramp] = channel_sums.get(ramp, 0.0) + channel_r2
-                    scores[ramp].append(image_scores)
+                    scores[ramp].append(image_scores[ramp])
+                    if per_channel:
+                        channel_sums[ramp] = channel_sums.get(ramp, 0.0) + image_channels[ramp]
             if not described:
                 raise InputError(f"no usable image in {source_name} for {model_name} (all skipped)")
             results["sources"][source_name] = [
@@ -351,13 +354,38 @@ def run_probe(
             results["grids"][model_name][source_name] = [item["grid"] for item in described]
             results["scores"][model_name][source_name] = {ramp: _summary(scores[ramp]) for ramp in ramps}
             if per_channel:
-                n_fits = max(1, len(described) * repeats)
+                n_fits = probed * repeats
                 results["per_channel"][model_name][source_name] = {
-                    ramp: (channel_sums[ramp] / n_fits).tolist() for ramp in channel_sums
+                    ramp: (channel_sums[ramp] / n_fits).tolist() if n_fits else [float("nan")] * channel_count
+                    for ramp in ramps
                 }
     bar.close()
     results["skipped"] = skipped.as_dict()
     return results
+
+
+def _probe_image(features: np.ndarray, ramps: Sequence[str], protocol: dict, image_index: int, per_channel: bool):
+    """Every ramp's R^2 over the protocol's repeats on one image, and (with `per_channel`) the sum over repeats of
+    the per-channel R^2: `({ramp: [R^2 per repeat]}, {ramp: (C,) sum})`."""
+    step, sampling, alpha, holdout = (protocol[key] for key in ("step", "sampling", "alpha", "holdout"))
+    scores, channels = {ramp: [] for ramp in ramps}, {}
+    for repeat in range(protocol["repeats"]):
+        repeat_seed = probe_seed(protocol["seed"], image_index, repeat)
+        for ramp in ramps:
+            scores[ramp].append(linear_probe(features, ramp, step, sampling, alpha, holdout, seed=repeat_seed))
+            if per_channel:
+                channel_r2 = per_channel_probe(features, ramp, step, sampling, alpha, holdout, repeat_seed)
+                channels[ramp] = channels.get(ramp, 0.0) + channel_r2
+    return scores, channels
+
+
+def _small_grid_warning(model: str, source: str, image: str, grid: list[int], sampled: int, step: int) -> dict:
+    message = (
+        f"{source}/{image}: a {grid[0]} x {grid[1]} patch grid gives {sampled} sampled patches at step {step} "
+        f"(fewer than {MIN_PROBE_SAMPLES}): left out of {model}'s means; use larger images or a smaller --step"
+    )
+    logger.warning(message)
+    return {"model": model, "source": source, "image": image, "grid": grid, "samples": sampled, "message": message}
 
 
 def format_table(results: dict) -> str:

@@ -142,3 +142,21 @@ def test_command_line_writes_json(tmp_path, capsys):
     assert written["grids"][str(folder)]["noise:2"] == [[6, 7], [6, 7]]
     assert written["protocol"]["step"] == 2
     assert "lr+ud" in capsys.readouterr().out
+
+
+def test_small_grids_are_left_out_of_the_means_with_a_warning(caplog):
+    models = {"positional": positional_model()}
+    large = noise_images(2, size=(168, 168))  # 12 x 12 patches: 16 samples at step 3
+    small = [("small", np.random.default_rng(1).random((56, 56, 3), dtype=np.float32))]  # 4 x 4: 1 sample
+    mixed = run_probe(models, {"mixed": large + small}, ramps=("lr+ud",), step=3, repeats=2, per_channel=True,
+                      progress=False)
+    alone = run_probe(models, {"mixed": large}, ramps=("lr+ud",), step=3, repeats=2, per_channel=True, progress=False)
+    assert mixed["scores"]["positional"]["mixed"]["lr+ud"]["mean"] == alone["scores"]["positional"]["mixed"]["lr+ud"]["mean"]
+    assert mixed["scores"]["positional"]["mixed"]["lr+ud"]["n"] == 4
+    np.testing.assert_array_equal(mixed["per_channel"]["positional"]["mixed"]["lr+ud"],
+                                  alone["per_channel"]["positional"]["mixed"]["lr+ud"])
+    (warning,) = mixed["warnings"]
+    assert warning["image"] == "small" and warning["samples"] == 1 and "left out" in warning["message"]
+    assert "mixed/small" in caplog.text and alone["warnings"] == []
+    only_small = run_probe(models, {"small": small}, ramps=("lr+ud",), step=3, repeats=1, progress=False)
+    assert np.isnan(only_small["scores"]["positional"]["small"]["lr+ud"]["mean"])
