@@ -23,6 +23,7 @@ from evaluation.cli import ArgumentParser, run_command
 from evaluation.feature_extraction import extract_patch_features
 from evaluation.files import write_json_atomic, write_text_atomic
 from evaluation.image_io import SkippedInputs
+from evaluation.names import short_names
 from evaluation.positional_probe import layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, NamedImage, load_image_sets, load_model, run_probe
 from evaluation.transform_check import transform_check
@@ -44,22 +45,47 @@ def _save(figure, path: Path) -> str:
     return path.name
 
 
+def shown_features(
+    models: Mapping[str, object], images: Sequence[NamedImage], image_processors: Mapping[str, object] | None = None
+) -> dict[str, list[np.ndarray]]:
+    """Last-layer patch features of every model on every pictured image: {model: [(h, w, C), ...]}."""
+    image_processors = dict(image_processors or {})
+    return {
+        name: [extract_patch_features(model, image, image_processors.get(name)) for _, image in images]
+        for name, model in models.items()
+    }
+
+
+def patch_cosines(features: Mapping[str, list[np.ndarray]], reference: str) -> dict[str, float | None]:
+    """Mean cosine similarity, over patches and images, of each model's patch features to the reference model's
+    (None where the grids or widths differ)."""
+    cosines = {}
+    for name, grids in features.items():
+        pairs = list(zip(grids, features[reference]))
+        if name == reference or any(a.shape != b.shape for a, b in pairs):
+            cosines[name] = None
+            continue
+        values = [
+            np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+            for a, b in pairs
+        ]
+        cosines[name] = float(np.mean(np.concatenate([v.ravel() for v in values])))
+    return cosines
+
+
 def feature_pictures(
-    models: Mapping[str, object],
+    features: Mapping[str, list[np.ndarray]],
     images: Sequence[NamedImage],
     output_dir: Path,
     n_clusters: int = 4,
-    image_processors: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
     """PCA-RGB, k-means and cosine-similarity (from the centre patch) maps of every model on every image, one
     side-by-side PNG per kind. Returns {kind: file name}."""
-    image_processors = dict(image_processors or {})
     maps = {"pca": {}, "kmeans": {}, "cosine": {}}
-    for name, model in models.items():
-        features = [extract_patch_features(model, image, image_processors.get(name)) for _, image in images]
-        maps["pca"][name] = [pca_rgb(f, standardised=True) for f in features]
-        maps["kmeans"][name] = [kmeans_map(f, n_clusters=n_clusters, standardised=True) for f in features]
-        maps["cosine"][name] = [cosine_similarity_map(f, (f.shape[0] // 2, f.shape[1] // 2)) for f in features]
+    for name, grids in features.items():
+        maps["pca"][name] = [pca_rgb(f, standardised=True) for f in grids]
+        maps["kmeans"][name] = [kmeans_map(f, n_clusters=n_clusters, standardised=True) for f in grids]
+        maps["cosine"][name] = [cosine_similarity_map(f, (f.shape[0] // 2, f.shape[1] // 2)) for f in grids]
     titles = [image_name for image_name, _ in images]
     pictures = [image for _, image in images]
     return {
@@ -100,6 +126,7 @@ def build_report(
     notes: Sequence[str] = (),
     progress: bool = True,
     skipped: SkippedInputs | None = None,
+    reference: str | None = None,
 ) -> dict:
     """Probe, picture and check every model; write `report.json`, `report.html` and PNGs to `output_dir`.
 
@@ -110,11 +137,16 @@ def build_report(
             transformation check.
         notes: lines shown under the title (e.g. that a model is synthetic).
         skipped: inputs left out so far (see `evaluation.probe_runner.run_probe`).
+        reference: name of the model whose features the others should keep (the teacher or base model): the
+            headline gives each model's patch cosine to it.
 
     Returns:
-        The JSON content: `probe` (see `evaluation.probe_runner.run_probe`), `summary[model][set][ramp]`
-        (mean, std), `transform_errors[model][transform]`, `figures`.
+        The JSON content: `headline` (see :func:`headline`), `probe` (see `evaluation.probe_runner.run_probe`),
+        `summary[model][set][ramp]` (mean, std), `transform_errors[model][transform]`, `cosine_to_reference`,
+        `warnings` (images left out of the means), `figures`.
     """
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     probe = run_probe(models, sources, ramps=ramps, repeats=repeats, seed=seed, per_channel=True,
@@ -122,7 +154,9 @@ def build_report(
     shown = [item for images in sources.values() for item in images[: max(1, picture_images // len(sources))]]
     shown = shown[:picture_images] or [next(iter(sources.values()))[0]]
     steps = tqdm(total=4, desc="report", disable=not progress, file=sys.stderr)
-    figures = feature_pictures(models, shown, output_dir, image_processors=image_processors)
+    features = shown_features(models, shown, image_processors)
+    figures = feature_pictures(features, shown, output_dir)
+    cosines = patch_cosines(features, reference) if reference else {}
     steps.update(1)
     first_source = next(iter(sources))
     channel_series = {name: probe["per_channel"][name][first_source]["lr"] for name in models}
@@ -149,14 +183,53 @@ def build_report(
     report = {
         "title": title,
         "notes": list(notes),
+        "headline": headline(summary, errors, cosines, reference),
         "summary": summary,
         "transform_errors": errors,
+        "cosine_to_reference": cosines,
+        "reference": reference,
+        "warnings": [warning["message"] for warning in probe["warnings"]],
         "figures": figures,
         "probe": probe,
     }
     write_json_atomic(output_dir / "report.json", report)
     write_text_atomic(output_dir / "report.html", render_html(report))
     return report
+
+
+R2_MEANING = (
+    "R^2 of a linear probe that predicts each patch's position from its features: 1 = position fully "
+    "recoverable, 0 = no better than always guessing the mean position, below 0 = worse than that (shown as 0 in "
+    "the headline, raw value beside it). The random ramp is a control that every model scores at or below about 0."
+)
+
+
+def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
+    """lr+ud R^2 averaged over the image sets (the first non-random ramp when lr+ud was not probed)."""
+    ramps = list(next(iter(by_source.values())))
+    ramp = "lr+ud" if "lr+ud" in ramps else next((r for r in ramps if r != "random"), ramps[0])
+    values = [per_ramp[ramp]["mean"] for per_ramp in by_source.values() if np.isfinite(per_ramp[ramp]["mean"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def headline(summary: dict, transform_errors: dict, cosines: Mapping[str, float | None], reference: str | None) -> dict:
+    """One sentence per model: its positional R^2 (clipped at 0, raw beside it), the content it kept (patch cosine
+    to the reference model) and its roll-equivariance error. Returns {model: {numbers..., "sentence": str}}."""
+    lines = {}
+    for model, by_source in summary.items():
+        r2 = _headline_r2(by_source)
+        verdict = ("encode position" if r2 >= 0.5 else "partly encode position" if r2 >= 0.1
+                   else "do not encode position")
+        roll = transform_errors.get(model, {}).get("roll")
+        cosine = cosines.get(model)
+        parts = [f"{model}: positional R^2 {max(r2, 0.0):.2f} (raw {r2:+.2f}): its features {verdict}"]
+        if cosine is not None:
+            parts.append(f"content kept: patch cosine to {reference} {cosine:.2f}")
+        if roll is not None:
+            parts.append(f"roll-equivariance error {roll:.1e}")
+        lines[model] = {"r2": r2, "r2_clipped": max(r2, 0.0), "cosine_to_reference": cosine, "roll_error": roll,
+                        "sentence": "; ".join(parts) + "."}
+    return lines
 
 
 def render_html(report: dict) -> str:
@@ -184,11 +257,15 @@ def render_html(report: dict) -> str:
     )
     figures = report["figures"]
     captions = {
-        "pca": "First three principal components of the standardised patch features, as RGB.",
-        "kmeans": "k-means clusters of the standardised patch features.",
-        "cosine": "Cosine similarity of every patch to the centre patch.",
+        "pca": "PCA colours of the patch features: on homogeneous material, smooth left-right or radial gradients "
+               "are position, not content.",
+        "kmeans": "k-means clusters of the patch features: clusters that follow the image frame (bands, rings) "
+                  "instead of the material are position.",
+        "cosine": "Similarity of every patch to the centre patch: a bright blob around the centre on a homogeneous "
+                  "image means nearby patches look alike because they are near, not because they are alike.",
         "channels": "Per-channel R^2 against the left-right ramp: spikes are positional channels.",
-        "fingerprint": "Per-channel R^2 against the left-right ramp at the output of every layer.",
+        "fingerprint": "Per-channel R^2 against the left-right ramp after every layer: where position enters "
+                       "and how it spreads.",
     }
     figure_html = "".join(
         f'<figure><img src="{escape(name)}" alt="{escape(kind)}"><figcaption>{escape(captions.get(kind, kind))}'
@@ -196,6 +273,8 @@ def render_html(report: dict) -> str:
         for kind, name in figures.items()
     )
     notes = "".join(f"<p class=note>{escape(note)}</p>" for note in report["notes"])
+    sentences = "".join(f"<li>{escape(line['sentence'])}</li>" for line in report["headline"].values())
+    warnings = "".join(f"<p class=warning>{escape(message)}</p>" for message in report.get("warnings", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(report["title"])}</title>
 <style>
@@ -204,16 +283,23 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th {{ background: #f4f4f4; }}
 .note {{ background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b000; }}
+.warning {{ background: #fde8e8; padding: 0.5em 1em; border-left: 4px solid #c03030; }}
+.headline {{ font-size: 1.15em; line-height: 1.5; }} .meaning {{ color: #555; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }} table {{ font-size: 0.9em; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>{escape(report["title"])}</h1>
-{notes}
+<ul class=headline>{sentences}</ul>
+<p class=meaning>{escape(R2_MEANING)}</p>
+{notes}{warnings}
 <h2>Positional linear probe (R^2, mean &plusmn; std over images and samplings)</h2>
-<p>High R^2 means the features encode where a patch sits. The <code>random</code> ramp is a control: about 0 or
-below for every model.</p>
-<table><tr><th>model</th>{header}</tr>{''.join(rows)}</table>
+<p>Read across a row: high values on the lr / ud / radial ramps mean the features encode where a patch sits;
+the <code>random</code> column is the control.</p>
+<div class=scroll><table><tr><th>model</th>{header}</tr>{''.join(rows)}</table></div>
 <h2>Transformation check (relative L2 error: features of the transformed image vs transformed features)</h2>
-<table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>{transform_rows}</table>
+<p>0 means the features move exactly with the image. Wrapped ALiBi is exactly equivariant to rolls by whole
+patches; a learned position embedding is not.</p>
+<div class=scroll><table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>{transform_rows}</table></div>
 <h2>Pictures</h2>
 {figure_html}
 </body></html>
@@ -225,11 +311,14 @@ class ReportArguments:
     """Models and layout of ``python -m evaluation.report``."""
 
     models: list[str] = field(metadata={"help": "Hub ids or folders (loaded with trust_remote_code)"})
-    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: as given)"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
+                                                                  "part of each path or Hub id)"})
     ramps: list[str] = field(default_factory=lambda: list(DEFAULT_RAMPS), metadata={"help": "ramps to probe"})
     repeats: int = field(default=6, metadata={"help": "random samplings per image"})
     picture_images: int = field(default=3, metadata={"help": "images shown in the pictures"})
     seed: int = field(default=0, metadata={"help": "seed of the samplings and generated sets"})
+    reference: str | None = field(default=None, metadata={"help": "name (or source) of the model the others should "
+                                                                  "keep the content of, e.g. the teacher"})
     device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
     output_dir: str = field(default="outputs/report", metadata={"help": "folder of report.html, report.json, PNGs"})
 
@@ -256,15 +345,19 @@ def parse_args(argv=None) -> tuple[ReportArguments, ImageSetArguments]:
 
 def main(argv=None) -> dict:
     args, image_args = parse_args(argv)
-    names = args.names or args.models
+    names = args.names or short_names(args.models)
     models, processors = {}, {}
     for name, source in zip(names, args.models):
         models[name], processors[name] = load_model(source, device=args.device)
-    sources, skipped = load_image_sets(image_args, seed=args.seed)
+    reference = names[args.models.index(args.reference)] if args.reference in args.models else args.reference
+    loaded, skipped = load_image_sets(image_args, seed=args.seed)
+    sources = dict(zip(short_names(list(loaded)), loaded.values()))
     total = sum(len(images) for images in sources.values()) + len(skipped)
     report = build_report(models, sources, args.output_dir, ramps=args.ramps, repeats=args.repeats,
                           picture_images=args.picture_images, seed=args.seed, image_processors=processors,
-                          skipped=skipped)
+                          skipped=skipped, reference=reference)
+    for line in report["headline"].values():
+        print(line["sentence"])
     skipped.summarise(total=total)
     print(f"wrote {Path(args.output_dir) / 'report.html'} and report.json")
     return report
