@@ -17,10 +17,10 @@ The real thing is the same command with a pretrained teacher and your images:
         --image_size 224 --max_train_steps 20000 --learning_rate 1e-4 --per_device_train_batch_size 64
 """
 
-import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import train_distill
+from evaluation.cli import run_command
+from evaluation.files import write_json_atomic
 from evaluation.image_io import to_float01
 
 
@@ -37,6 +40,7 @@ SYNTHETIC_NOTE = (
     "pretrained model and its features carry no semantics."
 )
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "cell", "camera", "coins")
+VARIANTS = ("alibi", "nope")
 
 
 # --- synthetic teacher ---------------------------------------------------------------------------------------------
@@ -143,29 +147,28 @@ def write_images(folder, images) -> Path:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-def distill(args, teacher: str, variant: str, train_dir: Path, probe_dir: Path) -> Path:
+def distill(args: "QuickstartArguments", teacher: str, variant: str, train_dir: Path, probe_dir: Path) -> Path:
     """Distil one student with the real training script; returns its output folder."""
-    import train_distill
-
     output = args.output_dir / f"student-{variant}"
-    flags = [
-        "--teacher", teacher,
-        "--variant", variant,
-        "--train_dir", str(train_dir),
-        "--probe_dir", str(probe_dir),
-        "--output_dir", str(output),
-        "--image_size", str(args.image_size),
-        "--per_device_train_batch_size", str(args.per_device_train_batch_size),
-        "--max_train_steps", str(args.max_train_steps),
-        "--learning_rate", str(args.learning_rate),
-        "--probe_every_n_steps", str(max(1, args.max_train_steps // 3)),
-        "--probe_image_size", str(args.probe_image_size),
-        "--blank_channels", *args.blank_channels,
-        "--dataloader_num_workers", "0",
-        "--report_to", args.report_to,
-        "--seed", str(args.seed),
-    ]
-    train_distill.main(flags)
+    train_distill.train(
+        train_distill.DistillationArguments(
+            teacher=teacher,
+            variant=variant,
+            train_dir=str(train_dir),
+            probe_dir=str(probe_dir),
+            output_dir=str(output),
+            image_size=args.image_size,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            max_train_steps=args.max_train_steps,
+            learning_rate=args.learning_rate,
+            probe_every_n_steps=max(1, args.max_train_steps // 3),
+            probe_image_size=args.probe_image_size,
+            blank_channels=args.blank_channels,
+            dataloader_num_workers=0,
+            report_to=args.report_to,
+            seed=args.seed,
+        )
+    )
     return output
 
 
@@ -191,28 +194,38 @@ def acceptance(report: dict, cosines: dict, source: str) -> dict:
     return checks
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", type=Path, default=Path("outputs/quickstart"))
-    parser.add_argument("--teacher", default="synthetic", help="`synthetic` (default), a Hub id, a folder or a .pth")
-    parser.add_argument("--train_dir", type=Path, help="training images (default: generated)")
-    parser.add_argument("--probe_dir", type=Path, help="held-out images (default: generated)")
-    parser.add_argument("--num_train_images", type=int, default=128, help="generated training images")
-    parser.add_argument("--num_probe_images", type=int, default=4, help="generated held-out images")
-    parser.add_argument("--probe_image_size", type=int, default=518, help="side of the held-out images")
-    parser.add_argument("--image_size", type=int, default=112, help="training crop size")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
-    parser.add_argument("--max_train_steps", type=int, default=150)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--blank_channels", nargs="+", default=["auto"], help="as train_distill.py")
-    parser.add_argument("--variants", nargs="+", default=["alibi", "nope"], choices=["alibi", "nope"])
-    parser.add_argument("--repeats", type=int, default=6, help="probe samplings per image in the report")
-    parser.add_argument("--report_to", default="none", help="training tracker (as train_distill.py)")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class QuickstartArguments:
+    """The quickstart's options; `--help` lists them."""
+
+    output_dir: Path = field(default=Path("outputs/quickstart"), metadata={"help": "folder of everything written"})
+    teacher: str = field(default="synthetic", metadata={"help": "`synthetic`, a Hub id, a folder or a .pth"})
+    train_dir: Path | None = field(default=None, metadata={"help": "training images (None: generated)"})
+    probe_dir: Path | None = field(default=None, metadata={"help": "held-out images (None: generated)"})
+    num_train_images: int = field(default=128, metadata={"help": "generated training images"})
+    num_probe_images: int = field(default=4, metadata={"help": "generated held-out images"})
+    probe_image_size: int = field(default=518, metadata={"help": "side of the held-out images"})
+    image_size: int = field(default=112, metadata={"help": "training crop size"})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "training images per batch"})
+    max_train_steps: int = field(default=150, metadata={"help": "training steps per student"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    blank_channels: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": "as train_distill.py"})
+    variants: list[str] = field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": "students to distil", "choices": VARIANTS}
+    )
+    repeats: int = field(default=6, metadata={"help": "probe samplings per image in the report"})
+    report_to: str = field(default="none", metadata={"help": "training tracker (as train_distill.py)"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic teacher, the images and the training"})
+
+
+def parse_args(argv=None) -> QuickstartArguments:
+    """Parse command-line tokens (`None`: `sys.argv[1:]`), a JSON or YAML config file first if given."""
+    (args,) = train_distill.command_parser(QuickstartArguments, "quickstart.py", __doc__).parse(argv)
+    return args
 
 
 def main(argv=None) -> dict:
+    """Run the quickstart; returns the report (with its `acceptance` checks)."""
     args = parse_args(argv)
     from convert_checkpoint import convert
     from evaluation.probe_runner import load_image_source, load_model
@@ -260,7 +273,7 @@ def main(argv=None) -> dict:
     checks = acceptance(report, cosines, heldout) if "alibi" in students else {}
     report["acceptance"] = checks
     report["student_cosine_to_teacher"] = {v: {"first": c[0], "last": c[1]} for v, c in cosines.items()}
-    (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(args.output_dir / "report.json", report)
     print()
     for model, by_source in report["summary"].items():
         scores = ", ".join(f"{source} {values['lr+ud']['mean']:+.2f}" for source, values in by_source.items())
@@ -272,4 +285,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if all(main().get("acceptance", {}).values()) else 1)
+    sys.exit(0 if all(run_command(main).get("acceptance", {}).values()) else 1)

@@ -1,8 +1,10 @@
 """The quickstart in a reduced mode: the synthetic teacher leaks position, the distilled ALiBi student does not."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import quickstart
@@ -19,6 +21,17 @@ def test_synthetic_position_embedding_is_smooth_ramps():
     assert (grid[0, 1:] < grid[0, :-1]).all()
     probe_r2 = linear_probe(embedding[0, 1:, :8].reshape(6, 6, 8).numpy(), ramp="lr+ud", step=1, seed=0)
     assert probe_r2 > 0.99
+
+
+def test_options_come_from_a_config_file_and_flags(tmp_path, capsys):
+    config = tmp_path / "quick.json"
+    config.write_text(json.dumps({"max_train_steps": 3, "variants": ["alibi"], "train_dir": str(tmp_path)}))
+    args = quickstart.parse_args([str(config), "--seed", "5"])
+    assert (args.max_train_steps, args.variants, args.seed) == (3, ["alibi"], 5)
+    assert args.train_dir == tmp_path and args.output_dir == Path("outputs/quickstart")
+    with pytest.raises(SystemExit):
+        quickstart.parse_args(["--variants", "learned"])
+    assert "invalid choice: 'learned'" in capsys.readouterr().err
 
 
 def test_reduced_quickstart_shows_the_effect(tmp_path):

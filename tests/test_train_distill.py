@@ -1,8 +1,8 @@
 """train_distill.py: distillation of a tiny random DINOv2 into its ALiBi student, on generated images, on CPU.
 
 Covers the training signal (loss falls, the saved folder reloads as remote code with identical outputs), exact
-resumption after a kill, a two-process launch, unreadable and unusual image files, cached targets, channel
-blanking, patch rolls, the config file and the command-line errors.
+resumption after a kill, a two-process launch, unreadable, too small and unusual image files (skipped, or fatal
+with --strict), cached targets, channel blanking, patch rolls, the config file and the command-line errors.
 """
 
 import json
@@ -18,6 +18,11 @@ from PIL import Image
 
 import train_distill
 from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation import training_runs
+from evaluation.cli import SourceNotFoundError, run_command
+from evaluation.image_io import ImageReadError, read_rgb01
+from evaluation.positional_probe import most_positional_channels
+from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -130,7 +135,7 @@ def test_loss_falls_and_the_saved_model_reloads_with_identical_outputs(teacher_f
     assert f"held-out, {PROBE_SIZE} px (student) | {summary['probe']['probe_r2_lr_ud']:.4g} |" in card
     assert (output / "preprocessor_config.json").is_file()
 
-    events = EventAccumulator(str(output / train_distill.TRACKER_PROJECT)).Reload()
+    events = EventAccumulator(str(output / training_runs.LOGS_FOLDER / train_distill.TRACKER_PROJECT)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "train/images_per_second", "train/skipped_images"} <= tags
     assert {"probe/r2_lr_ud", "probe/patch_cosine", "probe/teacher_r2_lr_ud", "train/epoch_loss"} <= tags
@@ -156,7 +161,7 @@ def test_kill_and_resume_matches_an_unbroken_run(teacher_folder, image_folder, t
 
     def loss_then_kill(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:  # during step 5, after checkpoint-4 was written
+        if len(calls) == 5:  # during step 5, after checkpoint 4 was written
             raise Killed
         return real_loss(*args, **kwargs)
 
@@ -164,26 +169,28 @@ def test_kill_and_resume_matches_an_unbroken_run(teacher_folder, image_folder, t
     with pytest.raises(Killed):
         train_distill.main(flags(teacher_folder, image_folder, interrupted, *checkpointed))
     monkeypatch.setattr(train_distill, "distillation_loss", real_loss)
-    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-4"]  # the limit pruned checkpoint-2
+    checkpoint_4 = training_runs.checkpoint_path(interrupted, 4)
+    assert sorted(p.name for p in checkpoint_4.parent.iterdir()) == [checkpoint_4.name]  # the limit pruned 2
     assert not (interrupted / "config.json").exists()
-    state = json.loads((interrupted / "checkpoint-4" / train_distill.TRAINING_STATE_FILE).read_text())
+    state = torch.load(checkpoint_4 / "custom_checkpoint_0.pkl", weights_only=True)  # the registered progress
     assert (state["global_step"], state["epoch"], state["batches_in_epoch"]) == (4, 1, 1)
 
-    # What a kill during a later save leaves behind: a temporary folder and a folder without its state file.
-    (interrupted / ".checkpoint-6.tmp").mkdir()
-    (interrupted / ".checkpoint-6.tmp" / "model.safetensors").write_bytes(b"half written")
-    (interrupted / "checkpoint-6").mkdir()
-    assert train_distill.find_latest_checkpoint(interrupted) == interrupted / "checkpoint-4"
+    # What a kill during a later save leaves behind: a temporary folder and a folder without accelerate's state.
+    temporary = checkpoint_4.parent / ".tmp_checkpoint_00000006"
+    temporary.mkdir()
+    (temporary / "model.safetensors").write_bytes(b"half written")
+    training_runs.checkpoint_path(interrupted, 6).mkdir()
+    assert training_runs.resolve_resume_checkpoint("latest", interrupted) == checkpoint_4
 
     resumed = train_distill.main(
         flags(teacher_folder, image_folder, interrupted, *checkpointed, "--resume_from_checkpoint", "latest")
     )
-    assert resumed.summary["resumed_from"] == str(interrupted / "checkpoint-4")
+    assert resumed.summary["resumed_from"] == str(checkpoint_4)
     assert resumed.summary["global_step"] == 8 and resumed.summary["images_seen"] == unbroken.summary["images_seen"]
     difference = max_weight_difference(unbroken.model, resumed.model)
     assert difference < 1e-5, difference
     np.testing.assert_allclose(resumed.summary["epoch_losses"], unbroken.summary["epoch_losses"], rtol=1e-5)
-    assert not (interrupted / ".checkpoint-6.tmp").exists()
+    assert not temporary.exists()
 
     # A later stage starts from this output (`--init_from`): the student holds exactly its weights.
     stage2_student = train_distill.build_student(str(teacher_folder), "alibi", init_from=str(interrupted))
@@ -221,7 +228,7 @@ def test_two_processes_with_accelerate_launch(teacher_folder, image_folder, tmp_
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["total_batch_size"] == 4
     assert summary["global_step"] == 4 and summary["images_seen"] == 16
-    checkpoint = output / "checkpoint-4"
+    checkpoint = training_runs.checkpoint_path(output, 4)
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     # Both processes wrote targets; all of them count.
     shards = {p.name.split("-")[1] for p in (tmp_path / "cache").glob("*/targets-*.safetensors")}
@@ -254,54 +261,103 @@ def test_unreadable_and_unusual_images_are_handled(teacher_folder, tmp_path, cap
     assert summary["global_step"] == 6 and summary["images_seen"] == 2 * 8  # 9 images, 1 unreadable, twice
     assert all(np.isfinite(summary["epoch_losses"]))
     assert any("broken.png" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert any("Skipped 1 of 9 images: " in r.getMessage() for r in caplog.records)  # the final count
+
+
+def test_strict_fails_on_an_unreadable_image_and_names_it(teacher_folder, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    paths = write_images(folder, 4)
+    (folder / "broken.png").write_bytes(paths[0].read_bytes()[:200])
+    args = flags(teacher_folder, folder, tmp_path / "out", "--num_probe_images", 0, "--max_train_steps", 2)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(train_distill.main, args + ["--strict"], prog="train_distill.py")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train_distill.py: error: ") and "broken.png" in message
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_unreadable_and_too_small_images_become_placeholders_that_say_why(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(smooth_image(rng, 10, 30)).save(tmp_path / "tiny.png")  # less than one 14 px patch high
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    Image.fromarray(smooth_image(rng, 40, 30)).save(tmp_path / "fine.png")
+    names = ["tiny.png", "broken.png", "fine.png"]
+    records = [{"image": str(tmp_path / name)} for name in names]
+    samples = [train_distill.DistillationImages(records, "image", 28, patch_size=14)[i] for i in range(3)]
+    assert [bool(sample["valid"]) for sample in samples] == [False, False, True]
+    reasons = [train_distill.decode_message(sample["error"]) for sample in samples]
+    assert "tiny.png" in reasons[0] and "smaller than one 14 x 14 patch" in reasons[0]
+    assert "broken.png" in reasons[1] and reasons[2] == ""
+    assert torch.all(samples[0]["pixel_values"] == 0) and samples[2]["pixel_values"].shape == (3, 28, 28)
+
+    sources = [(name, str(tmp_path / name)) for name in names]
+    probe = train_distill.prepare_probe_images(sources, 28, 56, patch_size=14)
+    assert probe.names == ["fine.png"] and probe.skipped == ["tiny.png", "broken.png"]
+    with pytest.raises(ImageReadError, match="tiny.png"):
+        train_distill.prepare_probe_images(sources, 28, 56, patch_size=14, strict=True)
+
+
+def test_a_missing_teacher_is_named_before_any_model_is_read(image_folder, tmp_path, monkeypatch):
+    import convert_checkpoint
+
+    monkeypatch.setattr(convert_checkpoint, "read_source", lambda *a, **k: pytest.fail("the teacher was read"))
+    with pytest.raises(SourceNotFoundError, match="not found: .*no_such_teacher.pth"):
+        train_distill.main(flags(tmp_path / "no_such_teacher.pth", image_folder, tmp_path / "out"))
+    with pytest.raises(SourceNotFoundError, match="not found: .*no/such/stage1"):
+        train_distill.main(flags(image_folder, image_folder, tmp_path / "out", "--init_from", "./no/such/stage1"))
 
 
 def test_decoding_converts_every_layout_to_rgb_in_unit_range(tmp_path):
+    """The project's image policy (evaluation.image_io), as the training images go through it."""
     deep = np.array([[0, 1000, 40000, 65535]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
-    decoded = train_distill.decode_image(str(tmp_path / "deep.png"))
-    assert decoded.shape == (3, 1, 4) and decoded.dtype == torch.float32
+    decoded = read_rgb01(str(tmp_path / "deep.png"))
+    assert decoded.shape == (1, 4, 3) and decoded.dtype == np.float32
     # Scaled by the 16-bit range, not clipped to 8 bits: 40000 is 0.61, not 1.
-    np.testing.assert_allclose(decoded[0, 0].numpy(), deep[0] / 65535, rtol=1e-6)
-    assert torch.equal(decoded[0], decoded[2])
+    np.testing.assert_allclose(decoded[0, :, 0], deep[0] / 65535, rtol=1e-6)
+    assert np.array_equal(decoded[..., 0], decoded[..., 2])
+    # 12-bit data in a 16-bit container is scaled by its own range: 4095 is white.
+    twelve_bit = np.array([[0, 1000, 4095]], dtype=np.uint16)
+    Image.fromarray(twelve_bit).save(tmp_path / "twelve_bit.png")
+    np.testing.assert_allclose(read_rgb01(tmp_path / "twelve_bit.png")[0, :, 0], twelve_bit[0] / 4095, rtol=1e-6)
 
     import tifffile
 
     colour16 = (np.random.default_rng(0).random((5, 6, 3)) * 65535).astype(np.uint16)
     tifffile.imwrite(tmp_path / "colour16.tif", colour16)
-    decoded = train_distill.decode_image(str(tmp_path / "colour16.tif"))
-    np.testing.assert_allclose(decoded.permute(1, 2, 0).numpy(), colour16 / 65535, rtol=1e-6)
+    np.testing.assert_allclose(read_rgb01(str(tmp_path / "colour16.tif")), colour16 / 65535, rtol=1e-6)
 
     rgba = np.array([[[255, 0, 0, 255], [0, 255, 0, 0]]], dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    decoded = train_distill.decode_image((tmp_path / "rgba.png").read_bytes())
-    np.testing.assert_allclose(decoded[:, 0, 0].numpy(), [1, 0, 0], atol=1e-6)
+    decoded = read_rgb01((tmp_path / "rgba.png").read_bytes())
+    np.testing.assert_allclose(decoded[0, 0], [1, 0, 0], atol=1e-6)
     # A transparent pixel becomes the ImageNet mean colour, i.e. 0 after normalisation.
-    np.testing.assert_allclose(decoded[:, 0, 1].numpy(), train_distill.IMAGENET_MEAN, atol=1e-6)
+    np.testing.assert_allclose(decoded[0, 1], IMAGENET_MEAN, atol=1e-6)
 
     rgb = smooth_image(np.random.default_rng(3), 8, 8)
     palette = Image.fromarray(rgb).convert("P")
     palette.save(tmp_path / "palette.png")
-    decoded = train_distill.decode_image({"bytes": (tmp_path / "palette.png").read_bytes(), "path": "palette.png"})
-    np.testing.assert_allclose(decoded.permute(1, 2, 0).numpy() * 255, np.asarray(palette.convert("RGB")), atol=1e-3)
+    decoded = read_rgb01({"bytes": (tmp_path / "palette.png").read_bytes(), "path": "palette.png"})
+    np.testing.assert_allclose(decoded * 255, np.asarray(palette.convert("RGB")), atol=1e-3)
 
     Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
-    decoded = train_distill.decode_image(str(tmp_path / "gray.png"))
-    assert torch.equal(decoded[0], decoded[1]) and decoded[0, 0, 0] == pytest.approx(rgb[0, 0, 0] / 255)
+    decoded = read_rgb01(str(tmp_path / "gray.png"))
+    assert np.array_equal(decoded[..., 0], decoded[..., 1]) and decoded[0, 0, 0] == pytest.approx(rgb[0, 0, 0] / 255)
 
-    with pytest.raises(train_distill.UnreadableImageError, match="nothing.png"):
-        train_distill.decode_image({"bytes": b"\x89PNG\r\n\x1a\n rubbish", "path": "nothing.png"})
+    with pytest.raises(ImageReadError, match="nothing.png"):
+        read_rgb01({"bytes": b"\x89PNG\r\n\x1a\n rubbish", "path": "nothing.png"})
 
 
 def test_preprocessing_resizes_the_shortest_side_and_crops_the_centre():
     image = torch.zeros(3, 100, 200)
     image[:, :, 50:150] = 1.0  # a white central square in a black 100 x 200 image
-    cropped = train_distill.resize_and_center_crop(image, 50)
+    cropped = resize_and_crop(image, 50, mode="center_crop")
     assert cropped.shape == (3, 50, 50)
     assert cropped.min() >= 0 and cropped.max() <= 1
     assert torch.allclose(cropped[:, :, 2:-2], torch.ones(3, 50, 46), atol=1e-3)  # the crop is the square
     pixel_values = train_distill.preprocess_image(np.full((30, 40, 3), 255, np.uint8), 28)
-    expected = (1 - torch.tensor(train_distill.IMAGENET_MEAN)) / torch.tensor(train_distill.IMAGENET_STD)
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert pixel_values.shape == (3, 28, 28)
     assert torch.allclose(pixel_values[:, 5, 5], expected, atol=1e-5)
 
@@ -396,7 +452,7 @@ def test_auto_blanking_picks_the_most_positional_channels(monkeypatch):
     images = [np.random.default_rng(seed).random((336, 336, 3)) for seed in range(3)]
     scores = train_distill.rank_positional_channels(None, images)
     assert scores.shape == (16,)
-    assert train_distill.most_positional_channels(scores) == [2, 5, 9, 11]
+    assert sorted(most_positional_channels(scores, train_distill.AUTO_BLANK_CHANNEL_COUNT)) == [2, 5, 9, 11]
     assert min(scores[[2, 9, 11]]) > 0.9 and max(np.delete(scores, [2, 5, 9, 11])) < 0.5
 
 
@@ -440,9 +496,9 @@ def test_loss_is_one_minus_cosine_per_token_and_ignores_unreadable_images():
 # --- command line ----------------------------------------------------------------------------------------------------
 
 EVERY_FLAG = [
-    "--config", "--teacher", "--variant", "--init_from", "--train_dir", "--dataset_name", "--dataset_config_name",
+    "--teacher", "--variant", "--init_from", "--train_dir", "--dataset_name", "--dataset_config_name",
     "--train_split", "--image_column", "--streaming", "--max_train_samples", "--image_size",
-    "--dataloader_num_workers", "--blank_channels", "--loss", "--random_roll", "--cache_teacher_embeddings",
+    "--dataloader_num_workers", "--strict", "--blank_channels", "--loss", "--random_roll", "--cache_teacher_embeddings",
     "--per_device_train_batch_size", "--gradient_accumulation_steps", "--num_train_epochs", "--max_train_steps",
     "--learning_rate", "--weight_decay", "--lr_scheduler", "--num_warmup_steps", "--mixed_precision", "--seed",
     "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--report_to",
@@ -461,6 +517,8 @@ def test_help_documents_every_flag(capsys):
     assert "config_file" in text and "accelerate launch" in text
     documented = {a.option_strings[0] for a in train_distill.build_parser()._actions if a.option_strings}
     assert documented - {"-h"} == set(EVERY_FLAG)
+    # One flag style: each option is shown once, with underscores.
+    assert "--output-dir" not in text and "--no-" not in text
 
 
 @pytest.mark.parametrize(
@@ -514,19 +572,19 @@ def test_config_files_are_overridden_by_the_command_line(tmp_path, capsys):
     }
     json_file = tmp_path / "stage.json"
     json_file.write_text(json.dumps(config))
-    args = train_distill.parse_args([str(json_file), "--learning_rate", "5e-5", "--no-random_roll"])
+    args = train_distill.parse_args([str(json_file), "--learning_rate", "5e-5", "--random_roll", "false"])
     assert args.learning_rate == 5e-5 and args.random_roll is False
     assert args.blank_channels == [47, 359] and args.checkpointing_steps == "epoch" and args.config == str(json_file)
 
     yaml_file = tmp_path / "stage.yaml"
     yaml_file.write_text("train_dir: %s\noutput_dir: out\nvariant: nope\nblank_channels: auto\n" % tmp_path)
-    args = train_distill.parse_args(["--config", str(yaml_file), "--blank_channels", "none"])
+    args = train_distill.parse_args([str(yaml_file), "--blank_channels", "none"])
     assert args.variant == "nope" and args.blank_channels == []
 
     yaml_file.write_text("train_dir: %s\noutput_dir: out\nlearning_rat: 0.1\n" % tmp_path)
     with pytest.raises(SystemExit):
         train_distill.parse_args([str(yaml_file)])
-    assert "unknown key(s) in" in (err := capsys.readouterr().err) and "did you mean 'learning_rate'?" in err
+    assert "unknown option(s) in" in (err := capsys.readouterr().err) and "did you mean 'learning_rate'?" in err
 
 
 def test_shipped_stage_configs_follow_the_reference_recipe():
