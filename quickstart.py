@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import train_distill
-from evaluation.cli import run_command
+from evaluation.cli import ArgumentParser, run_command
 from evaluation.files import write_json_atomic
 from evaluation.image_io import to_float01
 
@@ -220,7 +220,7 @@ class QuickstartArguments:
 
 def parse_args(argv=None) -> QuickstartArguments:
     """Parse command-line tokens (`None`: `sys.argv[1:]`), a JSON or YAML config file first if given."""
-    (args,) = train_distill.command_parser(QuickstartArguments, "quickstart.py", __doc__).parse(argv)
+    (args,) = ArgumentParser(QuickstartArguments, prog="quickstart.py", description=__doc__).parse(argv)
     return args
 
 

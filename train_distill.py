@@ -30,7 +30,6 @@ The script reads top to bottom: options, images, teacher targets, loss, probes, 
 (`prepare_run` builds a `DistillationRun` that every training step receives, `train` loops over the epochs).
 """
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -325,23 +324,9 @@ def _blank_channel_list(values) -> list[int] | str:
     return sorted(channels)
 
 
-def command_parser(dataclass_type, prog: str, description: str) -> ArgumentParser:
-    """`evaluation.cli.ArgumentParser` over `dataclass_type` (a JSON or YAML config file may come first) that
-    prints `description` as written, so that its command examples stay intact."""
-    parser = ArgumentParser(
-        dataclass_type,
-        prog=prog,
-        usage="%(prog)s [config_file] [--option VALUE ...]",
-        description=description,
-        allow_abbrev=False,
-    )
-    parser.formatter_class = type("HelpFormatter", (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
-    return parser
-
-
 def build_parser() -> ArgumentParser:
     """The command-line parser over [`DistillationArguments`]."""
-    return command_parser(DistillationArguments, "train_distill.py", __doc__)
+    return ArgumentParser(DistillationArguments, prog="train_distill.py", description=__doc__)
 
 
 def parse_args(argv=None) -> DistillationArguments:

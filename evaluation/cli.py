@@ -84,8 +84,9 @@ def _looks_like_config_file(token: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option under its first (underscore) spelling only."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Prints the description as written (command examples stay intact) and each option under its first
+    (underscore) spelling only."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if action.option_strings and len(action.option_strings) > 1:
@@ -113,11 +114,12 @@ class ArgumentParser(HfArgumentParser):
         """`positionals`: option names that may also be given, in this order, as the leading bare words of the
         command line (`convert_checkpoint.py SOURCE OUTPUT_DIR` is `--source SOURCE --output_dir OUTPUT_DIR`)."""
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(dataclass_types, **kwargs)
         self.positionals = tuple(positionals)
-        if self.positionals:
+        if self.usage is None:
             shown = " ".join(name.upper() for name in self.positionals)
-            self.usage = f"{self.prog} [CONFIG_FILE] [{shown}] [options]"
+            self.usage = f"%(prog)s [CONFIG_FILE] {f'[{shown}] ' if shown else ''}[--option VALUE ...]"
         if self.description is None:
             self.description = "Options may also come from a JSON or YAML config file given first."
 
