@@ -14,10 +14,11 @@ TRANSFORMS: tuple[str, ...] = ("none", "flip_ud", "roll", "rot90")
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 
 
-def _setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs):
+def _setting(default: Any, help: str):
+    """A field with its --help text in the metadata (where HfArgumentParser reads it)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass

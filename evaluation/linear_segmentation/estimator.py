@@ -20,8 +20,9 @@ from evaluation.metrics import segmentation_scores
 
 PathLike = Union[str, os.PathLike]
 
-# The constructor parameters written to probe_config.json (the device and verbosity belong to the session).
-_SAVED_PARAMS = ("num_classes", "ignore_index", "learning_rate", "weight_decay", "epochs", "batch_size", "seed",
+# The constructor parameters written to probe_config.json (the device and verbosity belong to the session); all
+# are also settings of a command-line run.
+SAVED_PARAMS = ("num_classes", "ignore_index", "learning_rate", "weight_decay", "epochs", "batch_size", "seed",
                  "class_names")
 
 
@@ -155,7 +156,7 @@ class LinearSegmentationProbe(BaseEstimator):
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.head_.state_dict().items()}
         with atomic_path(folder / "head.safetensors") as temporary:
             save_file(state, str(temporary))
-        settings = {name: getattr(self, name) for name in _SAVED_PARAMS}
+        settings = {name: getattr(self, name) for name in SAVED_PARAMS}
         settings["class_names"] = list(self.class_names) if self.class_names is not None else None
         settings.update(in_channels=self.in_channels_, loss_curve=getattr(self, "loss_curve_", None))
         write_json_atomic(folder / "probe_config.json", settings)

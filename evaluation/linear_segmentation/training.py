@@ -34,7 +34,7 @@ from evaluation.linear_segmentation.data import (
     transform_images,
     undo_transform_on_features,
 )
-from evaluation.linear_segmentation.estimator import LinearSegmentationProbe
+from evaluation.linear_segmentation.estimator import SAVED_PARAMS, LinearSegmentationProbe
 from evaluation.linear_segmentation.figures import plot_example_predictions
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import confusion_counts, scores_from_confusion
@@ -323,16 +323,7 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
         "config": dataclasses.asdict(config),
     }
     if accelerator.is_main_process:
-        probe = LinearSegmentationProbe(
-            config.num_classes,
-            ignore_index=config.ignore_index,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            class_names=config.class_names,
-        )
+        probe = LinearSegmentationProbe(**{name: getattr(config, name) for name in SAVED_PARAMS})
         probe._set_head(head, progress.loss_per_epoch)
         probe.save(output_dir / "probe")
         if config.num_example_images:
