@@ -81,6 +81,12 @@ def _looks_like_config_file(token: str) -> bool:
     return not token.startswith("-") and token.lower().endswith(CONFIG_SUFFIXES)
 
 
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a mistyped `name`, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 # --------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------
@@ -131,10 +137,7 @@ class ArgumentParser(HfArgumentParser):
         actions = self._option_actions()
         unknown = [key for key in values if key not in actions]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, actions, n=1)
-                hints.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [repr(key) + did_you_mean(key, actions) for key in unknown]
             self.error(f"unknown option(s) in {source}: {', '.join(hints)}")
         for key, value in values.items():
             action = actions[key]
@@ -161,9 +164,23 @@ class ArgumentParser(HfArgumentParser):
         for name, value in zip(self.positionals, leading):
             argv = [f"--{name}", value, *argv]
         try:
-            return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-        except ValueError as error:  # a dataclass's __post_init__ check, or unused strings
+            *parsed, remaining = self.parse_args_into_dataclasses(
+                args=argv, look_for_args_file=False, return_remaining_strings=True
+            )
+        except ValueError as error:  # a dataclass's __post_init__ check
             self.error(str(error))
+        if remaining:
+            self.error(self.unknown_arguments_message(remaining))
+        return tuple(parsed)
+
+    def unknown_arguments_message(self, remaining: Sequence[str]) -> str:
+        """'unknown option '--epoch' (did you mean '--epochs'?)', naming the first unknown option."""
+        options = [option for action in self._actions for option in action.option_strings]
+        for token in remaining:
+            if token.startswith("-"):
+                flag = token.split("=")[0]
+                return f"unknown option {flag!r}{did_you_mean(flag, options)}; --help lists the options"
+        return f"unrecognised arguments: {' '.join(remaining)}"
 
 
 def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: str | None = None, **kwargs) -> tuple:

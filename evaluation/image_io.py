@@ -371,12 +371,12 @@ def describe_source(source: Any) -> str:
     return "image"
 
 
-def _read_bytes(data: bytes, name: str | None, page: int | None) -> np.ndarray:
+def _read_bytes(data: bytes, name: str | None, page: int | None, palette: str = "colours") -> np.ndarray:
     stream = io.BytesIO(bytes(data))
     if (name and Path(name).suffix.lower() in TIFF_SUFFIXES) or bytes(data[:4]) in _TIFF_MAGIC:
         pages = _read_tiff_pages(stream)
     else:
-        pages = _read_pil_pages(stream)
+        pages = _read_pil_pages(stream, palette)
     return _pick_page(pages, page, name or "image bytes")
 
 
@@ -393,13 +393,14 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def load_image(source: Any, page: int | None = None) -> np.ndarray:
+def load_image(source: Any, page: int | None = None, palette: str = "colours") -> np.ndarray:
     """Any image source -> numpy array in its stored dtype, (H, W) or (H, W, C) channels-last.
 
     Args:
         source: a path, raw file bytes, a ``{"bytes": ..., "path": ...}`` record, a PIL image, a numpy array or a
             torch tensor (``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``, C in 1..4).
         page: page of a multi-page file (default: the first).
+        palette: ``"colours"`` expands palette images to RGB(A); ``"indices"`` keeps their indices (label masks).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -410,16 +411,16 @@ def load_image(source: Any, page: int | None = None) -> np.ndarray:
         if isinstance(source, dict):
             data, path = source.get("bytes"), source.get("path")
             if data:
-                return _read_bytes(data, path, page)
+                return _read_bytes(data, path, page, palette)
             if not path:
                 raise ImageReadError("empty image record (no bytes and no path)")
             source = path
         if isinstance(source, (str, os.PathLike)):
-            return _pick_page(read_pages(source), page, source)
+            return _pick_page(read_pages(source, palette), page, source)
         if isinstance(source, (bytes, bytearray, memoryview)):
-            return _read_bytes(source, None, page)
+            return _read_bytes(source, None, page, palette)
         if hasattr(source, "mode") and hasattr(source, "getbands"):  # a PIL image
-            return _pil_frame_to_array(source)
+            return _pil_frame_to_array(source, palette)
         if type(source).__module__.startswith("torch"):
             source = source.detach().cpu().numpy()
         if isinstance(source, np.ndarray):

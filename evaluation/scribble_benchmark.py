@@ -44,64 +44,10 @@ from scipy import ndimage
 from evaluation.cli import ArgumentParser, InputError, SourceNotFoundError, run_command
 from evaluation.files import write_json_atomic
 from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
+from evaluation.metrics import confusion_matrix, scores_from_confusion
 from evaluation.trainable_segmentation import FEATURE_SETS, TrainableSegmenter
 
 Pair = tuple[np.ndarray, np.ndarray]
-
-
-# --------------------------------------------------------------------------------------------------
-# Metric
-# --------------------------------------------------------------------------------------------------
-def _class_ids(n_classes: int, ignore_index: Optional[int]) -> np.ndarray:
-    """Classes are 1..n_classes when 0 marks unlabelled pixels, else 0..n_classes-1."""
-    return np.arange(1, n_classes + 1) if ignore_index == 0 else np.arange(n_classes)
-
-
-def iou_counts(
-    pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: Optional[int] = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class intersection and union pixel counts.
-
-    Pixels whose target equals ``ignore_index`` are left out (whatever was predicted there).
-
-    Returns:
-        ``(intersection, union)``, int64 arrays of length ``n_classes`` in the class order of
-        :func:`mean_iou`.
-    """
-    pred, target = np.asarray(pred), np.asarray(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"Prediction shape {pred.shape} differs from target shape {target.shape}")
-    valid = np.ones(target.shape, dtype=bool) if ignore_index is None else target != ignore_index
-    pred, target = pred[valid], target[valid]
-    classes = _class_ids(n_classes, ignore_index)
-    intersection = np.array([np.count_nonzero((pred == c) & (target == c)) for c in classes], dtype=np.int64)
-    union = np.array([np.count_nonzero((pred == c) | (target == c)) for c in classes], dtype=np.int64)
-    return intersection, union
-
-
-def iou_from_counts(intersection: np.ndarray, union: np.ndarray) -> float:
-    """Class-averaged IoU; classes absent from both prediction and target (union 0) are skipped."""
-    present = union > 0
-    if not np.any(present):
-        return float("nan")
-    return float(np.mean(intersection[present] / union[present]))
-
-
-def mean_iou(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: Optional[int] = 0) -> float:
-    """Class-averaged intersection over union.
-
-    Args:
-        pred: predicted label image (any shape).
-        target: ground truth of the same shape.
-        n_classes: number of real classes K. With ``ignore_index=0`` (this project's convention:
-            0 = unlabelled) the classes are 1..K; otherwise they are 0..K-1.
-        ignore_index: target value whose pixels are not scored (``None``: score every pixel).
-
-    Returns:
-        Mean over classes of |pred == c and target == c| / |pred == c or target == c|, counting only
-        non-ignored pixels and skipping classes absent from both (NaN when no class is present).
-    """
-    return iou_from_counts(*iou_counts(pred, target, n_classes, ignore_index))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,18 +383,18 @@ def run_scribble_benchmark(
                 bar.update(1)
                 continue
             record["fit_seconds"].append(time.perf_counter() - start)
-            intersection, union = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
+            # Masks: 0 = unlabelled (not scored), classes 1..K.
+            confusion = np.zeros((n_classes, n_classes), np.int64)
             image_scores = []
             for feature_map, (_, truth) in zip(test_maps, test_pairs):
-                counts = iou_counts(segmenter.predict_features(feature_map), truth, n_classes)
-                intersection += counts[0]
-                union += counts[1]
-                image_scores.append(iou_from_counts(*counts))
-            record["miou"].append(iou_from_counts(intersection, union))
+                prediction = segmenter.predict_features(feature_map)
+                image_confusion = confusion_matrix(prediction, truth, n_classes, ignore_index=0, first_class=1)
+                confusion += image_confusion
+                image_scores.append(scores_from_confusion(image_confusion, first_class=1)["miou"])
+            scores = scores_from_confusion(confusion, first_class=1)
+            record["miou"].append(scores["miou"])
             record["mean_image_miou"].append(float(np.nanmean(image_scores)))
-            record["per_class_iou"].append(
-                [float(i / u) if u > 0 else None for i, u in zip(intersection, union)]
-            )
+            record["per_class_iou"].append(list(scores["per_class_iou"].values()))
             bar.update(1)
         runs.append(record)
     bar.close()

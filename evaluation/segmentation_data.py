@@ -23,25 +23,27 @@ sees one kind of object whatever the data came from:
   (palette PNGs such as VOC's are read as their indices): 0 .. num_classes - 1, and the ignore index
   (255 by default) for unlabelled pixels.
 
-:class:`SegmentationDataset` resizes every pair to a fixed square (image bilinear, mask nearest-neighbour),
-normalises the image and checks the label values.
+:class:`SegmentationDataset` reads images through :mod:`evaluation.image_io`, resizes every pair to a fixed square
+(:mod:`evaluation.preprocessing`: image bilinear in float32, mask nearest-neighbour on the same geometry), normalises
+the image and checks the label values.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
-from evaluation.feature_extraction import IMAGENET_MEAN, IMAGENET_STD
+from evaluation.image_io import IMAGE_SUFFIXES, load_image, read_rgb01
+from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, normalize, resize_and_crop
 
 PathLike = Union[str, os.PathLike]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The modes of evaluation.preprocessing.resize_and_crop that give the fixed-size square a batch needs.
 RESIZE_MODES = ("resize", "center_crop")
 
 # Column names of the datasets built from local folders.
@@ -223,82 +225,42 @@ def load_segmentation_split(
 # --------------------------------------------------------------------------------------------------
 # Pre-processing
 # --------------------------------------------------------------------------------------------------
-def _to_pil(value, what: str) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # an undecoded datasets.Image
-        import io
-
-        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    array = np.asarray(value)
-    if array.dtype == object or array.ndim not in (2, 3):
-        raise ValueError(f"Cannot read the {what} (type {type(value).__name__}, shape {array.shape}).")
-    return Image.fromarray(array)
-
-
-def _resize_crop_box(width: int, height: int, size: int, mode: str) -> tuple[tuple[int, int], tuple | None]:
-    """Target size of the resize and the crop box after it."""
-    if mode == "resize":
-        return (size, size), None
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    left, top = (new_width - size) // 2, (new_height - size) // 2
-    return (new_width, new_height), (left, top, left + size, top + size)
-
-
-def resize_image(image, size: int, mode: str = "resize") -> np.ndarray:
-    """Image (PIL or array, grayscale / RGB / RGBA) -> (size, size, 3) uint8, bilinear.
-
-    ``mode="resize"`` squashes to the square; ``"center_crop"`` resizes the shorter side to `size` and crops the centre.
-    """
-    image = _to_pil(image, "image")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    (width, height), box = _resize_crop_box(*image.size, size, mode)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
-    if box is not None:
-        image = image.crop(box)
-    return np.asarray(image, dtype=np.uint8)
-
-
 def mask_to_array(mask, where: str = "mask") -> np.ndarray:
-    """Mask (PIL or array) -> (H, W) int64 class indices; palette images give their indices.
+    """Mask (any source :func:`evaluation.image_io.load_image` takes) -> (H, W) int64 class indices; palette
+    images give their indices.
 
     Raises:
-        ValueError: a multi-channel (colour-coded) mask.
+        ValueError: a multi-channel (colour-coded) mask, or non-integer values.
     """
-    if isinstance(mask, Image.Image) or isinstance(mask, dict):
-        mask = _to_pil(mask, where)
-        if mask.mode in ("RGB", "RGBA", "LA"):
-            raise ValueError(
-                f"{where} is a {mask.mode} colour image; masks must hold one class index per pixel (a palette or "
-                "grayscale PNG). Convert colour-coded masks to index masks first."
-            )
-        mask = np.asarray(mask)
-    mask = np.asarray(mask)
+    mask = load_image(mask, palette="indices")
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
+    if mask.ndim == 3 and mask.shape[-1] in (2, 3, 4):
+        kind = {2: "LA", 3: "RGB", 4: "RGBA"}[mask.shape[-1]]
+        raise ValueError(
+            f"{where} is a {kind} colour image; masks must hold one class index per pixel (a palette or grayscale "
+            "PNG). Convert colour-coded masks to index masks first."
+        )
     if mask.ndim != 2:
         raise ValueError(f"{where} must be a (H, W) array of class indices; got shape {mask.shape}.")
-    if not np.issubdtype(mask.dtype, np.integer):
-        if not np.all(np.mod(mask, 1) == 0):
-            raise ValueError(f"{where} holds non-integer values; masks must hold class indices.")
+    if not np.issubdtype(mask.dtype, np.integer) and not np.all(np.mod(mask, 1) == 0):
+        raise ValueError(f"{where} holds non-integer values; masks must hold class indices.")
     return mask.astype(np.int64)
 
 
 def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
-    """(H, W) int class indices -> (size, size) int64, nearest neighbour (labels are never blended)."""
+    """(H, W) int class indices -> (size, size) int64, nearest neighbour (labels are never blended), on the same
+    geometry as :func:`evaluation.preprocessing.resize_and_crop` gives the image."""
     height, width = mask.shape
-    (new_width, new_height), box = _resize_crop_box(width, height, size, mode)
-    if (new_width, new_height) != (width, height):
+    if mode == "resize":
+        (new_height, new_width), (top, left) = (size, size), (0, 0)
+    else:
+        (new_height, new_width), (top, left) = center_crop_box(height, width, size)
+    if (new_height, new_width) != (height, width):
         rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
         columns = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
         mask = mask[rows[:, None], columns[None, :]]
-    if box is not None:
-        left, top, right, bottom = box
-        mask = mask[top:bottom, left:right]
-    return np.ascontiguousarray(mask, dtype=np.int64)
+    return np.ascontiguousarray(mask[top : top + size, left : left + size], dtype=np.int64)
 
 
 def prepare_labels(
@@ -333,21 +295,25 @@ def prepare_labels(
     return mask
 
 
-def normalise_image(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with per-channel mean and std."""
-    scaled = image.astype(np.float32) / 255.0
-    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+def _undecoded(dataset, columns: Sequence[str]):
+    """`dataset` with its ``datasets.Image`` columns left as ``{"bytes", "path"}`` records, so that
+    :mod:`evaluation.image_io` decodes them (and names the file when it cannot)."""
+    import datasets
 
-
-def denormalise_image(pixel_values: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """(3, H, W) normalised -> (H, W, 3) float in [0, 1], for display."""
-    image = pixel_values.transpose(1, 2, 0) * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
-    return np.clip(image, 0.0, 1.0)
+    features = getattr(dataset, "features", None) or {}
+    for column in columns:
+        feature = features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Resized, normalised image/mask pairs of a ``datasets.Dataset``.
+
+    Images are read by the project's one policy (:func:`evaluation.image_io.read_rgb01`: any format, palette,
+    alpha, high-bit data) and resized in float32 (:func:`evaluation.preprocessing.resize_and_crop`, bilinear);
+    masks by nearest neighbour on the same geometry.
 
     Items are dicts with ``pixel_values`` (3, S, S) float32, ``labels`` (S, S) int64 (values in
     [0, num_classes) or the ignore index) and ``index`` (int), S = `image_size`.
@@ -368,7 +334,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}; got {resize_mode!r}.")
-        self.dataset = dataset
+        self.dataset = _undecoded(dataset, (image_column, mask_column))
         self.image_column, self.mask_column = image_column, mask_column
         self.num_classes, self.image_size = int(num_classes), int(image_size)
         self.ignore_index, self.reduce_labels, self.resize_mode = int(ignore_index), bool(reduce_labels), resize_mode
@@ -377,39 +343,42 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _name(self, index: int, row: dict) -> str:
+    def sample_name(self, index: int, row: dict | None = None) -> str:
+        """'sample 3 (2007_000032)': the index and, for local folders, the file stem."""
+        row = self.dataset[int(index)] if row is None else row
         return f"sample {index}" + (f" ({row['name']})" if "name" in row else "")
 
-    def image_and_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(S, S, 3) uint8 resized image and (S, S) int64 labels of one sample."""
-        row = self.dataset[int(index)]
-        where = f"mask of {self._name(index, row)}"
-        image = resize_image(row[self.image_column], self.image_size, self.resize_mode)
-        mask = resize_mask(mask_to_array(row[self.mask_column], where), self.image_size, self.resize_mode)
-        labels = prepare_labels(mask, self.num_classes, self.ignore_index, self.reduce_labels, where)
-        return image, labels
+    def read_image(self, index: int, row: dict | None = None) -> np.ndarray:
+        """(H, W, 3) float32 RGB in [0, 1] of one sample, as stored (ImageReadError naming it if unreadable)."""
+        row = self.dataset[int(index)] if row is None else row
+        return read_rgb01(row[self.image_column])
+
+    def select(self, indices: Sequence[int]) -> "SegmentationDataset":
+        """The same dataset restricted to `indices` (renumbered 0 .. len - 1)."""
+        subset = copy.copy(self)
+        subset.dataset = self.dataset.select(list(indices))
+        return subset
 
     def __getitem__(self, index: int) -> dict:
-        image, labels = self.image_and_labels(index)
+        row = self.dataset[int(index)]
+        where = f"mask of {self.sample_name(index, row)}"
+        image = resize_and_crop(self.read_image(index, row), self.image_size, self.resize_mode, resample="bilinear")
+        mask = resize_mask(mask_to_array(row[self.mask_column], where), self.image_size, self.resize_mode)
+        labels = prepare_labels(mask, self.num_classes, self.ignore_index, self.reduce_labels, where)
         return {
-            "pixel_values": torch.from_numpy(normalise_image(image, self.image_mean, self.image_std)),
+            "pixel_values": normalize(image, self.image_mean, self.image_std),
             "labels": torch.from_numpy(labels),
             "index": int(index),
         }
 
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "RESIZE_MODES",
     "SegmentationDataset",
-    "denormalise_image",
     "is_voc_devkit_folder",
     "load_segmentation_split",
     "local_folder_split",
     "mask_to_array",
-    "normalise_image",
     "prepare_labels",
-    "resize_image",
     "resize_mask",
 ]

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from evaluation.classical_features import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
 
@@ -191,7 +192,7 @@ class TrainableSegmenter(BaseEstimator):
     def _uses_vit(self) -> bool:
         return self.features in ("vit", "classical+vit")
 
-    def _validate_params(self) -> None:
+    def _check_params(self) -> None:
         if self.features not in FEATURE_SETS:
             raise ValueError(f"Unknown feature set {self.features!r}; allowed values: {', '.join(FEATURE_SETS)}")
         if self.classifier not in CLASSIFIERS:
@@ -218,7 +219,7 @@ class TrainableSegmenter(BaseEstimator):
         Returns:
             float32 (H, W, C), channels as :meth:`feature_names`.
         """
-        self._validate_params()
+        self._check_params()
         parts = []
         if self._uses_classical:
             parts.append(classical_features(image, sigmas=self.sigmas, backend=self.feature_backend))
@@ -260,7 +261,7 @@ class TrainableSegmenter(BaseEstimator):
         Returns:
             self
         """
-        self._validate_params()
+        self._check_params()
         image_list, single = _as_image_list(images)
         label_list = [np.asarray(labels)] if single else list(labels)
         if len(label_list) != len(image_list):
@@ -287,7 +288,7 @@ class TrainableSegmenter(BaseEstimator):
             feature_maps: list of (H, W, C) float arrays.
             labels: list of (H, W) label images (0 = unlabelled).
         """
-        self._validate_params()
+        self._check_params()
         if len(feature_maps) != len(labels):
             raise ValueError(f"Got {len(feature_maps)} feature map(s) but {len(labels)} label image(s)")
         checked = [_check_labels(lab, fm.shape, i) for i, (fm, lab) in enumerate(zip(feature_maps, labels))]
@@ -320,8 +321,7 @@ class TrainableSegmenter(BaseEstimator):
 
     # ---------------------------------------------------------------- prediction
     def _check_fitted(self) -> None:
-        if not hasattr(self, "classifier_"):
-            raise RuntimeError("This TrainableSegmenter is not fitted yet; call fit() first")
+        check_is_fitted(self, "classifier_")  # sklearn's NotFittedError
 
     def _probabilities_from_features(self, feature_map: np.ndarray) -> np.ndarray:
         height, width, channels = feature_map.shape
@@ -374,7 +374,7 @@ class TrainableSegmenter(BaseEstimator):
         With ``crf=True`` these are the CRF-refined marginals.
         """
         self._check_fitted()
-        self._validate_params()
+        self._check_params()
         image_list, single = _as_image_list(images)
         results = [
             self.predict_proba_features(self.extract_features(image), image if self.crf else None)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation import linear_segmentation as linseg
+from evaluation import training_runs
 from evaluation.segmentation_data import SegmentationDataset, load_segmentation_split, prepare_labels
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
@@ -101,36 +102,6 @@ def trained_run(workspace):
 
 
 # --------------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------------
-def test_mean_iou_matches_a_hand_computed_case():
-    labels = np.array([[0, 0, 1], [1, IGNORE, 2]])
-    predictions = np.array([[0, 1, 1], [1, 0, 0]])  # the prediction under the ignored pixel must not count
-    scores = linseg.mean_iou(predictions, labels, num_classes=4, ignore_index=IGNORE)
-    # class 0: TP 1, union 2 + 2 - 1 = 3; class 1: TP 2, union 2 + 3 - 2 = 3; class 2: TP 0, union 1;
-    # class 3: in neither ground truth nor prediction -> no IoU, left out of the mean.
-    expected = {"class_0": 1 / 3, "class_1": 2 / 3, "class_2": 0.0, "class_3": None}
-    assert scores["per_class_iou"].keys() == expected.keys()
-    for name, value in expected.items():
-        assert scores["per_class_iou"][name] == (None if value is None else pytest.approx(value))
-    assert scores["miou"] == pytest.approx(1 / 3)
-    assert scores["pixel_accuracy"] == pytest.approx(3 / 5)
-    assert scores["num_pixels"] == 5 and scores["num_present_classes"] == 3
-
-    confusion = linseg.confusion_matrix(predictions, labels, 4, IGNORE)
-    assert confusion.sum() == 5
-    assert confusion[0].tolist() == [1, 1, 0, 0] and confusion[2].tolist() == [1, 0, 0, 0]
-
-
-def test_a_predicted_but_absent_class_counts_as_zero():
-    labels = np.zeros((2, 2), dtype=np.int64)
-    predictions = np.array([[0, 0], [0, 1]])
-    scores = linseg.mean_iou(predictions, labels, num_classes=3)
-    assert scores["per_class_iou"] == {"class_0": 0.75, "class_1": 0.0, "class_2": None}
-    assert scores["miou"] == pytest.approx(0.375)
-
-
-# --------------------------------------------------------------------------------------------------
 # Estimator
 # --------------------------------------------------------------------------------------------------
 def test_probe_estimator_fits_predicts_and_round_trips(tmp_path):
@@ -151,6 +122,32 @@ def test_probe_estimator_fits_predicts_and_round_trips(tmp_path):
     loaded = linseg.LinearSegmentationProbe.load(tmp_path / "probe", device="cpu")
     np.testing.assert_array_equal(loaded.predict(features, (16, 16)), probe.predict(features, (16, 16)))
     assert loaded.evaluate(features, labels) == probe.evaluate(features, labels)
+
+
+def test_probe_is_a_scikit_learn_estimator():
+    from sklearn.base import BaseEstimator, clone
+    from sklearn.exceptions import NotFittedError
+
+    probe = linseg.LinearSegmentationProbe(num_classes=3, epochs=2, class_names=["a", "b", "c"], device="cpu")
+    assert probe.get_params()["class_names"] == ["a", "b", "c"] and probe.get_params()["epochs"] == 2
+    probe.set_params(epochs=5, learning_rate=0.1)
+    copy = clone(probe)
+    assert copy.get_params() == probe.get_params() and copy is not probe
+    assert not any(name.endswith("_") and not name.startswith("_") for name in vars(copy))
+    # The constructor stores its parameters as given; fit checks them.
+    assert linseg.LinearSegmentationProbe(num_classes="3").num_classes == "3"
+    for method, arguments in (("predict", (np.zeros((1, 4, 2, 2), np.float32),)), ("save", ("nowhere",))):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            getattr(probe, method)(*arguments)
+    # Nothing of BaseEstimator's is overridden.
+    assert set(vars(linseg.LinearSegmentationProbe)) & set(dir(BaseEstimator)) <= {"__init__", "__doc__", "__module__"}
+
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(4, 4, 2, 2)).astype(np.float32), rng.integers(0, 3, size=(4, 2, 2))
+    fitted = clone(probe).fit(features, labels)
+    assert fitted.in_channels_ == 4 and len(fitted.loss_curve_) == 5
+    assert fitted.score(features, labels) == fitted.evaluate(features, labels)["miou"]
+    assert not hasattr(clone(fitted), "head_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def test_resume_after_a_stop_gives_the_same_weights(workspace, tmp_path):
         linseg.make_config(run_settings(workspace, tmp_path / "resumed", max_steps=4, **common))
     )
     assert stopped["training"]["global_step"] == 4 and stopped["training"]["stopped_at_max_steps"]
-    assert [path.name for path in linseg.checkpoint_folders(tmp_path / "resumed")] == [
+    assert [path.name for path in training_runs.list_checkpoints(tmp_path / "resumed")] == [
         "checkpoint_00000003",
         "checkpoint_00000004",
     ]
@@ -277,7 +274,7 @@ def test_unknown_option_message(capsys):
     with pytest.raises(SystemExit):
         linseg.parse_args(["--model", "m", "--data_dir", "d", "--num_classes", "3", "--epoch", "3"])
     error = capsys.readouterr().err
-    assert "unknown option '--epoch'" in error and "Did you mean '--epochs'" in error
+    assert "unknown option '--epoch'" in error and "did you mean '--epochs'" in error
 
 
 def test_unknown_config_key_and_missing_data_source(tmp_path):
@@ -294,7 +291,7 @@ def test_unknown_config_key_and_missing_data_source(tmp_path):
 def test_command_line_data_source_replaces_the_files(tmp_path):
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps({"dataset_name": "some/hub-dataset", "num_classes": 21}))
-    config = linseg.parse_args(["--model", "m", "--config", str(config_file), "--data_dir", "local"])
+    config = linseg.parse_args([str(config_file), "--model", "m", "--data_dir", "local"])
     assert config.data_dir == "local" and config.dataset_name is None and config.num_classes == 21
 
 
@@ -457,3 +454,67 @@ def test_two_processes_share_the_work_without_double_counting(workspace, tmp_pat
     assert results["validation"]["num_pixels"] == labelled  # every validation pixel scored exactly once
     assert len(list((output_dir / "feature_cache" / "train" / "features").glob("*.npy"))) == 24
     assert (output_dir / "checkpoints" / "checkpoint_00000003" / "random_states_1.pkl").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch input policy, command-line errors, Hub push
+# --------------------------------------------------------------------------------------------------
+def write_split_with_bad_images(root: Path) -> None:
+    """ROOT/train with 4 good images, one that is no image and one smaller than a patch; ROOT/val with 2."""
+    write_split(root, "train", 4, seed=10)
+    write_split(root, "val", 2, seed=11)
+    (root / "train" / "images" / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "masks" / "broken.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "images" / "tiny.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "masks" / "tiny.png")
+
+
+def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_path, caplog):
+    write_split_with_bad_images(tmp_path / "data")
+    settings = run_settings(workspace, tmp_path / "out", data_dir=str(tmp_path / "data"), image_size=56, epochs=1,
+                            num_example_images=0)
+    with caplog.at_level("WARNING", logger="evaluation.image_io"):
+        results = linseg.run_linear_segmentation(linseg.make_config(settings))
+    assert results["num_train_samples"] == 4 and results["num_val_samples"] == 2
+    skipped = {item["name"]: item["reason"] for item in results["skipped_inputs"]["train"]}
+    assert sorted(skipped) == ["sample 0 (broken)", "sample 5 (tiny)"]
+    assert "broken.png" in skipped["sample 0 (broken)"]
+    assert "tiny.png: image of 8 x 8 px is smaller than one 14 x 14 patch" in skipped["sample 5 (tiny)"]
+    assert results["skipped_inputs"]["val"] == []
+    assert "Skipped 2 of 6 images" in caplog.text and "--strict" in caplog.text
+
+    from evaluation.image_io import ImageReadError
+
+    with pytest.raises(ImageReadError, match="broken.png"):
+        linseg.run_linear_segmentation(linseg.make_config(dict(settings, strict=True, output_dir=str(tmp_path / "s"))))
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        linseg.main(["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "error: not found: " in error[0] and "no-model" in error[0]
+
+
+def test_yaml_config_file_first_and_flags_win(tmp_path):
+    config_file = tmp_path / "probe.yaml"
+    config_file.write_text("num_classes: 4\nepochs: 7\ndata_dir: d\nrobustness_transforms: [roll]\n")
+    config = linseg.parse_args([str(config_file), "--model", "m", "--epochs", "2", "--push_to_hub"])
+    assert (config.num_classes, config.epochs, config.robustness_transforms) == (4, 2, ["roll"])
+    assert config.push_to_hub is True and config.data_dir == "d"
+    help_text = linseg.build_parser().format_help()
+    assert "--output_dir" in help_text and "--output-dir" not in help_text and "--push_to_hub" in help_text
+
+
+def test_push_to_hub_uploads_the_run_without_cache_or_checkpoints(workspace, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training_runs, "push_to_hub", lambda folder, repo_id, **options: calls.append(
+        (Path(folder), repo_id, options)) or f"https://huggingface.co/{repo_id}")
+    settings = run_settings(workspace, tmp_path / "pushed", image_size=56, epochs=1, max_train_samples=4,
+                            max_eval_samples=2, num_example_images=0, push_to_hub=True, hub_model_id="me/probe")
+    linseg.run_linear_segmentation(linseg.make_config(settings))
+    ((folder, repo_id, options),) = calls
+    assert folder == tmp_path / "pushed" and repo_id == "me/probe"
+    assert options["ignore_patterns"] == ["feature_cache/"] and options["private"] is False
+    assert (folder / "results.json").is_file() and (folder / "probe" / "head.safetensors").is_file()

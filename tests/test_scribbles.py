@@ -1,4 +1,4 @@
-"""Scribble generation, the mIoU metric and the scribble benchmark end to end."""
+"""Scribble generation and the scribble benchmark end to end (its metric: tests/test_metrics.py)."""
 
 import json
 
@@ -10,7 +10,6 @@ from evaluation.image_io import write_image, write_mask
 from evaluation.scribble_benchmark import (
     find_image_mask_pairs,
     main,
-    mean_iou,
     random_scribble,
     run_scribble_benchmark,
     simulate_scribble_rounds,
@@ -18,26 +17,6 @@ from evaluation.scribble_benchmark import (
 from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
 
 CROSS = ndimage.generate_binary_structure(2, 1)
-
-
-# ---------------------------------------------------------------- metric
-def test_mean_iou_matches_a_hand_computed_case():
-    target = np.array([[1, 1, 2], [2, 0, 2]])
-    pred = np.array([[1, 2, 2], [2, 1, 1]])
-    # Pixel (1, 1) is unlabelled and ignored. Class 1: I = 1, U = 3. Class 2: I = 2, U = 4.
-    assert mean_iou(pred, target, n_classes=2) == pytest.approx((1 / 3 + 2 / 4) / 2)
-    # A class absent from prediction and target is skipped, not counted as 0 or 1.
-    assert mean_iou(pred, target, n_classes=3) == pytest.approx((1 / 3 + 2 / 4) / 2)
-    # Scoring every pixel with classes 0..2: class 0 I = 0, U = 1; class 1 I = 1, U = 4; class 2 I = 2, U = 4.
-    assert mean_iou(pred, target, n_classes=3, ignore_index=None) == pytest.approx((0 + 1 / 4 + 2 / 4) / 3)
-
-
-def test_mean_iou_extremes_and_shape_check():
-    truth = np.array([[1, 2], [2, 1]])
-    assert mean_iou(truth, truth, n_classes=2) == 1.0
-    assert mean_iou(3 - truth, truth, n_classes=2) == 0.0
-    with pytest.raises(ValueError, match="shape"):
-        mean_iou(truth, truth[:1], n_classes=2)
 
 
 # ---------------------------------------------------------------- scribbles

@@ -4,10 +4,12 @@ import importlib.util
 
 import numpy as np
 import pytest
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
 
 from evaluation.classical_features import n_features
-from evaluation.scribble_benchmark import mean_iou, simulate_scribble_rounds
+from evaluation.metrics import segmentation_scores
+from evaluation.scribble_benchmark import simulate_scribble_rounds
 from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
 from evaluation.trainable_segmentation import TrainableSegmenter
 from evaluation.vit_features import (
@@ -17,6 +19,11 @@ from evaluation.vit_features import (
 )
 
 HAS_CRF = importlib.util.find_spec("pydensecrf") is not None
+
+
+def mean_iou(prediction, truth, n_classes):
+    """mIoU of the scribble tools' masks: 0 = unlabelled, classes 1..n_classes."""
+    return segmentation_scores(prediction, truth, n_classes, ignore_index=0, first_class=1)["miou"]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,9 @@ def test_constructor_only_stores_parameters_and_clones():
     copy = clone(segmenter)
     assert copy.get_params()["classifier"] == "random_forest"
     assert not hasattr(copy, "classifier_")
+    assert clone(segmenter).get_params() == segmenter.get_params()
+    # Nothing of BaseEstimator's is overridden but the representation (which keeps the torch model out).
+    assert set(vars(TrainableSegmenter)) & set(dir(BaseEstimator)) <= {"__init__", "__doc__", "__module__", "__repr__"}
 
 
 def test_error_messages(two_phase):
@@ -127,7 +137,7 @@ def test_error_messages(two_phase):
         TrainableSegmenter().fit([image, image], [scribbles])
     with pytest.raises(ValueError, match="model"):
         TrainableSegmenter(features="classical+vit").fit(image, scribbles)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         TrainableSegmenter().predict(image)
 
 

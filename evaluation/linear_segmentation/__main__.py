@@ -1,0 +1,3 @@
+from evaluation.linear_segmentation.cli import main
+
+main()
