@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import train_distill
-from evaluation.cli import ArgumentParser, run_command
+from evaluation.cli import ArgumentParser, check_model_source, run_command
 from evaluation.files import write_json_atomic
 from evaluation.image_io import to_float01
 
@@ -227,6 +227,8 @@ def parse_args(argv=None) -> QuickstartArguments:
 def main(argv=None) -> dict:
     """Run the quickstart; returns the report (with its `acceptance` checks)."""
     args = parse_args(argv)
+    if args.teacher != "synthetic":
+        check_model_source(args.teacher)  # before any work, and before any Hub call
     from convert_checkpoint import convert
     from evaluation.probe_runner import load_image_source, load_model
     from evaluation.report import build_report

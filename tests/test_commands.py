@@ -28,7 +28,8 @@ def model_options(command: str, missing: str, folder: Path) -> list[str]:
         "alibi-probe": ["--models", missing],
         "alibi-report": ["--models", missing, "--output_dir", str(folder / "out")],
         "alibi-scribbles": ["--models", missing, "--output_dir", str(folder / "out")],
-        "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--output_dir", str(folder / "out")],
+        "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--num_classes", "3",
+                             "--output_dir", str(folder / "out")],
         "alibi-demo": ["--models", missing],
     }[command]
 

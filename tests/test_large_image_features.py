@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from evaluation.image_io import ImageTooSmallError
 import tifffile
 import torch
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
@@ -66,5 +68,5 @@ def test_models_without_alibi_run_on_their_own_path(tiny_kwargs):
 
 
 def test_an_image_smaller_than_a_patch_is_refused(alibi_model):
-    with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
+    with pytest.raises(ImageTooSmallError, match="10 x 300 px is smaller than one 14 x 14 patch"):
         extract_feature_map(alibi_model, np.zeros((10, 300), dtype=np.uint8), progress=False)

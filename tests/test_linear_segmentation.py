@@ -490,8 +490,10 @@ def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_pa
 
 
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from evaluation.cli import run_command
+
     with pytest.raises(SystemExit) as stopped:
-        linseg.main(["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"])
+        run_command(linseg.main, ["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"])
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "error: not found: " in error[0] and "no-model" in error[0]

@@ -514,7 +514,7 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in EVERY_FLAG:
         assert flag in text, flag
-    assert "config_file" in text and "accelerate launch" in text
+    assert "CONFIG_FILE" in text and "accelerate launch" in text
     documented = {a.option_strings[0] for a in train_distill.build_parser()._actions if a.option_strings}
     assert documented - {"-h"} == set(EVERY_FLAG)
     # One flag style: each option is shown once, with underscores.

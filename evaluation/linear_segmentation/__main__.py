@@ -1,3 +1,4 @@
-from evaluation.linear_segmentation.cli import main
+from evaluation.cli import run_command
+from evaluation.linear_segmentation.cli import PROG, main
 
-main()
+run_command(main, prog=PROG)

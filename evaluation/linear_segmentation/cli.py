@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from evaluation.cli import ArgumentParser, InputError, run_command
+from evaluation.cli import ArgumentParser, InputError
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.training import run_linear_segmentation
 
@@ -45,5 +45,5 @@ def parse_args(argv: Sequence[str] | None = None) -> LinearSegmentationConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Entry point of ``python -m evaluation.linear_segmentation``; user errors end it with one line, exit 2."""
-    return run_command(lambda arguments: run_linear_segmentation(parse_args(arguments)), argv, prog=PROG)
+    """Run the probe described by the command-line tokens `argv` (`None`: `sys.argv[1:]`); returns the results."""
+    return run_linear_segmentation(parse_args(argv))
