@@ -3,7 +3,6 @@ unreadable images), the float16 feature cache, the data order and the input tran
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from contextlib import nullcontext
@@ -16,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evaluation.cli import did_you_mean
-from evaluation.feature_extraction import patch_size_of, prefix_token_count, resolve_backbone
+from evaluation.feature_extraction import extract_patch_features_batch, patch_size_of
 from evaluation.files import save_array_atomic, write_json_atomic
 from evaluation.image_io import ImageReadError, SkippedInputs, check_image_size, describe_source
 from evaluation.linear_segmentation.config import TRANSFORMS, LinearSegmentationConfig
@@ -53,29 +52,15 @@ def patch_feature_maps(model: nn.Module, pixel_values: torch.Tensor) -> torch.Te
     Returns:
         (B, C, H // p, W // p): ``last_hidden_state`` with the CLS / register tokens dropped.
     """
-    backbone = resolve_backbone(model)
-    patch_size, prefix = patch_size_of(backbone), prefix_token_count(backbone)
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(f"pixel_values must have shape (B, 3, H, W); got {tuple(pixel_values.shape)}.")
+    patch_size = patch_size_of(model)
     height, width = pixel_values.shape[-2:]
     if height % patch_size or width % patch_size:
         raise ValueError(
             f"Image size {height}x{width} is not a multiple of the patch size {patch_size}; set --image_size to a "
             f"multiple of {patch_size}."
         )
-    grid_h, grid_w = height // patch_size, width // patch_size
-    kwargs = {}
-    if "interpolate_pos_encoding" in inspect.signature(backbone.forward).parameters:
-        kwargs["interpolate_pos_encoding"] = True  # plain ViTs: resize the learned embedding to the input grid
-    with torch.no_grad():
-        tokens = backbone(pixel_values=pixel_values, **kwargs).last_hidden_state
-    if tokens.shape[1] != prefix + grid_h * grid_w:
-        raise ValueError(
-            f"{type(backbone).__name__} returned {tokens.shape[1]} tokens; expected {prefix} prefix + "
-            f"{grid_h}x{grid_w} patch tokens."
-        )
-    patches = tokens[:, prefix:]
-    return patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1]).permute(0, 3, 1, 2).contiguous()
+    grids = extract_patch_features_batch(model, pixel_values)  # (B, h, w, C), inference mode
+    return grids.permute(0, 3, 1, 2).clone()  # a normal tensor: the head trains on it
 
 
 def features_and_labels(batch: dict, backbone: nn.Module | None, device) -> tuple[torch.Tensor, torch.Tensor]:
