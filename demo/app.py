@@ -24,12 +24,12 @@ from evaluation.cli import ArgumentParser, run_command
 from evaluation.feature_extraction import extract_patch_features, patch_size_of
 from evaluation.image_io import load_image, to_rgb01
 from evaluation.preprocessing import shrink_to_max_side
-from evaluation.positional_probe import PositionalProbe, n_random_samples
+from evaluation.names import short_names
+from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
 from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb
 
 
 PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
-MIN_PROBE_SAMPLES = 4  # fewer fitted patches give no meaningful R^2 (a 12 x 12 grid, 168 px, has 4)
 DEFAULT_MAX_SIDE = 896  # 64 patches of 14 px: a few seconds per ViT-S forward on a laptop CPU
 
 
@@ -115,7 +115,8 @@ def render_comparison(
     Returns:
         gallery: `(uint8 picture, caption)` pairs: the image as the models saw it, then per model its PCA colours
             and its k-means segmentation, upsampled to pixels.
-        table: one row per model, `[name, "h x w", x R^2, y R^2]` (R^2 rounded to 3 decimals, NaN on tiny grids).
+        table: one row per model, `[name, "h x w", x R^2, y R^2, verdict]` (R^2 rounded to 3 decimals, NaN on
+            grids too small to probe; the verdict in the report's words, from the mean of x and y).
     """
     rgb = prepare_image(image, max_side)
     gallery, table = [], []
@@ -124,12 +125,15 @@ def render_comparison(
         analysis = analyse_image(model, rgb, n_clusters=n_clusters, image_statistics=statistics, seed=seed)
         height, width = analysis.clusters.shape
         if index == 0:
-            gallery.append((to_uint8(rgb[: height * patch_size, : width * patch_size]), "input (cropped to whole patches)"))
-        gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), f"{name}: PCA of the features"))
+            gallery.append((to_uint8(rgb[: height * patch_size, : width * patch_size]), "input, cropped to whole patches"))
+        pca_caption = f"{name}: PCA colours (gradients across the frame = position)"
+        gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), pca_caption))
         segmentation = labels_to_rgb(analysis.clusters)
-        gallery.append((to_uint8(patches_to_pixels(segmentation, patch_size)), f"{name}: k-means, k = {n_clusters}"))
+        kmeans_caption = f"{name}: k-means, k = {n_clusters} (bands or rings = position)"
+        gallery.append((to_uint8(patches_to_pixels(segmentation, patch_size)), kmeans_caption))
         r2 = analysis.position_r2
-        table.append([name, f"{height} x {width}", round(r2["x"], 3), round(r2["y"], 3)])
+        verdict = f"its features {describe_r2((r2['x'] + r2['y']) / 2)}"
+        table.append([name, f"{height} x {width}", round(r2["x"], 3), round(r2["y"], 3), verdict])
     return gallery, table
 
 
@@ -147,7 +151,7 @@ def sample_images() -> dict[str, np.ndarray]:
     return {**dict(texture_images()), "cells (fluorescence)": data.cell()}
 
 
-TABLE_HEADERS = ["model", "patch grid", "x R^2 (held out)", "y R^2 (held out)"]
+TABLE_HEADERS = ["model", "patch grid", "x R^2 (held out)", "y R^2 (held out)", "verdict"]
 
 
 def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFAULT_MAX_SIDE):
@@ -189,6 +193,7 @@ def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFA
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
+                gr.Markdown(R2_MEANING)
         button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
     return page
 
@@ -198,7 +203,8 @@ class DemoArguments:
     """Models and serving of ``python -m demo.app``."""
 
     models: list[str] = field(metadata={"help": "Hub ids or model folders (trust_remote_code)"})
-    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: as given)"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
+                                                                  "part of each path or Hub id)"})
     device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
     max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "shrink images to this longer side (pixels)"})
     port: int = field(default=7860, metadata={"help": "port of the page on 127.0.0.1"})
@@ -220,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from evaluation.probe_runner import load_model
 
     args = parse_args(argv)
-    names = args.names or args.models
+    names = args.names or short_names(args.models)
     models = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
     build_demo(models, args.max_side).launch(server_port=args.port, share=args.share)
 

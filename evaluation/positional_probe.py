@@ -114,6 +114,22 @@ def ramp_targets(ramps: Union[str, Sequence[str]], h: int, w: int, seed: SeedLik
 MIN_PROBE_SAMPLES = 10
 
 
+# What an R^2 of the positional probe says, in the words every report and page uses.
+R2_MEANING = (
+    "R^2 of a linear probe that predicts each patch's position from its features: 1 = position fully "
+    "recoverable, 0 = no better than always guessing the mean position, below 0 = worse than that (shown as 0 in "
+    "headlines, raw value beside it). The random ramp is a control that every model scores at or below about 0."
+)
+
+
+def describe_r2(r2: float) -> str:
+    """The verdict on a positional R^2: `"encode position"` (>= 0.5), `"partly encode position"` (>= 0.1) or
+    `"do not encode position"`; `"cannot be probed"` for NaN (too few patches)."""
+    if not np.isfinite(r2):
+        return "cannot be probed (too few patches)"
+    return "encode position" if r2 >= 0.5 else "partly encode position" if r2 >= 0.1 else "do not encode position"
+
+
 def n_random_samples(h: int, w: int, step: int) -> int:
     """Number of randomly sampled patches: ``floor(h * w / step**2)``."""
     return (h * w) // (step * step)
@@ -514,9 +530,11 @@ __all__ = [
     "COMPOUND_RAMPS",
     "RAMPS",
     "MIN_PROBE_SAMPLES",
+    "R2_MEANING",
     "SAMPLINGS",
     "SINGLE_RAMPS",
     "PositionalProbe",
+    "describe_r2",
     "expand_ramps",
     "layer_fingerprint",
     "linear_probe",

@@ -24,7 +24,7 @@ from evaluation.feature_extraction import extract_patch_features
 from evaluation.files import write_json_atomic, write_text_atomic
 from evaluation.image_io import SkippedInputs
 from evaluation.names import short_names
-from evaluation.positional_probe import layer_fingerprint
+from evaluation.positional_probe import R2_MEANING, describe_r2, layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, NamedImage, load_image_sets, load_model, run_probe
 from evaluation.transform_check import transform_check
 from evaluation.visualisation import (
@@ -197,13 +197,6 @@ def build_report(
     return report
 
 
-R2_MEANING = (
-    "R^2 of a linear probe that predicts each patch's position from its features: 1 = position fully "
-    "recoverable, 0 = no better than always guessing the mean position, below 0 = worse than that (shown as 0 in "
-    "the headline, raw value beside it). The random ramp is a control that every model scores at or below about 0."
-)
-
-
 def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
     """lr+ud R^2 averaged over the image sets (the first non-random ramp when lr+ud was not probed)."""
     ramps = list(next(iter(by_source.values())))
@@ -218,8 +211,7 @@ def headline(summary: dict, transform_errors: dict, cosines: Mapping[str, float 
     lines = {}
     for model, by_source in summary.items():
         r2 = _headline_r2(by_source)
-        verdict = ("encode position" if r2 >= 0.5 else "partly encode position" if r2 >= 0.1
-                   else "do not encode position")
+        verdict = describe_r2(r2)
         roll = transform_errors.get(model, {}).get("roll")
         cosine = cosines.get(model)
         parts = [f"{model}: positional R^2 {max(r2, 0.0):.2f} (raw {r2:+.2f}): its features {verdict}"]

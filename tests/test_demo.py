@@ -95,7 +95,11 @@ def test_render_comparison_gives_aligned_pictures_and_one_row_per_model(tiny_mod
     for picture, caption in gallery:
         assert picture.dtype == np.uint8 and picture.shape == (140, 140, 3), caption
     assert [row[:2] for row in table] == [["ALiBi", "10 x 10"], ["DINOv2", "10 x 10"]]
-    assert [caption for _, caption in gallery][1:3] == ["ALiBi: PCA of the features", "ALiBi: k-means, k = 3"]
+    assert [caption for _, caption in gallery][1:3] == [
+        "ALiBi: PCA colours (gradients across the frame = position)",
+        "ALiBi: k-means, k = 3 (bands or rings = position)",
+    ]
+    assert all(row[4].startswith("its features ") for row in table)
 
 
 def test_render_comparison_refuses_an_image_smaller_than_a_patch(tiny_models):

@@ -1,5 +1,6 @@
 """The positional-bias report: tables, pictures and checks of several models on one HTML page."""
 
+import html
 import json
 
 import pytest
@@ -69,3 +70,50 @@ def test_command_line_loads_saved_folders(tmp_path):
     assert (tmp_path / "out" / "report.html").exists()
     with pytest.raises(SystemExit):
         main(["--models", "a", "b", "--names", "only-one"])
+
+
+def test_headline_opens_the_page_with_the_numbers_of_the_json(report):
+    content, folder = report
+    page = (folder / "report.html").read_text()
+    on_disk = json.loads((folder / "report.json").read_text())
+    assert set(on_disk["headline"]) == {"positional", "alibi"}
+    for model, line in on_disk["headline"].items():
+        assert line == content["headline"][model]
+        assert line["r2_clipped"] == max(line["r2"], 0.0)
+        assert f"positional R^2 {line['r2_clipped']:.2f} (raw {line['r2']:+.2f})" in line["sentence"]
+        assert f"roll-equivariance error {line['roll_error']:.1e}" in line["sentence"]
+        assert html.escape(line["sentence"]) in page
+    assert page.index("class=headline") < page.index("<table")  # the answer comes first
+    assert "no better than always guessing the mean" in page
+    assert "its features encode position" in on_disk["headline"]["positional"]["sentence"]
+    assert "do not encode position" in on_disk["headline"]["alibi"]["sentence"]
+
+
+def test_reference_model_gives_each_model_its_patch_cosine(tmp_path):
+    torch.manual_seed(0)
+    teacher = positional_model()
+    models = {"teacher": teacher, "copy": teacher, "alibi": AlibiDinov2Model(AlibiDinov2Config(**TINY)).eval()}
+    sources = {"noise": load_image_source("noise:1", size=(252, 252))}
+    content = build_report(models, sources, tmp_path, repeats=1, picture_images=1, progress=False, reference="teacher")
+    cosines = content["cosine_to_reference"]
+    assert cosines["teacher"] is None and abs(cosines["copy"] - 1.0) < 1e-6 and cosines["alibi"] < 0.99
+    assert "content kept: patch cosine to teacher 1.00" in content["headline"]["copy"]["sentence"]
+    with pytest.raises(ValueError, match="reference"):
+        build_report(models, sources, tmp_path, repeats=1, progress=False, reference="nobody")
+
+
+def test_command_line_names_models_and_sets_by_their_last_path_part(tmp_path):
+    folder = tmp_path / "runs" / "positional-teacher"
+    positional_model().save_pretrained(folder)
+    images = tmp_path / "deep" / "path" / "imgs"
+    images.mkdir(parents=True)
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (252, 252, 3), dtype=np.uint8)).save(images / "a.png")
+    content = main(["--models", str(folder), "--images", str(images), "--repeats", "1", "--picture_images", "1",
+                    "--output_dir", str(tmp_path / "out")])
+    assert list(content["summary"]) == ["positional-teacher"]
+    assert list(content["summary"]["positional-teacher"]) == ["imgs"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert str(images) not in page and "<th>imgs<br>lr+ud</th>" in page
