@@ -6,10 +6,17 @@ This file is copied into Hub repositories as remote code: it imports only transf
 """
 
 from transformers import Dinov2WithRegistersConfig
+from transformers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 ALIBI_METRICS = ("euclidean", "manhattan")
 ALIBI_SLOPES = ("constant", "geometric", "learned")
+# Memory options of the attention at run time, with their defaults. They describe the machine, not the weights: the
+# model takes them at load time (`from_pretrained(folder, alibi_chunk_memory_mb=512)`) or per call
+# (`model(pixel_values, alibi_chunk_memory_mb=512)`), and no configuration stores them.
+ALIBI_RUNTIME_DEFAULTS = {"alibi_dense_max_tokens": 8192, "alibi_query_chunk_size": 1024, "alibi_chunk_memory_mb": 256}
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:
@@ -45,17 +52,14 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
             ALiBi) or `"learned"` (one trainable slope per layer and head).
         alibi_jitter (`float`, *optional*, defaults to 0.0):
             Standard deviation of Gaussian noise added to the bias at every forward pass (0 disables it).
-        alibi_dense_max_tokens (`int`, *optional*, defaults to 8192):
-            Largest token count for which the `sdpa` and `eager` paths build the `N x N` bias; larger inputs run
-            through `alibi_chunked` (same numbers, memory linear in N).
-        alibi_query_chunk_size (`int`, *optional*, defaults to 1024):
-            Largest number of queries per block of the `alibi_chunked` attention path.
-        alibi_chunk_memory_mb (`float`, *optional*, defaults to 256):
-            Bound on one block's attention scores and bias rows in the `alibi_chunked` path; blocks shrink below
-            `alibi_query_chunk_size` to stay under it on large grids.
         interpolate_antialias (`bool`, *optional*, defaults to `True`):
             Antialiasing of the bicubic resize of the learned position embedding when it is kept and the grid
             differs from the trained one. `Dinov2WithRegistersModel` uses `True`, `Dinov2Model` `False`.
+
+    The attention's memory options (`alibi_dense_max_tokens`, `alibi_query_chunk_size`, `alibi_chunk_memory_mb`) are
+    no configuration fields: they are options of the model at load time and per call (see [`AlibiDinov2Model`]).
+    Configurations saved by earlier versions carry them; they are dropped when such a configuration is read, with a
+    warning where a value differs from its default.
 
     Example:
 
@@ -82,9 +86,6 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
     alibi_normalize: bool = True
     alibi_slopes: str = "constant"
     alibi_jitter: float | int = 0.0
-    alibi_dense_max_tokens: int = 8192
-    alibi_query_chunk_size: int = 1024
-    alibi_chunk_memory_mb: float | int = 256
     interpolate_antialias: bool = True
 
     def __post_init__(self, **kwargs):
@@ -92,9 +93,6 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
         _check_choice("alibi_slopes", self.alibi_slopes, ALIBI_SLOPES)
         if self.alibi_jitter < 0:
             raise ValueError(f"`alibi_jitter` is a standard deviation and must be >= 0; got {self.alibi_jitter}.")
-        for name in ("alibi_dense_max_tokens", "alibi_query_chunk_size", "alibi_chunk_memory_mb"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive; got {getattr(self, name)}.")
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0; got {self.num_register_tokens}.")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -102,6 +100,14 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
                 f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
+        # Older config.json files carry the runtime options: drop them, so that they are not saved again.
+        for name, default in ALIBI_RUNTIME_DEFAULTS.items():
+            value = kwargs.pop(name, default)
+            if value != default:
+                logger.warning(
+                    f"`{name}={value!r}` is ignored: it is an option of the model, not of its configuration. Pass it "
+                    f"to `from_pretrained(..., {name}=...)` or to the forward call instead."
+                )
         # Remote-code entry points for every Auto class, so that a saved folder loads with AutoModel and
         # AutoBackbone alike, whichever class saved it.
         if kwargs.get("auto_map") is None and getattr(self, "auto_map", None) is None:

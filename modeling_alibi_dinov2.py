@@ -8,7 +8,8 @@ where it sits.
 
 The model reuses transformers' DINOv2-with-registers patch embedding, transformer layers, attention and
 LayerScale; the bias reaches the attention as its additive `attention_mask`, so the `sdpa` path runs it inside
-`torch.nn.functional.scaled_dot_product_attention`.
+`torch.nn.functional.scaled_dot_product_attention`. The attention function is chosen per call (a large input streams
+its bias through `alibi_chunked`), so the model never writes to its configuration while it runs.
 
 This file is copied into Hub repositories as remote code: it imports only torch, transformers and
 `configuration_alibi_dinov2`.
@@ -24,19 +25,22 @@ from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.masking_utils import create_bidirectional_mask, sdpa_mask
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersAttention,
     Dinov2WithRegistersLayer,
     Dinov2WithRegistersPatchEmbeddings,
     Dinov2WithRegistersPreTrainedModel,
+    eager_attention_forward,
 )
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 
 try:  # loaded as remote code (a package in transformers' module cache)
-    from .configuration_alibi_dinov2 import AlibiDinov2Config
+    from .configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
 except ImportError:  # imported from the project itself (top-level modules)
-    from configuration_alibi_dinov2 import AlibiDinov2Config
+    from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
 
 
 # Attention implementations that cannot add an arbitrary (N, N) bias to the logits.
@@ -310,15 +314,23 @@ class AlibiDinov2PositionBias(nn.Module):
         return -self.head_slopes(layer_index, distance.device)[None, :, None, None] * distance[None, None]
 
     def _cached(self, key: tuple, build) -> torch.Tensor:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        # Single dictionary operations only, each atomic: threads sharing the model may evict each other's entries.
+        value = self._cache.get(key)
+        if value is not None:
+            try:
+                self._cache.move_to_end(key)
+            except KeyError:  # evicted meanwhile by another thread
+                pass
+            return value
         # Built outside inference mode so that a bias first made for inference can later be used in training.
         with torch.inference_mode(False), torch.no_grad():
             value = build()
         self._cache[key] = value
-        if len(self._cache) > _BIAS_CACHE_SIZE:
-            self._cache.popitem(last=False)
+        while len(self._cache) > _BIAS_CACHE_SIZE:
+            try:
+                self._cache.popitem(last=False)
+            except KeyError:  # emptied meanwhile by another thread
+                break
         return value
 
     def _padded_distance(self, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -421,7 +433,7 @@ class AlibiDinov2PositionBias(nn.Module):
         return add_alibi_bias
 
 
-def alibi_query_chunk_size(num_tokens: int, num_heads: int, max_chunk_size: int, memory_mb: float) -> int:
+def alibi_query_block_size(num_tokens: int, num_heads: int, max_chunk_size: int, memory_mb: float) -> int:
     """Queries per block of the chunked path: at most `max_chunk_size`, and few enough that one block's scores
     (per head) and bias rows (with their distance temporaries), float32, fit in `memory_mb`."""
     bytes_per_query = num_tokens * (num_heads + 4) * 4
@@ -439,13 +451,15 @@ def alibi_chunked_attention_forward(
     alibi: AlibiDinov2PositionBias | None = None,
     alibi_grid_size: tuple[int, int] | None = None,
     alibi_layer_index: int = 0,
+    alibi_query_chunk_size: int = ALIBI_RUNTIME_DEFAULTS["alibi_query_chunk_size"],
+    alibi_chunk_memory_mb: float = ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"],
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Exact attention with the ALiBi bias, one block of queries at a time (`attn_implementation="alibi_chunked"`).
 
-    Each block of queries (`config.alibi_query_chunk_size` at most, fewer when a block's scores would exceed
-    `config.alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the
-    token count instead of quadratically; no compilation is involved.
+    Each block of queries (`alibi_query_chunk_size` at most, fewer when a block's scores would exceed
+    `alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the token
+    count instead of quadratically; no compilation is involved.
 
     Args:
         query, key, value: `(batch_size, heads, N, head_dim)`.
@@ -453,10 +467,7 @@ def alibi_chunked_attention_forward(
         `(batch_size, N, heads, head_dim)` and no attention weights.
     """
     num_tokens = query.shape[2]
-    config = module.config
-    chunk_size = alibi_query_chunk_size(
-        num_tokens, query.shape[1], config.alibi_query_chunk_size, config.alibi_chunk_memory_mb
-    )
+    chunk_size = alibi_query_block_size(num_tokens, query.shape[1], alibi_query_chunk_size, alibi_chunk_memory_mb)
     outputs = []
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
@@ -540,8 +551,62 @@ def _check_attention_takes_bias(attn_implementation: str | None) -> None:
     if attn_implementation in _BIASLESS_ATTENTION:
         raise ValueError(
             f'attn_implementation="{attn_implementation}" cannot add the 2D ALiBi bias to the attention logits. '
-            'Use attn_implementation="sdpa" (default, fused) or "eager", or set `use_alibi=False` in the config.'
+            'Use attn_implementation="sdpa" (default, fused) or "eager"; for long inputs "alibi_chunked" (memory '
+            'linear in the token count) or "alibi_flex" (FlexAttention with the bias computed in the kernel); or set '
+            '`use_alibi=False` in the config.'
         )
+
+
+def _runtime_option(name: str, value: float) -> float:
+    """A memory option of the attention, checked: the token bound may be 0 (stream every input), the others > 0."""
+    if name == "alibi_dense_max_tokens" and not value >= 0:
+        raise ValueError(f"`{name}` must be >= 0 (0 streams every input); got {value}.")
+    if name != "alibi_dense_max_tokens" and not value > 0:
+        raise ValueError(f"`{name}` must be positive; got {value}.")
+    return value
+
+
+class AlibiDinov2Attention(Dinov2WithRegistersAttention):
+    """transformers' DINOv2 attention (same projections and weights) whose attention function can be chosen for one
+    call: `attn_implementation` passed to `forward` overrides `config._attn_implementation`, which the model shares
+    between calls and threads and therefore never changes while it runs."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attn_implementation: str | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(batch_size, N, hidden_size)` -> `(batch_size, N, hidden_size)` and the attention weights (eager only)."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn_implementation or self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class AlibiDinov2Layer(Dinov2WithRegistersLayer):
+    """transformers' DINOv2 layer with [`AlibiDinov2Attention`]; parameters and their names are unchanged."""
+
+    def __init__(self, config: AlibiDinov2Config) -> None:
+        super().__init__(config)
+        self.attention = AlibiDinov2Attention(config)
 
 
 class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
@@ -550,8 +615,16 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
     config_class = AlibiDinov2Config
     config: AlibiDinov2Config
     base_model_prefix = "alibi_dinov2"
-    _no_split_modules = ["AlibiDinov2Embeddings", "Dinov2WithRegistersLayer"]
+    _no_split_modules = ["AlibiDinov2Embeddings", "AlibiDinov2Layer"]
     _can_compile_fullgraph = False  # the bias cache is Python state
+
+    def __init__(self, config: AlibiDinov2Config, *inputs, **kwargs) -> None:
+        # The attention's memory options (`ALIBI_RUNTIME_DEFAULTS`): keyword arguments of the constructor and of
+        # `from_pretrained`, kept as attributes of the model, and overridable per call.
+        options = {name: kwargs.pop(name, default) for name, default in ALIBI_RUNTIME_DEFAULTS.items()}
+        super().__init__(config, *inputs, **kwargs)
+        for name, value in options.items():
+            setattr(self, name, _runtime_option(name, value))
 
     @torch.no_grad()
     def _init_weights(self, module) -> None:
@@ -576,6 +649,34 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
             _check_attention_takes_bias("flex_attention")
         return super()._flex_attn_can_dispatch(is_init_check=is_init_check)
 
+    def _attention_plan(self, num_tokens: int, kwargs: dict) -> dict:
+        """The attention of one call: pops the per-call options from `kwargs` and returns the encoder's keyword
+        arguments, `attn_implementation` included. Nothing is written to the model or its config."""
+        options = {}
+        for name in ALIBI_RUNTIME_DEFAULTS:
+            value = kwargs.pop(name, None)
+            options[name] = getattr(self, name) if value is None else _runtime_option(name, value)
+        implementation = kwargs.pop("attn_implementation", None)
+        if implementation is not None and implementation not in STREAMED_ATTENTION:
+            raise ValueError(
+                f"Per call, `attn_implementation` picks one of the streamed paths {tuple(STREAMED_ATTENTION)}; got "
+                f"{implementation!r}. Set the model's own with `model.set_attn_implementation({implementation!r})`."
+            )
+        implementation = implementation or self.config._attn_implementation
+        if self.config.use_alibi:
+            _check_attention_takes_bias(implementation)
+        if (
+            self.config.use_alibi
+            and implementation in ("sdpa", "eager")
+            and num_tokens > options["alibi_dense_max_tokens"]
+            and not kwargs.get("output_attentions", self.config.output_attentions)
+        ):
+            implementation = "alibi_chunked"  # a dense bias this large would dominate memory: stream it
+        plan = {"attn_implementation": implementation}
+        if implementation == "alibi_chunked":
+            plan.update((name, options[name]) for name in ("alibi_query_chunk_size", "alibi_chunk_memory_mb"))
+        return plan
+
     def _embed_and_encode(
         self,
         pixel_values: torch.Tensor,
@@ -583,30 +684,18 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
-        """Check the input, embed it and run the encoder with the ALiBi bias of its grid."""
+        """Check the input, embed it and run the encoder with the ALiBi bias of its grid, on the attention path
+        chosen for this call."""
         patch_height, patch_width = _patch_size_of(self.config)
         check_pixel_values(pixel_values, self.config.num_channels, min(patch_height, patch_width))
-        if self.config.use_alibi:
-            _check_attention_takes_bias(self.config._attn_implementation)
         height, width = pixel_values.shape[-2:]
+        num_tokens = self.embeddings.num_prefix_tokens + (height // patch_height) * (width // patch_width)
+        kwargs.update(self._attention_plan(num_tokens, kwargs))
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
         grid_size = (height // patch_height, width // patch_width)
-        implementation = self.config._attn_implementation
-        if (
-            self.config.use_alibi
-            and implementation in ("sdpa", "eager")
-            and embedding_output.shape[1] > self.config.alibi_dense_max_tokens
-            and not kwargs.get("output_attentions", self.config.output_attentions)
-        ):
-            # A dense bias this large would dominate memory: stream it for this call.
-            self.config._attn_implementation = "alibi_chunked"
-            try:
-                return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
-            finally:
-                self.config._attn_implementation = implementation
         return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
 
 
@@ -615,7 +704,7 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
 
     def __init__(self, config: AlibiDinov2Config) -> None:
         super().__init__(config)
-        self.layer = nn.ModuleList([Dinov2WithRegistersLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer = nn.ModuleList([AlibiDinov2Layer(config) for _ in range(config.num_hidden_layers)])
         self.alibi = AlibiDinov2PositionBias(config) if config.use_alibi else None
         self.post_init()
 
@@ -626,6 +715,7 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
         hidden_states: torch.Tensor,
         grid_size: tuple[int, int],
         attention_mask: torch.Tensor | None = None,
+        attn_implementation: str | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
@@ -633,8 +723,12 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
             hidden_states: `(batch_size, 1 + R + h * w, hidden_size)` embeddings.
             grid_size: `(h, w)`, the patch grid the tokens come from.
             attention_mask: optional extra mask (boolean or additive), merged with the ALiBi bias.
+            attn_implementation: attention path of this call (default: `config._attn_implementation`); the streamed
+                paths take their options (`alibi_query_chunk_size`, ...) from `kwargs`.
         """
-        streamed = self.config._attn_implementation in STREAMED_ATTENTION
+        attn_implementation = attn_implementation or self.config._attn_implementation
+        streamed = attn_implementation in STREAMED_ATTENTION
+        kwargs["attn_implementation"] = attn_implementation
         # Every layer's queries share one dtype and device (the residual stream keeps its dtype across layers).
         bias_dtype, bias_device = query_dtype(hidden_states), hidden_states.device
         for layer_index, layer_module in enumerate(self.layer):
@@ -662,10 +756,27 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
     ```python
     >>> features = model.get_patch_features(pixel_values)
     ```
+
+    The attention's memory options are keyword arguments of the constructor and of `from_pretrained`, kept as
+    attributes of the model, and of every call (`forward`, `get_patch_features`), which overrides them for that call:
+
+    - `alibi_dense_max_tokens` (8192): above this many tokens `sdpa` and `eager` stream the bias through
+      `alibi_chunked` instead of building the `N x N` matrix (0 streams every input);
+    - `alibi_query_chunk_size` (1024): most queries per block of `alibi_chunked`;
+    - `alibi_chunk_memory_mb` (256): bound on one block's scores and bias rows; blocks shrink below
+      `alibi_query_chunk_size` to stay under it.
+
+    A call may also pick a streamed path for itself, `attn_implementation="alibi_chunked"` or `"alibi_flex"`, whatever
+    the model's own implementation:
+
+    ```python
+    >>> model = AlibiDinov2Model.from_pretrained(folder, alibi_chunk_memory_mb=512)
+    >>> features = model.get_patch_features(pixel_values, attn_implementation="alibi_chunked", alibi_chunk_memory_mb=64)
+    ```
     """
 
-    def __init__(self, config: AlibiDinov2Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: AlibiDinov2Config, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.config = config
         self.embeddings = AlibiDinov2Embeddings(config)
         self.encoder = AlibiDinov2Encoder(config)
@@ -688,6 +799,8 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
             pixel_values: `(batch_size, num_channels, height, width)`, normalised with ImageNet mean and std.
             bool_masked_pos: `(batch_size, h * w)` boolean, patches replaced by the mask token (pre-training).
             attention_mask: optional extra attention mask, merged with the ALiBi bias.
+            kwargs: transformers' output options, and this call's attention options (`attn_implementation`,
+                `alibi_dense_max_tokens`, `alibi_query_chunk_size`, `alibi_chunk_memory_mb`; see the class).
         """
         encoder_outputs = self._embed_and_encode(pixel_values, bool_masked_pos, attention_mask, **kwargs)
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
@@ -711,8 +824,8 @@ class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
     `(batch_size, hidden_size, h, w)` for each stage of `config.out_features` (final LayerNorm applied when
     `config.apply_layernorm`; `(batch_size, N, hidden_size)` tokens when `config.reshape_hidden_states` is off)."""
 
-    def __init__(self, config: AlibiDinov2Config) -> None:
-        super().__init__(config)
+    def __init__(self, config: AlibiDinov2Config, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.num_features = [config.hidden_size for _ in range(config.num_hidden_layers + 1)]
         self.embeddings = AlibiDinov2Embeddings(config)
         self.encoder = AlibiDinov2Encoder(config)
@@ -727,7 +840,8 @@ class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
     def forward(
         self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> BackboneOutput:
-        """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `BackboneOutput`."""
+        """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `BackboneOutput`; `kwargs` as for
+        [`AlibiDinov2Model.forward`]."""
         output = self._embed_and_encode(pixel_values, attention_mask=attention_mask, **kwargs)
         patch_height, patch_width = _patch_size_of(self.config)
         height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
@@ -760,6 +874,6 @@ __all__ = [
     "AlibiDinov2Model",
     "AlibiDinov2PreTrainedModel",
     "alibi_distance_matrix",
-    "alibi_query_chunk_size",
+    "alibi_query_block_size",
     "patch_tokens_to_map",
 ]

@@ -35,12 +35,12 @@ MODELS = ("stock", "alibi")
 
 def build_models(dtype: torch.dtype, device: str, alibi_options: dict | None = None) -> dict:
     """The stock model and the ALiBi model with the same weights (the ALiBi model has no position embedding);
-    `alibi_options` are extra `AlibiDinov2Config` fields."""
+    `alibi_options` are keyword arguments of `AlibiDinov2Model` (the attention's memory options)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
     stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**VIT_S, num_register_tokens=4))
-    alibi = AlibiDinov2Model(AlibiDinov2Config(**VIT_S, num_register_tokens=4, **(alibi_options or {})))
+    alibi = AlibiDinov2Model(AlibiDinov2Config(**VIT_S, num_register_tokens=4), **(alibi_options or {}))
     for model in (stock, alibi):
         model.set_attn_implementation("sdpa")
     weights = {k: v for k, v in stock.state_dict().items() if "position_embeddings" not in k}

@@ -24,23 +24,16 @@ from evaluation.feature_extraction import (
 from evaluation.image_io import read_image
 
 
-@contextmanager
-def chunked_attention(model, attention_memory_mb: float):
-    """Run an ALiBi-DINOv2 model on the `alibi_chunked` path with its blocks bounded by `attention_memory_mb`;
-    restores the model's settings afterwards."""
+def chunked_attention(attention_memory_mb: float) -> dict:
+    """Keyword arguments of one ALiBi-DINOv2 call that run it on the `alibi_chunked` path with its blocks bounded by
+    `attention_memory_mb` alone; the model and its config stay as they are (other threads may use them meanwhile)."""
     if attention_memory_mb <= 0:
         raise ValueError(f"attention_memory_mb must be positive; got {attention_memory_mb}.")
-    config = model.config
-    names = ("_attn_implementation", "alibi_query_chunk_size", "alibi_chunk_memory_mb")
-    saved = {name: getattr(config, name) for name in names}
-    config._attn_implementation = "alibi_chunked"
-    config.alibi_query_chunk_size = 1 << 30  # the memory bound alone sets the block size
-    config.alibi_chunk_memory_mb = attention_memory_mb
-    try:
-        yield model
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
+    return dict(
+        attn_implementation="alibi_chunked",
+        alibi_query_chunk_size=1 << 30,  # the memory bound alone sets the block size
+        alibi_chunk_memory_mb=attention_memory_mb,
+    )
 
 
 @contextmanager
@@ -91,11 +84,15 @@ def extract_feature_map(
     description = f"features {grid_h}x{grid_w} patches"
     with layer_progress(backbone, description, enabled=progress):
         if getattr(backbone.config, "model_type", None) == "alibi_dinov2":
-            with chunked_attention(backbone, attention_memory_mb):
-                grid = extract_patch_features_batch(backbone, pixel_values)
+            options = chunked_attention(attention_memory_mb)
+            parameter = next(backbone.parameters())
+            backbone.eval()
+            with torch.inference_mode():
+                pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+                features = backbone.get_patch_features(pixel_values, **options)[0]
         else:
-            grid = extract_patch_features_batch(backbone, pixel_values)
-    return grid[0].permute(2, 0, 1).float().cpu().numpy()
+            features = extract_patch_features_batch(backbone, pixel_values)[0].permute(2, 0, 1)
+    return features.float().cpu().numpy()
 
 
 __all__ = ["chunked_attention", "extract_feature_map"]

@@ -5,7 +5,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,10 +18,11 @@ from modeling_alibi_dinov2 import AlibiDinov2Model, compile_flex_attention
 from conftest import REPO_ROOT
 
 
-def alibi_model(tiny_kwargs, **options):
+def alibi_model(tiny_kwargs, alibi_query_chunk_size=7, **options):
+    """A tiny model whose `alibi_chunked` blocks hold 7 queries: several blocks and a ragged last one on tiny grids."""
     torch.manual_seed(0)
-    options.setdefault("alibi_query_chunk_size", 7)  # several blocks and a ragged last one on tiny grids
-    return AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs, **options)).eval()
+    config = AlibiDinov2Config(**tiny_kwargs, **options)
+    return AlibiDinov2Model(config, alibi_query_chunk_size=alibi_query_chunk_size).eval()
 
 
 def outputs(model, pixel_values, implementation, **kwargs):
@@ -72,15 +75,104 @@ def test_chunked_path_gives_the_same_gradients(tiny_kwargs):
 
 
 def test_large_grids_switch_to_the_chunked_path_by_themselves(tiny_kwargs):
-    model = alibi_model(tiny_kwargs, alibi_dense_max_tokens=20)
+    torch.manual_seed(0)
+    model = AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs), alibi_dense_max_tokens=20, alibi_query_chunk_size=7)
+    model.eval()
     small, large = torch.randn(1, 3, 42, 42), torch.randn(1, 3, 56, 70)  # 5 + 9 and 5 + 20 tokens
     outputs(model, small, "sdpa")
     assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]
     switched = outputs(model, large, "sdpa")
     assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]  # no dense bias was built for 4 x 5
     assert model.config._attn_implementation == "sdpa"
-    model.config.alibi_dense_max_tokens = 8192
-    torch.testing.assert_close(switched, outputs(model, large, "sdpa"), atol=1e-4, rtol=0)
+    dense = outputs(model, large, "sdpa", alibi_dense_max_tokens=8192)  # a per-call bound overrides the model's
+    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3), (4, 5)]
+    torch.testing.assert_close(switched, dense, atol=1e-4, rtol=0)
+    model.alibi_dense_max_tokens = 8192
+    torch.testing.assert_close(outputs(model, large, "sdpa"), dense, atol=0, rtol=0)
+
+
+def test_large_inputs_stream_without_touching_the_shared_config(tiny_kwargs):
+    """The path of a large input is chosen per call: the config reads the same from inside every attention layer,
+    and a large and a small input run at the same time in two threads give their results of one at a time."""
+    torch.manual_seed(0)
+    model = AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs), alibi_dense_max_tokens=20, alibi_query_chunk_size=7)
+    model.eval()
+    inputs = {"small": torch.randn(1, 3, 42, 42), "large": torch.randn(1, 3, 56, 70)}  # 5 + 9 and 5 + 20 tokens
+    with torch.no_grad():
+        sequential = {name: model(pixel_values).last_hidden_state for name, pixel_values in inputs.items()}
+
+    seen = []
+    both_inside = threading.Barrier(2, timeout=60)
+
+    def record(module, args, kwargs):
+        thread = threading.current_thread().name
+        seen.append((thread, module.config._attn_implementation, kwargs.get("attn_implementation")))
+        if module is model.encoder.layer[0].attention:
+            both_inside.wait()  # neither thread leaves its first layer before the other has entered its own
+
+    def run(name):
+        threading.current_thread().name = name
+        with torch.no_grad():
+            return model(inputs[name]).last_hidden_state
+
+    hooks = [layer.attention.register_forward_pre_hook(record, with_kwargs=True) for layer in model.encoder.layer]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            concurrent = dict(zip(inputs, pool.map(run, inputs)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(seen) == [("large", "sdpa", "alibi_chunked")] * 2 + [("small", "sdpa", "sdpa")] * 2, seen
+    for name in inputs:
+        torch.testing.assert_close(concurrent[name], sequential[name], atol=0, rtol=0)
+
+
+def counting_sdpa(monkeypatch) -> list:
+    """Replace SDPA by a wrapper that records the query length of every call; returns the record."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, *args, **kwargs):
+        calls.append(query.shape[-2])
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    return calls
+
+
+def test_per_call_options_set_the_blocks_of_the_chunked_path(tiny_kwargs, monkeypatch):
+    model = alibi_model(tiny_kwargs, alibi_query_chunk_size=1024)
+    pixel_values = torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(1))  # 5 + 20 = 25 tokens
+    dense = outputs(model, pixel_values, "sdpa")
+    calls = counting_sdpa(monkeypatch)
+    by_blocks, by_memory = {}, {}
+    for block in (25, 10, 4):
+        calls.clear()
+        by_blocks[block] = outputs(model, pixel_values, "sdpa", alibi_dense_max_tokens=0, alibi_query_chunk_size=block)
+        assert len(calls) == 2 * -(-25 // block) and max(calls) == block, (block, calls)
+        torch.testing.assert_close(by_blocks[block], dense, atol=1e-5, rtol=0)
+    # The memory bound shrinks the blocks below the query count: 25 tokens x (2 heads + 4) x 4 bytes per query.
+    for memory_mb, block in ((25 * 6 * 4 * 5 / 2**20, 5), (25 * 6 * 4 * 2 / 2**20, 2)):
+        calls.clear()
+        by_memory[block] = outputs(model, pixel_values, "alibi_chunked", alibi_chunk_memory_mb=memory_mb)
+        assert max(calls) == block and len(calls) == 2 * -(-25 // block), (memory_mb, calls)
+        torch.testing.assert_close(by_memory[block], dense, atol=1e-5, rtol=0)
+    assert model.alibi_query_chunk_size == 1024 and model.alibi_chunk_memory_mb == 256
+    for name, value in (("alibi_query_chunk_size", 0), ("alibi_chunk_memory_mb", -1), ("alibi_dense_max_tokens", -1)):
+        with pytest.raises(ValueError, match=f"`{name}` must be (positive|>= 0)"):
+            outputs(model, pixel_values, "sdpa", **{name: value})
+
+
+def test_a_call_may_pick_a_streamed_path_only(tiny_kwargs, monkeypatch):
+    model = alibi_model(tiny_kwargs)
+    pixel_values = torch.randn(1, 3, 42, 56, generator=torch.Generator().manual_seed(1))  # 5 + 12 tokens
+    dense = outputs(model, pixel_values, "eager")
+    calls = counting_sdpa(monkeypatch)
+    chunked = outputs(model, pixel_values, "eager", attn_implementation="alibi_chunked")
+    assert calls == [7, 7, 3] * 2 and model.config._attn_implementation == "eager"
+    torch.testing.assert_close(chunked, dense, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"streamed paths \('alibi_chunked', 'alibi_flex'\).*set_attn_implementation"):
+        outputs(model, pixel_values, "alibi_chunked", attn_implementation="sdpa")
 
 
 def aligned_for_fused_kernels(bias):
@@ -196,8 +288,8 @@ from modeling_alibi_dinov2 import AlibiDinov2Model
 implementation, side = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
 config = AlibiDinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, patch_size=2, image_size=8,
-                           num_register_tokens=0, alibi_dense_max_tokens=10**9, alibi_query_chunk_size=256)
-model = AlibiDinov2Model(config).eval()
+                           num_register_tokens=0)
+model = AlibiDinov2Model(config, alibi_dense_max_tokens=10**9, alibi_query_chunk_size=256).eval()
 model.set_attn_implementation(implementation)
 def status_kib(field):
     with open("/proc/self/status") as status:

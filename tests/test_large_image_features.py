@@ -11,7 +11,7 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.feature_extraction import image_to_pixel_values
 from evaluation.large_image_features import extract_feature_map
-from modeling_alibi_dinov2 import AlibiDinov2Model, alibi_query_chunk_size
+from modeling_alibi_dinov2 import AlibiDinov2Model, alibi_query_block_size
 
 
 @pytest.fixture
@@ -29,31 +29,43 @@ def sixteen_bit_tiff(tmp_path):
     return path, pages
 
 
-def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_bit_tiff):
+def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_bit_tiff, monkeypatch):
     path, pages = sixteen_bit_tiff
-    features = extract_feature_map(alibi_model, path, page=1, attention_memory_mb=0.01, progress=False)
-    assert features.shape == (32, 150 // 14, 213 // 14) and features.dtype == np.float32
     pixel_values = image_to_pixel_values(pages[1], 14)
     with torch.no_grad():
         expected = alibi_model.get_patch_features(pixel_values)[0].numpy()
+    query_counts = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, **kwargs):
+        query_counts.append(query.shape[-2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    features = extract_feature_map(alibi_model, path, page=1, attention_memory_mb=0.01, progress=False)
+    assert features.shape == (32, 150 // 14, 213 // 14) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, atol=1e-4)
-    # The model is left as it was.
-    assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.config.alibi_query_chunk_size == 1024
-    assert alibi_model.config.alibi_chunk_memory_mb == 256
+    # Streamed in blocks that the memory bound sets (the model's own 1024-query ceiling does not apply).
+    tokens = 5 + (150 // 14) * (213 // 14)
+    block = alibi_query_block_size(tokens, 2, 1 << 30, 0.01)
+    assert 1 < block < tokens and max(query_counts) == block and len(query_counts) == 2 * -(-tokens // block)
+    # The model is left as it was, its config never touched.
+    assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.alibi_query_chunk_size == 1024
+    assert alibi_model.alibi_chunk_memory_mb == 256 and not hasattr(alibi_model.config, "alibi_chunk_memory_mb")
     assert not np.allclose(features, extract_feature_map(alibi_model, pages[0], progress=False), atol=1e-3)
 
 
 def test_memory_bound_sets_the_query_block(alibi_model):
     tokens, heads = 21321, 6  # a 2044 x 2044 px image through ViT-S/14 with 4 registers
-    small, large = alibi_query_chunk_size(tokens, heads, 4096, 64), alibi_query_chunk_size(tokens, heads, 4096, 1024)
+    small, large = alibi_query_block_size(tokens, heads, 4096, 64), alibi_query_block_size(tokens, heads, 4096, 1024)
     assert 1 <= small < large
     assert large * tokens * (heads + 4) * 4 <= 1024 * 2**20
-    assert alibi_query_chunk_size(tokens, heads, 100, 1024) == 100  # the configured block is a ceiling
-    assert alibi_query_chunk_size(100, heads, 4096, 10**6) == 100
+    assert alibi_query_block_size(tokens, heads, 100, 1024) == 100  # the configured block is a ceiling
+    assert alibi_query_block_size(100, heads, 4096, 10**6) == 100
     with pytest.raises(ValueError, match="must be positive"):
         extract_feature_map(alibi_model, np.zeros((28, 28)), attention_memory_mb=0, progress=False)
     with pytest.raises(ValueError, match="alibi_chunk_memory_mb"):
-        AlibiDinov2Config(alibi_chunk_memory_mb=0)
+        AlibiDinov2Model(alibi_model.config, alibi_chunk_memory_mb=0)
 
 
 def test_models_without_alibi_run_on_their_own_path(tiny_kwargs):

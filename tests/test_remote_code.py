@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
+from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -35,6 +35,41 @@ def test_save_pretrained_writes_auto_map_and_both_model_files(saved_model):
         "AutoModel": "modeling_alibi_dinov2.AlibiDinov2Model",
         "AutoBackbone": "modeling_alibi_dinov2.AlibiDinov2Backbone",
     }
+    # The attention's memory options belong to the machine that runs the model, not to its weights.
+    assert not set(ALIBI_RUNTIME_DEFAULTS) & set(config), config
+
+
+def test_runtime_options_are_load_time_options(saved_model, tmp_path):
+    model = AlibiDinov2Model.from_pretrained(saved_model, alibi_dense_max_tokens=0, alibi_chunk_memory_mb=64).eval()
+    assert (model.alibi_dense_max_tokens, model.alibi_query_chunk_size, model.alibi_chunk_memory_mb) == (0, 1024, 64)
+    assert not any(hasattr(model.config, name) for name in ALIBI_RUNTIME_DEFAULTS)
+    data = torch.load(tmp_path / "io.pt")
+    with torch.no_grad():
+        streamed = model(data["pixel_values"]).last_hidden_state
+    assert not model.encoder.alibi._cache  # no dense bias (nor its distances) was built: every input streams
+    torch.testing.assert_close(streamed, data["expected"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="`alibi_query_chunk_size` must be positive"):
+        AlibiDinov2Model.from_pretrained(saved_model, alibi_query_chunk_size=0)
+
+
+def test_an_old_config_json_with_runtime_options_loads_without_them(saved_model, tmp_path, caplog):
+    """Folders saved before the options left the configuration carry them in config.json: they load, the options
+    there are ignored (with a warning where one differs from its default) and are not saved again."""
+    config_path = saved_model / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(alibi_dense_max_tokens=8192, alibi_query_chunk_size=7, alibi_chunk_memory_mb=256)
+    config_path.write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        model = AlibiDinov2Model.from_pretrained(saved_model).eval()
+    warnings = [record.getMessage() for record in caplog.records if "is ignored" in record.getMessage()]
+    assert len(warnings) == 1 and "`alibi_query_chunk_size=7` is ignored" in warnings[0], warnings
+    assert {name: getattr(model, name) for name in ALIBI_RUNTIME_DEFAULTS} == ALIBI_RUNTIME_DEFAULTS
+    data = torch.load(tmp_path / "io.pt")
+    with torch.no_grad():
+        assert torch.equal(model(data["pixel_values"]).last_hidden_state, data["expected"])
+    model.save_pretrained(tmp_path / "saved-again")
+    saved_again = json.loads((tmp_path / "saved-again" / "config.json").read_text())
+    assert not set(ALIBI_RUNTIME_DEFAULTS) & set(saved_again), saved_again
 
 
 def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path, run_isolated):
@@ -47,9 +82,11 @@ def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path, r
             raise SystemExit("the project must not be importable here")
         except ImportError:
             pass
-        model = AutoModel.from_pretrained({str(saved_model)!r}, trust_remote_code=True).eval()
+        model = AutoModel.from_pretrained({str(saved_model)!r}, trust_remote_code=True, alibi_chunk_memory_mb=64)
+        model.eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert type(model).__name__ == "AlibiDinov2Model"
+        assert model.alibi_chunk_memory_mb == 64 and not hasattr(model.config, "alibi_chunk_memory_mb")
         data = torch.load({str(tmp_path / "io.pt")!r})
         with torch.no_grad():
             actual = model(data["pixel_values"]).last_hidden_state
