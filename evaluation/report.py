@@ -224,6 +224,12 @@ def headline(summary: dict, transform_errors: dict, cosines: Mapping[str, float 
     return lines
 
 
+def _score_cell(score: dict) -> str:
+    if not np.isfinite(score["mean"]):
+        return '<td title="every image of this set was left out: grids too small to probe">n/a</td>'
+    return f"<td>{score['mean']:.3f} &plusmn; {score['std']:.3f}</td>"
+
+
 def render_html(report: dict) -> str:
     """A self-contained page (pictures referenced beside it) of the report's tables and figures."""
     escape = html.escape
@@ -231,15 +237,13 @@ def render_html(report: dict) -> str:
     models = list(summary)
     sources = list(next(iter(summary.values())))
     ramps = list(next(iter(next(iter(summary.values())).values())))
-    header = "".join(f"<th>{escape(source)}<br>{escape(ramp)}</th>" for source in sources for ramp in ramps)
+    header = "".join(f"<th>{escape(ramp)}</th>" for ramp in ramps)
     rows = []
     for model in models:
-        cells = "".join(
-            f"<td>{summary[model][source][ramp]['mean']:.3f} &plusmn; {summary[model][source][ramp]['std']:.3f}</td>"
-            for source in sources
-            for ramp in ramps
-        )
-        rows.append(f"<tr><th>{escape(model)}</th>{cells}</tr>")
+        for index, source in enumerate(sources):
+            name = f'<th rowspan="{len(sources)}">{escape(model)}</th>' if index == 0 else ""
+            cells = "".join(_score_cell(summary[model][source][ramp]) for ramp in ramps)
+            rows.append(f'<tr>{name}<td class=set>{escape(source)}</td>{cells}</tr>')
     transforms = list(next(iter(report["transform_errors"].values())))
     transform_rows = "".join(
         f"<tr><th>{escape(model)}</th>"
@@ -272,12 +276,12 @@ def render_html(report: dict) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }}
 th {{ background: #f4f4f4; }}
 .note {{ background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b000; }}
 .warning {{ background: #fde8e8; padding: 0.5em 1em; border-left: 4px solid #c03030; }}
 .headline {{ font-size: 1.15em; line-height: 1.5; }} .meaning {{ color: #555; }}
-.scroll {{ overflow-x: auto; max-width: 100%; }} table {{ font-size: 0.9em; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }} table {{ font-size: 0.9em; }} td.set {{ text-align: left; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>{escape(report["title"])}</h1>
@@ -285,9 +289,9 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <p class=meaning>{escape(R2_MEANING)}</p>
 {notes}{warnings}
 <h2>Positional linear probe (R^2, mean &plusmn; std over images and samplings)</h2>
-<p>Read across a row: high values on the lr / ud / radial ramps mean the features encode where a patch sits;
-the <code>random</code> column is the control.</p>
-<div class=scroll><table><tr><th>model</th>{header}</tr>{''.join(rows)}</table></div>
+<p>One row per model and image set: high values on the lr / ud / radial ramps mean the features encode where a
+patch sits; the <code>random</code> column is the control; n/a: every image of the set was too small to probe.</p>
+<div class=scroll><table><tr><th>model</th><th>image set</th>{header}</tr>{''.join(rows)}</table></div>
 <h2>Transformation check (relative L2 error: features of the transformed image vs transformed features)</h2>
 <p>0 means the features move exactly with the image. Wrapped ALiBi is exactly equivariant to rolls by whole
 patches; a learned position embedding is not.</p>

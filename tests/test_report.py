@@ -116,4 +116,4 @@ def test_command_line_names_models_and_sets_by_their_last_path_part(tmp_path):
     assert list(content["summary"]) == ["positional-teacher"]
     assert list(content["summary"]["positional-teacher"]) == ["imgs"]
     page = (tmp_path / "out" / "report.html").read_text()
-    assert str(images) not in page and "<th>imgs<br>lr+ud</th>" in page
+    assert str(images) not in page and "<td class=set>imgs</td>" in page
