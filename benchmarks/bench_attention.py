@@ -5,19 +5,18 @@ ALiBi model drops the learned position embedding and adds the cached 2D bias. Si
 printed; everything is written as JSON.
 
     python benchmarks/bench_attention.py                      # CPU, 224 / 518 / 1036 px
-    python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --batch-size 8
+    python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --batch_size 8
 
 Peak memory is the largest resident-set growth of a fresh process during one forward pass on CPU, and
 `torch.cuda.max_memory_allocated` on a GPU.
 """
 
-import argparse
-import json
 import multiprocessing
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RunArguments, parse, run_and_write  # noqa: E402
 from configuration_alibi_dinov2 import AlibiDinov2Config  # noqa: E402
 from modeling_alibi_dinov2 import AlibiDinov2Model  # noqa: E402
 
@@ -179,31 +179,17 @@ def print_row(row: dict) -> None:
     )
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    """Device, precision and output flags shared by the benchmark scripts."""
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu' or 'cuda'")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--output", type=Path, default=Path(output))
-
-
-def run_and_write(measure, args, header: str) -> dict:
-    """Print the table header, run `measure(args)` (which prints the rows) and write its results as JSON."""
-    print(header)
-    results = measure(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2))
-    print(f"written {args.output}")
-    return results
+@dataclass
+class AttentionBenchmarkArguments(RunArguments):
+    sizes: list[int] = field(default_factory=lambda: [224, 518, 1036], metadata={"help": "square input sizes in px"})
+    batch_size: int = field(default=1, metadata={"help": "images per forward pass"})
+    repeats: int = field(default=5, metadata={"help": "timed forward passes per model and size"})
+    warmup: int = field(default=2, metadata={"help": "untimed forward passes per model and size"})
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1036], help="square input sizes in px")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model and size")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model and size")
-    add_run_arguments(parser, "benchmarks/results/bench_attention.json")
-    return run_and_write(run, parser.parse_args(argv), HEADER)
+    (args,) = parse(AttentionBenchmarkArguments, argv, __doc__, "benchmarks/bench_attention.py")
+    return run_and_write(run, args, HEADER, "bench_attention.json")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,20 @@ AdamW update. Teacher and student are built through `convert_checkpoint` from a 
 folder, so nothing is downloaded. The cache is filled before timing, as in every epoch after the first.
 
     python benchmarks/bench_distill.py                                  # tiny model, CPU
-    python benchmarks/bench_distill.py --model vit-s --image-size 224 --batch-size 16
-    python benchmarks/bench_distill.py --model vit-s --device cuda --batch-size 256 --steps 20
+    python benchmarks/bench_distill.py --model vit-s --image_size 224 --batch_size 16
+    python benchmarks/bench_distill.py --model vit-s --device cuda --batch_size 256 --steps 20
 
 A table goes to stdout and the numbers to JSON (`benchmarks/results/bench_distill-<model>.json` by default).
 """
 
-import argparse
-import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_distill  # noqa: E402
+from benchmarks.common import parse, write_results  # noqa: E402
 from configuration_alibi_dinov2 import AlibiDinov2Config  # noqa: E402
 from modeling_alibi_dinov2 import AlibiDinov2Model  # noqa: E402
 
@@ -160,25 +161,23 @@ def print_table(results: dict) -> None:
         print(f"| {row['mode']:8} | {speed:9.1f} | {step:9.1f} | {speedup:6.2f}x |")
 
 
+@dataclass
+class DistillBenchmarkArguments:
+    model: Literal["tiny", "vit-s"] = field(default="tiny", metadata={"help": "tiny (tests) or vit-s (ViT-S/14, 4 registers)"})
+    image_size: int | None = field(default=None, metadata={"help": "training image size (default 224 for vit-s, 56 for tiny)"})
+    batch_size: int = field(default=16, metadata={"help": "images per step"})
+    steps: int = field(default=5, metadata={"help": "timed steps per mode"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps per mode"})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_distill-MODEL.json)"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", choices=sorted(ARCHITECTURES), default="tiny", help="tiny (tests) or vit-s (ViT-S/14, 4 registers)"
-    )
-    parser.add_argument("--image-size", type=int, help="training image size (default 224 for vit-s, 56 for tiny)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/bench_distill-MODEL.json)")
-    args = parser.parse_args(argv)
+    (args,) = parse(DistillBenchmarkArguments, argv, __doc__, "benchmarks/bench_distill.py")
     results = run(args)
     print_table(results)
-    output = args.output or Path(__file__).resolve().parent / "results" / f"bench_distill-{args.model}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {output}")
+    write_results(results, args.output, f"bench_distill-{args.model}.json")
     return results
 
 

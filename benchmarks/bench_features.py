@@ -3,26 +3,26 @@
 Usage::
 
     python benchmarks/bench_features.py --output outputs/bench_features.json
-    python benchmarks/bench_features.py --sizes 1024 2048 4096 --repeats 5 --torch-cpu
+    python benchmarks/bench_features.py --sizes 1024 2048 4096 --repeats 5 --torch_cpu
 
 Backends timed: ``numpy`` (scipy, CPU) always, ``torch`` on CUDA when a GPU is available, and torch on
-the CPU with ``--torch-cpu``. Target: a 1024 x 1024 image in under 5 s on 2 CPU cores (numpy backend).
+the CPU with ``--torch_cpu``. Target: a 1024 x 1024 image in under 5 s on 2 CPU cores (numpy backend).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse, write_results  # noqa: E402
 from evaluation.classical_features import classical_features, n_features  # noqa: E402
 from evaluation.synthetic import generate_microstructure  # noqa: E402
 
@@ -50,13 +50,16 @@ def time_backend(image: np.ndarray, backend: str, device, repeats: int) -> dict:
     }
 
 
+@dataclass
+class FeatureBenchmarkArguments:
+    sizes: list[int] = field(default_factory=lambda: [1024, 2048], metadata={"help": "square image sides in px"})
+    repeats: int = field(default=3, metadata={"help": "timed runs per backend and size"})
+    torch_cpu: bool = field(default=False, metadata={"help": "also time the torch backend on the CPU"})
+    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_features.json)"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-cpu", action="store_true", help="also time the torch backend on the CPU")
-    parser.add_argument("--output", default="outputs/bench_features.json")
-    args = parser.parse_args(argv)
+    (args,) = parse(FeatureBenchmarkArguments, argv, __doc__, "benchmarks/bench_features.py")
 
     backends = [("numpy", "numpy", None)]
     try:
@@ -100,10 +103,7 @@ def main(argv=None) -> dict:
         "target_seconds_1024": TARGET_SECONDS_1024,
         "results": results,
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"Wrote {output}")
+    write_results(report, args.output, "bench_features.json")
     return report
 
 

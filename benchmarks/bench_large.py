@@ -4,7 +4,7 @@ ViT-S/14 with 4 registers, random weights shared by both models. For each grid (
 146 x 146 = 2044 px) it measures one forward pass of:
 
 - `stock`: transformers' `Dinov2WithRegistersModel` on `sdpa` (learned position embedding, no bias);
-- `sdpa`: ALiBi-DINOv2 with the dense cached bias (skipped where that bias exceeds `--max-dense-bias-gb`);
+- `sdpa`: ALiBi-DINOv2 with the dense cached bias (skipped where that bias exceeds `--max_dense_bias_gb`);
 - `alibi_chunked`: bias rows per block of queries;
 - `alibi_flex`: FlexAttention with the bias computed in the kernel (GPU only: on CPU it is not compiled).
 
@@ -15,24 +15,19 @@ stock throughput. A table on stdout, JSON on disk.
     python benchmarks/bench_large.py --device cuda --dtype bfloat16 --repeats 10
 """
 
-import argparse
 import resource
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import (  # noqa: E402
-    add_run_arguments,
-    build_models,
-    peak_memory_bytes,
-    run_and_write,
-    time_forward,
-)
+from benchmarks.bench_attention import build_models, peak_memory_bytes, time_forward  # noqa: E402
+from benchmarks.common import RunArguments, parse, run_and_write  # noqa: E402
 
 
 PATCH = 14
@@ -114,23 +109,31 @@ def print_row(row: dict) -> None:
     print(f"{row['grid']:>5} {row['size']:>5} {row['tokens']:>7} {row['model']:>6} {row['path']:>14} {tail}", flush=True)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grids", type=int, nargs="+", default=[37, 74, 110, 146], help="patch grids per side")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1, help="timed forward passes per path and grid")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed forward passes per path and grid")
-    parser.add_argument("--query-chunk-size", type=int, default=1024, help="most queries per block of alibi_chunked")
-    parser.add_argument("--chunk-memory-mb", type=float, default=256, help="memory bound of one alibi_chunked block")
-    parser.add_argument(
-        "--paths",
-        nargs="+",
-        choices=["stock:sdpa", "alibi:sdpa", "alibi:alibi_chunked", "alibi:alibi_flex"],
-        help="paths to measure (default: all that run on the device)",
+@dataclass
+class LargeImageBenchmarkArguments(RunArguments):
+    grids: list[int] = field(default_factory=lambda: [37, 74, 110, 146], metadata={"help": "patch grids per side"})
+    batch_size: int = field(default=1, metadata={"help": "images per forward pass"})
+    repeats: int = field(default=1, metadata={"help": "timed forward passes per path and grid"})
+    warmup: int = field(default=0, metadata={"help": "untimed forward passes per path and grid"})
+    query_chunk_size: int = field(default=1024, metadata={"help": "most queries per block of alibi_chunked"})
+    chunk_memory_mb: float = field(default=256, metadata={"help": "memory bound of one alibi_chunked block"})
+    paths: list[str] | None = field(
+        default=None,
+        metadata={"help": "paths to measure, of stock:sdpa alibi:sdpa alibi:alibi_chunked alibi:alibi_flex "
+                          "(default: all that run on the device)"},
     )
-    parser.add_argument("--max-dense-bias-gb", type=float, default=2.0, help="skip the dense path above this bias size")
-    add_run_arguments(parser, "benchmarks/results/bench_large.json")
-    return run_and_write(measure, parser.parse_args(argv), HEADER)
+    max_dense_bias_gb: float = field(default=2.0, metadata={"help": "skip the dense path above this bias size"})
+
+    def __post_init__(self):
+        known = ("stock:sdpa", "alibi:sdpa", "alibi:alibi_chunked", "alibi:alibi_flex")
+        unknown = sorted(set(self.paths or ()) - set(known))
+        if unknown:
+            raise ValueError(f"--paths: unknown {unknown}; choose from {', '.join(known)}")
+
+
+def main(argv=None) -> dict:
+    (args,) = parse(LargeImageBenchmarkArguments, argv, __doc__, "benchmarks/bench_large.py")
+    return run_and_write(measure, args, HEADER, "bench_large.json")
 
 
 if __name__ == "__main__":

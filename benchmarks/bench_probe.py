@@ -9,11 +9,10 @@ and the largest difference between their R^2 values is reported alongside the ti
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse, write_results  # noqa: E402
 from evaluation.positional_probe import (  # noqa: E402
     expand_ramps,
     linear_probe,
@@ -141,20 +141,21 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ProbeBenchmarkArguments:
+    grid: int = field(default=37, metadata={"help": "grid side (37 = 518 px / 14)"})
+    channels: int = field(default=384, metadata={"help": "feature channels"})
+    repeats: int = field(default=5, metadata={"help": "timing repeats (best is kept)"})
+    step: int = field(default=6, metadata={"help": "probe sampling step"})
+    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_probe.json)"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", type=int, default=37, help="grid side (37 = 518 px / 14)")
-    parser.add_argument("--channels", type=int, default=384)
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (best is kept)")
-    parser.add_argument("--step", type=int, default=6)
-    parser.add_argument("--output", default=None, help="JSON file to write")
-    args = parser.parse_args(argv)
+    (args,) = parse(ProbeBenchmarkArguments, argv, __doc__, "benchmarks/bench_probe.py")
     result = run(grid=args.grid, channels=args.channels, repeats=args.repeats, step=args.step)
     print(f"per-channel positional probe, {args.grid}x{args.grid} grid, {args.channels} channels, step {args.step}")
     print(format_rows(result["rows"]))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.output}")
+    write_results(result, args.output, "bench_probe.json")
     return result
 
 
