@@ -8,12 +8,18 @@ Sources (detected from the path and its keys; `--source_format` overrides):
 - `timm`: a timm VisionTransformer state dict, such as the reference ALiBi / NoPE checkpoints (keys bare or
   prefixed by `model.` or `vit.`; learned ALiBi slopes `blocks.N.attn.m` are loaded when present).
 
+A `.pth` may be named by URL (see `evaluation.remote_files`): `hf://OWNER/REPO/FILE` or a Hub file URL
+(`https://huggingface.co/OWNER/REPO/resolve/REV/FILE`, `.../blob/REV/FILE`), fetched into the Hub cache at `--revision`,
+or a plain `https://` URL, downloaded once into torch.hub's cache and checked against `--sha256` when given. Offline
+(`HF_HUB_OFFLINE=1`) only cached files are read.
+
 Variants: `alibi` (learned position embedding dropped, ALiBi on), `nope` (neither), `keep-pe` (the source's own
 position scheme, reproducing its outputs: for parity checks).
 
     python convert_checkpoint.py facebook/dinov2-with-registers-small out/alibi-dinov2-small
     python convert_checkpoint.py dinov2_vits14_reg4_pretrain.pth out/nope --variant nope
     python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push_to_hub me/alibi-dinov2-small
+    python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv2_vits14_reg4.pth out/alibi-coco
 
 `.pth` files are read with `torch.load(..., weights_only=True)` only and never modified.
 """
@@ -28,8 +34,10 @@ from typing import Literal
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation.cli import ArgumentParser, check_model_source, run_command
+from evaluation.cli import ArgumentParser, InputError, check_model_source, run_command
+from evaluation.files import write_text_atomic
 from evaluation.preprocessing import dinov2_image_processor
+from evaluation.remote_files import fetch_file, is_remote_file
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -42,6 +50,8 @@ PAPER_ARXIV_ID = "2603.16840"
 DINOV2_HEAD_DIM = 64
 TIMM_PREFIXES = ("model.", "vit.")
 EVALUATION_START, EVALUATION_END = "<!-- evaluation-table:start -->", "<!-- evaluation-table:end -->"
+# What a card calls the model until it knows its Hub repository.
+FOLDER_PLACEHOLDER = "path/to/this/folder"
 
 
 @dataclass
@@ -111,6 +121,8 @@ def detect_format(source, state_dict: dict | None = None) -> str:
     if state_dict is None and not _is_checkpoint_file(source):
         return "hf"
     keys = set(strip_prefix(state_dict if state_dict is not None else read_state_dict_file(source)))
+    if {"storage_tokens", "rope_embed.periods"} & keys:
+        raise InputError(f"{source} is a DINOv3 checkpoint (storage tokens, RoPE); this converter builds DINOv2 models")
     if "blocks.0.attn.qkv.weight" not in keys:
         raise ValueError(f"{source} is not a DINOv2 ViT state dict (no `blocks.0.attn.qkv.weight`).")
     if "reg_token" in keys or "mask_token" not in keys:
@@ -283,26 +295,34 @@ def read_source(
     num_heads: int | None = None,
     source_position: str = "auto",
     revision: str | None = None,
+    sha256: str | None = None,
 ) -> SourceCheckpoint:
-    """Read any supported checkpoint into this project's parameter names."""
+    """Read any supported checkpoint into this project's parameter names.
+
+    `source` may name a `.pth` by URL (`hf://OWNER/REPO/FILE`, a Hub file URL, a plain `https://` URL): it is fetched
+    into its cache first (`evaluation.remote_files.fetch_file`, at `revision`; `sha256` checks the file).
+    """
     _check_choice("source_format", source_format, SOURCE_FORMATS)
     _check_choice("source_position", source_position, POSITION_SCHEMES)
-    if source_format == "hf" or (source_format == "auto" and not _is_checkpoint_file(source)):
+    name, remote = str(source), is_remote_file(source)
+    if remote or sha256 is not None:
+        source = fetch_file(source, revision=revision, sha256=sha256)
+    if source_format == "hf" or (source_format == "auto" and not remote and not _is_checkpoint_file(source)):
         return read_hf_source(source, revision=revision)
     if not Path(str(source)).is_file():
         raise FileNotFoundError(f"No checkpoint file at {source}.")
     raw_state_dict = read_state_dict_file(source)
     if source_format == "auto":
-        source_format = detect_format(source, raw_state_dict)
+        source_format = detect_format(name, raw_state_dict)
     state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
-    scheme = _position_scheme(state_dict, str(source), source_position)
+    scheme = _position_scheme(state_dict, name, source_position)
     alibi_options = dict(REFERENCE_ALIBI_OPTIONS)
     if "encoder.alibi.slopes" in state_dict:
         alibi_options["alibi_slopes"] = "learned"
     # Resizing a learned embedding: timm antialiases; Meta's hub code does for its register models only (its
     # other models also offset the scale by 0.1, which transformers' Dinov2Model, followed here, does not).
     architecture["interpolate_antialias"] = source_format == "timm" or architecture["num_register_tokens"] > 0
-    return SourceCheckpoint(state_dict, architecture, source_format, scheme, str(source), alibi_options)
+    return SourceCheckpoint(state_dict, architecture, source_format, scheme, name, alibi_options)
 
 
 # --- building the model --------------------------------------------------------------------------------------------
@@ -399,7 +419,7 @@ def build_model_card(
         base_model=_hub_id_or_none(base_model),
         tags=["alibi-dinov2", "dinov2", "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
     )
-    name = repo_id or "path/to/this/folder"
+    name = repo_id or FOLDER_PLACEHOLDER
     settings = "\n".join(
         f"| `{key}` | `{getattr(config, key)}` |"
         for key in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS, "num_register_tokens", "patch_size")
@@ -485,12 +505,46 @@ def _size_name(hidden_size: int) -> str:
     return DINOV2_SIZES[hidden_size][0] if hidden_size in DINOV2_SIZES else f"{hidden_size}d"
 
 
-def update_model_card_evaluation(folder, results: dict) -> None:
-    """Replace the evaluation table of `folder/README.md` with `results` (e.g. read from an evaluation JSON)."""
+def update_model_card_evaluation(
+    folder,
+    results: dict | None = None,
+    *,
+    table: str | None = None,
+    eval_results: list | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+) -> None:
+    """Replace the evaluation table of `folder/README.md` (appended when the card has none) and, optionally, its
+    metadata; the file is rewritten atomically.
+
+    Args:
+        results: `{metric: value}` for :func:`evaluation_table`, or `table`, ready Markdown put between the markers.
+        eval_results: `huggingface_hub.EvalResult`s, written as the card's `model-index` (the Hub shows them), under
+            `model_name` (default: `repo_id`, else the folder's name).
+        repo_id: the Hub repository the card now names in its usage snippets instead of the folder placeholder.
+        base_model: the card's `base_model` when it is a Hub id.
+    """
+    from huggingface_hub import ModelCard
+
     card_path = Path(folder) / "README.md"
-    text = card_path.read_text(encoding="utf-8")
-    start, end = text.index(EVALUATION_START), text.index(EVALUATION_END) + len(EVALUATION_END)
-    card_path.write_text(text[:start] + evaluation_table(results) + text[end:], encoding="utf-8")
+    card = ModelCard.load(card_path)
+    block = "\n".join([EVALUATION_START, table.strip(), EVALUATION_END]) if table is not None else evaluation_table(results)
+    text = card.text
+    if EVALUATION_START in text and EVALUATION_END in text:
+        start, end = text.index(EVALUATION_START), text.index(EVALUATION_END) + len(EVALUATION_END)
+        text = text[:start] + block + text[end:]
+    else:
+        text = text.rstrip() + "\n\n## Evaluation\n\n" + block + "\n"
+    if repo_id:
+        text = text.replace(FOLDER_PLACEHOLDER, repo_id)
+    card.text = text
+    if eval_results is not None:
+        card.data.eval_results = list(eval_results)
+        card.data.model_name = model_name or repo_id or Path(folder).resolve().name
+    if _hub_id_or_none(base_model):
+        card.data.base_model = base_model
+    write_text_atomic(card_path, str(card))
 
 
 def save_model_folder(
@@ -512,13 +566,17 @@ def save_model_folder(
     return output_dir
 
 
-def push_folder_to_hub(output_dir, repo_id: str, private: bool = False) -> str:
-    """Upload the folder to a (created if needed) Hub model repository; returns the repository URL."""
+def push_folder_to_hub(
+    output_dir, repo_id: str, private: bool = False, commit_message: str | None = None, ignore_patterns=None
+) -> str:
+    """Upload the folder (less `ignore_patterns`) to a (created if needed) Hub model repository; returns the
+    repository URL."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model")
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model", commit_message=commit_message,
+                      ignore_patterns=ignore_patterns)
     return str(url)
 
 
@@ -532,16 +590,18 @@ def convert(
     push_to_hub: str | None = None,
     private: bool = False,
     revision: str | None = None,
+    sha256: str | None = None,
     **alibi_options,
 ) -> AlibiDinov2Model:
     """Convert `source` into an `AlibiDinov2Model` of `variant`; with `output_dir`, also write the publishable
     folder (and upload it with `push_to_hub=REPO_ID`).
 
     Raises:
-        SourceNotFoundError: `source` is neither a file, a folder nor a Hub id (checked before any Hub call).
+        SourceNotFoundError: `source` is neither a file, a folder, a Hub id nor a file URL (checked before any Hub
+            call), or, offline, a file URL that is not in the cache.
     """
     source = check_model_source(source, what="checkpoint")
-    checkpoint = read_source(source, source_format, num_heads, source_position, revision)
+    checkpoint = read_source(source, source_format, num_heads, source_position, revision, sha256)
     model = build_model(checkpoint, variant, **alibi_options)
     if output_dir is not None:
         base_model = str(source) if checkpoint.source_format == "hf" else None
@@ -555,7 +615,8 @@ def convert(
 class ConvertArguments:
     """Options of `python convert_checkpoint.py SOURCE OUTPUT_DIR`."""
 
-    source: str = field(metadata={"help": "Hub id, transformers folder, Meta .pth or timm .pth"})
+    source: str = field(metadata={"help": "Hub id, transformers folder, Meta or timm .pth: a path, hf://OWNER/REPO/FILE, "
+                                          "a Hub file URL or an https:// URL"})
     output_dir: str = field(metadata={"help": "folder to write"})
     variant: Literal["alibi", "nope", "keep-pe"] = field(default="alibi", metadata={"help": "what to build"})
     source_format: Literal["auto", "hf", "meta", "timm"] = field(default="auto", metadata={"help": "layout of the source"})
@@ -565,7 +626,9 @@ class ConvertArguments:
                           "ALiBi, or NoPE when the file name says 'nope')"},
     )
     num_heads: int | None = field(default=None, metadata={"help": "attention heads of a .pth source (default hidden / 64)"})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of an hf source"})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of a Hub model or file"})
+    sha256: str | None = field(default=None, metadata={"help": "expected SHA-256 of the checkpoint file (checked, also "
+                                                               "when it comes from a cache)"})
     alibi_metric: Literal["euclidean", "manhattan"] | None = field(default=None, metadata={"help": "distance metric"})
     alibi_wrap: bool | None = field(default=None, metadata={"help": "true or false: wrapped (toroidal) distances"})
     alibi_normalize: bool | None = field(default=None, metadata={"help": "true or false: divide by the largest distance"})
@@ -595,6 +658,7 @@ def main(argv=None) -> AlibiDinov2Model:
         push_to_hub=args.push_to_hub,
         private=args.private,
         revision=args.revision,
+        sha256=args.sha256,
         **alibi_options,
     )
     summary = {k: getattr(model.config, k) for k in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS)}

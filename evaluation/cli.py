@@ -200,12 +200,15 @@ def _in_offline_hub_cache(repo_id: str) -> bool:
     )
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set now (read at each call, unlike huggingface_hub's
+    constant)."""
     return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
-    """Check, before any Hub call, that `name` is an existing file or folder or a possible Hub id.
+    """Check, before any Hub call, that `name` is an existing file or folder, a possible Hub id, or a file URL
+    (`hf://OWNER/REPO/FILE`, `https://...`; see `evaluation.remote_files`).
 
     A name that can only be a path (absolute, `./`, `~`, more than one `/`, a checkpoint suffix) and does not exist,
     or a Hub id that is not in the local cache while the Hub is offline, raises
@@ -214,7 +217,11 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
     Returns:
         `name` as a string (with `~` expanded for paths).
     """
+    from evaluation.remote_files import is_remote_file  # imported here: remote_files builds on this module
+
     text = str(name)
+    if is_remote_file(text):  # hf://OWNER/REPO/FILE and URLs: resolved (and named when missing) by remote_files
+        return text
     path = Path(text).expanduser()
     if path.exists():
         return str(path)
@@ -227,7 +234,7 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
     )
     if is_path:
         raise SourceNotFoundError(f"not found: {text} (no such file or folder, and not a Hub id)")
-    if _offline() and not _in_offline_hub_cache(text):
+    if hub_offline() and not _in_offline_hub_cache(text):
         raise SourceNotFoundError(
             f"not found: {text} (no such file or folder, and the Hub id is not in the local cache while "
             "HF_HUB_OFFLINE is set)"

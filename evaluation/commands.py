@@ -11,6 +11,7 @@
 | `alibi-scribbles` | `evaluation.scribble_benchmark` |
 | `alibi-linear-seg` | `evaluation.linear_segmentation` |
 | `alibi-demo` | `demo.app` |
+| `alibi-publish` | `evaluation.publish` |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMANDS = {
     "alibi-scribbles": "evaluation.scribble_benchmark",
     "alibi-linear-seg": "evaluation.linear_segmentation",
     "alibi-demo": "demo.app",
+    "alibi-publish": "evaluation.publish",
 }
 
 
@@ -51,6 +53,7 @@ report = _entry_point("alibi-report")
 scribbles = _entry_point("alibi-scribbles")
 linear_seg = _entry_point("alibi-linear-seg")
 demo = _entry_point("alibi-demo")
+publish = _entry_point("alibi-publish")
 
 
 def console_scripts() -> list[str]:

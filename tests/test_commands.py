@@ -31,13 +31,18 @@ def model_options(command: str, missing: str, folder: Path) -> list[str]:
         "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--num_classes", "3",
                              "--output_dir", str(folder / "out")],
         "alibi-demo": ["--models", missing],
+        "alibi-publish": [missing],
     }[command]
 
 
-def as_config(options: list[str]) -> dict:
-    """The same options as a config mapping (leading bare words are the converter's SOURCE OUTPUT_DIR)."""
+# Leading bare words of the commands that take them.
+POSITIONALS = {"alibi-convert": ("source", "output_dir"), "alibi-publish": ("folder",)}
+
+
+def as_config(command: str, options: list[str]) -> dict:
+    """The same options as a config mapping (leading bare words named by the command's positionals)."""
     if not options[0].startswith("--"):
-        return {"source": options[0], "output_dir": options[1]}
+        return dict(zip(POSITIONALS[command], options))
     config, key = {}, None
     for token in options:
         if token.startswith("--"):
@@ -101,7 +106,7 @@ def test_missing_model_is_named_before_any_hub_call(command, tmp_path, image_fol
 def test_every_command_reads_a_config_file_first(command, tmp_path, image_folder, capsys):
     missing = str(tmp_path / "model-from-config")
     config = tmp_path / "options.json"
-    config.write_text(json.dumps(as_config(model_options(command, missing, image_folder))))
+    config.write_text(json.dumps(as_config(command, model_options(command, missing, image_folder))))
     module = importlib.import_module(COMMANDS[command])
     with pytest.raises(SystemExit) as exit_info:
         run_command(module.main, [str(config)], prog=command)
@@ -119,3 +124,13 @@ def test_hub_ids_pass_and_offline_misses_are_named(monkeypatch):
     for path in ("./model", "/abs/model", "a/b/c", "weights.pth", "~/model"):
         with pytest.raises(FileNotFoundError, match=f"not found: {re.escape(path)}"):
             check_model_source(path)
+
+
+def test_file_urls_are_sources_not_missing_paths(monkeypatch):
+    """hf:// names and URLs are resolved (and, offline, named when not cached) by evaluation.remote_files."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in ("hf://rmdocherty/dino-saw/alibi_coco_dv2_vits14_reg4.pth",
+                   "https://huggingface.co/rmdocherty/dino-saw/resolve/main/nope_coco_dv2_vits14_reg4.pth",
+                   "https://huggingface.co/rmdocherty/dino-saw/blob/main/alibi_dv2_vits14_reg4.pth",
+                   "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"):
+        assert check_model_source(source) == source

@@ -119,6 +119,52 @@ def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap
     return F.layer_norm(x, (channels,), state_dict["norm.weight"], state_dict["norm.bias"], eps)
 
 
+# Full-size ViT-S/14 with 4 registers: the released reference and Meta checkpoints.
+VITS14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
+
+
+def released_layout(hidden, layers, registers, layout, swiglu=False, grid=37, patch=PATCH):
+    """Key -> shape of a released state dict, written from the published layouts (not from a model class): Meta's
+    torch-hub `.pth` (`meta`: position embedding with the CLS position, mask token, `register_tokens`; SwiGLU `w12`
+    / `w3` for ViT-g) or the reference timm `.pth` (`timm`: patch positions only, `reg_token`, no mask token)."""
+    shapes = {
+        "cls_token": (1, 1, hidden),
+        "patch_embed.proj.weight": (hidden, 3, patch, patch),
+        "patch_embed.proj.bias": (hidden,),
+        "norm.weight": (hidden,),
+        "norm.bias": (hidden,),
+    }
+    if layout == "meta":
+        shapes.update({"pos_embed": (1, 1 + grid * grid, hidden), "mask_token": (1, hidden)})
+        if registers:
+            shapes["register_tokens"] = (1, registers, hidden)
+    else:
+        shapes["pos_embed"] = (1, grid * grid, hidden)
+        if registers:
+            shapes["reg_token"] = (1, registers, hidden)
+    mlp = (int(4 * hidden * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * hidden  # ViT-g: 4096
+    for index in range(layers):
+        block = f"blocks.{index}."
+        for name, shape in {
+            "norm1.weight": (hidden,), "norm1.bias": (hidden,), "norm2.weight": (hidden,), "norm2.bias": (hidden,),
+            "attn.qkv.weight": (3 * hidden, hidden), "attn.qkv.bias": (3 * hidden,),
+            "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
+            "ls1.gamma": (hidden,), "ls2.gamma": (hidden,),
+        }.items():
+            shapes[block + name] = shape
+        if swiglu:
+            shapes.update({block + "mlp.w12.weight": (2 * mlp, hidden), block + "mlp.w12.bias": (2 * mlp,),
+                           block + "mlp.w3.weight": (hidden, mlp), block + "mlp.w3.bias": (hidden,)})
+        else:
+            shapes.update({block + "mlp.fc1.weight": (mlp, hidden), block + "mlp.fc1.bias": (mlp,),
+                           block + "mlp.fc2.weight": (hidden, mlp), block + "mlp.fc2.bias": (hidden,)})
+    return shapes
+
+
+def shapes_of(state_dict):
+    return {key: tuple(value.shape) for key, value in state_dict.items()}
+
+
 def assert_same_outputs(converted, reference_fn, sizes):
     for size in sizes:
         pixel_values = pixels(*size)
@@ -328,6 +374,50 @@ def test_timm_nope_and_learned_embedding_checkpoints(tmp_path, tiny_kwargs):
     converted = convert(tmp_path / "timm_pe.pth", variant="keep-pe", num_heads=2)
     assert converted.config.use_absolute_position_embeddings
     assert_same_outputs(converted, lambda x: reference_vit_forward(learned, x, 2), [(56, 56)])
+
+
+# --- the released layouts at full size ----------------------------------------------------------------------------
+
+
+def test_full_size_builders_write_the_released_vits14_reg4_key_sets():
+    """The state dicts the parity tests convert have exactly the keys and shapes of `alibi_*_dv2_vits14_reg4.pth`
+    (175 keys) and of Meta's `dinov2_vits14_reg4_pretrain.pth` (176 keys)."""
+    model = hf_model(VITS14)
+    timm, meta = to_vit_keys(model, "timm"), to_vit_keys(model, "meta")
+    assert len(timm) == 175 and shapes_of(timm) == released_layout(384, 12, 4, "timm")
+    assert len(meta) == 176 and shapes_of(meta) == released_layout(384, 12, 4, "meta")
+
+
+@pytest.mark.parametrize("registers", [4, 0])
+@pytest.mark.parametrize(
+    "hidden, layers, swiglu", [(384, 12, False), (768, 12, False), (1024, 24, False), (1536, 40, True)], ids="SBLg"
+)
+def test_every_meta_dinov2_size_converts_with_its_released_shapes(hidden, layers, swiglu, registers):
+    """Every Meta DINOv2 size, with and without registers, at full size on the meta device (no memory, no numbers:
+    names and shapes; the tiny SwiGLU parity test above checks the numbers of the giant's MLP)."""
+    shapes = released_layout(hidden, layers, registers, "meta", swiglu)
+    if swiglu:
+        assert shapes["blocks.39.mlp.w3.weight"] == (1536, 4096) and len(shapes) == 7 + bool(registers) + 40 * 14
+    kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64, patch_size=14,
+                  image_size=518)
+    with torch.device("meta"):
+        assert shapes_of(to_vit_keys(hf_model(kwargs, registers=registers, swiglu=swiglu), "meta")) == shapes
+    state_dict = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    converted, architecture = convert_checkpoint.convert_vit_state_dict(state_dict, "meta")
+    assert architecture["num_attention_heads"] == hidden // 64 and architecture["num_hidden_layers"] == layers
+    assert architecture["image_size"] == 518 and architecture["num_register_tokens"] == registers
+    assert architecture["use_swiglu_ffn"] == swiglu
+    checkpoint = convert_checkpoint.SourceCheckpoint(converted, architecture, "meta", "learned", "meta.pth")
+    with torch.device("meta"):
+        model = convert_checkpoint.build_model(checkpoint, "keep-pe")  # strict: every key found its parameter
+    assert sum(p.numel() for p in model.state_dict().values()) == sum(math.prod(shape) for shape in shapes.values())
+
+
+def test_a_dinov3_checkpoint_is_named_as_such():
+    state_dict = {"cls_token": torch.zeros(1, 1, 8), "storage_tokens": torch.zeros(1, 4, 8),
+                  "rope_embed.periods": torch.zeros(2), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
+    with pytest.raises(ValueError, match="DINOv3 checkpoint"):
+        convert_checkpoint.detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
