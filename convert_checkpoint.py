@@ -38,6 +38,7 @@ from evaluation.cli import ArgumentParser, InputError, check_model_source, run_c
 from evaluation.files import write_text_atomic
 from evaluation.preprocessing import dinov2_image_processor
 from evaluation.remote_files import fetch_file, is_remote_file
+from evaluation.training_runs import push_to_hub as push_folder
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -566,20 +567,6 @@ def save_model_folder(
     return output_dir
 
 
-def push_folder_to_hub(
-    output_dir, repo_id: str, private: bool = False, commit_message: str | None = None, ignore_patterns=None
-) -> str:
-    """Upload the folder (less `ignore_patterns`) to a (created if needed) Hub model repository; returns the
-    repository URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model", commit_message=commit_message,
-                      ignore_patterns=ignore_patterns)
-    return str(url)
-
-
 def convert(
     source=DEFAULT_SOURCE,
     output_dir=None,
@@ -607,7 +594,7 @@ def convert(
         base_model = str(source) if checkpoint.source_format == "hf" else None
         save_model_folder(model, output_dir, base_model=base_model, repo_id=push_to_hub)
         if push_to_hub:
-            push_folder_to_hub(output_dir, push_to_hub, private=private)
+            push_folder(output_dir, push_to_hub, private=private, commit_message="Converted ALiBi-DINOv2")
     return model
 
 

@@ -361,22 +361,14 @@ def format_plan(plan: Sequence[Upload], private: bool = False, uploading: bool =
 
 def upload(plan: Sequence[Upload], private: bool = False, commit_message: str = "Publish ALiBi-DINOv2") -> list[str]:
     """Upload every folder of the plan (the model first: the Space loads it); returns the repository URLs."""
-    from huggingface_hub import HfApi
+    from evaluation.training_runs import push_to_hub
 
-    from convert_checkpoint import push_folder_to_hub
-
-    urls = []
-    for item in plan:
-        if item.repo_type == "model":
-            urls.append(push_folder_to_hub(item.folder, item.repo_id, private=private, commit_message=commit_message,
-                                           ignore_patterns=UPLOAD_IGNORE))
-            continue
-        api = HfApi()
-        url = api.create_repo(item.repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(item.folder), repo_id=item.repo_id, repo_type="space",
-                          commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE)
-        urls.append(str(url))
-    return urls
+    return [
+        push_to_hub(item.folder, item.repo_id, private=private, commit_message=commit_message,
+                    ignore_patterns=UPLOAD_IGNORE, repo_type=item.repo_type,
+                    space_sdk="gradio" if item.repo_type == "space" else None)
+        for item in plan
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -312,8 +312,11 @@ def push_to_hub(
     private: bool = False,
     commit_message: str = "Upload run outputs",
     ignore_patterns: Sequence[str] | None = None,
+    repo_type: str = "model",
+    space_sdk: str | None = None,
 ) -> str:
-    """Upload a run's output folder to the Hub model repository `repo_id` (created if needed); returns its URL.
+    """Upload a folder to the Hub repository `repo_id` (created if needed; a model repository, or a Space with
+    `repo_type="space"` and its `space_sdk`); returns its URL. The project's one way to push.
 
     Checkpoints, tracker logs and temporary or hidden files (:data:`PUSH_IGNORE_PATTERNS`) are never uploaded;
     `ignore_patterns` (`huggingface_hub` patterns, relative to `folder`) leaves out more. Call it on the main
@@ -322,11 +325,12 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    space = {"space_sdk": space_sdk} if space_sdk else {}
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
     api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_id,
-        repo_type="model",
+        repo_type=repo_type,
         commit_message=commit_message,
         ignore_patterns=[*PUSH_IGNORE_PATTERNS, *(ignore_patterns or ())],
     )
