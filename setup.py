@@ -28,6 +28,7 @@ EXTRAS = {
         "matplotlib>=3.8",
         "tifffile>=2023.1",
         "xgboost>=2.0",
+        "skops>=0.10",
     ],
     "demo": ["gradio>=4.0"],
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).
