@@ -36,7 +36,7 @@ EXTRAS = {
 }
 CONSOLE_SCRIPTS = [
     f"alibi-{name.replace('_', '-')} = evaluation.commands:{name}"
-    for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "demo")
+    for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "segment", "demo")
 ]
 EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], "pytest>=8.0"})
 

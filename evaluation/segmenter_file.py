@@ -16,6 +16,7 @@ import os
 import zipfile
 from typing import Callable, Union
 
+from evaluation.cli import InputError
 from evaluation.files import atomic_path
 
 PathLike = Union[str, os.PathLike]
@@ -49,11 +50,11 @@ def _read_settings(archive: zipfile.ZipFile, path: PathLike) -> dict:
     try:
         settings = json.loads(archive.read(_SETTINGS))
     except (KeyError, ValueError) as error:
-        raise ValueError(f"{path} is not a saved TrainableSegmenter (no readable {_SETTINGS})") from error
+        raise InputError(f"{path} is not a saved TrainableSegmenter (no readable {_SETTINGS})") from error
     if not isinstance(settings, dict) or settings.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saved TrainableSegmenter")
+        raise InputError(f"{path} is not a saved TrainableSegmenter")
     if settings.get("version") != VERSION:
-        raise ValueError(f"{path} has segmenter format {settings.get('version')}; this version reads {VERSION}")
+        raise InputError(f"{path} has segmenter format {settings.get('version')}; this version reads {VERSION}")
     return settings
 
 
@@ -73,15 +74,15 @@ def read_segmenter(path: PathLike) -> tuple[dict, Callable]:
     """Settings of the file at `path` and a function that fills an unfitted classifier from it.
 
     Raises:
-        ValueError: the file is not a saved segmenter of this format (pickles and other files are refused
+        InputError (a ValueError): the file is not a saved segmenter of this format (pickles and other files are refused
             without being executed).
     """
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a saved TrainableSegmenter (expected its zip archive; pickles are refused)")
+        raise InputError(f"{path} is not a saved TrainableSegmenter (expected its zip archive; pickles are refused)")
     with zipfile.ZipFile(path) as archive:
         settings = _read_settings(archive, path)
         names = [name for name in (_XGBOOST, _SKOPS) if name in archive.namelist()]
         if len(names) != 1:
-            raise ValueError(f"{path} holds no classifier ({_XGBOOST} or {_SKOPS})")
+            raise InputError(f"{path} holds no classifier ({_XGBOOST} or {_SKOPS})")
         data = archive.read(names[0])
     return settings, _classifier_reader(data, names[0])

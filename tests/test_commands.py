@@ -30,12 +30,17 @@ def model_options(command: str, missing: str, folder: Path) -> list[str]:
         "alibi-scribbles": ["--models", missing, "--output_dir", str(folder / "out")],
         "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--num_classes", "3",
                              "--output_dir", str(folder / "out")],
+        "alibi-segment": ["train", "--images", str(folder / "a.png"), "--labels", str(folder / "a.png"),
+                          "--output", str(folder / "out.zip"), "--model", missing, "--features", "classical+vit"],
         "alibi-demo": ["--models", missing],
     }[command]
 
 
 def as_config(options: list[str]) -> dict:
-    """The same options as a config mapping (leading bare words are the converter's SOURCE OUTPUT_DIR)."""
+    """The same options as a config mapping (leading bare words are the converter's SOURCE OUTPUT_DIR, or a
+    subcommand, which a config file names as `command`)."""
+    if options[0] in ("train", "apply"):
+        return {"command": options[0], **as_config(options[1:])}
     if not options[0].startswith("--"):
         return {"source": options[0], "output_dir": options[1]}
     config, key = {}, None
@@ -44,7 +49,7 @@ def as_config(options: list[str]) -> dict:
             key = token[2:]
             config[key] = True
         else:
-            config[key] = [token] if key == "models" else token
+            config[key] = [token] if key in ("models", "images", "labels") else token
     return config
 
 
