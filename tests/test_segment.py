@@ -113,3 +113,28 @@ def test_a_pickle_given_as_segmenter_is_refused(tmp_path, material, capsys):
         run_command(segment.main, ["apply", "--segmenter", str(planted), "--input", str(folder / "stack.tif"),
                                    "--output", str(tmp_path / "m.tif")], prog="alibi-segment")
     assert "pickles are refused" in capsys.readouterr().err
+
+
+def test_classical_plus_vit_records_the_model_folder_and_reloads_it(material, tmp_path):
+    import json
+    import zipfile
+
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from conftest import TINY_DINOV2
+
+    folder, _, truths = material
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**TINY_DINOV2)).save_pretrained(tmp_path / "vit")
+    segmenter = tmp_path / "vit_segmenter.zip"
+    segment.main(["train", "--images", str(folder / "train.tif"), "--labels", str(folder / "scribbles.png"),
+                  "--output", str(segmenter), "--model", str(tmp_path / "vit"), "--features", "classical+vit",
+                  "--n_components", "3"])
+    with zipfile.ZipFile(segmenter) as archive:
+        settings = json.loads(archive.read("settings.json"))
+    assert settings["model_name"] == str(tmp_path / "vit") and settings["params"]["features"] == "classical+vit"
+    assert len(settings["feature_names"]) == len(TrainableSegmenter().feature_names()) + 3
+    apply(segmenter, folder / "stack.tif", tmp_path / "masks.tif")
+    for mask, truth in zip(read_pages(tmp_path / "masks.tif"), truths):
+        assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.8
