@@ -279,6 +279,7 @@ class TrainableSegmenter(BaseEstimator):
         if not any(np.any(lab > 0) for lab in checked):
             raise ValueError(_NO_LABELS_MESSAGE)
         self._check_class_count(checked)
+        channels = _common_channels(image_list)
         rows, targets = [], []
         for image, lab in zip(image_list, checked):
             if not np.any(lab > 0):
@@ -288,7 +289,7 @@ class TrainableSegmenter(BaseEstimator):
             rows.append(feature_map[mask])
             targets.append(lab[mask])
         self._fit_rows(np.concatenate(rows), np.concatenate(targets))
-        self.n_image_channels_ = _common_channels(image_list)
+        self.n_image_channels_ = channels
         return self
 
     def fit_features(self, feature_maps: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> "TrainableSegmenter":
