@@ -28,6 +28,7 @@ EXTRAS = {
         "matplotlib>=3.8",
         "tifffile>=2023.1",
         "xgboost>=2.0",
+        "skops>=0.10",
     ],
     "demo": ["gradio>=4.0"],
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).
@@ -35,7 +36,8 @@ EXTRAS = {
 }
 CONSOLE_SCRIPTS = [
     f"alibi-{name.replace('_', '-')} = evaluation.commands:{name}"
-    for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "demo", "publish")
+    for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "segment", "demo",
+                 "publish")
 ]
 EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], "pytest>=8.0"})
 

@@ -10,6 +10,7 @@
 | `alibi-report` | `evaluation.report` |
 | `alibi-scribbles` | `evaluation.scribble_benchmark` |
 | `alibi-linear-seg` | `evaluation.linear_segmentation` |
+| `alibi-segment` | `evaluation.segment` |
 | `alibi-demo` | `demo.app` |
 | `alibi-publish` | `evaluation.publish` |
 """
@@ -30,6 +31,7 @@ COMMANDS = {
     "alibi-report": "evaluation.report",
     "alibi-scribbles": "evaluation.scribble_benchmark",
     "alibi-linear-seg": "evaluation.linear_segmentation",
+    "alibi-segment": "evaluation.segment",
     "alibi-demo": "demo.app",
     "alibi-publish": "evaluation.publish",
 }
@@ -52,6 +54,7 @@ probe = _entry_point("alibi-probe")
 report = _entry_point("alibi-report")
 scribbles = _entry_point("alibi-scribbles")
 linear_seg = _entry_point("alibi-linear-seg")
+segment = _entry_point("alibi-segment")
 demo = _entry_point("alibi-demo")
 publish = _entry_point("alibi-publish")
 

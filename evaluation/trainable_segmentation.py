@@ -9,15 +9,14 @@ Example::
     segmenter = TrainableSegmenter(features="classical", classifier="xgboost")
     segmenter.fit(image, scribbles)          # scribbles: int (H, W), 0 where unlabelled
     mask = segmenter.predict(image)           # int32 (H, W), values = the scribbled classes
-    segmenter.save("segmenter.pkl")
-    same = TrainableSegmenter.load("segmenter.pkl")
+    segmenter.save("segmenter.zip")     # JSON settings + XGBoost JSON; safe to load
+    same = TrainableSegmenter.load("segmenter.zip")
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -36,8 +35,6 @@ CRF_PARAMETERS = {
     "bilateral_compat": 10,
     "n_iterations": 10,
 }
-_SAVE_FORMAT = "alibi-dinov2/trainable-segmenter"
-_SAVE_VERSION = 1
 _PREDICT_CHUNK_ROWS = 1 << 18  # bounds the classifier's working memory on large images
 _NO_LABELS_MESSAGE = "No labelled pixels: label at least one pixel of two classes (values 1..K; 0 = unlabelled)"
 
@@ -67,6 +64,18 @@ def _check_labels(labels: np.ndarray, image_shape: tuple[int, ...], index: int) 
     if labels.size and labels.min() < 0:
         raise ValueError(f"Label image {index} holds negative values; use 0 for unlabelled, 1..K for classes")
     return labels.astype(np.int64)
+
+
+def image_channels(image: np.ndarray) -> int:
+    """Channels of an (H, W) (1) or (H, W, C) (C) image."""
+    return 1 if image.ndim == 2 else int(image.shape[2])
+
+
+def _common_channels(images: Sequence[np.ndarray]) -> int:
+    counts = sorted({image_channels(image) for image in images})
+    if len(counts) > 1:
+        raise ValueError(f"Training images have different channel counts {counts}; use images of one kind")
+    return counts[0]
 
 
 def model_name_of(model) -> Optional[str]:
@@ -270,6 +279,7 @@ class TrainableSegmenter(BaseEstimator):
         if not any(np.any(lab > 0) for lab in checked):
             raise ValueError(_NO_LABELS_MESSAGE)
         self._check_class_count(checked)
+        channels = _common_channels(image_list)
         rows, targets = [], []
         for image, lab in zip(image_list, checked):
             if not np.any(lab > 0):
@@ -278,7 +288,9 @@ class TrainableSegmenter(BaseEstimator):
             mask = lab > 0
             rows.append(feature_map[mask])
             targets.append(lab[mask])
-        return self._fit_rows(np.concatenate(rows), np.concatenate(targets))
+        self._fit_rows(np.concatenate(rows), np.concatenate(targets))
+        self.n_image_channels_ = channels
+        return self
 
     def fit_features(self, feature_maps: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> "TrainableSegmenter":
         """Train on precomputed feature stacks (from :meth:`extract_features`); saves recomputing
@@ -315,6 +327,7 @@ class TrainableSegmenter(BaseEstimator):
         self.feature_names_ = self.feature_names()
         self.n_features_in_ = rows.shape[1]
         self.model_name_ = model_name_of(self.model) if self._uses_vit else None
+        self.n_image_channels_ = None  # unknown when trained on feature maps; fit() records it
         self.classifier_ = self._make_classifier()
         self.classifier_.fit(rows.astype(np.float32), np.searchsorted(self.classes_, targets))
         return self
@@ -322,6 +335,15 @@ class TrainableSegmenter(BaseEstimator):
     # ---------------------------------------------------------------- prediction
     def _check_fitted(self) -> None:
         check_is_fitted(self, "classifier_")  # sklearn's NotFittedError
+
+    def _check_channels(self, image: np.ndarray) -> None:
+        expected = getattr(self, "n_image_channels_", None)
+        if expected is not None and image_channels(image) != expected:
+            raise ValueError(
+                f"The image has {image_channels(image)} channel(s) but this segmenter was trained on images with "
+                f"{expected}; convert the image (e.g. to {'grayscale' if expected == 1 else f'{expected} channels'}) "
+                "or train a segmenter on images like it"
+            )
 
     def _probabilities_from_features(self, feature_map: np.ndarray) -> np.ndarray:
         height, width, channels = feature_map.shape
@@ -376,6 +398,8 @@ class TrainableSegmenter(BaseEstimator):
         self._check_fitted()
         self._check_params()
         image_list, single = _as_image_list(images)
+        for image in image_list:
+            self._check_channels(image)
         results = [
             self.predict_proba_features(self.extract_features(image), image if self.crf else None)
             for image in image_list
@@ -394,33 +418,27 @@ class TrainableSegmenter(BaseEstimator):
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Save the fitted segmenter to one file.
+        """Save the fitted segmenter to one file (see :mod:`evaluation.segmenter_file`).
 
         The torch model is not stored, only its hub id / folder (``model_name_``); pass the model again
-        to :meth:`load`. XGBoost classifiers are stored in XGBoost's own format (portable across
-        versions), random forests with pickle. Load only files you trust (pickle).
+        to :meth:`load`. The file holds JSON settings and the classifier in a data-only format, so loading
+        never runs code from the file.
         """
+        from evaluation.segmenter_file import write_segmenter
+
         self._check_fitted()
         params = self.get_params(deep=False)
         params.pop("model")
         params.pop("image_processor")
-        params["sigmas"] = tuple(params["sigmas"])
-        if self.classifier == "xgboost":
-            raw_model = bytes(self.classifier_.get_booster().save_raw("ubj"))
-            classifier_state: Any = {"kind": "xgboost-ubj", "data": raw_model}
-        else:
-            classifier_state = {"kind": "pickle", "data": pickle.dumps(self.classifier_)}
-        state = {
-            "format": _SAVE_FORMAT,
-            "version": _SAVE_VERSION,
+        params["sigmas"] = list(params["sigmas"])
+        settings = {
             "params": params,
             "model_name": self.model_name_,
             "classes": self.classes_.tolist(),
             "feature_names": self.feature_names_,
-            "classifier": classifier_state,
+            "image_channels": self.n_image_channels_,
         }
-        with open(path, "wb") as handle:
-            pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        write_segmenter(path, settings, self.classifier_)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, image_processor=None) -> "TrainableSegmenter":
@@ -432,38 +450,28 @@ class TrainableSegmenter(BaseEstimator):
                 names the model it was trained with).
             image_processor: optional image processor for the ViT features.
         """
-        with open(path, "rb") as handle:
-            try:
-                state = pickle.load(handle)
-            except Exception as error:
-                raise ValueError(f"{path} is not a saved TrainableSegmenter: {error}") from error
-        if not isinstance(state, dict) or state.get("format") != _SAVE_FORMAT:
-            raise ValueError(f"{path} is not a saved TrainableSegmenter")
-        if state["version"] > _SAVE_VERSION:
-            raise ValueError(f"{path} was written by a newer version (format {state['version']})")
-        segmenter = cls(**state["params"], model=model, image_processor=image_processor)
-        if segmenter._uses_vit and model is None:
+        from evaluation.segmenter_file import read_segmenter
+
+        settings, read_classifier = read_segmenter(path)
+        params = {**settings["params"], "sigmas": tuple(settings["params"]["sigmas"])}
+        segmenter = cls(**params, model=model, image_processor=image_processor)
+        segmenter._check_model(model, settings["model_name"])
+        segmenter.classifier_ = read_classifier(segmenter._make_classifier())
+        segmenter.classes_ = np.asarray(settings["classes"])
+        segmenter.feature_names_ = list(settings["feature_names"])
+        segmenter.n_features_in_ = len(segmenter.feature_names_)
+        segmenter.n_image_channels_ = settings["image_channels"]
+        segmenter.model_name_ = settings["model_name"]
+        return segmenter
+
+    def _check_model(self, model, model_name: Optional[str]) -> None:
+        if self._uses_vit and model is None:
             raise ValueError(
-                f"This segmenter uses {segmenter.features!r} features of the model {state['model_name']!r}; "
+                f"This segmenter uses {self.features!r} features of the model {model_name!r}; "
                 "load that model (e.g. transformers.AutoModel.from_pretrained(name, trust_remote_code=True)) "
                 "and pass it as model="
             )
-        if segmenter._uses_vit and model_name_of(model) != state["model_name"]:
+        if self._uses_vit and model_name_of(model) != model_name:
             import warnings
 
-            warnings.warn(
-                f"Segmenter was trained with model {state['model_name']!r} but got {model_name_of(model)!r}",
-                stacklevel=2,
-            )
-        classifier_state = state["classifier"]
-        if classifier_state["kind"] == "xgboost-ubj":
-            classifier = segmenter._make_classifier()
-            classifier.load_model(bytearray(classifier_state["data"]))
-        else:
-            classifier = pickle.loads(classifier_state["data"])
-        segmenter.classifier_ = classifier
-        segmenter.classes_ = np.asarray(state["classes"])
-        segmenter.feature_names_ = list(state["feature_names"])
-        segmenter.n_features_in_ = len(segmenter.feature_names_)
-        segmenter.model_name_ = state["model_name"]
-        return segmenter
+            warnings.warn(f"Segmenter was trained with model {model_name!r} but got {model_name_of(model)!r}", stacklevel=3)

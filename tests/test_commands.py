@@ -30,6 +30,8 @@ def model_options(command: str, missing: str, folder: Path) -> list[str]:
         "alibi-scribbles": ["--models", missing, "--output_dir", str(folder / "out")],
         "alibi-linear-seg": ["--model", missing, "--data_dir", images, "--num_classes", "3",
                              "--output_dir", str(folder / "out")],
+        "alibi-segment": ["train", "--images", str(folder / "a.png"), "--labels", str(folder / "a.png"),
+                          "--output", str(folder / "out.zip"), "--model", missing, "--features", "classical+vit"],
         "alibi-demo": ["--models", missing],
         "alibi-publish": [missing],
     }[command]
@@ -41,6 +43,8 @@ POSITIONALS = {"alibi-convert": ("source", "output_dir"), "alibi-publish": ("fol
 
 def as_config(command: str, options: list[str]) -> dict:
     """The same options as a config mapping (leading bare words named by the command's positionals)."""
+    if options[0] in ("train", "apply"):
+        return {"command": options[0], **as_config(command, options[1:])}
     if not options[0].startswith("--"):
         return dict(zip(POSITIONALS[command], options))
     config, key = {}, None
@@ -49,7 +53,7 @@ def as_config(command: str, options: list[str]) -> dict:
             key = token[2:]
             config[key] = True
         else:
-            config[key] = [token] if key == "models" else token
+            config[key] = [token] if key in ("models", "images", "labels") else token
     return config
 
 
@@ -67,6 +71,8 @@ def image_folder(tmp_path):
 def test_every_command_has_a_console_entry_point():
     setup_text = (REPO_ROOT / "setup.py").read_text()
     assert "entry_points" in setup_text
+    listed = re.search(r"for name in \((.*?)\)", setup_text, re.S).group(1)
+    assert {f"alibi-{name.replace('_', '-')}" for name in re.findall(r'"(\w+)"', listed)} == set(COMMANDS)
     for line in console_scripts():
         name, target = (part.strip() for part in line.split("="))
         module, function = target.split(":")

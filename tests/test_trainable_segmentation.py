@@ -101,7 +101,7 @@ def test_save_load_round_trip_predicts_the_same_mask(tmp_path, two_phase, classi
     train_image, _, scribbles, test_image, _ = two_phase
     segmenter = TrainableSegmenter(classifier=classifier, classifier_params={"n_estimators": 10})
     segmenter.fit(train_image, scribbles)
-    path = tmp_path / "segmenter.pkl"
+    path = tmp_path / "segmenter.zip"
     segmenter.save(path)
     loaded = TrainableSegmenter.load(path)
     assert loaded.get_params()["classifier"] == classifier
@@ -208,7 +208,7 @@ def test_classical_plus_vit_segmenter_with_a_tiny_model(tmp_path, two_phase, tin
     mask = segmenter.predict(test_image)
     assert mask.shape == test_image.shape
     # The torch model is not saved: loading needs it back.
-    path = tmp_path / "vit_segmenter.pkl"
+    path = tmp_path / "vit_segmenter.zip"
     segmenter.save(path)
     with pytest.raises(ValueError, match="pass it as model="):
         TrainableSegmenter.load(path)
@@ -229,3 +229,56 @@ def test_vit_tiles_bound_the_input_size(tiny_vit):
     grid = extract_patch_features_tiled(tiny_vit, image, max_side=42, overlap=14, extractor=recording)
     assert grid.shape == (5, 7, 32)
     assert len(seen) > 1 and all(max(shape[:2]) <= 42 for shape in seen)
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle of this object creates `marker` when loaded with pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_untrusted_pickle_is_refused_and_not_executed(tmp_path):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "executed"
+    planted = tmp_path / "segmenter.zip"
+    planted.write_bytes(pickle.dumps(_RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(ValueError, match="pickles are refused"):
+        TrainableSegmenter.load(planted)
+    # The same payload inside an archive that looks like a saved segmenter.
+    with zipfile.ZipFile(planted, "w") as archive:
+        archive.writestr("settings.json", pickle.dumps(_RunsCodeWhenUnpickled(marker)))
+        archive.writestr("classifier.json", pickle.dumps(_RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(ValueError, match="not a saved TrainableSegmenter"):
+        TrainableSegmenter.load(planted)
+    assert not marker.exists()
+
+
+def test_a_saved_file_is_json_settings_and_an_xgboost_json_model(tmp_path, two_phase):
+    import json
+    import zipfile
+
+    train_image, _, scribbles, _, _ = two_phase
+    path = tmp_path / "segmenter.zip"
+    TrainableSegmenter(classifier_params={"n_estimators": 5}).fit(train_image, scribbles).save(path)
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["classifier.json", "settings.json"]
+        settings = json.loads(archive.read("settings.json"))
+        assert "learner" in json.loads(archive.read("classifier.json"))
+    assert settings["params"]["features"] == "classical" and settings["model_name"] is None
+    assert settings["image_channels"] == 1 and settings["classes"] == [1, 2]
+
+
+def test_an_image_with_another_channel_count_is_refused_after_loading(tmp_path, two_phase):
+    train_image, _, scribbles, test_image, _ = two_phase
+    path = tmp_path / "segmenter.zip"
+    TrainableSegmenter(classifier_params={"n_estimators": 5}).fit(train_image, scribbles).save(path)
+    loaded = TrainableSegmenter.load(path)
+    rgb = np.repeat(np.asarray(test_image)[..., None], 3, axis=-1)
+    with pytest.raises(ValueError, match=r"3 channel\(s\) but this segmenter was trained on images with 1"):
+        loaded.predict(rgb)
