@@ -63,19 +63,36 @@ def _wrap_offsets_(offsets: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _combine_offsets(dy: torch.Tensor, dx: torch.Tensor, metric: str) -> torch.Tensor:
-    return torch.hypot(dy, dx) if metric == "euclidean" else dy + dx
+    # sqrt of the sum of squares rather than `hypot`, which is no core ATen operator (exported programs keep it, for
+    # backends that may lack it); exact for these small integers.
+    return (dy * dy + dx * dx).sqrt() if metric == "euclidean" else dy + dx
 
 
 def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wrap: bool = True) -> float:
-    """The largest distance between two cells of a `height x width` grid (0 for a single cell)."""
+    """The largest distance between two cells of a `height x width` grid (0 for a single cell). Symbolic sizes
+    (torch.compile with dynamic shapes, torch.export) give a symbolic result."""
     dy, dx = (height // 2, width // 2) if wrap else (height - 1, width - 1)
-    return math.hypot(dy, dx) if metric == "euclidean" else float(dy + dx)
+    return torch.sym_sqrt(dy * dy + dx * dx) if metric == "euclidean" else torch.sym_float(dy + dx)
+
+
+def normalizing_divisor(height: int, width: int, metric: str, wrap: bool) -> float:
+    """What normalisation divides the distances of a `height x width` grid by: the largest one, or 1 on a single
+    cell (whose only distance is 0). No branch on the grid size, which torch.export could not keep dynamic: two
+    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that."""
+    return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export: Python-side caches would become guards, one graph per image size."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def aligned_length(num_tokens: int) -> int:
-    """`num_tokens` rounded up to a multiple of 8: the row length of every bias tensor, so that its rows start at
-    aligned addresses as the fused SDPA kernels require."""
-    return -(-num_tokens // 8) * 8
+    """The smallest multiple of 8 above `num_tokens`: the row length of every bias tensor, so that its rows start at
+    aligned addresses as the fused SDPA kernels require. Always at least one column of padding: a bias that were a
+    plain contiguous tensor at some sizes and a strided view at others would make torch.compile guard on which, and
+    compile twice."""
+    return (num_tokens // 8 + 1) * 8
 
 
 def _token_grid_coordinates(token_index: torch.Tensor, num_prefix_tokens: int, width: int):
@@ -109,9 +126,8 @@ def alibi_distance_matrix(
     dy = _axis_offsets(rows[:, None, None, None], rows[None, None, :, None], height, wrap)
     dx = _axis_offsets(columns[None, :, None, None], columns[None, None, None, :], width, wrap)
     distance = _combine_offsets(dy, dx, metric).reshape(height * width, height * width)
-    largest = largest_grid_distance(height, width, metric, wrap)
-    if normalize and largest > 0:
-        distance.div_(largest)
+    if normalize:
+        distance.div_(normalizing_divisor(height, width, metric, wrap))
     return distance
 
 
@@ -267,6 +283,10 @@ class AlibiDinov2PositionBias(nn.Module):
     multiple of 8 elements so that fused kernels take it without a copy. Learned slopes (`slopes` parameter of
     shape `(layers, heads)`) give one bias per layer, from a cached distance matrix.
 
+    Under torch.compile and torch.export nothing is cached: the bias is computed inside the graph from the grid
+    size (elementwise work, cheap next to the attention), so one graph with dynamic shapes serves every image size
+    instead of a guard on the cache per size.
+
     The streamed attention paths never build the `N x N` bias: `alibi_chunked` asks for blocks of rows
     ([`~AlibiDinov2PositionBias.rows`]), `alibi_flex` for a FlexAttention `score_mod`
     ([`~AlibiDinov2PositionBias.score_mod`]).
@@ -314,6 +334,8 @@ class AlibiDinov2PositionBias(nn.Module):
         return -self.head_slopes(layer_index, distance.device)[None, :, None, None] * distance[None, None]
 
     def _cached(self, key: tuple, build) -> torch.Tensor:
+        if _tracing():
+            return build()
         # Single dictionary operations only, each atomic: threads sharing the model may evict each other's entries.
         value = self._cache.get(key)
         if value is not None:
@@ -356,21 +378,32 @@ class AlibiDinov2PositionBias(nn.Module):
         noise = torch.randn(*bias.shape[:-1], aligned_length(columns), dtype=bias.dtype, device=bias.device)
         return noise[..., :columns].mul_(self.jitter).add_(bias)
 
+    def grid_bias(self, grid_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """What every layer's bias on a `grid_size = (h, w)` patch grid starts from, made once per forward pass (and
+        cached outside compilation): the bias itself for fixed slopes, `(1, 1 or heads, N, N)` in `dtype`; the
+        distances for learned slopes, `(N, aligned N)` float32."""
+        height, width = grid_size
+        if self.slopes is None:
+            key = ("bias", height, width, torch.device(device), dtype)
+            return self._cached(key, lambda: self._fixed_bias(height, width, device, dtype))
+        key = ("distance", height, width, torch.device(device))
+        return self._cached(key, lambda: self._padded_distance(height, width, device))
+
+    def layer_bias(self, grid_bias: torch.Tensor, layer_index: int, dtype: torch.dtype) -> torch.Tensor:
+        """Bias of layer `layer_index` from [`~AlibiDinov2PositionBias.grid_bias`]: `(1, 1 or heads, N, N)` in
+        `dtype`, a view of rows padded to a multiple of 8 elements."""
+        bias = grid_bias
+        if self.slopes is not None:
+            # Scaled at full width, then sliced: the view keeps the aligned rows.
+            bias = self._scale(grid_bias, layer_index).to(dtype)[..., : grid_bias.shape[0]]
+        return self._with_jitter(bias) if self.jitter > 0 else bias
+
     def forward(
         self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """Bias for layer `layer_index` on a `grid_size = (h, w)` patch grid: `(1, 1 or heads, N, N)` in `dtype`,
         a view of rows padded to a multiple of 8 elements."""
-        height, width = grid_size
-        if self.slopes is None:
-            key = ("bias", height, width, torch.device(device), dtype)
-            bias = self._cached(key, lambda: self._fixed_bias(height, width, device, dtype))
-        else:
-            key = ("distance", height, width, torch.device(device))
-            distance = self._cached(key, lambda: self._padded_distance(height, width, device))
-            # Scaled at full width, then sliced: the view keeps the aligned rows.
-            bias = self._scale(distance, layer_index).to(dtype)[..., : distance.shape[0]]
-        return self._with_jitter(bias) if self.jitter > 0 else bias
+        return self.layer_bias(self.grid_bias(grid_size, dtype, device), layer_index, dtype)
 
     def rows(
         self,
@@ -397,11 +430,13 @@ class AlibiDinov2PositionBias(nn.Module):
         if self.wrap:
             _wrap_offsets_(distance, height)
             _wrap_offsets_(dx, width)
-        distance = distance.hypot_(dx) if self.metric == "euclidean" else distance.add_(dx)
+        if self.metric == "euclidean":
+            distance = distance.square_().add_(dx.square_()).sqrt_()
+        else:
+            distance = distance.add_(dx)
         del dx
-        largest = largest_grid_distance(height, width, self.metric, self.wrap)
-        if self.normalize and largest > 0:
-            distance.div_(largest)
+        if self.normalize:
+            distance.div_(normalizing_divisor(height, width, self.metric, self.wrap))
         # CLS and register rows and columns, and the alignment columns (sliced off below): no bias.
         distance[: max(0, prefix - start)] = 0
         distance[:, :prefix] = 0
@@ -417,8 +452,7 @@ class AlibiDinov2PositionBias(nn.Module):
             raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
         height, width = grid_size
         prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
-        largest = largest_grid_distance(height, width, metric, wrap)
-        scale = 1.0 / largest if self.normalize and largest > 0 else 1.0
+        scale = 1.0 / normalizing_divisor(height, width, metric, wrap) if self.normalize else 1.0
         slopes = self.head_slopes(layer_index, device) * scale
 
         def add_alibi_bias(score, batch_index, head_index, query_index, key_index):
@@ -616,7 +650,7 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
     config: AlibiDinov2Config
     base_model_prefix = "alibi_dinov2"
     _no_split_modules = ["AlibiDinov2Embeddings", "AlibiDinov2Layer"]
-    _can_compile_fullgraph = False  # the bias cache is Python state
+    _can_compile_fullgraph = True  # under compilation the bias is computed in the graph, the cache left alone
 
     def __init__(self, config: AlibiDinov2Config, *inputs, **kwargs) -> None:
         # The attention's memory options (`ALIBI_RUNTIME_DEFAULTS`): keyword arguments of the constructor and of
@@ -730,14 +764,16 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
         streamed = attn_implementation in STREAMED_ATTENTION
         kwargs["attn_implementation"] = attn_implementation
         # Every layer's queries share one dtype and device (the residual stream keeps its dtype across layers).
-        bias_dtype, bias_device = query_dtype(hidden_states), hidden_states.device
+        bias_dtype = query_dtype(hidden_states)
+        if self.alibi is not None and not streamed:
+            grid_bias = self.alibi.grid_bias(grid_size, bias_dtype, hidden_states.device)
         for layer_index, layer_module in enumerate(self.layer):
             layer_mask, alibi_kwargs = attention_mask, {}
             if streamed:
                 # The attention function computes the bias itself, from the grid geometry.
                 alibi_kwargs = dict(alibi=self.alibi, alibi_grid_size=grid_size, alibi_layer_index=layer_index)
             elif self.alibi is not None:
-                bias = self.alibi(grid_size, layer_index, dtype=bias_dtype, device=bias_device)
+                bias = self.alibi.layer_bias(grid_bias, layer_index, bias_dtype)
                 layer_mask = merge_attention_masks(bias, attention_mask)
             hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)

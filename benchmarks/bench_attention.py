@@ -6,6 +6,7 @@ printed; everything is written as JSON.
 
     python benchmarks/bench_attention.py                      # CPU, 224 / 518 / 1036 px
     python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --batch_size 8
+    python benchmarks/bench_attention.py --device cuda --compile inductor   # both models through torch.compile
 
 Peak memory is the largest resident-set growth of a fresh process during one forward pass on CPU, and
 `torch.cuda.max_memory_allocated` on a GPU.
@@ -33,9 +34,12 @@ VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch
 MODELS = ("stock", "alibi")
 
 
-def build_models(dtype: torch.dtype, device: str, alibi_options: dict | None = None) -> dict:
+def build_models(
+    dtype: torch.dtype, device: str, alibi_options: dict | None = None, compile_backend: str | None = None
+) -> dict:
     """The stock model and the ALiBi model with the same weights (the ALiBi model has no position embedding);
-    `alibi_options` are keyword arguments of `AlibiDinov2Model` (the attention's memory options)."""
+    `alibi_options` are keyword arguments of `AlibiDinov2Model` (the attention's memory options). With a
+    `compile_backend`, both come wrapped by `torch.compile` (shapes left to its automatic dynamic mode)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
@@ -45,7 +49,10 @@ def build_models(dtype: torch.dtype, device: str, alibi_options: dict | None = N
         model.set_attn_implementation("sdpa")
     weights = {k: v for k, v in stock.state_dict().items() if "position_embeddings" not in k}
     alibi.load_state_dict(weights, strict=True)
-    return {name: model.to(device=device, dtype=dtype).eval() for name, model in zip(MODELS, (stock, alibi))}
+    models = {name: model.to(device=device, dtype=dtype).eval() for name, model in zip(MODELS, (stock, alibi))}
+    if compile_backend:
+        models = {name: torch.compile(model, backend=compile_backend) for name, model in models.items()}
+    return models
 
 
 def synchronize(device: str) -> None:
@@ -74,10 +81,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory is measured on Linux only")
 
 
-def _cpu_peak_worker(name, size, batch_size, dtype_name, implementation, alibi_options, queue) -> None:
-    model = build_models(getattr(torch, dtype_name), "cpu", alibi_options)[name]
+def _cpu_peak_worker(name, size, batch_size, dtype_name, implementation, alibi_options, compile_backend, queue) -> None:
+    model = build_models(getattr(torch, dtype_name), "cpu", alibi_options, compile_backend)[name]
     model.set_attn_implementation(implementation)
     pixel_values = torch.randn(batch_size, 3, size, size, dtype=getattr(torch, dtype_name))
+    if compile_backend:
+        time_forward(model, pixel_values, 1, "cpu")  # compiles: not part of the measured pass
     baseline = _status_kib("VmRSS")
     # Reset the high-water mark (Linux >= 4.0) so that the peak of building both models does not count.
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -96,6 +105,7 @@ def peak_memory_bytes(
     models: dict,
     implementation: str = "sdpa",
     alibi_options: dict | None = None,
+    compile_backend: str | None = None,
 ) -> int:
     """Extra memory one forward pass of `models[name]` on `implementation` needs beyond the loaded model."""
     if device.startswith("cuda"):
@@ -111,7 +121,8 @@ def peak_memory_bytes(
     # A fresh process per measurement: no allocator cache or earlier run inflates the resident set.
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    arguments = (name, size, batch_size, str(dtype).split(".")[-1], implementation, alibi_options, queue)
+    dtype_name = str(dtype).split(".")[-1]
+    arguments = (name, size, batch_size, dtype_name, implementation, alibi_options, compile_backend, queue)
     process = context.Process(target=_cpu_peak_worker, args=arguments)
     process.start()
     result = queue.get()
@@ -122,12 +133,13 @@ def peak_memory_bytes(
 def run(args) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    models = build_models(dtype, device)
+    models = build_models(dtype, device, compile_backend=args.compile)
     rows = []
     for size in args.sizes:
         pixel_values = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
         for name in MODELS:
-            time_forward(models[name], pixel_values, args.warmup, device)
+            # A compiled model's first pass at a new size may compile: never time it.
+            time_forward(models[name], pixel_values, max(args.warmup, int(bool(args.compile))), device)
         # Interleaved rounds, so that drift of the machine's speed hits both models alike.
         seconds = {name: [] for name in MODELS}
         for _ in range(args.repeats):
@@ -138,7 +150,9 @@ def run(args) -> dict:
             median = statistics.median(seconds[name])
             row[f"{name}_images_per_s"] = args.batch_size / median
             row[f"{name}_seconds"] = seconds[name]
-            row[f"{name}_peak_bytes"] = peak_memory_bytes(name, size, args.batch_size, dtype, device, models)
+            row[f"{name}_peak_bytes"] = peak_memory_bytes(
+                name, size, args.batch_size, dtype, device, models, compile_backend=args.compile
+            )
         row["throughput_ratio"] = row["alibi_images_per_s"] / row["stock_images_per_s"]
         # Per-round ratios: each round times both models back to back, so drift of a shared machine cancels.
         paired = sorted(stock / alibi for stock, alibi in zip(seconds["stock"], seconds["alibi"]))
@@ -155,6 +169,7 @@ def run(args) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "compile_backend": args.compile,
         "torch": torch.__version__,
         "target": "ALiBi throughput >= 0.95x stock at 518 px",
         "rows": rows,

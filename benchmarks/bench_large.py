@@ -13,6 +13,7 @@ stock throughput. A table on stdout, JSON on disk.
 
     python benchmarks/bench_large.py                                  # CPU, grids 37 74 110 146
     python benchmarks/bench_large.py --device cuda --dtype bfloat16 --repeats 10
+    python benchmarks/bench_large.py --device cuda --compile inductor --paths stock:sdpa alibi:sdpa   # compiled, both models
 """
 
 import resource
@@ -59,7 +60,7 @@ def measure(args) -> dict:
         alibi_query_chunk_size=args.query_chunk_size,
         alibi_chunk_memory_mb=args.chunk_memory_mb,
     )
-    models = build_models(dtype, device, alibi_options)
+    models = build_models(dtype, device, alibi_options, args.compile)
     rows = []
     for grid in args.grids:
         size = grid * PATCH
@@ -73,13 +74,14 @@ def measure(args) -> dict:
                 continue
             model = models[name]
             model.set_attn_implementation(implementation)
-            # The compiled path's first pass compiles: never time it.
-            time_forward(model, pixel_values, max(args.warmup, int(implementation == "alibi_flex")), device)
+            # A compiled path's first pass compiles: never time it.
+            compiles = implementation == "alibi_flex" or bool(args.compile)
+            time_forward(model, pixel_values, max(args.warmup, int(compiles)), device)
             seconds = time_forward(model, pixel_values, args.repeats, device)
             row["seconds"] = seconds
             row["images_per_s"] = args.batch_size / statistics.median(seconds)
             row["peak_bytes"] = peak_memory_bytes(
-                name, size, args.batch_size, dtype, device, models, implementation, alibi_options
+                name, size, args.batch_size, dtype, device, models, implementation, alibi_options, args.compile
             )
             rows.append(row)
             print_row(row)
@@ -91,6 +93,7 @@ def measure(args) -> dict:
         "batch_size": args.batch_size,
         "query_chunk_size": args.query_chunk_size,
         "chunk_memory_mb": args.chunk_memory_mb,
+        "compile_backend": args.compile,
         "torch": torch.__version__,
         "targets": {"cpu_2044px_peak_gb": 4.0, "gpu_518px_throughput_ratio": 0.95},
         "max_rss_bytes_of_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -23,6 +23,11 @@ class RunArguments:
 
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda'"})
     dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata={"help": "model precision"})
+    compile: str | None = field(
+        default=None,
+        metadata={"help": "compare both models through torch.compile with this backend (inductor; aot_eager traces "
+                          "without building kernels)"},
+    )
     output: str | None = field(default=None, metadata={"help": "JSON file to write (default: benchmarks/results/)"})
 
 

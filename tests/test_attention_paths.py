@@ -264,8 +264,8 @@ def test_compiled_flex_path_stops_recompiling_for_new_image_sizes(tiny_kwargs, m
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_inductor_compiles_the_alibi_score_mod(tiny_kwargs, monkeypatch, dtype, tolerance):
-    """The score_mod (integer grid coordinates, wrap, hypot, per-head slopes) lowers through inductor into a fused
-    kernel, here its CPU backend, and matches the dense path."""
+    """The score_mod (integer grid coordinates, wrap, Euclidean distance, per-head slopes) lowers through inductor
+    into a fused kernel, here its CPU backend, and matches the dense path."""
     import torch._dynamo
 
     import modeling_alibi_dinov2

@@ -16,6 +16,8 @@ from transformers import (
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from modeling_alibi_dinov2 import AlibiDinov2Backbone, AlibiDinov2Model
 
+from conftest import TINY_DINOV2
+
 
 PATCH = 14
 
@@ -247,6 +249,69 @@ def test_attention_without_bias_support_is_refused(tiny_kwargs, implementation):
     model.config._attn_implementation = implementation  # set behind the checks' back
     with pytest.raises(ValueError, match='cannot add the 2D ALiBi bias.*"alibi_chunked".*"alibi_flex"'):
         model(images(1, 28, 28))
+
+
+# --- torch.compile and torch.export ------------------------------------------------------------------------------
+
+# Twelve inputs: new heights, widths and batch sizes, grids of 2 to 11 patches per side.
+COMPILE_SIZES = [(1, 28, 28), (1, 42, 28), (2, 56, 28), (1, 56, 70), (2, 70, 42), (1, 98, 56), (2, 84, 112),
+                 (1, 112, 84), (2, 42, 126), (1, 140, 98), (2, 126, 140), (1, 28, 154)]
+
+
+def compiled_graph_count(model) -> int:
+    """Graphs torch.compile makes for `model` over COMPILE_SIZES, each output checked against eager to 1e-5.
+    `aot_eager` traces and guards like the GPU compile without building kernels; reaching the recompile limit (past
+    which dynamo silently runs the model eagerly) raises instead."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
+            compiled = torch.compile(model, backend=counter)
+            for batch_size, height, width in COMPILE_SIZES:
+                pixel_values = images(batch_size, height, width, seed=height + width)
+                torch.testing.assert_close(
+                    compiled(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state, atol=1e-5, rtol=0
+                )
+    finally:
+        torch._dynamo.reset()
+    return counter.frame_count
+
+
+@pytest.fixture(scope="module")
+def stock_graph_count():
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(**TINY_DINOV2, num_register_tokens=4)
+    return compiled_graph_count(Dinov2WithRegistersModel(config).eval())
+
+
+@pytest.mark.parametrize("slopes", ["constant", "learned"])
+def test_compiled_model_needs_no_more_graphs_than_stock_dinov2(tiny_kwargs, stock_graph_count, slopes):
+    """The bias cache is Python state: traced, it made dynamo guard on it and compile once per image size until its
+    recompile limit (8). Computed in the graph, it lets one dynamic-shape graph serve new sizes as stock DINOv2's."""
+    model = alibi_model(tiny_kwargs, alibi_slopes=slopes)
+    eager_cache = model.encoder.alibi._cache
+    assert compiled_graph_count(model) <= stock_graph_count < torch._dynamo.config.recompile_limit
+    # Only the eager calls (the references) filled the cache; the compiled ones computed the bias in the graph.
+    assert len(eager_cache) == min(len(COMPILE_SIZES), 8)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(alibi_slopes="learned"), dict(alibi_metric="manhattan", alibi_wrap=False)],
+                         ids=["constant", "learned", "manhattan-unwrapped"])
+def test_one_exported_program_serves_every_image_size(tiny_kwargs, options):
+    model = alibi_model(tiny_kwargs, **options)
+    height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
+    program = torch.export.export(
+        model, (images(2, 56, 70),), dynamic_shapes=({2: PATCH * height, 3: PATCH * width},)
+    )
+    exported = program.module()
+    for size in [(28, 42), (70, 56), (98, 28)]:
+        pixel_values = images(2, *size, seed=size[0])
+        with torch.no_grad():
+            expected = model(pixel_values).last_hidden_state
+        torch.testing.assert_close(exported(pixel_values).last_hidden_state, expected, atol=1e-5, rtol=0)
 
 
 # --- backbone and Auto classes ------------------------------------------------------------------------------------
