@@ -298,14 +298,15 @@ def test_compiled_model_needs_no_more_graphs_than_stock_dinov2(tiny_kwargs, stoc
     assert len(eager_cache) == min(len(COMPILE_SIZES), 8)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(alibi_slopes="learned"), dict(alibi_metric="manhattan", alibi_wrap=False)],
-                         ids=["constant", "learned", "manhattan-unwrapped"])
+EXPORT_CASES = [dict(), dict(alibi_slopes="learned"), dict(alibi_metric="manhattan", alibi_wrap=False)]
+
+
+@pytest.mark.parametrize("options", EXPORT_CASES, ids=["constant", "learned", "manhattan-unwrapped"])
 def test_one_exported_program_serves_every_image_size(tiny_kwargs, options):
+    """Height and width stay symbolic (multiples of the patch size, grids of 2 or more patches per side)."""
     model = alibi_model(tiny_kwargs, **options)
     height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
-    program = torch.export.export(
-        model, (images(2, 56, 70),), dynamic_shapes=({2: PATCH * height, 3: PATCH * width},)
-    )
+    program = torch.export.export(model, (images(2, 56, 70),), dynamic_shapes=({2: PATCH * height, 3: PATCH * width},))
     exported = program.module()
     for size in [(28, 42), (70, 56), (98, 28)]:
         pixel_values = images(2, *size, seed=size[0])
