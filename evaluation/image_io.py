@@ -123,6 +123,60 @@ def _read_pil_pages(path, palette: str = "colours") -> list[np.ndarray]:
     return pages
 
 
+def _page_index(count: int, page: int | None, name, single: bool) -> int:
+    """The index of the requested page of a file of `count` pages (`None`: the first; with `single`, the file must
+    hold exactly one)."""
+    if page is None:
+        if single and count > 1:
+            raise ValueError(f"{name} holds {count} pages; pass page=<index> to read_image or use read_pages()")
+        return 0
+    if not -count <= page < count:
+        raise IndexError(f"Page {page} requested but {name} holds {count} page(s)")
+    return page % count
+
+
+def _read_tiff_page(source, page: int | None, name, single: bool) -> np.ndarray:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(source)
+        count = len(tif.pages)
+    except Exception as error:  # tifffile raises many error types for damaged files
+        raise ImageReadError(f"{name}: not a readable TIFF ({error})") from error
+    with tif:
+        if count == 0:
+            raise ImageReadError(f"TIFF file {name} contains no pages")
+        index = _page_index(count, page, name, single)
+        try:
+            return np.asarray(tif.pages[index].asarray())
+        except Exception as error:
+            raise ImageReadError(f"{name}: not a readable TIFF ({error})") from error
+
+
+def _read_pil_page(source, page: int | None, name, single: bool, palette: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        image = Image.open(source)
+        count = getattr(image, "n_frames", 1)
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ImageReadError(f"{name}: not a readable image ({error})") from error
+    with image:
+        index = _page_index(count, page, name, single)
+        try:
+            image.seek(index)
+            return _pil_frame_to_array(image, palette)
+        except Exception as error:
+            raise ImageReadError(f"{name}: not a readable image ({error})") from error
+
+
+def _read_page(source, page: int | None, palette: str, name, is_tiff: bool, single: bool = False) -> np.ndarray:
+    """One page of a file or stream, decoding that page only (a 1000-page stack is not read to get its first)."""
+    if is_tiff:
+        return _read_tiff_page(source, page, name, single)
+    return _read_pil_page(source, page, name, single, palette)
+
+
 def read_pages(path: PathLike, palette: str = "colours") -> list[np.ndarray]:
     """Read every page (frame) of an image file.
 
@@ -153,16 +207,9 @@ def read_image(path: PathLike, page: int | None = None, palette: str = "colours"
     Returns:
         Array (H, W) or (H, W, channels).
     """
-    pages = read_pages(path, palette)
-    if page is None:
-        if len(pages) > 1:
-            raise ValueError(
-                f"{path} holds {len(pages)} pages; pass page=<index> to read_image or use read_pages()"
-            )
-        return pages[0]
-    if not -len(pages) <= page < len(pages):
-        raise IndexError(f"Page {page} requested but {path} holds {len(pages)} page(s)")
-    return pages[page]
+    path = Path(path)
+    _check_exists(path)
+    return _read_page(path, page, palette, path, _is_tiff(path), single=True)
 
 
 def _rgb_labels_to_indices(rgb: np.ndarray) -> np.ndarray:
@@ -372,19 +419,8 @@ def describe_source(source: Any) -> str:
 
 
 def _read_bytes(data: bytes, name: str | None, page: int | None, palette: str = "colours") -> np.ndarray:
-    stream = io.BytesIO(bytes(data))
-    if (name and Path(name).suffix.lower() in TIFF_SUFFIXES) or bytes(data[:4]) in _TIFF_MAGIC:
-        pages = _read_tiff_pages(stream)
-    else:
-        pages = _read_pil_pages(stream, palette)
-    return _pick_page(pages, page, name or "image bytes")
-
-
-def _pick_page(pages: list[np.ndarray], page: int | None, name) -> np.ndarray:
-    index = 0 if page is None else page
-    if not -len(pages) <= index < len(pages):
-        raise IndexError(f"Page {page} requested but {name} holds {len(pages)} page(s)")
-    return pages[index]
+    is_tiff = bool(name and Path(name).suffix.lower() in TIFF_SUFFIXES) or bytes(data[:4]) in _TIFF_MAGIC
+    return _read_page(io.BytesIO(bytes(data)), page, palette, name or "image bytes", is_tiff)
 
 
 def _channels_last(array: np.ndarray) -> np.ndarray:
@@ -416,7 +452,9 @@ def load_image(source: Any, page: int | None = None, palette: str = "colours") -
                 raise ImageReadError("empty image record (no bytes and no path)")
             source = path
         if isinstance(source, (str, os.PathLike)):
-            return _pick_page(read_pages(source, palette), page, source)
+            path = Path(source)
+            _check_exists(path)
+            return _read_page(path, page, palette, source, _is_tiff(path))
         if isinstance(source, (bytes, bytearray, memoryview)):
             return _read_bytes(source, None, page, palette)
         if hasattr(source, "mode") and hasattr(source, "getbands"):  # a PIL image

@@ -131,3 +131,23 @@ def test_to_grayscale_uses_luma_and_rejects_odd_channel_counts():
     np.testing.assert_allclose(to_grayscale(rgba), 0.7154, atol=1e-6)  # alpha ignored
     with pytest.raises(ValueError, match="2"):
         to_grayscale(np.zeros((2, 2, 2)))
+
+
+def test_one_page_of_a_stack_decodes_that_page_only(tmp_path, monkeypatch):
+    import tifffile
+
+    from evaluation.image_io import load_image, write_image
+
+    pages = [np.full((8, 9), k, dtype=np.uint16) for k in range(5)]
+    write_image(tmp_path / "stack.tif", pages)
+    decoded = []
+    original = tifffile.TiffPage.asarray
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda page, *a, **k: decoded.append(page.index) or original(page, *a, **k))
+    np.testing.assert_array_equal(read_image(tmp_path / "stack.tif", page=3), pages[3])
+    np.testing.assert_array_equal(load_image(tmp_path / "stack.tif"), pages[0])
+    np.testing.assert_array_equal(load_image((tmp_path / "stack.tif").read_bytes(), page=-1), pages[4])
+    assert decoded == [3, 0, 4]
+    with pytest.raises(IndexError, match="holds 5 page"):
+        load_image(tmp_path / "stack.tif", page=5)
+    with pytest.raises(ValueError, match="holds 5 pages"):
+        read_image(tmp_path / "stack.tif")
