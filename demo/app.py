@@ -49,8 +49,6 @@ def prepare_image(image, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     Raises:
         ImageReadError: not an image (the message names the shape); ValueError: `max_side < 1`.
     """
-    if max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
     return shrink_to_max_side(to_rgb01(image), max_side)
 
 

@@ -173,8 +173,7 @@ def image_to_pixel_values(image, patch_size: int, image_processor=None) -> torch
     """
     name = describe_source(image)
     rgb = to_rgb01(image, name=name)
-    check_image_size(rgb, patch_size, name)
-    return to_pixel_values(rgb, mode="patch_grid", patch_size=patch_size, processor=image_processor)
+    return to_pixel_values(rgb, mode="patch_grid", patch_size=patch_size, processor=image_processor, name=name)
 
 
 # --------------------------------------------------------------------------------------------------

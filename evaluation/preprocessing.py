@@ -96,14 +96,18 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[tuple[int, int]
 
 
 def resize_and_crop(rgb01, size: int | None = None, mode: str = "center_crop", patch_size: int = 14,
-                    resample: str = "bicubic") -> torch.Tensor:
-    """Geometry only: (H, W, 3) array or (3, H, W) tensor in [0, 1] -> (3, H', W') float32 tensor (see module doc)."""
+                    resample: str = "bicubic", name: str = "image") -> torch.Tensor:
+    """Geometry only: (H, W, 3) array or (3, H, W) tensor in [0, 1] -> (3, H', W') float32 tensor (see module doc).
+
+    Raises:
+        ImageTooSmallError: with ``"patch_grid"``, an image smaller than one patch (the message names `name`).
+    """
     if mode not in RESIZE_MODES:
         raise ValueError(f"mode must be one of {RESIZE_MODES}; got {mode!r}")
     image = _as_chw_tensor(rgb01)
     height, width = image.shape[-2:]
     if mode == "patch_grid":
-        check_image_size(image.permute(1, 2, 0), patch_size)
+        check_image_size(image.permute(1, 2, 0), patch_size, name)
         return image[:, : height // patch_size * patch_size, : width // patch_size * patch_size].contiguous()
     if size is None:
         raise ValueError(f"mode {mode!r} needs a size")
@@ -141,11 +145,11 @@ def denormalize(pixel_values, mean: Sequence[float] = IMAGENET_MEAN, std: Sequen
 
 
 def to_pixel_values(rgb01, size: int | None = None, mode: str = "patch_grid", patch_size: int = 14,
-                    processor: Any = None, resample: str = "bicubic") -> torch.Tensor:
+                    processor: Any = None, resample: str = "bicubic", name: str = "image") -> torch.Tensor:
     """RGB in [0, 1] -> `(1, 3, H', W')` float32 pixel values: :func:`resize_and_crop`, then :func:`normalize`
     with the statistics of `processor` (see :func:`image_statistics`)."""
     mean, std = image_statistics(processor)
-    return normalize(resize_and_crop(rgb01, size, mode, patch_size, resample), mean, std)[None]
+    return normalize(resize_and_crop(rgb01, size, mode, patch_size, resample, name), mean, std)[None]
 
 
 __all__ = [
