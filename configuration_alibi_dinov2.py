@@ -2,26 +2,17 @@
 """Configuration of ALiBi-DINOv2: DINOv2 (with or without registers) whose learned absolute position
 embedding is replaced by a 2D ALiBi attention bias.
 
-This file is copied into Hub repositories as remote code: it imports only transformers.
+This file is copied into Hub repositories as remote code: it imports only transformers and the shared
+`alibi_attention` module.
 """
 
 from transformers import Dinov2WithRegistersConfig
-from transformers.utils import logging
 
 
-logger = logging.get_logger(__name__)
-
-ALIBI_METRICS = ("euclidean", "manhattan")
-ALIBI_SLOPES = ("constant", "geometric", "learned")
-# Memory options of the attention at run time, with their defaults. They describe the machine, not the weights: the
-# model takes them at load time (`from_pretrained(folder, alibi_chunk_memory_mb=512)`) or per call
-# (`model(pixel_values, alibi_chunk_memory_mb=512)`), and no configuration stores them.
-ALIBI_RUNTIME_DEFAULTS = {"alibi_dense_max_tokens": 8192, "alibi_query_chunk_size": 1024, "alibi_chunk_memory_mb": 256}
-
-
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+try:  # loaded as remote code (a package in transformers' module cache)
+    from .alibi_attention import ALIBI_METRICS, ALIBI_RUNTIME_DEFAULTS, ALIBI_SLOPES, check_alibi_config
+except ImportError:  # imported from the project itself (top-level modules)
+    from alibi_attention import ALIBI_METRICS, ALIBI_RUNTIME_DEFAULTS, ALIBI_SLOPES, check_alibi_config
 
 
 class AlibiDinov2Config(Dinov2WithRegistersConfig):
@@ -89,25 +80,7 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
     interpolate_antialias: bool = True
 
     def __post_init__(self, **kwargs):
-        _check_choice("alibi_metric", self.alibi_metric, ALIBI_METRICS)
-        _check_choice("alibi_slopes", self.alibi_slopes, ALIBI_SLOPES)
-        if self.alibi_jitter < 0:
-            raise ValueError(f"`alibi_jitter` is a standard deviation and must be >= 0; got {self.alibi_jitter}.")
-        if self.num_register_tokens < 0:
-            raise ValueError(f"`num_register_tokens` must be >= 0; got {self.num_register_tokens}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
-        # Older config.json files carry the runtime options: drop them, so that they are not saved again.
-        for name, default in ALIBI_RUNTIME_DEFAULTS.items():
-            value = kwargs.pop(name, default)
-            if value != default:
-                logger.warning(
-                    f"`{name}={value!r}` is ignored: it is an option of the model, not of its configuration. Pass it "
-                    f"to `from_pretrained(..., {name}=...)` or to the forward call instead."
-                )
+        check_alibi_config(self, kwargs)
         # Remote-code entry points for every Auto class, so that a saved folder loads with AutoModel and
         # AutoBackbone alike, whichever class saved it.
         if kwargs.get("auto_map") is None and getattr(self, "auto_map", None) is None:
@@ -119,4 +92,4 @@ class AlibiDinov2Config(Dinov2WithRegistersConfig):
         super().__post_init__(**kwargs)
 
 
-__all__ = ["AlibiDinov2Config"]
+__all__ = ["ALIBI_METRICS", "ALIBI_RUNTIME_DEFAULTS", "ALIBI_SLOPES", "AlibiDinov2Config"]

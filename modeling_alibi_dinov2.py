@@ -11,19 +11,18 @@ LayerScale; the bias reaches the attention as its additive `attention_mask`, so 
 `torch.nn.functional.scaled_dot_product_attention`. The attention function is chosen per call (a large input streams
 its bias through `alibi_chunked`), so the model never writes to its configuration while it runs.
 
-This file is copied into Hub repositories as remote code: it imports only torch, transformers and
-`configuration_alibi_dinov2`.
+This file is copied into Hub repositories as remote code: it imports only torch, transformers,
+`configuration_alibi_dinov2` and `alibi_attention` (the bias and attention paths, shared with ALiBi-DINOv3).
 """
 
 import math
-from collections import OrderedDict
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, AutoBackbone, AutoConfig, AutoModel
+from transformers import AutoBackbone, AutoConfig, AutoModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.masking_utils import create_bidirectional_mask, sdpa_mask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -38,164 +37,23 @@ from transformers.utils.output_capturing import capture_outputs
 
 
 try:  # loaded as remote code (a package in transformers' module cache)
-    from .configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
+    from .alibi_attention import (
+        AlibiAttentionMixin,
+        AlibiPositionBias,
+        check_pixel_values,
+        layer_attention_arguments,
+        patch_tokens_to_map,
+    )
+    from .configuration_alibi_dinov2 import AlibiDinov2Config
 except ImportError:  # imported from the project itself (top-level modules)
-    from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
-
-
-# Attention implementations that cannot add an arbitrary (N, N) bias to the logits.
-_BIASLESS_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
-# Bias tensors kept per model: enough for the few resolutions a job alternates between, bounded for huge grids.
-_BIAS_CACHE_SIZE = 8
-
-
-def _axis_offsets(a: torch.Tensor, b: torch.Tensor, size: int, wrap: bool) -> torch.Tensor:
-    """|a - b| along one grid axis of `size` cells; on a torus with `wrap`."""
-    offsets = (a - b).abs()
-    return torch.minimum(offsets, size - offsets) if wrap else offsets
-
-
-def _wrap_offsets_(offsets: torch.Tensor, size: int) -> torch.Tensor:
-    """In place: offsets `0 <= d < size` along an axis -> `min(d, size - d)`, the offsets on a ring of `size` cells
-    (`size / 2 - |d - size / 2|`; exact for the small integers involved)."""
-    half = size / 2
-    return offsets.sub_(half).abs_().neg_().add_(half)
-
-
-def _combine_offsets(dy: torch.Tensor, dx: torch.Tensor, metric: str) -> torch.Tensor:
-    # sqrt of the sum of squares rather than `hypot`, which is no core ATen operator (exported programs keep it, for
-    # backends that may lack it); exact for these small integers.
-    return (dy * dy + dx * dx).sqrt() if metric == "euclidean" else dy + dx
-
-
-def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wrap: bool = True) -> float:
-    """The largest distance between two cells of a `height x width` grid (0 for a single cell). Symbolic sizes
-    (torch.compile with dynamic shapes, torch.export) give a symbolic result."""
-    dy, dx = (height // 2, width // 2) if wrap else (height - 1, width - 1)
-    return torch.sym_sqrt(dy * dy + dx * dx) if metric == "euclidean" else torch.sym_float(dy + dx)
-
-
-def normalizing_divisor(height: int, width: int, metric: str, wrap: bool) -> float:
-    """What normalisation divides the distances of a `height x width` grid by: the largest one, or 1 on a single
-    cell (whose only distance is 0). No branch on the grid size, which torch.export could not keep dynamic: two
-    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that."""
-    return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
-
-
-def _tracing() -> bool:
-    """Under torch.compile or torch.export: Python-side caches would become guards, one graph per image size."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def aligned_length(num_tokens: int) -> int:
-    """The smallest multiple of 8 above `num_tokens`: the row length of every bias tensor, so that its rows start at
-    aligned addresses as the fused SDPA kernels require. Always at least one column of padding: a bias that were a
-    plain contiguous tensor at some sizes and a strided view at others would make torch.compile guard on which, and
-    compile twice."""
-    return (num_tokens // 8 + 1) * 8
-
-
-def _token_grid_coordinates(token_index: torch.Tensor, num_prefix_tokens: int, width: int):
-    """Row, column (float32) and is-patch flag of tokens laid out as `[prefix tokens, patches in row-major order]`."""
-    patch_index = token_index - num_prefix_tokens
-    is_patch = patch_index >= 0
-    patch_index = patch_index.clamp(min=0)
-    return (patch_index // width).to(torch.float32), (patch_index % width).to(torch.float32), is_patch
-
-
-def alibi_distance_matrix(
-    height: int,
-    width: int,
-    metric: str = "euclidean",
-    wrap: bool = True,
-    normalize: bool = True,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Distances between the patches of a `height x width` grid, in row-major token order.
-
-    Returns:
-        `torch.FloatTensor` of shape `(height * width, height * width)`, float32. With `wrap`, distances are
-        measured on a torus; with `normalize` they are divided by the largest one, so they lie in [0, 1]. A grid
-        with no distinct positions (1 x 1) gives zeros.
-    """
-    if metric not in ("euclidean", "manhattan"):
-        raise ValueError(f"`metric` must be 'euclidean' or 'manhattan'; got {metric!r}.")
-    rows = torch.arange(height, device=device, dtype=torch.float32)
-    columns = torch.arange(width, device=device, dtype=torch.float32)
-    # Per-axis tables of shape (h, 1, h, 1) and (1, w, 1, w) broadcast to (h, w, h, w): one N x N allocation.
-    dy = _axis_offsets(rows[:, None, None, None], rows[None, None, :, None], height, wrap)
-    dx = _axis_offsets(columns[None, :, None, None], columns[None, None, None, :], width, wrap)
-    distance = _combine_offsets(dy, dx, metric).reshape(height * width, height * width)
-    if normalize:
-        distance.div_(normalizing_divisor(height, width, metric, wrap))
-    return distance
-
-
-def alibi_head_slopes(kind: str, num_heads: int) -> list[float]:
-    """Fixed per-head slopes: `"constant"` (all 1) or `"geometric"` (2^(-8 (i + 1) / heads), classic ALiBi)."""
-    if kind == "constant":
-        return [1.0] * num_heads
-    if kind == "geometric":
-        return [2.0 ** (-8.0 * (head + 1) / num_heads) for head in range(num_heads)]
-    raise ValueError(f"Fixed slopes are 'constant' or 'geometric'; got {kind!r}.")
-
-
-def merge_attention_masks(bias: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Combine an additive bias with an optional boolean (True = attend) or additive attention mask."""
-    if attention_mask is None:
-        return bias
-    if attention_mask.dtype == torch.bool:
-        return torch.where(attention_mask, bias, torch.finfo(bias.dtype).min)
-    return bias + attention_mask.to(bias.dtype)
-
-
-def query_dtype(hidden_states: torch.Tensor) -> torch.dtype:
-    """The dtype the attention queries will have: autocast's when it is on for this device (the projections cast
-    to it while the residual stream stays float32), else that of the hidden states. A bias in any other dtype is
-    copied at every call, and some fused kernels mishandle it."""
-    device_type = hidden_states.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return hidden_states.dtype
-
-
-def patch_tokens_to_map(hidden_state: torch.Tensor, num_prefix_tokens: int, height: int, width: int) -> torch.Tensor:
-    """Drop the CLS and register tokens and fold the patch tokens into a feature map.
-
-    Args:
-        hidden_state: `(batch_size, num_prefix_tokens + height * width, hidden_size)`.
-    Returns:
-        `(batch_size, hidden_size, height, width)`.
-    """
-    patch_tokens = hidden_state[:, num_prefix_tokens:]
-    batch_size, _, hidden_size = patch_tokens.shape
-    return patch_tokens.reshape(batch_size, height, width, hidden_size).permute(0, 3, 1, 2).contiguous()
-
-
-def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, patch_size: int) -> None:
-    """Raise a ValueError that names the problem and the fix for input the model cannot take."""
-    if pixel_values is None:
-        raise ValueError("`pixel_values` is required: a float tensor of shape (batch_size, channels, height, width).")
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"`pixel_values` must be a torch.Tensor; got {type(pixel_values).__name__}.")
-    if pixel_values.ndim != 4:
-        fix = " Add the batch dimension with `pixel_values.unsqueeze(0)`." if pixel_values.ndim == 3 else ""
-        raise ValueError(
-            f"`pixel_values` must have shape (batch_size, channels, height, width); got a {pixel_values.ndim}-D "
-            f"tensor of shape {tuple(pixel_values.shape)}.{fix}"
-        )
-    channels, height, width = pixel_values.shape[1:]
-    if channels != num_channels:
-        fix = " Repeat a grayscale image to 3 channels, e.g. `pixel_values.expand(-1, 3, -1, -1)`." if channels == 1 else ""
-        raise ValueError(
-            f"`pixel_values` has {channels} channels but the model expects {num_channels} "
-            f"(shape {tuple(pixel_values.shape)}).{fix}"
-        )
-    if height < patch_size or width < patch_size:
-        raise ValueError(
-            f"The image ({height} x {width} px) is smaller than one {patch_size} x {patch_size} patch. "
-            f"Resize or pad it to at least {patch_size} px per side."
-        )
+    from alibi_attention import (
+        AlibiAttentionMixin,
+        AlibiPositionBias,
+        check_pixel_values,
+        layer_attention_arguments,
+        patch_tokens_to_map,
+    )
+    from configuration_alibi_dinov2 import AlibiDinov2Config
 
 
 def _patch_size_of(config: AlibiDinov2Config) -> tuple[int, int]:
@@ -273,331 +131,6 @@ class AlibiDinov2Embeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-class AlibiDinov2PositionBias(nn.Module):
-    """The 2D ALiBi bias added to the attention logits.
-
-    For patch tokens i, j the bias is `-m_head * d(i, j)` with `d` from [`alibi_distance_matrix`]; rows and
-    columns of the CLS and register tokens are 0. Fixed slopes ("constant", "geometric") give one bias for every
-    layer, built once per (grid, device, dtype) and cached: shape `(1, 1, N, N)` when all heads share the slope,
-    `(1, heads, N, N)` otherwise, broadcast over the batch, never expanded in memory, its rows padded to a
-    multiple of 8 elements so that fused kernels take it without a copy. Learned slopes (`slopes` parameter of
-    shape `(layers, heads)`) give one bias per layer, from a cached distance matrix.
-
-    Under torch.compile and torch.export nothing is cached: the bias is computed inside the graph from the grid
-    size (elementwise work, cheap next to the attention), so one graph with dynamic shapes serves every image size
-    instead of a guard on the cache per size.
-
-    The streamed attention paths never build the `N x N` bias: `alibi_chunked` asks for blocks of rows
-    ([`~AlibiDinov2PositionBias.rows`]), `alibi_flex` for a FlexAttention `score_mod`
-    ([`~AlibiDinov2PositionBias.score_mod`]).
-    """
-
-    def __init__(self, config: AlibiDinov2Config) -> None:
-        super().__init__()
-        self.metric = config.alibi_metric
-        self.wrap = config.alibi_wrap
-        self.normalize = config.alibi_normalize
-        self.jitter = config.alibi_jitter
-        self.num_prefix_tokens = 1 + config.num_register_tokens
-        self.num_heads = config.num_attention_heads
-        if config.alibi_slopes == "learned":
-            self.slopes = nn.Parameter(torch.empty(config.num_hidden_layers, config.num_attention_heads))
-            self.fixed_slopes = None
-        else:
-            self.slopes = None
-            # Python floats, not tensors: models are built on the meta device when loaded.
-            self.fixed_slopes = alibi_head_slopes(config.alibi_slopes, config.num_attention_heads)
-        self._cache: OrderedDict = OrderedDict()
-
-    @property
-    def shared_slope(self) -> float | None:
-        """The slope of every head when they all share one fixed slope, else None."""
-        if self.fixed_slopes is not None and len(set(self.fixed_slopes)) == 1:
-            return self.fixed_slopes[0]
-        return None
-
-    def head_slopes(self, layer_index: int, device) -> torch.Tensor:
-        """Slopes of the heads of one layer, `(heads,)` float32."""
-        if self.slopes is not None:
-            return self.slopes[layer_index].to(device=device, dtype=torch.float32)
-        # Made once per device: a copy from host memory at every layer would stall the GPU queue each time.
-        return self._cached(
-            ("slopes", torch.device(device)),
-            lambda: torch.tensor(self.fixed_slopes, device=device, dtype=torch.float32),
-        )
-
-    def _scale(self, distance: torch.Tensor, layer_index: int) -> torch.Tensor:
-        """`(rows, N)` distances -> `(1, 1 or heads, rows, N)` float32 bias."""
-        slope = self.shared_slope
-        if slope is not None:
-            return (distance * -slope)[None, None]
-        return -self.head_slopes(layer_index, distance.device)[None, :, None, None] * distance[None, None]
-
-    def _cached(self, key: tuple, build) -> torch.Tensor:
-        if _tracing():
-            return build()
-        # Single dictionary operations only, each atomic: threads sharing the model may evict each other's entries.
-        value = self._cache.get(key)
-        if value is not None:
-            try:
-                self._cache.move_to_end(key)
-            except KeyError:  # evicted meanwhile by another thread
-                pass
-            return value
-        # Built outside inference mode so that a bias first made for inference can later be used in training.
-        with torch.inference_mode(False), torch.no_grad():
-            value = build()
-        self._cache[key] = value
-        while len(self._cache) > _BIAS_CACHE_SIZE:
-            try:
-                self._cache.popitem(last=False)
-            except KeyError:  # emptied meanwhile by another thread
-                break
-        return value
-
-    def _padded_distance(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """`(N, aligned N)` float32 distances, N = prefix + h * w: zero in the rows and columns of the prefix tokens
-        and in the alignment columns."""
-        prefix = self.num_prefix_tokens
-        num_tokens = prefix + height * width
-        padded = torch.zeros(num_tokens, aligned_length(num_tokens), device=device)
-        padded[prefix:, prefix:num_tokens] = alibi_distance_matrix(
-            height, width, self.metric, self.wrap, self.normalize, device=device
-        )
-        return padded
-
-    def _fixed_bias(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`(1, 1 or heads, N, N)` bias of the fixed slopes in `dtype`, a view of aligned rows."""
-        distance = self._padded_distance(height, width, device)
-        return self._scale(distance, 0).to(dtype)[..., : distance.shape[0]]
-
-    def _with_jitter(self, bias: torch.Tensor) -> torch.Tensor:
-        """`bias` plus Gaussian noise of standard deviation `alibi_jitter`, again a view of aligned rows (an
-        out-of-place sum of such a view would be allocated unaligned)."""
-        columns = bias.shape[-1]
-        noise = torch.randn(*bias.shape[:-1], aligned_length(columns), dtype=bias.dtype, device=bias.device)
-        return noise[..., :columns].mul_(self.jitter).add_(bias)
-
-    def grid_bias(self, grid_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """What every layer's bias on a `grid_size = (h, w)` patch grid starts from, made once per forward pass (and
-        cached outside compilation): the bias itself for fixed slopes, `(1, 1 or heads, N, N)` in `dtype`; the
-        distances for learned slopes, `(N, aligned N)` float32."""
-        height, width = grid_size
-        if self.slopes is None:
-            key = ("bias", height, width, torch.device(device), dtype)
-            return self._cached(key, lambda: self._fixed_bias(height, width, device, dtype))
-        key = ("distance", height, width, torch.device(device))
-        return self._cached(key, lambda: self._padded_distance(height, width, device))
-
-    def layer_bias(self, grid_bias: torch.Tensor, layer_index: int, dtype: torch.dtype) -> torch.Tensor:
-        """Bias of layer `layer_index` from [`~AlibiDinov2PositionBias.grid_bias`]: `(1, 1 or heads, N, N)` in
-        `dtype`, a view of rows padded to a multiple of 8 elements."""
-        bias = grid_bias
-        if self.slopes is not None:
-            # Scaled at full width, then sliced: the view keeps the aligned rows.
-            bias = self._scale(grid_bias, layer_index).to(dtype)[..., : grid_bias.shape[0]]
-        return self._with_jitter(bias) if self.jitter > 0 else bias
-
-    def forward(
-        self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """Bias for layer `layer_index` on a `grid_size = (h, w)` patch grid: `(1, 1 or heads, N, N)` in `dtype`,
-        a view of rows padded to a multiple of 8 elements."""
-        return self.layer_bias(self.grid_bias(grid_size, dtype, device), layer_index, dtype)
-
-    def rows(
-        self,
-        grid_size: tuple[int, int],
-        layer_index: int,
-        start: int,
-        stop: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`
-        (a view of rows padded to a multiple of 8 elements), computed from token coordinates without the `N x N`
-        matrix."""
-        height, width = grid_size
-        prefix = self.num_prefix_tokens
-        num_tokens = prefix + height * width
-        query_y, query_x, _ = _token_grid_coordinates(torch.arange(start, stop, device=device), prefix, width)
-        key_index = torch.arange(aligned_length(num_tokens), device=device)
-        key_y, key_x, _ = _token_grid_coordinates(key_index, prefix, width)
-        # In place wherever possible: two (rows, N) temporaries per block instead of a dozen, which keeps both the
-        # memory traffic and the allocator's churn (freed blocks glibc keeps resident) down on large grids.
-        distance = (query_y[:, None] - key_y[None, :]).abs_()
-        dx = (query_x[:, None] - key_x[None, :]).abs_()
-        if self.wrap:
-            _wrap_offsets_(distance, height)
-            _wrap_offsets_(dx, width)
-        if self.metric == "euclidean":
-            distance = distance.square_().add_(dx.square_()).sqrt_()
-        else:
-            distance = distance.add_(dx)
-        del dx
-        if self.normalize:
-            distance.div_(normalizing_divisor(height, width, self.metric, self.wrap))
-        # CLS and register rows and columns, and the alignment columns (sliced off below): no bias.
-        distance[: max(0, prefix - start)] = 0
-        distance[:, :prefix] = 0
-        distance[:, num_tokens:] = 0
-        slope = self.shared_slope
-        bias = distance.mul_(-slope)[None, None] if slope is not None else self._scale(distance, layer_index)
-        bias = bias.to(dtype)[..., :num_tokens]
-        return self._with_jitter(bias) if self.jitter > 0 else bias
-
-    def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
-        """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
-        if self.jitter > 0:
-            raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
-        height, width = grid_size
-        prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
-        scale = 1.0 / normalizing_divisor(height, width, metric, wrap) if self.normalize else 1.0
-        slopes = self.head_slopes(layer_index, device) * scale
-
-        def add_alibi_bias(score, batch_index, head_index, query_index, key_index):
-            query_y, query_x, query_is_patch = _token_grid_coordinates(query_index, prefix, width)
-            key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, prefix, width)
-            distance = _combine_offsets(
-                _axis_offsets(query_y, key_y, height, wrap), _axis_offsets(query_x, key_x, width, wrap), metric
-            )
-            bias = torch.where(query_is_patch & key_is_patch, -slopes[head_index] * distance, 0.0)
-            return score + bias.to(score.dtype)
-
-        return add_alibi_bias
-
-
-def alibi_query_block_size(num_tokens: int, num_heads: int, max_chunk_size: int, memory_mb: float) -> int:
-    """Queries per block of the chunked path: at most `max_chunk_size`, and few enough that one block's scores
-    (per head) and bias rows (with their distance temporaries), float32, fit in `memory_mb`."""
-    bytes_per_query = num_tokens * (num_heads + 4) * 4
-    return int(max(1, min(max_chunk_size, num_tokens, memory_mb * 2**20 // bytes_per_query)))
-
-
-def alibi_chunked_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    alibi: AlibiDinov2PositionBias | None = None,
-    alibi_grid_size: tuple[int, int] | None = None,
-    alibi_layer_index: int = 0,
-    alibi_query_chunk_size: int = ALIBI_RUNTIME_DEFAULTS["alibi_query_chunk_size"],
-    alibi_chunk_memory_mb: float = ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"],
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Exact attention with the ALiBi bias, one block of queries at a time (`attn_implementation="alibi_chunked"`).
-
-    Each block of queries (`alibi_query_chunk_size` at most, fewer when a block's scores would exceed
-    `alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the token
-    count instead of quadratically; no compilation is involved.
-
-    Args:
-        query, key, value: `(batch_size, heads, N, head_dim)`.
-    Returns:
-        `(batch_size, N, heads, head_dim)` and no attention weights.
-    """
-    num_tokens = query.shape[2]
-    chunk_size = alibi_query_block_size(num_tokens, query.shape[1], alibi_query_chunk_size, alibi_chunk_memory_mb)
-    outputs = []
-    for start in range(0, num_tokens, chunk_size):
-        stop = min(start + chunk_size, num_tokens)
-        mask = None if attention_mask is None else attention_mask[..., start:stop, :]
-        if alibi is not None:
-            bias = alibi.rows(alibi_grid_size, alibi_layer_index, start, stop, query.dtype, query.device)
-            mask = merge_attention_masks(bias, mask)
-        outputs.append(
-            nn.functional.scaled_dot_product_attention(
-                query[:, :, start:stop], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-            )
-        )
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-_compiled_flex_attention = None
-
-
-def compile_flex_attention(backend="inductor"):
-    """`flex_attention` compiled for the ALiBi `score_mod`. Shapes are left to torch.compile's automatic dynamic mode:
-    a static compile (`dynamic=False`) recompiles for every new image size and, past dynamo's recompile limit (8
-    sizes), silently falls back to the unfused form that materialises all `N x N` scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, backend=backend)
-
-
-def _flex_attention_kernel(device: torch.device):
-    """FlexAttention, compiled into a fused kernel on GPUs. On CPU the uncompiled form materialises the scores
-    (correct, for checks); `alibi_chunked` is the bounded-memory path there."""
-    global _compiled_flex_attention
-    if device.type == "cpu":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = compile_flex_attention()
-    return _compiled_flex_attention
-
-
-def alibi_flex_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    alibi: AlibiDinov2PositionBias | None = None,
-    alibi_grid_size: tuple[int, int] | None = None,
-    alibi_layer_index: int = 0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention through FlexAttention with the ALiBi bias computed inside the kernel from token indices
-    (`attn_implementation="alibi_flex"`): no `N x N` tensor at all.
-
-    Args:
-        query, key, value: `(batch_size, heads, N, head_dim)`.
-    Returns:
-        `(batch_size, N, heads, head_dim)` and no attention weights.
-    """
-    if dropout > 0:
-        raise ValueError('attn_implementation="alibi_flex" does not support attention dropout; use "alibi_chunked".')
-    if attention_mask is not None:
-        raise ValueError('attn_implementation="alibi_flex" takes no attention_mask; use "alibi_chunked" or "sdpa".')
-    score_mod = None
-    if alibi is not None:
-        score_mod = alibi.score_mod(alibi_grid_size, alibi_layer_index, query.device)
-    output = _flex_attention_kernel(query.device)(query, key, value, score_mod=score_mod, scale=scaling)
-    return output.transpose(1, 2).contiguous(), None
-
-
-# Streamed paths: registered with transformers' attention interface, so `attn_implementation` selects them.
-STREAMED_ATTENTION = {"alibi_chunked": alibi_chunked_attention_forward, "alibi_flex": alibi_flex_attention_forward}
-for _name, _function in STREAMED_ATTENTION.items():
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)
-
-
-def _check_attention_takes_bias(attn_implementation: str | None) -> None:
-    if attn_implementation in _BIASLESS_ATTENTION:
-        raise ValueError(
-            f'attn_implementation="{attn_implementation}" cannot add the 2D ALiBi bias to the attention logits. '
-            'Use attn_implementation="sdpa" (default, fused) or "eager"; for long inputs "alibi_chunked" (memory '
-            'linear in the token count) or "alibi_flex" (FlexAttention with the bias computed in the kernel); or set '
-            '`use_alibi=False` in the config.'
-        )
-
-
-def _runtime_option(name: str, value: float) -> float:
-    """A memory option of the attention, checked: the token bound may be 0 (stream every input), the others > 0."""
-    if name == "alibi_dense_max_tokens" and not value >= 0:
-        raise ValueError(f"`{name}` must be >= 0 (0 streams every input); got {value}.")
-    if name != "alibi_dense_max_tokens" and not value > 0:
-        raise ValueError(f"`{name}` must be positive; got {value}.")
-    return value
 
 
 class AlibiDinov2Attention(Dinov2WithRegistersAttention):
@@ -643,22 +176,15 @@ class AlibiDinov2Layer(Dinov2WithRegistersLayer):
         self.attention = AlibiDinov2Attention(config)
 
 
-class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
-    """Weight initialisation, attention-implementation checks and the shared embed-and-encode step."""
+class AlibiDinov2PreTrainedModel(AlibiAttentionMixin, Dinov2WithRegistersPreTrainedModel):
+    """Weight initialisation and the shared embed-and-encode step; the attention's options, checks and per-call path
+    come from [`AlibiAttentionMixin`]."""
 
     config_class = AlibiDinov2Config
     config: AlibiDinov2Config
     base_model_prefix = "alibi_dinov2"
     _no_split_modules = ["AlibiDinov2Embeddings", "AlibiDinov2Layer"]
     _can_compile_fullgraph = True  # under compilation the bias is computed in the graph, the cache left alone
-
-    def __init__(self, config: AlibiDinov2Config, *inputs, **kwargs) -> None:
-        # The attention's memory options (`ALIBI_RUNTIME_DEFAULTS`): keyword arguments of the constructor and of
-        # `from_pretrained`, kept as attributes of the model, and overridable per call.
-        options = {name: kwargs.pop(name, default) for name, default in ALIBI_RUNTIME_DEFAULTS.items()}
-        super().__init__(config, *inputs, **kwargs)
-        for name, value in options.items():
-            setattr(self, name, _runtime_option(name, value))
 
     @torch.no_grad()
     def _init_weights(self, module) -> None:
@@ -670,46 +196,8 @@ class AlibiDinov2PreTrainedModel(Dinov2WithRegistersPreTrainedModel):
                 init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             if module.register_tokens is not None:
                 init.zeros_(module.register_tokens)
-        if isinstance(module, AlibiDinov2PositionBias) and module.slopes is not None:
+        if isinstance(module, AlibiPositionBias) and module.slopes is not None:
             init.uniform_(module.slopes, 0.0, 1.0)
-
-    def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
-        if self.config.use_alibi:
-            _check_attention_takes_bias(f"flash_attention_{flash_attn_version}")
-        return super()._flash_attn_can_dispatch(flash_attn_version, is_init_check=is_init_check)
-
-    def _flex_attn_can_dispatch(self, is_init_check: bool = False) -> bool:
-        if self.config.use_alibi:
-            _check_attention_takes_bias("flex_attention")
-        return super()._flex_attn_can_dispatch(is_init_check=is_init_check)
-
-    def _attention_plan(self, num_tokens: int, kwargs: dict) -> dict:
-        """The attention of one call: pops the per-call options from `kwargs` and returns the encoder's keyword
-        arguments, `attn_implementation` included. Nothing is written to the model or its config."""
-        options = {}
-        for name in ALIBI_RUNTIME_DEFAULTS:
-            value = kwargs.pop(name, None)
-            options[name] = getattr(self, name) if value is None else _runtime_option(name, value)
-        implementation = kwargs.pop("attn_implementation", None)
-        if implementation is not None and implementation not in STREAMED_ATTENTION:
-            raise ValueError(
-                f"Per call, `attn_implementation` picks one of the streamed paths {tuple(STREAMED_ATTENTION)}; got "
-                f"{implementation!r}. Set the model's own with `model.set_attn_implementation({implementation!r})`."
-            )
-        implementation = implementation or self.config._attn_implementation
-        if self.config.use_alibi:
-            _check_attention_takes_bias(implementation)
-        if (
-            self.config.use_alibi
-            and implementation in ("sdpa", "eager")
-            and num_tokens > options["alibi_dense_max_tokens"]
-            and not kwargs.get("output_attentions", self.config.output_attentions)
-        ):
-            implementation = "alibi_chunked"  # a dense bias this large would dominate memory: stream it
-        plan = {"attn_implementation": implementation}
-        if implementation == "alibi_chunked":
-            plan.update((name, options[name]) for name in ("alibi_query_chunk_size", "alibi_chunk_memory_mb"))
-        return plan
 
     def _embed_and_encode(
         self,
@@ -739,7 +227,7 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
     def __init__(self, config: AlibiDinov2Config) -> None:
         super().__init__(config)
         self.layer = nn.ModuleList([AlibiDinov2Layer(config) for _ in range(config.num_hidden_layers)])
-        self.alibi = AlibiDinov2PositionBias(config) if config.use_alibi else None
+        self.alibi = AlibiPositionBias(config) if config.use_alibi else None
         self.post_init()
 
     @merge_with_config_defaults
@@ -761,20 +249,11 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
                 paths take their options (`alibi_query_chunk_size`, ...) from `kwargs`.
         """
         attn_implementation = attn_implementation or self.config._attn_implementation
-        streamed = attn_implementation in STREAMED_ATTENTION
         kwargs["attn_implementation"] = attn_implementation
-        # Every layer's queries share one dtype and device (the residual stream keeps its dtype across layers).
-        bias_dtype = query_dtype(hidden_states)
-        if self.alibi is not None and not streamed:
-            grid_bias = self.alibi.grid_bias(grid_size, bias_dtype, hidden_states.device)
-        for layer_index, layer_module in enumerate(self.layer):
-            layer_mask, alibi_kwargs = attention_mask, {}
-            if streamed:
-                # The attention function computes the bias itself, from the grid geometry.
-                alibi_kwargs = dict(alibi=self.alibi, alibi_grid_size=grid_size, alibi_layer_index=layer_index)
-            elif self.alibi is not None:
-                bias = self.alibi.layer_bias(grid_bias, layer_index, bias_dtype)
-                layer_mask = merge_attention_masks(bias, attention_mask)
+        layer_arguments = layer_attention_arguments(
+            self.alibi, grid_size, hidden_states, attention_mask, attn_implementation, len(self.layer)
+        )
+        for layer_module, (layer_mask, alibi_kwargs) in zip(self.layer, layer_arguments):
             hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
@@ -905,11 +384,4 @@ AutoModel.register(AlibiDinov2Config, AlibiDinov2Model, exist_ok=True)
 AutoBackbone.register(AlibiDinov2Config, AlibiDinov2Backbone, exist_ok=True)
 
 
-__all__ = [
-    "AlibiDinov2Backbone",
-    "AlibiDinov2Model",
-    "AlibiDinov2PreTrainedModel",
-    "alibi_distance_matrix",
-    "alibi_query_block_size",
-    "patch_tokens_to_map",
-]
+__all__ = ["AlibiDinov2Backbone", "AlibiDinov2Model", "AlibiDinov2PreTrainedModel"]

@@ -50,6 +50,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     py_modules=[
+        "alibi_attention",
         "configuration_alibi_dinov2",
         "modeling_alibi_dinov2",
         "convert_checkpoint",

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from modeling_alibi_dinov2 import AlibiDinov2PositionBias, alibi_distance_matrix
+from alibi_attention import AlibiPositionBias, alibi_distance_matrix
 
 
 def position_bias(grid, num_register_tokens=0, layer_index=0, dtype=torch.float32, **options):
     config = AlibiDinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_register_tokens=num_register_tokens, **options
     )
-    module = AlibiDinov2PositionBias(config)
+    module = AlibiPositionBias(config)
     if module.slopes is not None:
         torch.nn.init.uniform_(module.slopes, 0.0, 1.0)
     return module, module(grid, layer_index, dtype=dtype, device=torch.device("cpu"))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from modeling_alibi_dinov2 import AlibiDinov2Model, compile_flex_attention
+from alibi_attention import compile_flex_attention
+from modeling_alibi_dinov2 import AlibiDinov2Model
 
 from conftest import REPO_ROOT
 
@@ -237,11 +238,11 @@ def test_compiled_flex_path_stops_recompiling_for_new_image_sizes(tiny_kwargs, m
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    import modeling_alibi_dinov2
+    import alibi_attention
 
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
-    monkeypatch.setattr(modeling_alibi_dinov2, "_flex_attention_kernel", lambda device: compile_flex_attention(counter))
+    monkeypatch.setattr(alibi_attention, "_flex_attention_kernel", lambda device: compile_flex_attention(counter))
     model = alibi_model(tiny_kwargs, alibi_slopes="learned")
     # Token count, batch size and grid width change once each; dynamo specialises a size of 1, so batch sizes 1
     # and >1 keep a graph each.
@@ -268,10 +269,10 @@ def test_inductor_compiles_the_alibi_score_mod(tiny_kwargs, monkeypatch, dtype, 
     into a fused kernel, here its CPU backend, and matches the dense path."""
     import torch._dynamo
 
-    import modeling_alibi_dinov2
+    import alibi_attention
 
     torch._dynamo.reset()
-    monkeypatch.setattr(modeling_alibi_dinov2, "_flex_attention_kernel", lambda device: compile_flex_attention())
+    monkeypatch.setattr(alibi_attention, "_flex_attention_kernel", lambda device: compile_flex_attention())
     model = alibi_model(tiny_kwargs, alibi_slopes="geometric").to(dtype)
     pixel_values = torch.randn(1, 3, 56, 42, generator=torch.Generator().manual_seed(1)).to(dtype)
     try:

@@ -11,7 +11,8 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.feature_extraction import image_to_pixel_values
 from evaluation.large_image_features import extract_feature_map
-from modeling_alibi_dinov2 import AlibiDinov2Model, alibi_query_block_size
+from alibi_attention import alibi_query_block_size
+from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
 @pytest.fixture

@@ -26,7 +26,9 @@ def saved_model(tmp_path, tiny_kwargs):
 
 def test_save_pretrained_writes_auto_map_and_both_model_files(saved_model):
     files = sorted(os.listdir(saved_model))
-    assert files == ["config.json", "configuration_alibi_dinov2.py", "model.safetensors", "modeling_alibi_dinov2.py"]
+    assert files == [
+        "alibi_attention.py", "config.json", "configuration_alibi_dinov2.py", "model.safetensors", "modeling_alibi_dinov2.py"
+    ]
     config = json.loads((saved_model / "config.json").read_text())
     assert config["model_type"] == "alibi_dinov2"
     assert config["architectures"] == ["AlibiDinov2Model"]
