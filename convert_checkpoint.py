@@ -1,25 +1,31 @@
-"""Retrofit a DINOv2 checkpoint into a ready-to-publish ALiBi-DINOv2 folder.
+"""Retrofit a DINOv2 or DINOv3 checkpoint into a ready-to-publish ALiBi-DINOv2 / ALiBi-DINOv3 folder.
 
 Sources (detected from the path and its keys; `--source_format` overrides):
 
-- `hf`: a transformers `Dinov2Model` / `Dinov2WithRegistersModel` (Hub id such as `facebook/dinov2-small`, or a
-  local folder), or a folder saved by this project;
-- `meta`: a Meta torch-hub state dict (`dinov2_vits14_pretrain.pth`, `dinov2_vits14_reg4_pretrain.pth`, ...);
+- `hf`: a transformers `Dinov2Model` / `Dinov2WithRegistersModel` / `DINOv3ViTModel` (Hub id such as
+  `facebook/dinov2-small` or `facebook/dinov3-vits16plus-pretrain-lvd1689m`, or a local folder), or a folder saved
+  by this project;
+- `meta`: a Meta torch-hub DINOv2 state dict (`dinov2_vits14_pretrain.pth`, `dinov2_vits14_reg4_pretrain.pth`, ...);
 - `timm`: a timm VisionTransformer state dict, such as the reference ALiBi / NoPE checkpoints (keys bare or
-  prefixed by `model.` or `vit.`; learned ALiBi slopes `blocks.N.attn.m` are loaded when present).
+  prefixed by `model.` or `vit.`; learned ALiBi slopes `blocks.N.attn.m` are loaded when present);
+- `dinov3`: a state dict in Meta's dinov3 layout (`storage_tokens`, `rope_embed.periods`, masked key bias), or the
+  reference ALiBi-DINOv3 checkpoint, the same layout without `rope_embed.periods` (keys bare or prefixed by
+  `model.` or `backbone.`).
 
 A `.pth` may be named by URL (see `evaluation.remote_files`): `hf://OWNER/REPO/FILE` or a Hub file URL
 (`https://huggingface.co/OWNER/REPO/resolve/REV/FILE`, `.../blob/REV/FILE`), fetched into the Hub cache at `--revision`,
 or a plain `https://` URL, downloaded once into torch.hub's cache and checked against `--sha256` when given. Offline
 (`HF_HUB_OFFLINE=1`) only cached files are read.
 
-Variants: `alibi` (learned position embedding dropped, ALiBi on), `nope` (neither), `keep-pe` (the source's own
-position scheme, reproducing its outputs: for parity checks).
+Variants: `alibi` (learned position embedding or RoPE dropped, ALiBi on), `nope` (neither), `keep-pe` (the source's
+own position scheme, reproducing its outputs: for parity checks).
 
     python convert_checkpoint.py facebook/dinov2-with-registers-small out/alibi-dinov2-small
     python convert_checkpoint.py dinov2_vits14_reg4_pretrain.pth out/nope --variant nope
     python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push_to_hub me/alibi-dinov2-small
     python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv2_vits14_reg4.pth out/alibi-coco
+    python convert_checkpoint.py facebook/dinov3-vits16plus-pretrain-lvd1689m out/alibi-dinov3-small-plus
+    python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv3_vits16_plus_reg4.pth out/alibi-dinov3-coco
 
 `.pth` files are read with `torch.load(..., weights_only=True)` only and never modified.
 """
@@ -43,13 +49,16 @@ from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
 DEFAULT_SOURCE = "facebook/dinov2-with-registers-small"
-SOURCE_FORMATS = ("auto", "hf", "meta", "timm")
+SOURCE_FORMATS = ("auto", "hf", "meta", "timm", "dinov3")
 VARIANTS = ("alibi", "nope", "keep-pe")
-POSITION_SCHEMES = ("auto", "learned", "alibi", "nope")
+# How a checkpoint encodes positions: a learned absolute embedding (DINOv2) or RoPE (DINOv3), the ALiBi bias, both
+# ("learned+alibi", "rope+alibi"), or nothing. `--source_position` names one of the single ones.
+POSITION_SCHEMES = ("auto", "learned", "rope", "alibi", "nope")
 PAPER_ARXIV_ID = "2603.16840"
-# Every DINOv2 size uses 64-dimensional heads; Meta and timm state dicts do not store the head count.
+# Every DINOv2 size and all DINOv3 sizes but ViT-7B use 64-dimensional heads; Meta and timm state dicts do not store
+# the head count (a dinov3 state dict with RoPE does: `rope_embed.periods` holds head_dim / 4 periods).
 DINOV2_HEAD_DIM = 64
-TIMM_PREFIXES = ("model.", "vit.")
+KEY_PREFIXES = ("model.", "vit.", "backbone.")
 EVALUATION_START, EVALUATION_END = "<!-- evaluation-table:start -->", "<!-- evaluation-table:end -->"
 # What a card calls the model until it knows its Hub repository.
 FOLDER_PLACEHOLDER = "path/to/this/folder"
@@ -59,9 +68,10 @@ FOLDER_PLACEHOLDER = "path/to/this/folder"
 class SourceCheckpoint:
     """A checkpoint read into this project's parameter names.
 
-    `state_dict` uses `AlibiDinov2Model`'s keys; `architecture` holds the `AlibiDinov2Config` fields it implies;
-    `position_scheme` is how the source encodes positions ("learned", "alibi" or "nope"); `alibi_options` the
-    ALiBi settings of an ALiBi source.
+    `family` is "dinov2" or "dinov3"; `state_dict` uses the keys of that family's model (`AlibiDinov2Model`, or
+    `AlibiDinov3Model`, whose keys are transformers' `DINOv3ViTModel`'s); `architecture` holds the configuration
+    fields it implies; `position_scheme` is how the source encodes positions ("learned", "rope", "alibi",
+    "learned+alibi", "rope+alibi" or "nope"); `alibi_options` the ALiBi settings of an ALiBi source.
     """
 
     state_dict: dict
@@ -70,6 +80,7 @@ class SourceCheckpoint:
     position_scheme: str
     name: str
     alibi_options: dict = field(default_factory=dict)
+    family: str = "dinov2"
 
 
 class CheckpointKeyError(ValueError):
@@ -108,24 +119,34 @@ def read_state_dict_file(path) -> dict:
     return state_dict
 
 
-def strip_prefix(state_dict: dict, prefixes=TIMM_PREFIXES) -> dict:
-    """Drop a `model.` or `vit.` prefix carried by every key."""
-    for prefix in prefixes:
-        if state_dict and all(key.startswith(prefix) for key in state_dict):
-            return {key[len(prefix) :]: value for key, value in state_dict.items()}
+def strip_prefix(state_dict: dict, prefixes=KEY_PREFIXES) -> dict:
+    """Drop the `model.`, `vit.` or `backbone.` prefixes carried by every key (`model.backbone.` too)."""
+    stripped = True
+    while stripped and state_dict:
+        stripped = False
+        for prefix in prefixes:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+                stripped = True
     return state_dict
 
 
+# Keys only Meta's dinov3 layout has; a dinov3 state dict without any of them (an ALiBi file with no registers and a
+# plain MLP) still differs from a DINOv2 one by its mask token without a position embedding.
+DINOV3_ONLY_KEYS = {"storage_tokens", "rope_embed.periods", "blocks.0.attn.qkv.bias_mask", "blocks.0.mlp.w1.weight"}
+
+
 def detect_format(source, state_dict: dict | None = None) -> str:
-    """`hf` for a Hub id or a transformers folder; `meta` or `timm` for a state-dict file, told apart by its keys
-    (timm calls the registers `reg_token` and has no mask token)."""
+    """`hf` for a Hub id or a transformers folder; `meta`, `timm` or `dinov3` for a state-dict file, told apart by
+    its keys (timm calls the registers `reg_token` and has no mask token; dinov3 calls them `storage_tokens` and has
+    no learned position embedding)."""
     if state_dict is None and not _is_checkpoint_file(source):
         return "hf"
     keys = set(strip_prefix(state_dict if state_dict is not None else read_state_dict_file(source)))
-    if {"storage_tokens", "rope_embed.periods"} & keys:
-        raise InputError(f"{source} is a DINOv3 checkpoint (storage tokens, RoPE); this converter builds DINOv2 models")
     if "blocks.0.attn.qkv.weight" not in keys:
-        raise ValueError(f"{source} is not a DINOv2 ViT state dict (no `blocks.0.attn.qkv.weight`).")
+        raise ValueError(f"{source} is not a DINOv2 or DINOv3 ViT state dict (no `blocks.0.attn.qkv.weight`).")
+    if DINOV3_ONLY_KEYS & keys or ("mask_token" in keys and "pos_embed" not in keys):
+        return "dinov3"
     if "reg_token" in keys or "mask_token" not in keys:
         return "timm"
     return "meta"
@@ -229,45 +250,207 @@ def convert_vit_state_dict(state_dict: dict, source_format: str, num_heads: int 
     return converted, architecture
 
 
-def _position_scheme(state_dict: dict, name: str, requested: str) -> str:
+# Meta dinov3 names -> transformers `DINOv3ViTModel` names, for tensors copied as they are.
+DINOV3_RENAMES = (
+    (r"cls_token", r"embeddings.cls_token"),
+    (r"storage_tokens", r"embeddings.register_tokens"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
+    (r"norm\.(weight|bias)", r"norm.\1"),
+    (r"blocks\.(\d+)\.(norm[12])\.(weight|bias)", r"model.layer.\1.\2.\3"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
+    (r"blocks\.(\d+)\.ls([12])\.gamma", r"model.layer.\1.layer_scale\2.lambda1"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
+    # SwiGLU: down(silu(w1 x) * w2 x)
+    (r"blocks\.(\d+)\.mlp\.w1\.(weight|bias)", r"model.layer.\1.mlp.gate_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.w2\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
+)
+DINOV3_LAYER_NORM_EPS = 1e-5
+DINOV3_ROPE_THETA = 100.0
+
+
+def rope_theta_of_periods(periods: torch.Tensor, head_dim: int) -> float:
+    """The RoPE base behind Meta's `rope_embed.periods` (`theta ** (4 i / head_dim)` for i < head_dim / 4), the one
+    form transformers' DINOv3 computes; periods of another form (Meta's min / max periods) raise
+    `CheckpointKeyError`."""
+    if periods.numel() * 4 != head_dim:
+        raise CheckpointKeyError(
+            f"`rope_embed.periods` holds {periods.numel()} periods, but {head_dim}-dimensional heads need "
+            f"{head_dim // 4}: give the right --num_heads (hidden size / head size)."
+        )
+    exponents = torch.arange(periods.numel(), dtype=torch.float64) * 4 / head_dim
+    if periods.numel() < 2:
+        return DINOV3_ROPE_THETA
+    log_periods = periods.double().log()
+    theta = float(torch.exp((exponents * log_periods).sum() / exponents.pow(2).sum()))
+    if not torch.allclose(log_periods, exponents * math.log(theta), atol=1e-4, rtol=0):
+        raise CheckpointKeyError(
+            "`rope_embed.periods` are not theta ** (4 i / head_dim) (periods set by a minimum and maximum?): "
+            "transformers' DINOv3 computes RoPE from a base `rope_theta` only, so this RoPE cannot be kept; "
+            "convert with --variant alibi or nope."
+        )
+    return float(f"{theta:.6g}")
+
+
+def _key_bias_masked(bias_mask: torch.Tensor, name: str) -> bool:
+    """Whether Meta's `bias_mask` (1 on the query and value thirds) zeroes the key third of the qkv bias."""
+    query, key, value = bias_mask.chunk(3)
+    if not (bool((query == 1).all()) and bool((value == 1).all()) and set(key.unique().tolist()) in ({0.0}, {1.0})):
+        raise CheckpointKeyError(
+            f"`{name}` must hold 1 on its query and value thirds and one value, 0 (masked) or 1, on its key third: "
+            "the checkpoint is not in Meta's dinov3 layout."
+        )
+    return bool((key == 0).all())
+
+
+def _dinov3_architecture(state_dict: dict, num_heads: int | None) -> dict:
+    """`DINOv3ViTConfig` fields implied by a Meta dinov3 state dict (heads: hidden / head_dim, head_dim from the
+    RoPE periods, else 64, unless `num_heads` is given)."""
+    hidden_size, num_channels, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
+    gated = "blocks.0.mlp.w1.weight" in state_dict
+    periods = state_dict.get("rope_embed.periods")
+    head_dim = 4 * periods.numel() if periods is not None and num_heads is None else DINOV2_HEAD_DIM
+    num_heads = num_heads or hidden_size // head_dim
+    masks = [tensor for key, tensor in state_dict.items() if key.endswith(".attn.qkv.bias_mask")]
+    masked = {_key_bias_masked(mask, "attn.qkv.bias_mask") for mask in masks}
+    if len(masked) > 1:
+        raise CheckpointKeyError("Some blocks mask the key bias and others do not: one `key_bias` cannot describe both.")
+    qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
+    architecture = dict(
+        hidden_size=hidden_size,
+        intermediate_size=state_dict[f"blocks.0.mlp.{'w1' if gated else 'fc1'}.weight"].shape[0],
+        num_hidden_layers=_block_count(state_dict),
+        num_attention_heads=num_heads,
+        hidden_act="silu" if gated else "gelu",
+        layer_norm_eps=DINOV3_LAYER_NORM_EPS,
+        patch_size=patch_size,
+        num_channels=num_channels,
+        query_bias=qkv_bias,
+        key_bias=qkv_bias and masked != {True},
+        value_bias=qkv_bias,
+        proj_bias="blocks.0.attn.proj.bias" in state_dict,
+        mlp_bias=f"blocks.0.mlp.{'w1' if gated else 'fc1'}.bias" in state_dict,
+        use_gated_mlp=gated,
+        num_register_tokens=state_dict["storage_tokens"].shape[1] if "storage_tokens" in state_dict else 0,
+    )
+    if periods is not None:
+        architecture["rope_theta"] = rope_theta_of_periods(periods, hidden_size // num_heads)
+    return architecture
+
+
+def _dinov3_attention_entries(index: str, rest: str, tensor: torch.Tensor, key_bias: bool) -> dict:
+    """`DINOv3ViTModel` tensors of one Meta `blocks.N.attn.qkv.*` tensor: q, k, v split (the key bias only when it
+    is not masked); the mask itself is used up by the architecture (`key_bias`)."""
+    prefix = f"model.layer.{index}.attention."
+    if rest == "attn.qkv.bias_mask":
+        return {}
+    kind = rest.rsplit(".", 1)[1]
+    parts = dict(zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)))
+    if kind == "bias" and not key_bias:
+        del parts["k_proj"]  # masked to zero in Meta's model
+    return {f"{prefix}{name}.{kind}": part for name, part in parts.items()}
+
+
+def convert_dinov3_state_dict(state_dict: dict, num_heads: int | None = None) -> tuple[dict, dict]:
+    """Map a state dict in Meta's dinov3 layout (bare or prefixed keys) onto `DINOv3ViTModel` keys, the keys of
+    `AlibiDinov3Model`; learned ALiBi slopes `blocks.N.attn.m` become `model.alibi.slopes`.
+
+    Returns:
+        `(state_dict, architecture)`; `architecture["rope_theta"]` only when the source has RoPE periods. Unmapped
+        source keys raise `CheckpointKeyError` naming them.
+    """
+    state_dict = strip_prefix(dict(state_dict))
+    architecture = _dinov3_architecture(state_dict, num_heads)
+    hidden_size = architecture["hidden_size"]
+    converted, unexpected, slopes = {}, [], {}
+    for key, tensor in state_dict.items():
+        block = re.match(r"blocks\.(\d+)\.(attn\.qkv\.(?:weight|bias|bias_mask)|attn\.m)$", key)
+        renamed = next((re.sub(f"^{a}$", b, key) for a, b in DINOV3_RENAMES if re.fullmatch(a, key)), None)
+        if renamed is not None:
+            converted[renamed] = tensor.clone()
+        elif key == "mask_token":
+            converted["embeddings.mask_token"] = tensor.reshape(1, 1, hidden_size).clone()
+        elif key == "rope_embed.periods":
+            pass  # recomputed from `rope_theta`, checked against these periods
+        elif block and block.group(2) == "attn.m":
+            slopes[int(block.group(1))] = tensor.reshape(-1).clone()
+        elif block:
+            entries = _dinov3_attention_entries(*block.groups(), tensor, architecture["key_bias"])
+            converted.update({name: part.clone() for name, part in entries.items()})
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointKeyError(
+            f"{len(unexpected)} unexpected key(s) in the dinov3 state dict: {', '.join(sorted(unexpected))}"
+        )
+    if slopes:
+        converted["model.alibi.slopes"] = torch.stack([slopes[i] for i in range(len(slopes))])
+    converted.setdefault("embeddings.register_tokens", torch.zeros(1, 0, hidden_size))
+    converted.setdefault("embeddings.mask_token", torch.zeros(1, 1, hidden_size))
+    return converted, architecture
+
+
+def _position_scheme(kept: bool, has_slopes: bool, name: str, requested: str, family: "ModelFamily") -> str:
+    """How a state-dict source encodes positions: `kept` (a non-zero learned embedding, or RoPE periods) and ALiBi
+    slopes, or the `requested` scheme."""
     if requested != "auto":
+        if requested in ("learned", "rope") and requested != family.kept_scheme:
+            raise InputError(
+                f"--source_position {requested} does not apply to {family.title} checkpoints, which keep positions as "
+                f"{family.kept_scheme}: use {family.kept_scheme}, alibi, nope or auto."
+            )
         return requested
-    position = state_dict.get("embeddings.position_embeddings")
-    if position is not None and position.count_nonzero() > 0:
-        return "learned"
-    if "encoder.alibi.slopes" in state_dict:
-        return "alibi"
-    # Zero or absent position embedding and no slopes: the reference releases name their NoPE files "nope_...".
+    parts = ([family.kept_scheme] if kept else []) + (["alibi"] if has_slopes else [])
+    if parts:
+        return "+".join(parts)
+    # No position embedding, no RoPE and no slopes: the reference releases name their NoPE files "nope_...".
     return "nope" if "nope" in Path(name).name.lower() else "alibi"
 
 
-def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
-    """A transformers DINOv2 model (Hub id or folder), loaded with transformers' own classes."""
-    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+def _scheme_of_config(config, family: "ModelFamily") -> str:
+    parts = [family.kept_scheme] if getattr(config, family.kept_flag) else []
+    parts += ["alibi"] if config.use_alibi else []
+    return "+".join(parts) or "nope"
 
-    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
-    if config.model_type == "alibi_dinov2":
-        model = AlibiDinov2Model.from_pretrained(source, revision=revision)
+
+# transformers' own model types the converter reads: (family, class name in transformers).
+STOCK_HF_MODELS = {
+    "dinov2": ("dinov2", "Dinov2Model"),
+    "dinov2_with_registers": ("dinov2", "Dinov2WithRegistersModel"),
+    "dinov3_vit": ("dinov3", "DINOv3ViTModel"),
+}
+
+
+def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
+    """A transformers DINOv2 or DINOv3 model (Hub id or folder), loaded with transformers' own classes, or a folder
+    of this project's models."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
+    own = {family.model_type: family for family in FAMILIES.values()}
+    if config.model_type in own:
+        family = own[config.model_type]
+        model = family.classes()[1].from_pretrained(source, revision=revision)
         config_fields = model.config.to_dict()
-        architecture = {k: config_fields[k] for k in _ARCHITECTURE_FIELDS + ("interpolate_antialias",)}
+        architecture = {k: config_fields[k] for k in family.architecture_fields}
         alibi_options = {k: config_fields[k] for k in _ALIBI_FIELDS}
-        scheme = "alibi" if config.use_alibi else ("learned" if config.use_absolute_position_embeddings else "nope")
-        return SourceCheckpoint(model.state_dict(), architecture, "hf", scheme, str(source), alibi_options)
-    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
-    if config.model_type not in classes:
-        raise ValueError(
-            f"{source} is a `{config.model_type}` model; the converter reads `dinov2`, `dinov2_with_registers` "
-            "and `alibi_dinov2` models."
-        )
-    model = classes[config.model_type].from_pretrained(source, revision=revision)
-    state_dict = model.state_dict()
-    if "embeddings.mask_token" not in state_dict:  # Dinov2Config(use_mask_token=False)
-        state_dict["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)
-    architecture = {k: getattr(config, k) for k in _ARCHITECTURE_FIELDS if hasattr(config, k)}
-    architecture["num_register_tokens"] = getattr(config, "num_register_tokens", 0)
-    # transformers resizes a learned embedding with antialiasing in the registers class only.
-    architecture["interpolate_antialias"] = config.model_type == "dinov2_with_registers"
-    return SourceCheckpoint(state_dict, architecture, "hf", "learned", str(source))
+        scheme = _scheme_of_config(model.config, family)
+        return SourceCheckpoint(model.state_dict(), architecture, "hf", scheme, str(source), alibi_options, family.name)
+    if config.model_type not in STOCK_HF_MODELS:
+        readable = ", ".join(f"`{name}`" for name in (*STOCK_HF_MODELS, *own))
+        raise ValueError(f"{source} is a `{config.model_type}` model; the converter reads {readable} models.")
+    family_name, class_name = STOCK_HF_MODELS[config.model_type]
+    family = FAMILIES[family_name]
+    state_dict = getattr(transformers, class_name).from_pretrained(source, revision=revision).state_dict()
+    architecture = {k: getattr(config, k) for k in family.architecture_fields if hasattr(config, k)}
+    if family_name == "dinov2":
+        if "embeddings.mask_token" not in state_dict:  # Dinov2Config(use_mask_token=False)
+            state_dict["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)
+        architecture["num_register_tokens"] = getattr(config, "num_register_tokens", 0)
+        # transformers resizes a learned embedding with antialiasing in the registers class only.
+        architecture["interpolate_antialias"] = config.model_type == "dinov2_with_registers"
+    return SourceCheckpoint(state_dict, architecture, "hf", family.kept_scheme, str(source), family=family_name)
 
 
 _ARCHITECTURE_FIELDS = (
@@ -285,9 +468,94 @@ _ARCHITECTURE_FIELDS = (
     "use_swiglu_ffn",
     "num_register_tokens",
 )
+_DINOV3_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "layer_norm_eps",
+    "rope_theta",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "query_bias",
+    "key_bias",
+    "value_bias",
+    "proj_bias",
+    "mlp_bias",
+    "layerscale_value",
+    "use_gated_mlp",
+    "num_register_tokens",
+    "pos_embed_shift",
+    "pos_embed_jitter",
+    "pos_embed_rescale",
+)
 _ALIBI_FIELDS = ("alibi_metric", "alibi_wrap", "alibi_normalize", "alibi_slopes", "alibi_jitter")
 # Settings of the reference ALiBi checkpoints: constant slope, Euclidean, wrapped, normalised.
 REFERENCE_ALIBI_OPTIONS = dict(alibi_metric="euclidean", alibi_wrap=True, alibi_normalize=True, alibi_slopes="constant")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model type the converter builds: its classes, how it keeps positions, and what its card calls it."""
+
+    name: str  # "dinov2" or "dinov3"
+    model_type: str
+    kept_scheme: str  # the stock position encoding: "learned" (embedding) or "rope"
+    kept_flag: str  # the configuration field that keeps it
+    position_keys: tuple  # state-dict keys of that encoding
+    slopes_key: str  # state-dict key of learned ALiBi slopes
+    architecture_fields: tuple
+    title: str
+    stock_name: str
+    stock_class: str  # transformers' class with the same token layout
+    kept_description: str
+
+    def classes(self):
+        """`(configuration class, model class)`."""
+        if self.name == "dinov3":
+            from configuration_alibi_dinov3 import AlibiDinov3Config
+            from modeling_alibi_dinov3 import AlibiDinov3Model
+
+            return AlibiDinov3Config, AlibiDinov3Model
+        return AlibiDinov2Config, AlibiDinov2Model
+
+
+FAMILIES = {
+    "dinov2": ModelFamily(
+        "dinov2", "alibi_dinov2", "learned", "use_absolute_position_embeddings", ("embeddings.position_embeddings",),
+        "encoder.alibi.slopes", _ARCHITECTURE_FIELDS + ("interpolate_antialias",), "ALiBi-DINOv2", "DINOv2",
+        "Dinov2WithRegistersModel", "learned absolute position embedding",
+    ),
+    "dinov3": ModelFamily(
+        "dinov3", "alibi_dinov3", "rope", "use_rope", (), "model.alibi.slopes", _DINOV3_ARCHITECTURE_FIELDS,
+        "ALiBi-DINOv3", "DINOv3", "DINOv3ViTModel", "RoPE",
+    ),
+}
+
+
+def read_state_dict_source(path, name: str, source_format: str, num_heads: int | None, source_position: str):
+    """A `.pth` / `.safetensors` file in the Meta, timm or dinov3 layout (`source_format` "auto": detected)."""
+    raw_state_dict = read_state_dict_file(path)
+    if source_format == "auto":
+        source_format = detect_format(name, raw_state_dict)
+    if source_format == "dinov3":
+        family = FAMILIES["dinov3"]
+        state_dict, architecture = convert_dinov3_state_dict(raw_state_dict, num_heads)
+        kept = "rope_theta" in architecture
+    else:
+        family = FAMILIES["dinov2"]
+        state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
+        position = state_dict.get("embeddings.position_embeddings")
+        kept = position is not None and position.count_nonzero() > 0
+        # Resizing a learned embedding: timm antialiases; Meta's hub code does for its register models only (its
+        # other models also offset the scale by 0.1, which transformers' Dinov2Model, followed here, does not).
+        architecture["interpolate_antialias"] = source_format == "timm" or architecture["num_register_tokens"] > 0
+    has_slopes = family.slopes_key in state_dict
+    scheme = _position_scheme(kept, has_slopes, name, source_position, family)
+    alibi_options = dict(REFERENCE_ALIBI_OPTIONS, **({"alibi_slopes": "learned"} if has_slopes else {}))
+    return SourceCheckpoint(state_dict, architecture, source_format, scheme, name, alibi_options, family.name)
 
 
 def read_source(
@@ -312,18 +580,7 @@ def read_source(
         return read_hf_source(source, revision=revision)
     if not Path(str(source)).is_file():
         raise FileNotFoundError(f"No checkpoint file at {source}.")
-    raw_state_dict = read_state_dict_file(source)
-    if source_format == "auto":
-        source_format = detect_format(name, raw_state_dict)
-    state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
-    scheme = _position_scheme(state_dict, name, source_position)
-    alibi_options = dict(REFERENCE_ALIBI_OPTIONS)
-    if "encoder.alibi.slopes" in state_dict:
-        alibi_options["alibi_slopes"] = "learned"
-    # Resizing a learned embedding: timm antialiases; Meta's hub code does for its register models only (its
-    # other models also offset the scale by 0.1, which transformers' Dinov2Model, followed here, does not).
-    architecture["interpolate_antialias"] = source_format == "timm" or architecture["num_register_tokens"] > 0
-    return SourceCheckpoint(state_dict, architecture, source_format, scheme, name, alibi_options)
+    return read_state_dict_source(source, name, source_format, num_heads, source_position)
 
 
 # --- building the model --------------------------------------------------------------------------------------------
@@ -334,36 +591,37 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
 
 
-def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_options) -> AlibiDinov2Model:
-    """An `AlibiDinov2Model` of the requested variant holding the checkpoint's weights.
+def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_options):
+    """An `AlibiDinov2Model` or `AlibiDinov3Model` (the checkpoint's family) of the requested variant holding the
+    checkpoint's weights.
 
-    `keep-pe` reproduces the source (its learned embedding, or its ALiBi); `alibi` and `nope` drop any learned
-    position embedding. `alibi_options` (`alibi_metric`, `alibi_slopes`, ...) override the defaults, and for an
-    ALiBi source, its own settings.
+    `keep-pe` reproduces the source (its learned embedding or RoPE, its ALiBi, or both); `alibi` and `nope` drop any
+    learned position embedding or RoPE. `alibi_options` (`alibi_metric`, `alibi_slopes`, ...) override the defaults,
+    and for an ALiBi source, its own settings.
     """
     _check_choice("variant", variant, VARIANTS)
     unknown = set(alibi_options) - set(_ALIBI_FIELDS)
     if unknown:
         raise ValueError(f"Unknown ALiBi option(s) {sorted(unknown)}; allowed: {', '.join(_ALIBI_FIELDS)}.")
-    scheme = checkpoint.position_scheme if variant == "keep-pe" else variant
-    options = dict(checkpoint.alibi_options) if checkpoint.position_scheme == "alibi" else {}
+    family = FAMILIES[checkpoint.family]
+    config_class, model_class = family.classes()
+    parts = (checkpoint.position_scheme if variant == "keep-pe" else variant).split("+")
+    options = dict(checkpoint.alibi_options) if "alibi" in checkpoint.position_scheme.split("+") else {}
     options.update({k: v for k, v in alibi_options.items() if v is not None})
-    config = AlibiDinov2Config(
-        **checkpoint.architecture,
-        use_alibi=scheme == "alibi",
-        use_absolute_position_embeddings=scheme == "learned",
-        **options,
+    config = config_class(
+        **checkpoint.architecture, use_alibi="alibi" in parts, **{family.kept_flag: family.kept_scheme in parts}, **options
     )
     state_dict = dict(checkpoint.state_dict)
-    if scheme != "learned":
-        state_dict.pop("embeddings.position_embeddings", None)
-    slopes = state_dict.pop("encoder.alibi.slopes", None)
-    model = AlibiDinov2Model(config)
+    if family.kept_scheme not in parts:
+        for key in family.position_keys:
+            state_dict.pop(key, None)
+    slopes = state_dict.pop(family.slopes_key, None)
+    model = model_class(config)
     if config.use_alibi and config.alibi_slopes == "learned":
         if slopes is None:
             slopes = torch.ones(config.num_hidden_layers, config.num_attention_heads)  # start from the paper's m = 1
-        state_dict["encoder.alibi.slopes"] = slopes
-    if config.num_register_tokens == 0:
+        state_dict[family.slopes_key] = slopes
+    if "embeddings.register_tokens" not in model.state_dict():  # DINOv2 without registers has no such parameter
         state_dict.pop("embeddings.register_tokens", None)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -402,7 +660,7 @@ def _format_number(value) -> str:
 
 
 def build_model_card(
-    model: AlibiDinov2Model,
+    model,
     repo_id: str | None = None,
     base_model: str | None = None,
     hyperparameters: dict | None = None,
@@ -412,18 +670,19 @@ def build_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     config = model.config
-    variant = "ALiBi" if config.use_alibi else ("learned position embedding" if config.use_absolute_position_embeddings else "NoPE")
+    family = family_of(config)
+    variant = "ALiBi" if config.use_alibi else (family.kept_description if getattr(config, family.kept_flag) else "NoPE")
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license="apache-2.0",
         base_model=_hub_id_or_none(base_model),
-        tags=["alibi-dinov2", "dinov2", "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
+        tags=["alibi-dinov2", family.name, "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
     )
     name = repo_id or FOLDER_PLACEHOLDER
     settings = "\n".join(
         f"| `{key}` | `{getattr(config, key)}` |"
-        for key in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS, "num_register_tokens", "patch_size")
+        for key in ("use_alibi", family.kept_flag, *_ALIBI_FIELDS, "num_register_tokens", "patch_size")
     )
     hyper = ""
     if hyperparameters:
@@ -434,9 +693,9 @@ def build_model_card(
 {data.to_yaml()}
 ---
 
-# ALiBi-DINOv2 ({variant})
+# {family.title} ({variant})
 
-DINOv2 ViT-{_size_name(config.hidden_size)}/{config.patch_size} whose learned absolute position embedding is
+{family.stock_name} ViT-{_size_name(config)}/{config.patch_size} whose {family.kept_description} is
 replaced by a 2D ALiBi attention bias (`-m * d(i, j) / d_max` between patch positions), so that its patch
 features describe what a patch shows rather than where it sits. Converted from `{base_model or config.name_or_path}`.
 Method: [What DINO saw: ALiBi positional encoding reduces positional bias in Vision Transformers](https://arxiv.org/abs/{PAPER_ARXIV_ID}).
@@ -458,11 +717,11 @@ with torch.no_grad():
 ```
 
 `last_hidden_state` is `[CLS, {config.num_register_tokens} registers, patches]` after the final LayerNorm, as in
-transformers' `Dinov2WithRegistersModel`. The model takes any input of at least one patch per side.
+transformers' `{family.stock_class}`. The model takes any input of at least one patch per side.
 
 ## Demo
 
-Compare this model with stock DINOv2 in the browser: PCA colours and k-means clusters of the patch features of
+Compare this model with stock {family.stock_name} in the browser: PCA colours and k-means clusters of the patch features of
 your own micrographs (PNG, JPEG, 8/16-bit TIFF), and how well a linear probe recovers each patch's position from
 them. From the alibi-dinov2 source tree:
 
@@ -490,20 +749,39 @@ def _hub_id_or_none(name: str | None) -> str | None:
 
 
 def _comparison_model(config, base_model: str | None) -> str:
-    """The stock DINOv2 the demo compares with: the hub model this one was converted from, else the hub DINOv2
-    of the same size and register layout."""
+    """The stock model the demo compares with: the hub model this one was converted from, else the hub DINOv2 or
+    DINOv3 of the same size (and, for DINOv2, register layout)."""
     if _hub_id_or_none(base_model):
         return base_model
+    if family_of(config).name == "dinov3":
+        suffix = DINOV3_SIZES.get((config.hidden_size, config.use_gated_mlp), ("S+", "vits16plus"))[1]
+        return f"facebook/dinov3-{suffix}-pretrain-lvd1689m"
     size = DINOV2_SIZES.get(config.hidden_size, ("S", "small"))[1]
     return f"facebook/dinov2-with-registers-{size}" if config.num_register_tokens else f"facebook/dinov2-{size}"
 
 
 # DINOv2 sizes by hidden size: (ViT size letter, Hub name suffix).
 DINOV2_SIZES = {384: ("S", "small"), 768: ("B", "base"), 1024: ("L", "large"), 1536: ("g", "giant")}
+# DINOv3 sizes by (hidden size, gated MLP): (ViT size name, Hub name part: facebook/dinov3-PART-pretrain-lvd1689m).
+DINOV3_SIZES = {
+    (384, False): ("S", "vits16"),
+    (384, True): ("S+", "vits16plus"),
+    (768, False): ("B", "vitb16"),
+    (1024, False): ("L", "vitl16"),
+    (1280, True): ("H+", "vith16plus"),
+    (4096, True): ("7B", "vit7b16"),
+}
 
 
-def _size_name(hidden_size: int) -> str:
-    return DINOV2_SIZES[hidden_size][0] if hidden_size in DINOV2_SIZES else f"{hidden_size}d"
+def family_of(config) -> ModelFamily:
+    """The family of a configuration of this project's models."""
+    return next(family for family in FAMILIES.values() if family.model_type == config.model_type)
+
+
+def _size_name(config) -> str:
+    if family_of(config).name == "dinov3":
+        return DINOV3_SIZES.get((config.hidden_size, config.use_gated_mlp), (f"{config.hidden_size}d",))[0]
+    return DINOV2_SIZES[config.hidden_size][0] if config.hidden_size in DINOV2_SIZES else f"{config.hidden_size}d"
 
 
 def update_model_card_evaluation(
@@ -549,7 +827,7 @@ def update_model_card_evaluation(
 
 
 def save_model_folder(
-    model: AlibiDinov2Model,
+    model,
     output_dir,
     base_model: str | None = None,
     repo_id: str | None = None,
@@ -579,9 +857,9 @@ def convert(
     revision: str | None = None,
     sha256: str | None = None,
     **alibi_options,
-) -> AlibiDinov2Model:
-    """Convert `source` into an `AlibiDinov2Model` of `variant`; with `output_dir`, also write the publishable
-    folder (and upload it with `push_to_hub=REPO_ID`).
+):
+    """Convert `source` into an `AlibiDinov2Model` or, from a DINOv3 source, an `AlibiDinov3Model` of `variant`;
+    with `output_dir`, also write the publishable folder (and upload it with `push_to_hub=REPO_ID`).
 
     Raises:
         SourceNotFoundError: `source` is neither a file, a folder, a Hub id nor a file URL (checked before any Hub
@@ -594,7 +872,7 @@ def convert(
         base_model = str(source) if checkpoint.source_format == "hf" else None
         save_model_folder(model, output_dir, base_model=base_model, repo_id=push_to_hub)
         if push_to_hub:
-            push_folder(output_dir, push_to_hub, private=private, commit_message="Converted ALiBi-DINOv2")
+            push_folder(output_dir, push_to_hub, private=private, commit_message=f"Converted {family_of(model.config).title}")
     return model
 
 
@@ -602,17 +880,21 @@ def convert(
 class ConvertArguments:
     """Options of `python convert_checkpoint.py SOURCE OUTPUT_DIR`."""
 
-    source: str = field(metadata={"help": "Hub id, transformers folder, Meta or timm .pth: a path, hf://OWNER/REPO/FILE, "
-                                          "a Hub file URL or an https:// URL"})
+    source: str = field(metadata={"help": "Hub id, transformers folder, Meta (DINOv2 or dinov3) or timm .pth: a path, "
+                                          "hf://OWNER/REPO/FILE, a Hub file URL or an https:// URL"})
     output_dir: str = field(metadata={"help": "folder to write"})
     variant: Literal["alibi", "nope", "keep-pe"] = field(default="alibi", metadata={"help": "what to build"})
-    source_format: Literal["auto", "hf", "meta", "timm"] = field(default="auto", metadata={"help": "layout of the source"})
-    source_position: Literal["auto", "learned", "alibi", "nope"] = field(
-        default="auto",
-        metadata={"help": "how a .pth source encodes positions (auto: learned if it has a non-zero embedding, else "
-                          "ALiBi, or NoPE when the file name says 'nope')"},
+    source_format: Literal["auto", "hf", "meta", "timm", "dinov3"] = field(
+        default="auto", metadata={"help": "layout of the source (dinov3: Meta's dinov3 layout)"}
     )
-    num_heads: int | None = field(default=None, metadata={"help": "attention heads of a .pth source (default hidden / 64)"})
+    source_position: Literal["auto", "learned", "rope", "alibi", "nope"] = field(
+        default="auto",
+        metadata={"help": "how a .pth source encodes positions (auto: learned if it has a non-zero embedding, rope if "
+                          "it has RoPE periods, ALiBi with learned slopes if it has them; else ALiBi, or NoPE when the "
+                          "file name says 'nope')"},
+    )
+    num_heads: int | None = field(default=None, metadata={"help": "attention heads of a .pth source (default hidden / "
+                                                                  "head size: 64, or 4 x the RoPE periods)"})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of a Hub model or file"})
     sha256: str | None = field(default=None, metadata={"help": "expected SHA-256 of the checkpoint file (checked, also "
                                                                "when it comes from a cache)"})
@@ -632,7 +914,7 @@ def parse_args(argv=None) -> ConvertArguments:
     return args
 
 
-def main(argv=None) -> AlibiDinov2Model:
+def main(argv=None):
     args = parse_args(argv)
     alibi_options = {name: getattr(args, name) for name in _ALIBI_FIELDS}
     model = convert(
@@ -648,7 +930,8 @@ def main(argv=None) -> AlibiDinov2Model:
         sha256=args.sha256,
         **alibi_options,
     )
-    summary = {k: getattr(model.config, k) for k in ("use_alibi", "use_absolute_position_embeddings", *_ALIBI_FIELDS)}
+    kept_flag = family_of(model.config).kept_flag
+    summary = {k: getattr(model.config, k) for k in ("use_alibi", kept_flag, *_ALIBI_FIELDS)}
     print(f"wrote {args.output_dir}: {json.dumps(summary)}")
     return model
 

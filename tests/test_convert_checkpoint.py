@@ -77,6 +77,22 @@ def to_vit_keys(model, layout):
     return {key: value.clone() for key, value in out.items()}
 
 
+def loop_distance_matrix(height, width, num_prefix, wrap=True):
+    """`(N, N)` normalised Euclidean distances between patch positions by explicit loops, 0 for prefix tokens."""
+    num_tokens = num_prefix + height * width
+    distance = torch.zeros(num_tokens, num_tokens)
+    cells = [(y, x) for y in range(height) for x in range(width)]
+    for i, (yi, xi) in enumerate(cells):
+        for j, (yj, xj) in enumerate(cells):
+            dy, dx = abs(yi - yj), abs(xi - xj)
+            if wrap:
+                dy, dx = min(dy, height - dy), min(dx, width - dx)
+            distance[num_prefix + i, num_prefix + j] = math.sqrt(dy * dy + dx * dx)
+    if distance.max() > 0:
+        distance /= distance.max()
+    return distance
+
+
 def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap=True, eps=1e-6):
     """An eager ViT written from a timm-layout state dict: position embedding on patch tokens only (timm's
     no_embed_class), CLS then registers, and with `slopes` (layers x heads) a 2D ALiBi bias from explicit loops."""
@@ -91,16 +107,7 @@ def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap
         prefix.append(state_dict["reg_token"].expand(batch, -1, -1))
     x = torch.cat(prefix + [x], dim=1)
     num_prefix, num_tokens = x.shape[1] - height * width, x.shape[1]
-    distance = torch.zeros(num_tokens, num_tokens)
-    cells = [(y, x_) for y in range(height) for x_ in range(width)]
-    for i, (yi, xi) in enumerate(cells):
-        for j, (yj, xj) in enumerate(cells):
-            dy, dx = abs(yi - yj), abs(xi - xj)
-            if wrap:
-                dy, dx = min(dy, height - dy), min(dx, width - dx)
-            distance[num_prefix + i, num_prefix + j] = math.sqrt(dy * dy + dx * dx)
-    if distance.max() > 0:
-        distance /= distance.max()
+    distance = loop_distance_matrix(height, width, num_prefix, wrap)
     head_dim = channels // num_heads
     layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     for layer in range(layers):
@@ -413,11 +420,16 @@ def test_every_meta_dinov2_size_converts_with_its_released_shapes(hidden, layers
     assert sum(p.numel() for p in model.state_dict().values()) == sum(math.prod(shape) for shape in shapes.values())
 
 
-def test_a_dinov3_checkpoint_is_named_as_such():
+def test_a_dinov3_checkpoint_is_told_from_the_dinov2_layouts():
     state_dict = {"cls_token": torch.zeros(1, 1, 8), "storage_tokens": torch.zeros(1, 4, 8),
                   "rope_embed.periods": torch.zeros(2), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
-    with pytest.raises(ValueError, match="DINOv3 checkpoint"):
-        convert_checkpoint.detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict)
+    assert convert_checkpoint.detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict) == "dinov3"
+    # The reference ALiBi-DINOv3 without registers or RoPE: a mask token but no position embedding.
+    bare = {"cls_token": torch.zeros(1, 1, 8), "mask_token": torch.zeros(1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
+    assert convert_checkpoint.detect_format("alibi.pth", bare) == "dinov3"
+    assert convert_checkpoint.detect_format("meta.pth", dict(bare, pos_embed=torch.zeros(1, 5, 8))) == "meta"
+    with pytest.raises(ValueError, match="not a DINOv2 or DINOv3 ViT state dict"):
+        convert_checkpoint.detect_format("other.pth", {"cls_token": torch.zeros(1, 1, 8)})
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -452,3 +464,20 @@ def test_unknown_variant_is_a_clear_error(tmp_path, tiny_kwargs):
         convert(str(tmp_path / "source"), variant="rope")
     with pytest.raises(SystemExit):
         convert_checkpoint.parse_args([str(tmp_path / "source"), "out", "--variant", "rope"])
+
+
+def test_keep_pe_keeps_both_the_alibi_and_the_learned_embedding_of_a_source_with_both(tmp_path, tiny_kwargs):
+    from modeling_alibi_dinov2 import AlibiDinov2Model
+
+    torch.manual_seed(0)
+    config = AlibiDinov2Config(**tiny_kwargs, use_alibi=True, use_absolute_position_embeddings=True)
+    source = AlibiDinov2Model(config).eval()
+    with torch.no_grad():
+        source.embeddings.position_embeddings.normal_(0, 1.0)
+    source.save_pretrained(tmp_path / "both")
+    converted = convert(str(tmp_path / "both"), variant="keep-pe")
+    assert converted.config.use_alibi and converted.config.use_absolute_position_embeddings
+    torch.testing.assert_close(converted.embeddings.position_embeddings, source.embeddings.position_embeddings)
+    assert_same_outputs(converted, lambda x: source(x).last_hidden_state, [(56, 56), (42, 70)])
+    alibi = convert(str(tmp_path / "both"), variant="alibi")
+    assert alibi.config.use_alibi and not alibi.config.use_absolute_position_embeddings
