@@ -56,6 +56,7 @@ setup(
         "convert_checkpoint",
         "train_distill",
         "quickstart",
+        "synthetic_teachers",
     ],
     packages=find_packages(include=["evaluation", "evaluation.*", "demo"]),
     install_requires=INSTALL_REQUIRES,

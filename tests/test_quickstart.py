@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import quickstart
+import synthetic_teachers
 from evaluation.positional_probe import linear_probe
 
 
 def test_synthetic_position_embedding_is_smooth_ramps():
-    embedding = quickstart.smooth_position_embedding(grid=6, hidden_size=16, amplitude=2.0)
+    embedding = synthetic_teachers.smooth_position_embedding(grid=6, hidden_size=16, amplitude=2.0)
     assert embedding.shape == (1, 37, 16)
     assert torch.count_nonzero(embedding[0, 0]) == 0 and torch.count_nonzero(embedding[0, 1:, 8:]) == 0
     # Channel 0 is a cosine of the left-right ramp alone: constant down each column, monotonic along a row.
@@ -27,7 +28,7 @@ def test_synthetic_position_embedding_is_smooth_ramps():
 def test_synthetic_teacher_attends_to_each_patch_neighbourhood(tmp_path):
     from convert_checkpoint import convert
 
-    built = quickstart.build_synthetic_teacher(tmp_path / "teacher", seed=0)
+    built = synthetic_teachers.build_synthetic_teacher(tmp_path / "teacher", seed=0)
     teacher = convert(str(tmp_path / "teacher"), variant="keep-pe")  # what distillation and the report read
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(4, 3, 112, 112, generator=generator)
@@ -43,10 +44,36 @@ def test_synthetic_teacher_attends_to_each_patch_neighbourhood(tmp_path):
     assert neighbours > 0.1  # about 0.3
     assert shift[7, 7] < 0.05 * neighbours  # (wrapped) Manhattan distance 8: about 0.001
     # Its attention logits are a cosine series close to ALiBi's -slope * |u| along each axis (u = offset / grid).
-    slope, u = quickstart.TEACHER_SLOPE, np.arange(5) / 8
+    slope, u = synthetic_teachers.TEACHER_SLOPE, np.arange(5) / 8
     series = sum(a * (np.cos(2 * np.pi * k * u) - 1) for a, k in
-                 zip(quickstart.distance_bias_coefficients(slope), quickstart.TEACHER_HARMONICS))
+                 zip(synthetic_teachers.distance_bias_coefficients(slope), synthetic_teachers.TEACHER_HARMONICS))
     np.testing.assert_allclose(series, -slope * u, atol=0.05 * slope)
+
+
+def test_synthetic_dinov3_teacher_leaks_position_and_attends_to_each_patch_neighbourhood(tmp_path):
+    """A random DINOv3 leaks nothing (lr+ud R^2 about -1 on these images); the wired one leaks through its RoPE
+    alone (about 0.97) and, like the DINOv2 teacher, mixes each patch with its neighbours only."""
+    from transformers import DINOv3ViTModel
+
+    from evaluation.feature_extraction import extract_patch_features
+
+    teacher = synthetic_teachers.build_synthetic_dinov3_teacher(tmp_path / "teacher", seed=0)
+    assert DINOv3ViTModel.from_pretrained(tmp_path / "teacher").config.num_register_tokens == 4
+    images = [np.stack([image] * 3, axis=-1) for image in quickstart.generated_images(2, 320, seed=1)]
+    r2 = [linear_probe(extract_patch_features(teacher, image), ramp="lr+ud", step=6, seed=seed)
+          for image in images for seed in range(2)]
+    assert np.mean(r2) > 0.8, r2
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, 112, 112, generator=generator)
+    with torch.no_grad():
+        # Change the patch at row 3, column 3 of the 7 x 7 grid.
+        changed = pixels.clone()
+        changed[..., 48:64, 48:64] = torch.randn(4, 3, 16, 16, generator=generator)
+        before, after = (teacher(pixel_values=x).last_hidden_state[:, 5:] for x in (pixels, changed))
+    shift = ((after - before).norm(dim=-1) / before.norm(dim=-1)).mean(0).reshape(7, 7)
+    neighbours = torch.stack([shift[2, 3], shift[4, 3], shift[3, 2], shift[3, 4]]).mean()
+    assert neighbours > 0.1  # about 0.27
+    assert shift[0, 0] < 0.05 * neighbours and shift[6, 6] < 0.05 * neighbours  # Manhattan distance 6: about 0.001
 
 
 def test_options_come_from_a_config_file_and_flags(tmp_path, capsys):
