@@ -1,8 +1,9 @@
 # Copyright 2026 The alibi-dinov2 authors. Licensed under the Apache License, Version 2.0.
-"""Retrofit DINOv2 into ALiBi-DINOv2 by distillation from the stock checkpoint.
+"""Retrofit DINOv2 into ALiBi-DINOv2 (or DINOv3 into ALiBi-DINOv3) by distillation from the stock checkpoint.
 
-The teacher is the stock model (learned absolute position embedding, frozen). The student starts from the same
-weights with the position embedding removed and the 2D ALiBi bias added (`--variant alibi`) or with no position
+The teacher is the stock model (learned absolute position embedding, or DINOv3's RoPE; frozen). The student is the
+teacher converted by `convert_checkpoint.py`, of the architecture the teacher's checkpoint names: the same weights
+with the position embedding (or RoPE) removed and the 2D ALiBi bias added (`--variant alibi`) or with no position
 information at all (`--variant nope`), and learns to reproduce the teacher's final-normed patch tokens:
 
     loss = mean over images and patch tokens of (1 - cos(student_token, teacher_token))
@@ -16,6 +17,10 @@ so that the student is not asked to re-create the positional ramps it is meant t
 
     # Any flag after the config file overrides it
     python train_distill.py configs/distill_stage1_224.json --train_dir /data/coco/train2017 --dataset_name ""
+
+    # A DINOv3 teacher gives an ALiBi-DINOv3 student
+    python train_distill.py --teacher facebook/dinov3-vits16plus-pretrain-lvd1689m --train_dir images/ \\
+        --output_dir outputs/alibi-dinov3 --image_size 224
 
     # A folder of micrographs, targets cached on disk, resumable
     python train_distill.py --train_dir images/ --output_dir outputs/alibi-micro --image_size 224 \\
@@ -118,8 +123,9 @@ class DistillationArguments:
     # Models
     teacher: str = field(
         default=DEFAULT_TEACHER,
-        metadata={"help": "teacher: a Hub id, a transformers DINOv2 folder, a Meta .pth or a timm .pth, read with "
-                  "convert_checkpoint.py and reproduced exactly"},
+        metadata={"help": "teacher: a Hub id, a transformers DINOv2 or DINOv3 folder, a Meta (DINOv2 or dinov3) .pth or "
+                  "a timm .pth, read with convert_checkpoint.py and reproduced exactly; a DINOv3 teacher gives an "
+                  "ALiBi-DINOv3 student"},
     )
     variant: Literal["alibi", "nope"] = field(
         default="alibi",
@@ -904,8 +910,9 @@ def load_teacher(source):
 
 
 def build_student(teacher_source, variant: str, init_from=None):
-    """The student: the teacher's (or `init_from`'s) weights as `variant` ("alibi" or "nope"). Every weight
-    trains except the mask token, which only masked pre-training uses (it would get no gradient here)."""
+    """The student: the teacher's (or `init_from`'s) weights as `variant` ("alibi" or "nope"), of the architecture
+    of that checkpoint (an ALiBi-DINOv2 from a DINOv2, an ALiBi-DINOv3 from a DINOv3). Every weight trains except
+    the mask token, which only masked pre-training uses (it would get no gradient here)."""
     import convert_checkpoint
 
     student = convert_checkpoint.convert(init_from or teacher_source, variant=variant)
@@ -1526,7 +1533,10 @@ def finish_run(run: DistillationRun) -> TrainingResult:
         _report_skipped(run, summary["skipped_files"])
         logger.info("Saved the distilled model and %s to %s", SUMMARY_FILE, run.output_dir)
         if run.args.push_to_hub:
-            push_to_hub(run.output_dir, run.args.hub_model_id, commit_message="Distilled ALiBi-DINOv2")
+            from convert_checkpoint import family_of
+
+            title = family_of(model.config).title
+            push_to_hub(run.output_dir, run.args.hub_model_id, commit_message=f"Distilled {title}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return TrainingResult(model=model, summary=summary, output_dir=run.output_dir)

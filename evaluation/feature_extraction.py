@@ -6,7 +6,7 @@ order over an ``h x w`` grid. :func:`extract_patch_features` feeds one image thr
 the prefix and returns the patch tokens as an ``(h, w, C)`` numpy grid, the input of the positional
 probes, PCA / k-means maps and transformation checks of this package.
 
-Supported ``config.model_type`` values (see :data:`SUPPORTED_MODEL_TYPES`): ``alibi_dinov2``,
+Supported ``config.model_type`` values (see :data:`SUPPORTED_MODEL_TYPES`): ``alibi_dinov2``, ``alibi_dinov3``,
 ``dinov2``, ``dinov2_with_registers``, ``dinov3_vit``, ``vit``, ``vit_mae``, ``vit_msn``, ``deit``,
 ``ijepa``, ``clip_vision_model`` and ``siglip_vision_model``. Task wrappers (``Dinov2ForImageClassification``
 ...) are unwrapped to their backbone; ``CLIPModel`` / ``SiglipModel`` to their vision tower.
@@ -56,6 +56,7 @@ def _cls_and_registers(config) -> int:
 
 _SPECS: dict[str, _ModelSpec] = {
     "alibi_dinov2": _ModelSpec(_cls_and_registers, ("layernorm", "norm")),
+    "alibi_dinov3": _ModelSpec(_cls_and_registers, ("norm",)),
     "dinov2": _ModelSpec(_fixed(1), ("layernorm",)),
     "dinov2_with_registers": _ModelSpec(_cls_and_registers, ("layernorm",)),
     "dinov3_vit": _ModelSpec(_cls_and_registers, ("norm",)),
@@ -125,7 +126,7 @@ def _spec_of(backbone) -> _ModelSpec:
 def prefix_token_count(model: torch.nn.Module) -> int:
     """Number of tokens before the patch tokens (CLS, registers, distillation token).
 
-    ``alibi_dinov2`` / ``dinov2_with_registers`` / ``dinov3_vit``: 1 + ``config.num_register_tokens``;
+    ``alibi_dinov2`` / ``alibi_dinov3`` / ``dinov2_with_registers`` / ``dinov3_vit``: 1 + ``config.num_register_tokens``;
     ``dinov2``, ``vit``, ``vit_mae``, ``vit_msn``, CLIP: 1; ``deit``: 2; ``ijepa``, SigLIP: 0.
     """
     backbone = resolve_backbone(model)

@@ -207,8 +207,11 @@ def test_every_model_zoo_command_parses_and_names_a_known_source():
         assert any(f"/dinov2_{size}_reg4_pretrain.pth" in line for line in commands), size
     for size in ("small", "base", "large", "giant"):
         assert any(f"facebook/dinov2-with-registers-{size} " in line for line in commands), size
+    for size in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16"):
+        assert any(f"facebook/dinov3-{size}-pretrain-lvd1689m " in line for line in commands), size
+    assert any(f"hf://{RELEASE_REPO}/alibi_coco_dv3_vits16_plus_reg4.pth " in line for line in commands)
     for line in commands:
         args = convert_checkpoint.parse_args(shlex.split(line)[2:])
-        assert is_remote_file(args.source) or args.source.startswith("facebook/dinov2"), line
+        assert is_remote_file(args.source) or args.source.startswith(("facebook/dinov2", "facebook/dinov3")), line
         if "nope" in args.source:
             assert args.variant in ("keep-pe", "nope"), line
