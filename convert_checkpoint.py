@@ -312,6 +312,11 @@ def _dinov3_architecture(state_dict: dict, num_heads: int | None) -> dict:
     periods = state_dict.get("rope_embed.periods")
     head_dim = 4 * periods.numel() if periods is not None and num_heads is None else DINOV2_HEAD_DIM
     num_heads = num_heads or hidden_size // head_dim
+    if num_heads == 0 or hidden_size % num_heads:
+        raise CheckpointKeyError(
+            f"Width {hidden_size} does not split into {head_dim}-dimensional heads: give the head count with "
+            "--num_heads (the state dict has no RoPE periods to read the head size from)."
+        )
     masks = [tensor for key, tensor in state_dict.items() if key.endswith(".attn.qkv.bias_mask")]
     masked = {_key_bias_masked(mask, "attn.qkv.bias_mask") for mask in masks}
     if len(masked) > 1:

@@ -274,3 +274,98 @@ def test_every_dinov3_size_converts_with_its_released_shapes(hidden, layers, gat
     masked_key_bias = layers * hidden
     total = sum(math.prod(shape) for key, shape in shapes.items() if not key.endswith(("bias_mask", "periods")))
     assert sum(p.numel() for p in model.state_dict().values()) == total - masked_key_bias
+
+
+# --- ALiBi-DINOv3 models -------------------------------------------------------------------------------------------
+
+
+def save_meta(tmp_path, state_dict, name="dinov3_tiny.pth"):
+    path = tmp_path / name
+    torch.save(state_dict, path)
+    return path
+
+
+def assert_matches(model, reference, sizes=SIZES, atol=1e-5):
+    for size in sizes:
+        x = pixels(*size)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).last_hidden_state, reference(x), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.", "backbone."])
+@pytest.mark.parametrize("gated", [False, True])
+def test_reference_alibi_dinov3_matches_an_eager_alibi_reference(tmp_path, prefix, gated):
+    """The reference ALiBi-DINOv3 layout (Meta's dinov3 keys, `rope_embed` removed): constant-slope, wrapped,
+    normalised Euclidean ALiBi, against the eager ViT with the bias from explicit loops, to 1e-5."""
+    meta = to_meta_dinov3_keys(hf_dinov3(gated=gated), rope=False)
+    path = save_meta(tmp_path, {prefix + key: value for key, value in meta.items()}, "alibi_coco_dv3_tiny_reg4.pth")
+    with pytest.raises(CheckpointKeyError, match="--num_heads"):  # no RoPE periods: 64-dimensional heads assumed
+        convert_checkpoint.convert(path)
+    model = convert_checkpoint.convert(path, variant="keep-pe", num_heads=2)
+    config = model.config
+    assert config.model_type == "alibi_dinov3" and config.use_alibi and not config.use_rope
+    assert (config.alibi_slopes, config.alibi_metric, config.alibi_wrap, config.alibi_normalize) == (
+        "constant", "euclidean", True, True)
+    assert config.num_attention_heads == 2 and config.num_register_tokens == 4 and config.use_gated_mlp == gated
+    assert_matches(model, lambda x: reference_dinov3_forward(meta, x, 2, slopes=torch.ones(2, 2)))
+
+
+def test_learned_dinov3_slopes_are_loaded(tmp_path):
+    slopes = torch.tensor([[0.3, 1.7], [0.9, 0.1]])
+    meta = to_meta_dinov3_keys(hf_dinov3(), rope=False)
+    for layer, layer_slopes in enumerate(slopes):
+        meta[f"blocks.{layer}.attn.m"] = layer_slopes.reshape(-1, 1, 1).clone()
+    model = convert_checkpoint.convert(save_meta(tmp_path, meta), variant="keep-pe", num_heads=2)
+    assert model.config.alibi_slopes == "learned"
+    torch.testing.assert_close(model.model.alibi.slopes.detach(), slopes)
+    assert_matches(model, lambda x: reference_dinov3_forward(meta, x, 2, slopes=slopes), sizes=[(64, 48)])
+
+
+def test_meta_dinov3_with_rope_keep_pe_is_stock_dinov3_and_alibi_drops_the_rope(tmp_path):
+    source = hf_dinov3(gated=True)
+    meta = to_meta_dinov3_keys(source)
+    path = save_meta(tmp_path, meta)
+    stock = convert_checkpoint.convert(path, variant="keep-pe")
+    assert stock.config.use_rope and not stock.config.use_alibi and stock.config.rope_theta == 100.0
+    assert_matches(stock, lambda x: source(x).last_hidden_state)
+    assert_matches(stock, lambda x: reference_dinov3_forward(meta, x, 2))
+    alibi = convert_checkpoint.convert(path)  # --variant alibi
+    assert alibi.config.use_alibi and not alibi.config.use_rope
+    without_rope = {key: value for key, value in meta.items() if key != "rope_embed.periods"}
+    assert_matches(alibi, lambda x: reference_dinov3_forward(without_rope, x, 2, slopes=torch.ones(2, 2)))
+    nope = convert_checkpoint.convert(path, variant="nope")
+    assert not nope.config.use_alibi and not nope.config.use_rope
+    assert_matches(nope, lambda x: reference_dinov3_forward(without_rope, x, 2), sizes=[(64, 48)])
+    with pytest.raises(convert_checkpoint.InputError, match="--source_position learned does not apply"):
+        convert_checkpoint.convert(path, source_position="learned")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_transformers_dinov3_folder_converts(tmp_path, gated):
+    source = hf_dinov3(gated=gated)
+    source.save_pretrained(tmp_path / "source")
+    stock = convert_checkpoint.convert(str(tmp_path / "source"), variant="keep-pe")
+    assert stock.config.use_rope and not stock.config.use_alibi and stock.config.use_gated_mlp == gated
+    assert_matches(stock, lambda x: source(x).last_hidden_state)
+    alibi = convert_checkpoint.convert(str(tmp_path / "source"), tmp_path / "alibi")
+    assert alibi.config.use_alibi and not alibi.config.use_rope
+    theirs = source.state_dict()
+    assert alibi.state_dict().keys() == theirs.keys()
+    for name, tensor in alibi.state_dict().items():
+        torch.testing.assert_close(tensor, theirs[name], atol=0, rtol=0)
+    card = (tmp_path / "alibi" / "README.md").read_text()
+    assert "# ALiBi-DINOv3 (ALiBi)" in card and "`DINOv3ViTModel`" in card and "| `use_rope` | `False` |" in card
+    expected = "facebook/dinov3-vits16plus-pretrain-lvd1689m" if gated else "facebook/dinov3-vits16-pretrain-lvd1689m"
+    config = type(alibi.config)(**dict(TINY_DINOV3, hidden_size=384, num_attention_heads=6, use_gated_mlp=gated))
+    assert convert_checkpoint._comparison_model(config, str(tmp_path)) == expected
+
+
+def test_keep_pe_keeps_both_rope_and_alibi_of_a_dinov3_source_with_both(tmp_path):
+    source = convert_checkpoint.convert(save_meta(tmp_path, to_meta_dinov3_keys(hf_dinov3())), variant="keep-pe")
+    config = type(source.config)(**{**source.config.to_dict(), "use_alibi": True, "use_rope": True})
+    both = type(source)(config).eval()
+    both.load_state_dict(source.state_dict())
+    both.save_pretrained(tmp_path / "both")
+    converted = convert_checkpoint.convert(str(tmp_path / "both"), variant="keep-pe")
+    assert converted.config.use_alibi and converted.config.use_rope
+    assert_matches(converted, lambda x: both(x).last_hidden_state)

@@ -215,3 +215,60 @@ def test_every_model_zoo_command_parses_and_names_a_known_source():
         assert is_remote_file(args.source) or args.source.startswith(("facebook/dinov2", "facebook/dinov3")), line
         if "nope" in args.source:
             assert args.variant in ("keep-pe", "nope"), line
+
+
+# --- DINOv3 ---------------------------------------------------------------------------------------------------------
+
+
+ALIBI_DINOV3 = "alibi_coco_dv3_vits16_plus_reg4.pth"
+VITS16_PLUS = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6)
+
+
+def test_released_alibi_dinov3_converts_offline_from_the_hub_cache_at_full_size(tmp_path, hub_cache):
+    """A full-size ViT-S+/16-reg4 in the reference ALiBi-DINOv3 layout (Meta's dinov3 keys, no RoPE, 211 keys) with
+    random weights, from the Hub cache by its `hf://` name, against the eager reference to 1e-4."""
+    from modeling_alibi_dinov3 import AlibiDinov3Model
+    from test_convert_dinov3 import hf_dinov3, reference_dinov3_forward, to_meta_dinov3_keys
+
+    state_dict = to_meta_dinov3_keys(hf_dinov3(gated=True, **VITS16_PLUS), rope=False)
+    assert len(state_dict) == 211 and "rope_embed.periods" not in state_dict
+    torch.save(state_dict, tmp_path / ALIBI_DINOV3)
+    put_in_hub_cache(hub_cache, RELEASE_REPO, {ALIBI_DINOV3: tmp_path / ALIBI_DINOV3})
+    output = tmp_path / "alibi-dinov3"
+    result = command(f"hf://{RELEASE_REPO}/{ALIBI_DINOV3}", output, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AlibiDinov3Model.from_pretrained(output).eval()
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (
+        384, 12, 6, 1536)
+    assert config.use_gated_mlp and config.use_alibi and not config.use_rope and config.num_register_tokens == 4
+    assert (config.alibi_slopes, config.alibi_metric, config.alibi_wrap, config.alibi_normalize) == (
+        "constant", "euclidean", True, True)
+    x = pixels(96, 80, batch=1)  # a 6 x 5 grid
+    with torch.no_grad():
+        error = (model(x).last_hidden_state - reference_dinov3_forward(state_dict, x, 6, torch.ones(12, 6))).abs().max()
+    assert error.item() < 1e-4
+
+
+@pytest.mark.parametrize("hub_id, gated", [("facebook/dinov3-vits16-pretrain-lvd1689m", False),
+                                           ("facebook/dinov3-vits16plus-pretrain-lvd1689m", True)])
+def test_dinov3_hub_ids_convert_offline_from_the_hub_cache(tmp_path, hub_cache, hub_id, gated):
+    from hub_cache import put_folder_in_hub_cache
+    from modeling_alibi_dinov3 import AlibiDinov3Model
+    from test_convert_dinov3 import hf_dinov3
+
+    source = hf_dinov3(gated=gated)
+    source.save_pretrained(tmp_path / "source")
+    put_folder_in_hub_cache(hub_cache, hub_id, tmp_path / "source")
+    for variant in ("keep-pe", "alibi"):
+        result = command(hub_id, tmp_path / variant, "--variant", variant, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    stock = AlibiDinov3Model.from_pretrained(tmp_path / "keep-pe").eval()
+    assert stock.config.use_rope and not stock.config.use_alibi and stock.config.use_gated_mlp == gated
+    x = pixels(64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).last_hidden_state, source(x).last_hidden_state, atol=1e-5, rtol=0)
+    alibi = AlibiDinov3Model.from_pretrained(tmp_path / "alibi")
+    assert alibi.config.use_alibi and not alibi.config.use_rope
+    assert all(torch.equal(tensor, source.state_dict()[name]) for name, tensor in alibi.state_dict().items())
+    assert f"base_model: {hub_id}" in (tmp_path / "alibi" / "README.md").read_text()

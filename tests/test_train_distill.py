@@ -146,6 +146,33 @@ def test_loss_falls_and_the_saved_model_reloads_with_identical_outputs(teacher_f
     assert cosines[-1] > cosines[0]
 
 
+def test_distillation_loss_falls_on_a_tiny_dinov3_teacher(image_folder, tmp_path):
+    """A DINOv3 teacher (RoPE) gives an ALiBi-DINOv3 student, converted from it by the same code path. The teacher is
+    the quickstart's synthetic DINOv3, whose features depend on its RoPE (a random one barely does)."""
+    from transformers import AutoModel
+
+    from synthetic_teachers import build_synthetic_dinov3_teacher
+
+    build_synthetic_dinov3_teacher(tmp_path / "teacher", grid=4)
+    output = tmp_path / "run"
+    result = train_distill.main(flags(tmp_path / "teacher", image_folder, output, "--num_train_epochs", 6,
+                                      "--image_size", 64, "--probe_image_size", 288, "--probe_every_n_steps", 9))
+    losses = result.summary["epoch_losses"]
+    # From about 0.70 to 0.40 (the student starts far: constant-slope Euclidean ALiBi in place of the RoPE).
+    assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.7 * losses[0], losses
+    student = result.model
+    assert type(student).__name__ == "AlibiDinov3Model"
+    assert student.config.use_alibi and not student.config.use_rope and student.config.num_register_tokens == 4
+    assert not student.embeddings.mask_token.requires_grad
+    history = result.summary["evaluations"]
+    assert history[-1]["patch_cosine_to_teacher"] > history[0]["patch_cosine_to_teacher"]
+    reloaded = AutoModel.from_pretrained(output, trust_remote_code=True).eval()
+    pixel_values = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values).last_hidden_state, student.eval()(pixel_values).last_hidden_state)
+    assert "# ALiBi-DINOv3 (ALiBi)" in (output / "README.md").read_text()
+
+
 class Killed(Exception):
     """Stands for the process being killed in the middle of a step."""
 
