@@ -176,6 +176,17 @@ def _vit_architecture(state_dict: dict, num_heads: int | None) -> dict:
     )
 
 
+def _finish_mapping(converted: dict, unexpected: list, slopes: dict, layout: str, slopes_key: str) -> None:
+    """End of a key mapping: unmapped source keys raise `CheckpointKeyError` naming them; per-block ALiBi slopes
+    `{block: (heads,)}` become one `(layers, heads)` tensor at `slopes_key`."""
+    if unexpected:
+        raise CheckpointKeyError(
+            f"{len(unexpected)} unexpected key(s) in the {layout} state dict: {', '.join(sorted(unexpected))}"
+        )
+    if slopes:
+        converted[slopes_key] = torch.stack([slopes[i] for i in range(len(slopes))])
+
+
 def convert_vit_state_dict(state_dict: dict, source_format: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Map a Meta or timm ViT state dict onto `AlibiDinov2Model` keys.
 
@@ -236,12 +247,7 @@ def convert_vit_state_dict(state_dict: dict, source_format: str, num_heads: int 
                 unexpected.append(key)
         else:
             unexpected.append(key)
-    if unexpected:
-        raise CheckpointKeyError(
-            f"{len(unexpected)} unexpected key(s) in the {source_format} state dict: {', '.join(sorted(unexpected))}"
-        )
-    if slopes:
-        converted["encoder.alibi.slopes"] = torch.stack([slopes[i] for i in range(len(slopes))])
+    _finish_mapping(converted, unexpected, slopes, source_format, "encoder.alibi.slopes")
     # timm checkpoints carry no mask token (used only by masked pre-training): start it at zero, as DINOv2 does.
     converted.setdefault("embeddings.mask_token", torch.zeros(1, hidden_size))
     architecture["num_register_tokens"] = (
@@ -385,12 +391,7 @@ def convert_dinov3_state_dict(state_dict: dict, num_heads: int | None = None) ->
             converted.update({name: part.clone() for name, part in entries.items()})
         else:
             unexpected.append(key)
-    if unexpected:
-        raise CheckpointKeyError(
-            f"{len(unexpected)} unexpected key(s) in the dinov3 state dict: {', '.join(sorted(unexpected))}"
-        )
-    if slopes:
-        converted["model.alibi.slopes"] = torch.stack([slopes[i] for i in range(len(slopes))])
+    _finish_mapping(converted, unexpected, slopes, "dinov3", "model.alibi.slopes")
     converted.setdefault("embeddings.register_tokens", torch.zeros(1, 0, hidden_size))
     converted.setdefault("embeddings.mask_token", torch.zeros(1, 1, hidden_size))
     return converted, architecture

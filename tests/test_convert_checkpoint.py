@@ -93,6 +93,16 @@ def loop_distance_matrix(height, width, num_prefix, wrap=True):
     return distance
 
 
+def attention_residual(x, q, k, v, p, bias=None):
+    """`x` plus the LayerScale'd (`ls1`) projection (`attn.proj`) of softmax(q k^T / sqrt(d) + bias) v, for
+    `(B, heads, N, d)` q, k, v; `p(name)` gives the block's tensors."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    attended = (logits.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+    return x + p("ls1.gamma") * (attended @ p("attn.proj.weight").T + p("attn.proj.bias"))
+
+
 def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap=True, eps=1e-6):
     """An eager ViT written from a timm-layout state dict: position embedding on patch tokens only (timm's
     no_embed_class), CLS then registers, and with `slopes` (layers x heads) a 2D ALiBi bias from explicit loops."""
@@ -115,11 +125,7 @@ def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap
         y = F.layer_norm(x, (channels,), p("norm1.weight"), p("norm1.bias"), eps)
         qkv = (y @ p("attn.qkv.weight").T + p("attn.qkv.bias")).reshape(batch, num_tokens, 3, num_heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-        if slopes is not None:
-            logits = logits - slopes[layer].reshape(1, num_heads, 1, 1) * distance
-        attended = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, num_tokens, channels)
-        x = x + p("ls1.gamma") * (attended @ p("attn.proj.weight").T + p("attn.proj.bias"))
+        x = attention_residual(x, q, k, v, p, None if slopes is None else -slopes[layer].reshape(-1, 1, 1) * distance)
         y = F.layer_norm(x, (channels,), p("norm2.weight"), p("norm2.bias"), eps)
         hidden = F.gelu(y @ p("mlp.fc1.weight").T + p("mlp.fc1.bias"))
         x = x + p("ls2.gamma") * (hidden @ p("mlp.fc2.weight").T + p("mlp.fc2.bias"))

@@ -10,7 +10,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 import convert_checkpoint
 from convert_checkpoint import CheckpointKeyError
-from test_convert_checkpoint import loop_distance_matrix, pixels, shapes_of
+from test_convert_checkpoint import attention_residual, loop_distance_matrix, pixels, shapes_of
 
 
 # 2 layers, 2 heads of 16 dims (4 RoPE periods), 16 px patches.
@@ -118,11 +118,7 @@ def reference_dinov3_forward(state_dict, pixel_values, num_heads, slopes=None, w
         if rope:
             q = torch.cat([q[:, :, :num_prefix], rotate(q[:, :, num_prefix:], cos, sin)], dim=2)
             k = torch.cat([k[:, :, :num_prefix], rotate(k[:, :, num_prefix:], cos, sin)], dim=2)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-        if slopes is not None:
-            logits = logits - slopes[layer].reshape(1, num_heads, 1, 1) * distance
-        attended = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, num_tokens, channels)
-        x = x + p("ls1.gamma") * (attended @ p("attn.proj.weight").T + p("attn.proj.bias"))
+        x = attention_residual(x, q, k, v, p, None if slopes is None else -slopes[layer].reshape(-1, 1, 1) * distance)
         y = F.layer_norm(x, (channels,), p("norm2.weight"), p("norm2.bias"), eps)
         if f"blocks.{layer}.mlp.w1.weight" in state_dict:
             gate = F.silu(y @ p("mlp.w1.weight").T + p("mlp.w1.bias"))

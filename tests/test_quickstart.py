@@ -13,6 +13,19 @@ import synthetic_teachers
 from evaluation.positional_probe import linear_probe
 
 
+def neighbourhood_shifts(model, pixels, patch, generator):
+    """How much each patch token of `model` (4 registers) moves, relative to its norm and averaged over the batch,
+    when the patch at row 3, column 3 is redrawn: the `(grid, grid)` map and its mean over that patch's 4
+    neighbours."""
+    grid = pixels.shape[-1] // patch
+    changed = pixels.clone()
+    changed[..., 3 * patch : 4 * patch, 3 * patch : 4 * patch] = torch.randn(4, 3, patch, patch, generator=generator)
+    with torch.no_grad():
+        before, after = (model(pixel_values=x).last_hidden_state[:, 5:] for x in (pixels, changed))
+    shift = ((after - before).norm(dim=-1) / before.norm(dim=-1)).mean(0).reshape(grid, grid)
+    return shift, torch.stack([shift[2, 3], shift[4, 3], shift[3, 2], shift[3, 4]]).mean()
+
+
 def test_synthetic_position_embedding_is_smooth_ramps():
     embedding = synthetic_teachers.smooth_position_embedding(grid=6, hidden_size=16, amplitude=2.0)
     assert embedding.shape == (1, 37, 16)
@@ -35,12 +48,8 @@ def test_synthetic_teacher_attends_to_each_patch_neighbourhood(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(teacher(pixel_values=pixels).last_hidden_state,
                                    built(pixel_values=pixels).last_hidden_state)
-        # Change the patch at row 3, column 3 of the 8 x 8 grid: its neighbours' features move, far patches' barely.
-        changed = pixels.clone()
-        changed[..., 42:56, 42:56] = torch.randn(4, 3, 14, 14, generator=generator)
-        before, after = (teacher(pixel_values=x).last_hidden_state[:, 5:] for x in (pixels, changed))
-    shift = ((after - before).norm(dim=-1) / before.norm(dim=-1)).mean(0).reshape(8, 8)
-    neighbours = torch.stack([shift[2, 3], shift[4, 3], shift[3, 2], shift[3, 4]]).mean()
+    # Change the patch at row 3, column 3 of the 8 x 8 grid: its neighbours' features move, far patches' barely.
+    shift, neighbours = neighbourhood_shifts(teacher, pixels, 14, generator)
     assert neighbours > 0.1  # about 0.3
     assert shift[7, 7] < 0.05 * neighbours  # (wrapped) Manhattan distance 8: about 0.001
     # Its attention logits are a cosine series close to ALiBi's -slope * |u| along each axis (u = offset / grid).
@@ -68,14 +77,7 @@ def test_synthetic_dinov3_teacher_leaks_position_and_attends_to_each_patch_neigh
 
     assert r2(teacher) > 0.8 and r2(random) < 0
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(4, 3, 112, 112, generator=generator)
-    with torch.no_grad():
-        # Change the patch at row 3, column 3 of the 7 x 7 grid.
-        changed = pixels.clone()
-        changed[..., 48:64, 48:64] = torch.randn(4, 3, 16, 16, generator=generator)
-        before, after = (teacher(pixel_values=x).last_hidden_state[:, 5:] for x in (pixels, changed))
-    shift = ((after - before).norm(dim=-1) / before.norm(dim=-1)).mean(0).reshape(7, 7)
-    neighbours = torch.stack([shift[2, 3], shift[4, 3], shift[3, 2], shift[3, 4]]).mean()
+    shift, neighbours = neighbourhood_shifts(teacher, torch.randn(4, 3, 112, 112, generator=generator), 16, generator)
     assert neighbours > 0.1  # about 0.27
     assert shift[0, 0] < 0.05 * neighbours and shift[6, 6] < 0.05 * neighbours  # Manhattan distance 6: about 0.001
 
