@@ -467,9 +467,9 @@ class TrainableSegmenter(BaseEstimator):
     def save(self, path: str | os.PathLike) -> None:
         """Save the fitted segmenter to one file (see :mod:`evaluation.segmenter_file`).
 
-        The torch model is not stored, only its hub id / folder (``model_name_``); pass the model again
-        to :meth:`load`. The file holds JSON settings and the classifier in a data-only format, so loading
-        never runs code from the file.
+        The torch model is not stored, only its hub id / folder (``model_name_``) and, for ViT features, the image
+        statistics they were computed with; pass the model again to :meth:`load`. The file holds JSON settings and
+        the classifier in a data-only format, so loading never runs code from the file.
         """
         from evaluation.segmenter_file import write_segmenter
 
@@ -484,6 +484,7 @@ class TrainableSegmenter(BaseEstimator):
             "classes": self.classes_.tolist(),
             "feature_names": self.feature_names_,
             "image_channels": self.n_image_channels_,
+            "image_statistics": self.image_statistics() if self._uses_vit else None,
         }
         write_segmenter(path, settings, self.classifier_)
 
@@ -497,13 +498,16 @@ class TrainableSegmenter(BaseEstimator):
             path: the saved file.
             model: the transformers model, required when the segmenter uses ViT features (the file
                 names the model it was trained with).
-            image_processor: optional image processor for the ViT features.
+            image_processor: image statistics for the ViT features; default: those the file records (the ones
+                it was trained with; ImageNet's for files that record none).
             feature_cache: see the class.
         """
         from evaluation.segmenter_file import read_segmenter
 
         settings, read_classifier = read_segmenter(path)
         params = {**settings["params"], "sigmas": tuple(settings["params"]["sigmas"])}
+        if image_processor is None:
+            image_processor = settings.get("image_statistics")
         segmenter = cls(**params, model=model, image_processor=image_processor, feature_cache=feature_cache)
         segmenter._check_model(model, settings["model_name"])
         segmenter.classifier_ = read_classifier(segmenter._make_classifier())
