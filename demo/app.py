@@ -35,7 +35,7 @@ from evaluation.image_io import load_image, to_rgb01
 from evaluation.preprocessing import shrink_to_max_side
 from evaluation.names import short_names
 from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
-from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb
+from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
 
 
 PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
@@ -101,10 +101,6 @@ def patches_to_pixels(patch_map: np.ndarray, patch_size: int) -> np.ndarray:
     """`(h, w[, ...])` per-patch map -> `(h * p, w * p[, ...])`, each patch a constant block (no smoothing, so the
     blocks show what the model resolves)."""
     return np.repeat(np.repeat(np.asarray(patch_map), patch_size, axis=0), patch_size, axis=1)
-
-
-def to_uint8(rgb01: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def render_comparison(

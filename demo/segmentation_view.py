@@ -24,7 +24,7 @@ import numpy as np
 from evaluation.image_io import to_rgb01
 from evaluation.preprocessing import resize_nearest, shrink_to_max_side, shrunk_size
 from evaluation.trainable_segmentation import TrainableSegmenter
-from evaluation.visualisation import CLASS_COLOURS, overlay_labels
+from evaluation.visualisation import CLASS_COLOURS, overlay_labels, to_uint8
 
 FEATURE_SETS = ("classical", "classical+vit")
 MASK_FORMATS = {"PNG": ".png", "TIFF": ".tif"}
@@ -61,10 +61,6 @@ def colour_legend() -> str:
     classes = ", ".join(f"{index} = {name} ({code})" for index, ((name, _), code) in
                         enumerate(zip(CLASS_COLOURS, hex_colours()), start=1))
     return f"Brush colour k is class k: {classes}."
-
-
-def to_uint8(rgb01: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def editor_picture(image: np.ndarray, max_side: int = EDITOR_MAX_SIDE) -> np.ndarray:

@@ -89,6 +89,11 @@ CLASS_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
 )
 
 
+def to_uint8(rgb01: np.ndarray) -> np.ndarray:
+    """A picture in [0, 1] (values outside clipped) as 8-bit, rounded."""
+    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def overlay_labels(rgb01: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Class colours (:data:`CLASS_COLOURS`) alpha-blended over an `(H, W, 3)` image in [0, 1]; label 0 shows the
     image unchanged.
