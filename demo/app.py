@@ -1,9 +1,14 @@
-"""Side-by-side features of DINOv2 and ALiBi-DINOv2 on one micrograph, in the browser (Gradio).
+"""Side-by-side features of DINOv2 and ALiBi-DINOv2 on one micrograph, in the browser (Gradio), and scribble
+segmentation with each model's features.
 
-For every model the demo shows the PCA colours of the patch features, a k-means segmentation of the patches and
+Features tab: for every model the PCA colours of the patch features, a k-means segmentation of the patches and
 the positional probe: the held-out R^2 with which a linear map recovers each patch's column (x) and row (y) from
 its features. Position-free features score near 0 (or below); stock DINOv2 scores high, and its PCA and k-means
 maps show left-right and radial gradients on homogeneous material.
+
+Segmentation tab: scribbles in 2 to 8 class colours train a segmenter per model (classical or classical + ViT
+features, see `demo.segmentation_view`); the masks come back overlaid on the image, side by side, with the area
+fraction of each class, and each model's segmenter and mask can be downloaded.
 
     pip install -e ".[eval,demo]"
     python -m demo.app --models facebook/dinov2-with-registers-small path/or/hub-id/of/an-alibi-model
@@ -15,22 +20,27 @@ Images are pictures dropped on the page, or files (PNG, JPEG, TIFF of 8 or 16 bi
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from demo import segmentation_view as segmentation
 from evaluation.cli import ArgumentParser, run_command
+from evaluation.feature_cache import FeatureCache
 from evaluation.feature_extraction import extract_patch_features, patch_size_of
 from evaluation.image_io import load_image, to_rgb01
 from evaluation.preprocessing import shrink_to_max_side
 from evaluation.names import short_names
 from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
-from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb
+from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
 
 
 PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
 DEFAULT_MAX_SIDE = 896  # 64 patches of 14 px: a few seconds per ViT-S forward on a laptop CPU
+DEFAULT_FEATURE_CACHE_MB = 8192  # a 4096 x 4096 image's classical stack (3.9 GB) and two models' ViT channels
 
 
 @dataclass
@@ -93,10 +103,6 @@ def patches_to_pixels(patch_map: np.ndarray, patch_size: int) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(patch_map), patch_size, axis=0), patch_size, axis=1)
 
 
-def to_uint8(rgb01: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def render_comparison(
     models: Mapping[str, tuple[object, object]],
     image: np.ndarray,
@@ -152,8 +158,13 @@ def sample_images() -> dict[str, np.ndarray]:
 TABLE_HEADERS = ["model", "patch grid", "x R^2 (held out)", "y R^2 (held out)", "verdict"]
 
 
-def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFAULT_MAX_SIDE):
-    """The Gradio page: an image (picture or file), the number of k-means clusters, and the comparison."""
+def build_demo(
+    models: Mapping[str, tuple[object, object]],
+    max_side: int = DEFAULT_MAX_SIDE,
+    feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB,
+):
+    """The Gradio page: a features tab (an image, the number of k-means clusters, the comparison) and a segmentation
+    tab (an image with scribbles, the models and features to compare, the masks)."""
     try:
         import gradio as gr
     except ImportError as error:
@@ -163,10 +174,7 @@ def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFA
 
     def run(picture, upload, n_clusters):
         if upload is not None:
-            try:
-                picture = read_upload(upload)
-            except (OSError, ValueError) as error:
-                raise gr.Error(f"Could not read {upload}: {error}") from error
+            picture = read_chosen_file(gr, upload)
         if picture is None:
             raise gr.Error("Drop an image on the page, choose a file, or pick one of the examples.")
         try:
@@ -177,23 +185,92 @@ def build_demo(models: Mapping[str, tuple[object, object]], max_side: int = DEFA
     with gr.Blocks(title="ALiBi-DINOv2: features without position") as page:
         gr.Markdown(
             "# ALiBi-DINOv2: patch features without positional bias\n"
-            "PCA colours and k-means clusters of each model's patch features, and how well a linear probe "
-            "recovers a patch's position (x, y) from them: near 0 means the features describe what a patch "
-            f"shows, not where it sits. Images are shrunk to {max_side} px on their longer side."
+            "Compare the patch features of stock DINOv2 and ALiBi-DINOv2 on your micrographs, and segment them "
+            "from a few scribbles with each model's features."
         )
-        with gr.Row():
-            with gr.Column(scale=1):
-                picture = gr.Image(label="image", type="numpy", image_mode="RGB")
-                upload = gr.File(label="or a file (PNG, JPEG, 8/16-bit TIFF)", type="filepath")
-                n_clusters = gr.Slider(2, 8, value=3, step=1, label="k-means clusters")
-                button = gr.Button("Compare", variant="primary")
-                gr.Examples(examples=[[image] for image in samples.values()], inputs=[picture], label="examples")
-            with gr.Column(scale=2):
-                gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
-                gr.Markdown(R2_MEANING)
-        button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
+        with gr.Tabs():
+            with gr.Tab("Features"):
+                gr.Markdown(
+                    "PCA colours and k-means clusters of each model's patch features, and how well a linear probe "
+                    "recovers a patch's position (x, y) from them: near 0 means the features describe what a patch "
+                    f"shows, not where it sits. Images are shrunk to {max_side} px on their longer side."
+                )
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        picture = gr.Image(label="image", type="numpy", image_mode="RGB")
+                        upload = gr.File(label="or a file (PNG, JPEG, 8/16-bit TIFF)", type="filepath")
+                        n_clusters = gr.Slider(2, 8, value=3, step=1, label="k-means clusters")
+                        button = gr.Button("Compare", variant="primary")
+                        examples = [[image] for image in samples.values()]
+                        gr.Examples(examples=examples, inputs=[picture], label="examples")
+                    with gr.Column(scale=2):
+                        gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
+                        table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
+                        gr.Markdown(R2_MEANING)
+                button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
+            with gr.Tab("Segmentation"):
+                segmentation_tab(gr, models, FeatureCache(feature_cache_mb << 20))
     return page
+
+
+def read_chosen_file(gr, path: str | None):
+    """`read_upload` of a chosen file (None for none), its errors as a message on the page naming the file."""
+    try:
+        return None if path is None else read_upload(path)
+    except (OSError, ValueError) as error:
+        raise gr.Error(f"Could not read {path}: {error}") from error
+
+
+def segmentation_tab(gr, models: Mapping[str, tuple[object, object]], feature_cache: FeatureCache) -> None:
+    """The segmentation tab's components and events (thin wiring over `demo.segmentation_view`)."""
+
+    def show_file(path):
+        return gr.skip() if path is None else segmentation.editor_value(read_chosen_file(gr, path))
+
+    def segment(editor, upload, chosen, feature_set, mask_format, progress=gr.Progress()):
+        editor = editor or {"background": None, "layers": []}
+        chosen_image = read_chosen_file(gr, upload)
+        try:
+            image = segmentation.image_to_segment(editor["background"], chosen_image, upload and Path(upload).name)
+            gallery, headers, rows, files = segmentation.run_segmentation(
+                image, editor["layers"], {name: models[name] for name in chosen or []}, feature_set,
+                Path(tempfile.mkdtemp(prefix="alibi-segmentation-")), mask_format, feature_cache,
+                lambda fraction, text: progress(fraction, desc=text),
+            )
+        except (OSError, ValueError) as error:  # what is wrong with the image or the scribbles, and what to do
+            raise gr.Error(str(error)) from error
+        return gallery, {"headers": headers, "data": rows}, [str(path) for path in files]
+
+    gr.Markdown(
+        "Draw scribbles on the micrograph with the brush, in 2 to 8 colours, one colour per class; each model's "
+        "features train a classifier (XGBoost) on the scribbled pixels, which labels every pixel of the full-size "
+        "image. Features are computed once per image, model and feature set, so adding scribbles and running again "
+        f"is quick. {segmentation.colour_legend()}"
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            editor = gr.ImageEditor(
+                label="image and scribbles", type="numpy", image_mode="RGBA", format="png", transforms=(),
+                sources=("upload", "clipboard"), layers=False, eraser=gr.Eraser(),
+                brush=gr.Brush(colors=segmentation.hex_colours(), color_mode="fixed"),
+            )
+            upload = gr.File(label="or a file, segmented in full precision (PNG, JPEG, 8/16-bit TIFF)",
+                             type="filepath")
+            chosen = gr.CheckboxGroup(list(models), value=list(models), label="models")
+            feature_set = gr.Radio(list(segmentation.FEATURE_SETS), value="classical+vit", label="features",
+                                   info="classical: the Weka-style stack alone, the same for every model")
+            mask_format = gr.Radio(list(segmentation.MASK_FORMATS), value="PNG", label="mask file")
+            button = gr.Button("Segment", variant="primary")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="segmentations", columns=max(len(models), 1), object_fit="contain",
+                                 format="png")
+            table = gr.Dataframe(headers=segmentation.table_headers([1, 2]), label="area fraction of each class",
+                                 interactive=False)
+            files = gr.File(label="downloads: segmenter (for alibi-segment apply) and mask per model",
+                            file_count="multiple")
+    upload.upload(show_file, inputs=[upload], outputs=[editor])
+    button.click(segment, inputs=[editor, upload, chosen, feature_set, mask_format], outputs=[gallery, table, files],
+                 api_name="segment")
 
 
 @dataclass
@@ -204,7 +281,10 @@ class DemoArguments:
     names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
                                                                   "part of each path or Hub id)"})
     device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
-    max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "shrink images to this longer side (pixels)"})
+    max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "features tab: shrink images to this longer side "
+                                                                      "(pixels); segmentation runs at full size"})
+    feature_cache_mb: int = field(default=DEFAULT_FEATURE_CACHE_MB, metadata={"help": "memory kept for the features "
+                                                                              "of recent images (MiB)"})
     port: int = field(default=7860, metadata={"help": "port of the page on 127.0.0.1"})
     share: bool = field(default=False, metadata={"help": "also serve through a public Gradio link"})
 
@@ -213,6 +293,8 @@ class DemoArguments:
             raise ValueError(f"--names gives {len(self.names)} names for {len(self.models)} models")
         if self.max_side < 1:
             raise ValueError(f"--max_side must be a positive number of pixels, got {self.max_side}")
+        if self.feature_cache_mb < 0:
+            raise ValueError(f"--feature_cache_mb must be 0 or more, got {self.feature_cache_mb}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
@@ -226,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     names = args.names or short_names(args.models)
     models = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
-    build_demo(models, args.max_side).launch(server_port=args.port, share=args.share)
+    build_demo(models, args.max_side, args.feature_cache_mb).launch(server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

@@ -213,21 +213,28 @@ def _membrane_responses_numpy(gray: np.ndarray, kernels: np.ndarray, chunk: int 
 
 
 def _membrane_statistics_numpy(responses: np.ndarray, out: np.ndarray) -> None:
-    """Write mean, max, min, sum, std and median across axis 0 of ``responses`` into ``out`` (6, H, W)."""
+    """Write mean, max, min, sum, std and median across axis 0 of ``responses`` into ``out`` (6, H, W); the median
+    reorders ``responses`` in place (no copy of the stack)."""
     np.mean(responses, axis=0, out=out[0])
     np.max(responses, axis=0, out=out[1])
     np.min(responses, axis=0, out=out[2])
     np.sum(responses, axis=0, out=out[3])
-    np.std(responses, axis=0, out=out[4])
+    squares = np.zeros(responses.shape[1:], dtype=np.float32)  # population std plane by plane: no stack-sized temporary
+    for plane in responses:
+        deviation = plane - out[0]
+        squares += deviation * deviation
+    np.sqrt(squares / len(responses), out=out[4])
     out[5] = _median_axis0_numpy(responses)
 
 
 def _median_axis0_numpy(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0, partitioning ``stack`` in place."""
     count = stack.shape[0]
     upper = count // 2
     # Partition over a small leading axis: cheaper than a full sort.
     kth = [upper - 1, upper] if count % 2 == 0 else [upper]
-    part = np.partition(stack, kth, axis=0)
+    stack.partition(kth, axis=0)
+    part = stack
     if count % 2:
         return part[upper]
     return 0.5 * (part[upper - 1] + part[upper])
@@ -236,7 +243,8 @@ def _median_axis0_numpy(stack: np.ndarray) -> np.ndarray:
 def _classical_features_numpy(gray: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
     n_channels = n_features(sigmas)
     height, width = gray.shape
-    stack = np.empty((n_channels, height, width), dtype=np.float32)
+    features = np.empty((height, width, n_channels), dtype=np.float32)
+    stack = np.moveaxis(features, -1, 0)  # channel planes written straight into the (H, W, C) result: no copy
     blurs: dict[float, np.ndarray] = {}
     channel = 0
     for sigma in sigmas:
@@ -252,7 +260,7 @@ def _classical_features_numpy(gray: np.ndarray, sigmas: tuple[float, ...]) -> np
         channel += 1
     responses = _membrane_responses_numpy(gray, membrane_kernels())
     _membrane_statistics_numpy(responses, stack[channel : channel + 6])
-    return np.ascontiguousarray(np.moveaxis(stack, 0, -1))
+    return features
 
 
 # --------------------------------------------------------------------------------------------------

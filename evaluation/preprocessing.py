@@ -118,17 +118,36 @@ def resize_and_crop(rgb01, size: int | None = None, mode: str = "center_crop", p
     return image[:, top : top + size, left : left + size].contiguous()
 
 
-def shrink_to_max_side(rgb01: np.ndarray, max_side: int) -> np.ndarray:
-    """(H, W, 3) in [0, 1] -> shrunk (bilinear, antialiased) so that its longer side is at most `max_side`;
-    returned as is when it already fits."""
+def shrunk_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """`(height, width)` scaled so that the longer side is at most `max_side` (kept when it already fits)."""
     if max_side < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
-    height, width = rgb01.shape[:2]
     if max(height, width) <= max_side:
-        return rgb01
+        return height, width
     scale = max_side / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def shrink_to_max_side(rgb01: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W, 3) in [0, 1] -> shrunk (bilinear, antialiased) to :func:`shrunk_size`; returned as is when it
+    already fits."""
+    size = shrunk_size(*rgb01.shape[:2], max_side)
+    if size == tuple(rgb01.shape[:2]):
+        return rgb01
     return _resize(_as_chw_tensor(rgb01), size, "bilinear").permute(1, 2, 0).numpy()
+
+
+def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W[, ...]) -> (shape[0], shape[1][, ...]) by nearest neighbour on pixel centres, so labels are never
+    blended; returned as is when the size already matches."""
+    labels = np.asarray(labels)
+    height, width = labels.shape[:2]
+    new_height, new_width = int(shape[0]), int(shape[1])
+    if (new_height, new_width) == (height, width):
+        return labels
+    rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
+    columns = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
+    return labels[rows[:, None], columns[None, :]]
 
 
 def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -163,6 +182,8 @@ __all__ = [
     "load_image_processor",
     "normalize",
     "resize_and_crop",
+    "resize_nearest",
     "shrink_to_max_side",
+    "shrunk_size",
     "to_pixel_values",
 ]

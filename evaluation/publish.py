@@ -247,8 +247,9 @@ def space_app(models: Mapping[str, str], max_side: int = DEFAULT_MAX_SIDE) -> st
     """`app.py` of the Space: the project's demo on `models` (display name -> Hub id or folder), built on import
     (as Gradio Spaces expect a module-level `demo`) and served only when run as a script."""
     return f'''"""ALiBi-DINOv2 browser demo: PCA colours, k-means clusters and the positional probe of each model's patch
-features on your micrographs. Runs the alibi-dinov2 project's demo (demo/app.py and the evaluation modules it uses,
-copied beside this file); the models load from the Hub with their own code (trust_remote_code)."""
+features on your micrographs, and scribble segmentation with each model's features. Runs the alibi-dinov2 project's
+demo (demo/app.py and the project modules it uses, copied beside this file); the models load from the Hub with their
+own code (trust_remote_code)."""
 
 from demo.app import build_demo
 from evaluation.probe_runner import load_model

@@ -74,9 +74,10 @@ def _as_list(value) -> list[str]:
 # train
 # --------------------------------------------------------------------------------------------------
 def _load_vit(name: Optional[str]):
+    """(model, its image statistics) of a Hub id or folder, `(None, None)` for no name."""
     from evaluation.probe_runner import load_model
 
-    return None if name is None else load_model(name)[0]
+    return (None, None) if name is None else load_model(name)
 
 
 def train(arguments: TrainArguments) -> Path:
@@ -89,9 +90,11 @@ def train(arguments: TrainArguments) -> Path:
         raise InputError(f"Give one --labels file per --images file (got {len(arguments.images)} and {len(arguments.labels)})")
     images = [read_image(path) for path in arguments.images]
     labels = [read_labels(path) for path in arguments.labels]
+    model, statistics = _load_vit(arguments.model if arguments.features != "classical" else None)
     segmenter = TrainableSegmenter(
         features=arguments.features,
-        model=_load_vit(arguments.model if arguments.features != "classical" else None),
+        model=model,
+        image_processor=statistics,  # the model's own, recorded in the file
         n_components=arguments.n_components,
         max_side=arguments.max_side,
     )
@@ -108,7 +111,8 @@ def train(arguments: TrainArguments) -> Path:
 # apply
 # --------------------------------------------------------------------------------------------------
 def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter:
-    """A saved segmenter with the ViT it names (or `model`) loaded when its features need one."""
+    """A saved segmenter with the ViT it names (or `model`) loaded when its features need one; its ViT features use
+    the image statistics the file records, those it was trained with."""
     from evaluation.segmenter_file import read_segmenter
 
     if not Path(path).is_file():
@@ -116,7 +120,7 @@ def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter
     settings, _ = read_segmenter(path)
     name = model or settings["model_name"]
     uses_vit = settings["params"]["features"] != "classical"
-    return TrainableSegmenter.load(path, model=_load_vit(name) if uses_vit else None)
+    return TrainableSegmenter.load(path, model=_load_vit(name)[0] if uses_vit else None)
 
 
 def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name) -> np.ndarray:

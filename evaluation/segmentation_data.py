@@ -39,7 +39,14 @@ import numpy as np
 import torch
 
 from evaluation.image_io import IMAGE_SUFFIXES, load_image, read_rgb01
-from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, normalize, resize_and_crop
+from evaluation.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_box,
+    normalize,
+    resize_and_crop,
+    resize_nearest,
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -256,10 +263,7 @@ def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray
         (new_height, new_width), (top, left) = (size, size), (0, 0)
     else:
         (new_height, new_width), (top, left) = center_crop_box(height, width, size)
-    if (new_height, new_width) != (height, width):
-        rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
-        columns = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
-        mask = mask[rows[:, None], columns[None, :]]
+    mask = resize_nearest(mask, (new_height, new_width))
     return np.ascontiguousarray(mask[top : top + size, left : left + size], dtype=np.int64)
 
 

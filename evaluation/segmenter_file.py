@@ -1,7 +1,8 @@
 """The saved-segmenter file: a zip archive of data only, safe to load from an untrusted source.
 
     settings.json        format name, version, estimator parameters, model id, classes, feature names,
-                         channel count of the training images
+                         channel count of the training images, image statistics (mean, std) of the ViT
+                         features (absent or null in files of classical features and in older files)
     classifier.json      an XGBoost classifier in XGBoost's own JSON format, or
     classifier.skops     a scikit-learn random forest in skops' format (loaded with skops' audit; only the
                          reviewed tree type is trusted)

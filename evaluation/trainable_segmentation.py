@@ -11,6 +11,11 @@ Example::
     mask = segmenter.predict(image)           # int32 (H, W), values = the scribbled classes
     segmenter.save("segmenter.zip")     # JSON settings + XGBoost JSON; safe to load
     same = TrainableSegmenter.load("segmenter.zip")
+
+With ``feature_cache=FeatureCache()`` (:mod:`evaluation.feature_cache`) an image's feature stacks are computed once
+and reused by later fits and predictions on the same pixels (more scribbles on the same image, several segmenters
+sharing the classical stack). The classical and ViT stacks are kept apart and never concatenated for the whole
+image: training gathers the labelled pixels of each, prediction joins them a block of pixels at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from evaluation.classical_features import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
+from evaluation.feature_cache import image_fingerprint
 
 FEATURE_SETS = ("classical", "vit", "classical+vit")
 CLASSIFIERS = ("xgboost", "random_forest")
@@ -142,11 +148,15 @@ class TrainableSegmenter(BaseEstimator):
         crf: refine predictions with a dense CRF (needs the optional ``pydensecrf`` package).
         random_state: seed of the classifier.
         sigmas: Gaussian scales of the classical stack.
-        max_side: tile size (pixels) for ViT feature extraction on large images; ``None`` = whole image.
-        image_processor: optional transformers image processor passed to the patch-feature extractor.
+        max_side: tile size (pixels) for ViT feature extraction on large images; ``None`` = the whole image in one
+            pass (ALiBi-DINOv2 models stream their attention on large images, so memory stays linear in the pixels).
+        image_processor: image statistics of the ViT's input (its processor, or a dict with ``image_mean`` and
+            ``image_std``, as :func:`evaluation.probe_runner.load_model` returns); ImageNet's when ``None``.
         classifier_params: extra keyword arguments for the classifier (e.g. ``{"n_estimators": 200}``).
         n_jobs: threads for the classifier (``None`` = library default).
         feature_backend: ``"auto"``, ``"numpy"`` or ``"torch"`` for the classical stack.
+        feature_cache: a :class:`evaluation.feature_cache.FeatureCache` that keeps computed feature stacks for reuse
+            (shared, never copied); ``None`` computes them at every call.
 
     Attributes (after fit):
         classes_: sorted class values seen in the labels (e.g. ``[1, 2, 3]``).
@@ -170,6 +180,7 @@ class TrainableSegmenter(BaseEstimator):
         classifier_params: Optional[dict] = None,
         n_jobs: Optional[int] = None,
         feature_backend: str = "auto",
+        feature_cache=None,
     ):
         self.features = features
         self.classifier = classifier
@@ -183,6 +194,7 @@ class TrainableSegmenter(BaseEstimator):
         self.classifier_params = classifier_params
         self.n_jobs = n_jobs
         self.feature_backend = feature_backend
+        self.feature_cache = feature_cache
 
     def __repr__(self) -> str:
         # Keep the (possibly huge) torch model out of the representation.
@@ -226,25 +238,62 @@ class TrainableSegmenter(BaseEstimator):
             image: (H, W) or (H, W, 3|4) image.
 
         Returns:
-            float32 (H, W, C), channels as :meth:`feature_names`.
+            float32 (H, W, C), channels as :meth:`feature_names` (read-only when it comes from the cache).
         """
-        self._check_params()
-        parts = []
-        if self._uses_classical:
-            parts.append(classical_features(image, sigmas=self.sigmas, backend=self.feature_backend))
-        if self._uses_vit:
-            from evaluation.vit_features import vit_feature_channels
-
-            parts.append(
-                vit_feature_channels(
-                    self.model,
-                    image,
-                    n_components=self.n_components,
-                    image_processor=self.image_processor,
-                    max_side=self.max_side,
-                )
-            )
+        parts = self._feature_parts(image)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+    def features_cached(self, image: np.ndarray) -> bool:
+        """Whether every feature stack of `image` is in :attr:`feature_cache` (so fitting computes none)."""
+        self._check_params()
+        return self.feature_cache is not None and all(key in self.feature_cache for key in self._part_keys(image))
+
+    @property
+    def _part_kinds(self) -> list[str]:
+        return [kind for kind, used in (("classical", self._uses_classical), ("vit", self._uses_vit)) if used]
+
+    def _part_keys(self, image: np.ndarray) -> list[tuple]:
+        """Cache keys of the feature stacks of `image`: its fingerprint and every setting the stacks depend on."""
+        fingerprint = image_fingerprint(image)
+        keys = []
+        for kind in self._part_kinds:
+            if kind == "classical":
+                keys.append((kind, fingerprint, tuple(float(s) for s in self.sigmas), self.feature_backend))
+            else:
+                statistics = self.image_statistics()
+                keys.append((kind, fingerprint, self.model, self.n_components, self.max_side,
+                             tuple(statistics["image_mean"]), tuple(statistics["image_std"])))
+        return keys
+
+    def image_statistics(self) -> dict[str, list[float]]:
+        """``{"image_mean", "image_std"}`` the ViT features normalise with: ``image_processor``'s, else ImageNet's."""
+        from evaluation.preprocessing import image_statistics
+
+        mean, std = image_statistics(self.image_processor)
+        return {"image_mean": mean.tolist(), "image_std": std.tolist()}
+
+    def _compute_part(self, kind: str, image: np.ndarray) -> np.ndarray:
+        if kind == "classical":
+            return classical_features(image, sigmas=self.sigmas, backend=self.feature_backend)
+        from evaluation.vit_features import vit_feature_channels
+
+        return vit_feature_channels(
+            self.model,
+            image,
+            n_components=self.n_components,
+            image_processor=self.image_processor,
+            max_side=self.max_side,
+        )
+
+    def _feature_parts(self, image: np.ndarray) -> list[np.ndarray]:
+        """The (H, W, c) feature stacks of one image, classical first, from the cache when it holds them."""
+        self._check_params()
+        if self.feature_cache is None:
+            return [self._compute_part(kind, image) for kind in self._part_kinds]
+        return [
+            self.feature_cache.get_or_compute(key, lambda kind=kind: self._compute_part(kind, image))
+            for kind, key in zip(self._part_kinds, self._part_keys(image))
+        ]
 
     # ---------------------------------------------------------------- classifier
     def _make_classifier(self):
@@ -284,9 +333,8 @@ class TrainableSegmenter(BaseEstimator):
         for image, lab in zip(image_list, checked):
             if not np.any(lab > 0):
                 continue  # skip feature extraction for images without scribbles
-            feature_map = self.extract_features(image)
             mask = lab > 0
-            rows.append(feature_map[mask])
+            rows.append(np.concatenate([part[mask] for part in self._feature_parts(image)], axis=1))
             targets.append(lab[mask])
         self._fit_rows(np.concatenate(rows), np.concatenate(targets))
         self.n_image_channels_ = channels
@@ -345,16 +393,20 @@ class TrainableSegmenter(BaseEstimator):
                 "or train a segmenter on images like it"
             )
 
-    def _probabilities_from_features(self, feature_map: np.ndarray) -> np.ndarray:
-        height, width, channels = feature_map.shape
+    def _probabilities_from_parts(self, parts: Sequence[np.ndarray], image=None) -> np.ndarray:
+        """Class probabilities from an image's feature stacks (joined a block of pixels at a time), CRF-refined
+        with ``crf=True``."""
+        height, width = parts[0].shape[:2]
+        channels = sum(part.shape[-1] for part in parts)
         if channels != self.n_features_in_:
             raise ValueError(f"Feature map has {channels} channels, the segmenter was trained on {self.n_features_in_}")
-        rows = feature_map.reshape(-1, channels)
-        probabilities = np.empty((rows.shape[0], len(self.classes_)), dtype=np.float32)
-        for start in range(0, rows.shape[0], _PREDICT_CHUNK_ROWS):
-            chunk = rows[start : start + _PREDICT_CHUNK_ROWS]
+        flat = [part.reshape(-1, part.shape[-1]) for part in parts]
+        probabilities = np.empty((height * width, len(self.classes_)), dtype=np.float32)
+        for start in range(0, height * width, _PREDICT_CHUNK_ROWS):
+            chunk = np.concatenate([rows[start : start + _PREDICT_CHUNK_ROWS] for rows in flat], axis=1)
             probabilities[start : start + len(chunk)] = self.classifier_.predict_proba(chunk)
-        return probabilities.reshape(height, width, -1)
+        probabilities = probabilities.reshape(height, width, -1)
+        return dense_crf(image, probabilities) if self.crf else probabilities
 
     def predict_proba_features(self, feature_maps, images=None):
         """Class probabilities from precomputed feature stacks.
@@ -372,12 +424,10 @@ class TrainableSegmenter(BaseEstimator):
             if images is None:
                 raise ValueError("crf=True needs the images as well as their feature maps")
             image_list, _ = _as_image_list(images)
-        results = []
-        for index, feature_map in enumerate(maps):
-            probabilities = self._probabilities_from_features(feature_map)
-            if self.crf:
-                probabilities = dense_crf(image_list[index], probabilities)
-            results.append(probabilities)
+        results = [
+            self._probabilities_from_parts([feature_map], image_list[index] if self.crf else None)
+            for index, feature_map in enumerate(maps)
+        ]
         return results[0] if single else results
 
     def predict_features(self, feature_maps, images=None):
@@ -400,10 +450,7 @@ class TrainableSegmenter(BaseEstimator):
         image_list, single = _as_image_list(images)
         for image in image_list:
             self._check_channels(image)
-        results = [
-            self.predict_proba_features(self.extract_features(image), image if self.crf else None)
-            for image in image_list
-        ]
+        results = [self._probabilities_from_parts(self._feature_parts(image), image) for image in image_list]
         return results[0] if single else results
 
     def predict(self, images):
@@ -420,16 +467,16 @@ class TrainableSegmenter(BaseEstimator):
     def save(self, path: str | os.PathLike) -> None:
         """Save the fitted segmenter to one file (see :mod:`evaluation.segmenter_file`).
 
-        The torch model is not stored, only its hub id / folder (``model_name_``); pass the model again
-        to :meth:`load`. The file holds JSON settings and the classifier in a data-only format, so loading
-        never runs code from the file.
+        The torch model is not stored, only its hub id / folder (``model_name_``) and, for ViT features, the image
+        statistics they were computed with; pass the model again to :meth:`load`. The file holds JSON settings and
+        the classifier in a data-only format, so loading never runs code from the file.
         """
         from evaluation.segmenter_file import write_segmenter
 
         self._check_fitted()
         params = self.get_params(deep=False)
-        params.pop("model")
-        params.pop("image_processor")
+        for unsaved in ("model", "image_processor", "feature_cache"):
+            params.pop(unsaved)
         params["sigmas"] = list(params["sigmas"])
         settings = {
             "params": params,
@@ -437,24 +484,31 @@ class TrainableSegmenter(BaseEstimator):
             "classes": self.classes_.tolist(),
             "feature_names": self.feature_names_,
             "image_channels": self.n_image_channels_,
+            "image_statistics": self.image_statistics() if self._uses_vit else None,
         }
         write_segmenter(path, settings, self.classifier_)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, image_processor=None) -> "TrainableSegmenter":
+    def load(
+        cls, path: str | os.PathLike, model=None, image_processor=None, feature_cache=None
+    ) -> "TrainableSegmenter":
         """Load a segmenter written by :meth:`save`.
 
         Args:
             path: the saved file.
             model: the transformers model, required when the segmenter uses ViT features (the file
                 names the model it was trained with).
-            image_processor: optional image processor for the ViT features.
+            image_processor: image statistics for the ViT features; default: those the file records (the ones
+                it was trained with; ImageNet's for files that record none).
+            feature_cache: see the class.
         """
         from evaluation.segmenter_file import read_segmenter
 
         settings, read_classifier = read_segmenter(path)
         params = {**settings["params"], "sigmas": tuple(settings["params"]["sigmas"])}
-        segmenter = cls(**params, model=model, image_processor=image_processor)
+        if image_processor is None:
+            image_processor = settings.get("image_statistics")
+        segmenter = cls(**params, model=model, image_processor=image_processor, feature_cache=feature_cache)
         segmenter._check_model(model, settings["model_name"])
         segmenter.classifier_ = read_classifier(segmenter._make_classifier())
         segmenter.classes_ = np.asarray(settings["classes"])

@@ -75,6 +75,43 @@ def labels_to_rgb(labels: np.ndarray, cmap: str = "tab10") -> np.ndarray:
     return colours(labels)[..., :3]
 
 
+# Colours of classes 1..8 in scribbles and segmentations: matplotlib's tab10 without its gray and olive, which
+# vanish on gray micrographs. Class k is CLASS_COLOURS[k - 1]; 0 (unlabelled) has no colour.
+CLASS_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("blue", (31, 119, 180)),
+    ("orange", (255, 127, 14)),
+    ("green", (44, 160, 44)),
+    ("red", (214, 39, 40)),
+    ("purple", (148, 103, 189)),
+    ("brown", (140, 86, 75)),
+    ("pink", (227, 119, 194)),
+    ("cyan", (23, 190, 207)),
+)
+
+
+def to_uint8(rgb01: np.ndarray) -> np.ndarray:
+    """A picture in [0, 1] (values outside clipped) as 8-bit, rounded."""
+    return np.round(np.clip(rgb01, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def overlay_labels(rgb01: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Class colours (:data:`CLASS_COLOURS`) alpha-blended over an `(H, W, 3)` image in [0, 1]; label 0 shows the
+    image unchanged.
+
+    Returns:
+        float32 (H, W, 3) in [0, 1].
+    """
+    labels = np.asarray(labels)
+    if labels.shape != rgb01.shape[:2]:
+        raise ValueError(f"labels of shape {labels.shape} do not match the image's {rgb01.shape[:2]}")
+    if labels.size and (labels.min() < 0 or labels.max() > len(CLASS_COLOURS)):
+        raise ValueError(f"labels must lie in 0..{len(CLASS_COLOURS)} (0 = unlabelled), "
+                         f"got {labels.min()}..{labels.max()}")
+    colours = np.array([(0, 0, 0)] + [rgb for _, rgb in CLASS_COLOURS], dtype=np.float32) / 255.0
+    weight = np.where(labels > 0, np.float32(alpha), np.float32(0.0))[..., None]
+    return (np.asarray(rgb01, dtype=np.float32) * (1.0 - weight) + colours[labels] * weight).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Plots (matplotlib Figures)
 # --------------------------------------------------------------------------------------------------
@@ -227,10 +264,12 @@ def compare_models(
 
 
 __all__ = [
+    "CLASS_COLOURS",
     "compare_models",
     "cosine_similarity_map",
     "kmeans_map",
     "labels_to_rgb",
+    "overlay_labels",
     "pca_components",
     "pca_rgb",
     "plot_channel_r2",

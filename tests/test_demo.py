@@ -1,6 +1,7 @@
 """The browser demo's analysis: image preparation, per-model maps, positional probe, the page's wiring."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,109 @@ def test_the_page_runs_the_comparison_and_reports_bad_input(tiny_models, tmp_pat
         compare(None, str(corrupt), 2)
     with pytest.raises(gradio.Error, match="Drop an image"):
         compare(None, None, 2)
+
+
+# ---------------------------------------------------------------- the segmentation tab, as a script calls the Space
+@pytest.fixture(scope="module")
+def served_page():
+    """The page on two tiny models, served on a free localhost port; a gradio_client Client of it."""
+    import socket
+
+    from gradio_client import Client
+
+    from conftest import TINY_DINOV2
+
+    torch.manual_seed(0)
+    alibi = AlibiDinov2Model(AlibiDinov2Config(**TINY_DINOV2)).eval()
+    stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_DINOV2, num_register_tokens=4)).eval()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    page = build_demo({"ALiBi": (alibi, None), "DINOv2": (stock, None)}, max_side=150)
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def scribbled(tmp_path_factory):
+    """A two-phase micrograph (PNG) with its truth and a scribble layer (RGBA PNG) in the class colours."""
+    from demo.segmentation_view import scribble_layer
+    from evaluation.image_io import write_image
+    from evaluation.scribble_benchmark import simulate_scribble_rounds
+    from evaluation.synthetic import generate_microstructure_dataset
+
+    folder = tmp_path_factory.mktemp("scribbled")
+    ((image, truth),) = generate_microstructure_dataset(1, size=(120, 150), n_phases=2, seed=3)
+    scribbles = simulate_scribble_rounds([truth], n_rounds=3, seed=0)[-1][0]
+    write_image(folder / "micrograph.png", np.round(image * 255).astype(np.uint8))
+    write_image(folder / "scribbles.png", scribble_layer(scribbles))
+    return folder, truth, scribbles
+
+
+def editor_payload(background, *layers):
+    from gradio_client import handle_file
+
+    return {"background": background and handle_file(str(background)),
+            "layers": [handle_file(str(layer)) for layer in layers], "composite": None}
+
+
+def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(served_page, scribbled):
+    from evaluation.image_io import read_labels
+    from evaluation.metrics import segmentation_scores
+
+    folder, truth, scribbles = scribbled
+    gallery, table, files = served_page.predict(
+        editor_payload(folder / "micrograph.png", folder / "scribbles.png"), None, ["ALiBi", "DINOv2"],
+        "classical+vit", "PNG", api_name="/segment")
+    assert [item["caption"] for item in gallery] == ["ALiBi: classical+vit features", "DINOv2: classical+vit features"]
+    assert table["headers"] == ["model", "class 1 (blue) area", "class 2 (orange) area"]
+    assert [row[0] for row in table["data"]] == ["ALiBi", "DINOv2"]
+    names = [Path(path).name for path in files]
+    assert names == ["ALiBi-segmenter.zip", "ALiBi-mask.png", "DINOv2-segmenter.zip", "DINOv2-mask.png"]
+    for path in files[1::2]:
+        mask = read_labels(path)
+        assert mask.shape == truth.shape
+        np.testing.assert_array_equal(mask[scribbles > 0], scribbles[scribbles > 0])
+        assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.8
+
+
+def test_a_script_sends_a_16_bit_file_segmented_in_full_precision(served_page, scribbled, tmp_path):
+    from gradio_client import handle_file
+
+    from evaluation.image_io import read_labels, write_image
+    from evaluation.metrics import segmentation_scores
+
+    folder, truth, scribbles = scribbled
+    write_image(tmp_path / "phases.tif", np.where(truth == 1, 30000, 30040).astype(np.uint16))  # one 8-bit level
+    _, _, files = served_page.predict(editor_payload(None, folder / "scribbles.png"), handle_file(str(tmp_path / "phases.tif")),
+                                      [], "classical", "TIFF", api_name="/segment")
+    assert [Path(path).name for path in files] == ["classical-features-segmenter.zip", "classical-features-mask.tif"]
+    mask = read_labels(files[1])
+    assert mask.shape == truth.shape
+    assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.95
+
+
+def test_the_page_says_what_is_missing(served_page, scribbled, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from demo.segmentation_view import scribble_layer
+    from evaluation.image_io import write_image
+
+    folder, truth, _ = scribbled
+    write_image(tmp_path / "blank.png", scribble_layer(np.zeros_like(truth)))
+    with pytest.raises(AppError, match="No scribbles: draw on the image"):
+        served_page.predict(editor_payload(folder / "micrograph.png", tmp_path / "blank.png"), None, ["ALiBi"],
+                            "classical", "PNG", api_name="/segment")
+    with pytest.raises(AppError, match="Upload a micrograph"):
+        served_page.predict(editor_payload(None), None, ["ALiBi"], "classical", "PNG", api_name="/segment")
+    with pytest.raises(AppError, match="The editor shows another picture than the chosen file micrograph.png"):
+        served_page.predict(editor_payload(tmp_path / "blank.png", folder / "scribbles.png"),
+                            handle_file(str(folder / "micrograph.png")), ["ALiBi"], "classical", "PNG", api_name="/segment")
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00not a tiff")
+    with pytest.raises(AppError, match="Could not read .*broken.tif"):
+        served_page.predict(editor_payload(None, folder / "scribbles.png"), handle_file(str(tmp_path / "broken.tif")),
+                            ["ALiBi"], "classical", "PNG", api_name="/segment")

@@ -94,9 +94,10 @@ def test_the_space_folder_names_the_model_and_builds_offline_without_serving(pub
 def test_the_space_carries_every_project_module_the_demo_imports():
     files = publish.demo_source_files()
     for name in ("demo/app.py", "demo/__init__.py", "evaluation/__init__.py", "evaluation/probe_runner.py",
-                 "evaluation/feature_extraction.py", "evaluation/visualisation.py", "evaluation/cli.py"):
+                 "evaluation/feature_extraction.py", "evaluation/visualisation.py", "evaluation/cli.py",
+                 "demo/segmentation_view.py", "evaluation/trainable_segmentation.py", "evaluation/segmenter_file.py"):
         assert name in files
-    assert "evaluation/publish.py" not in files and "evaluation/trainable_segmentation.py" not in files
+    assert "evaluation/publish.py" not in files and "evaluation/scribble_benchmark.py" not in files
 
 
 def test_space_requirements_are_the_declared_ones_the_demo_imports(monkeypatch):
@@ -106,8 +107,9 @@ def test_space_requirements_are_the_declared_ones_the_demo_imports(monkeypatch):
         return {re.split(r"[<>=!~]", requirement)[0].replace("_", "-").lower() for requirement in requirements}
 
     required = names(publish.space_requirements())
-    assert {"torch", "transformers", "numpy", "pillow", "scikit-learn", "scikit-image", "matplotlib"} <= required
-    assert not required & {"xgboost", "gradio", "accelerate", "datasets"}
+    assert {"torch", "transformers", "numpy", "pillow", "scikit-learn", "scikit-image", "matplotlib", "xgboost",
+            "skops"} <= required  # the segmentation tab trains XGBoost and writes safe segmenter files
+    assert not required & {"gradio", "accelerate", "datasets"}
     installed = publish.declared_requirements()
 
     def not_installed(name):

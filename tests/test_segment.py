@@ -138,3 +138,34 @@ def test_classical_plus_vit_records_the_model_folder_and_reloads_it(material, tm
     apply(segmenter, folder / "stack.tif", tmp_path / "masks.tif")
     for mask, truth in zip(read_pages(tmp_path / "masks.tif"), truths):
         assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.8
+
+
+def test_vit_features_use_the_model_folders_own_image_statistics(material, tmp_path):
+    import json
+    import zipfile
+
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from conftest import TINY_DINOV2
+    from evaluation.vit_features import vit_feature_channels
+
+    folder, _, _ = material
+    statistics = {"image_mean": [0.2, 0.3, 0.4], "image_std": [0.05, 0.1, 0.2]}
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**TINY_DINOV2)).eval()
+    model.save_pretrained(tmp_path / "vit")
+    BitImageProcessor(**statistics).save_pretrained(tmp_path / "vit")
+    segmenter = tmp_path / "vit_segmenter.zip"
+    segment.main(["train", "--images", str(folder / "train.tif"), "--labels", str(folder / "scribbles.png"),
+                  "--output", str(segmenter), "--model", str(tmp_path / "vit"), "--features", "classical+vit",
+                  "--n_components", "3"])
+    with zipfile.ZipFile(segmenter) as archive:
+        recorded = json.loads(archive.read("settings.json"))["image_statistics"]
+    for name, values in statistics.items():
+        np.testing.assert_allclose(recorded[name], values, atol=1e-6)
+    (page, *_) = read_pages(folder / "stack.tif")
+    loaded = segment.load_segmenter(str(segmenter))
+    vit_channels = loaded.extract_features(page)[..., -3:]
+    np.testing.assert_allclose(vit_channels, vit_feature_channels(model, page, 3, image_processor=statistics), atol=1e-5)
+    assert not np.allclose(vit_channels, vit_feature_channels(model, page, 3), atol=1e-3)  # ImageNet's differ

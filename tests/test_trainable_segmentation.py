@@ -282,3 +282,48 @@ def test_an_image_with_another_channel_count_is_refused_after_loading(tmp_path, 
     rgb = np.repeat(np.asarray(test_image)[..., None], 3, axis=-1)
     with pytest.raises(ValueError, match=r"3 channel\(s\) but this segmenter was trained on images with 1"):
         loaded.predict(rgb)
+
+
+# ---------------------------------------------------------------- feature cache
+def test_the_feature_cache_drops_the_least_recently_used_and_shares_itself():
+    import copy
+
+    from evaluation.feature_cache import FeatureCache, image_fingerprint
+
+    cache = FeatureCache(max_bytes=3 * 800)  # three arrays of 100 float64
+    for key in "abc":
+        cache.get_or_compute(key, lambda: np.zeros(100))
+    cache.get_or_compute("a", lambda: pytest.fail("recomputed a cached array"))  # "a" is now the most recent
+    stored = cache.get_or_compute("d", lambda: np.ones(100))
+    assert "b" not in cache and all(key in cache for key in "acd") and cache.nbytes == 2400
+    with pytest.raises(ValueError, match="read-only"):
+        stored[0] = 2.0
+    assert cache.get_or_compute("huge", lambda: np.zeros(1000)).flags.writeable and "huge" not in cache
+    assert copy.deepcopy(cache) is cache and clone(TrainableSegmenter(feature_cache=cache)).feature_cache is cache
+    image = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    fingerprints = {image_fingerprint(other) for other in (image, image.reshape(4, 3), image.astype(np.int16), image + 1)}
+    assert len(fingerprints) == 4 and image_fingerprint(image.copy()) in fingerprints
+
+
+def test_a_cached_segmenter_computes_each_stack_once_and_predicts_as_without(two_phase, tiny_vit, monkeypatch):
+    from evaluation import trainable_segmentation
+    from evaluation.feature_cache import FeatureCache
+
+    train_image, _, scribbles, test_image, _ = two_phase
+    computed = []
+    classical = trainable_segmentation.classical_features
+    monkeypatch.setattr(trainable_segmentation, "classical_features",
+                        lambda image, **options: computed.append(image.shape) or classical(image, **options))
+    settings = dict(features="classical+vit", model=tiny_vit, n_components=3, classifier_params={"n_estimators": 10})
+    cache = FeatureCache()
+    cached = TrainableSegmenter(**settings, feature_cache=cache)
+    assert not cached.features_cached(train_image)
+    cached.fit(train_image, scribbles)
+    assert cached.features_cached(train_image) and len(cache) == 2  # the classical and the ViT stack, apart
+    fewer = np.where(np.arange(scribbles.shape[1]) < 48, scribbles, 0)
+    TrainableSegmenter(**settings, feature_cache=cache).fit(train_image, fewer).predict(train_image)
+    assert computed == [train_image.shape]
+    plain = TrainableSegmenter(**settings).fit(train_image, scribbles)
+    np.testing.assert_array_equal(cached.predict(test_image), plain.predict(test_image))
+    np.testing.assert_array_equal(cached.extract_features(test_image), plain.extract_features(test_image))
+    assert "feature_cache=FeatureCache(4 arrays, " in repr(cached) and "feature_cache=None" in repr(plain)
