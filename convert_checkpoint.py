@@ -294,7 +294,7 @@ def rope_theta_of_periods(periods: torch.Tensor, head_dim: int) -> float:
         raise CheckpointKeyError(
             "`rope_embed.periods` are not theta ** (4 i / head_dim) (periods set by a minimum and maximum?): "
             "transformers' DINOv3 computes RoPE from a base `rope_theta` only, so this RoPE cannot be kept; "
-            "convert with --variant alibi or nope."
+            "convert with --source_position alibi (or nope) to leave it out."
         )
     return float(f"{theta:.6g}")
 
@@ -310,9 +310,9 @@ def _key_bias_masked(bias_mask: torch.Tensor, name: str) -> bool:
     return bool((key == 0).all())
 
 
-def _dinov3_architecture(state_dict: dict, num_heads: int | None) -> dict:
+def _dinov3_architecture(state_dict: dict, num_heads: int | None, read_rope: bool = True) -> dict:
     """`DINOv3ViTConfig` fields implied by a Meta dinov3 state dict (heads: hidden / head_dim, head_dim from the
-    RoPE periods, else 64, unless `num_heads` is given)."""
+    RoPE periods, else 64, unless `num_heads` is given; `rope_theta` from the periods when `read_rope`)."""
     hidden_size, num_channels, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
     gated = "blocks.0.mlp.w1.weight" in state_dict
     periods = state_dict.get("rope_embed.periods")
@@ -345,7 +345,7 @@ def _dinov3_architecture(state_dict: dict, num_heads: int | None) -> dict:
         use_gated_mlp=gated,
         num_register_tokens=state_dict["storage_tokens"].shape[1] if "storage_tokens" in state_dict else 0,
     )
-    if periods is not None:
+    if periods is not None and read_rope:
         architecture["rope_theta"] = rope_theta_of_periods(periods, hidden_size // num_heads)
     return architecture
 
@@ -363,16 +363,16 @@ def _dinov3_attention_entries(index: str, rest: str, tensor: torch.Tensor, key_b
     return {f"{prefix}{name}.{kind}": part for name, part in parts.items()}
 
 
-def convert_dinov3_state_dict(state_dict: dict, num_heads: int | None = None) -> tuple[dict, dict]:
+def convert_dinov3_state_dict(state_dict: dict, num_heads: int | None = None, read_rope: bool = True) -> tuple[dict, dict]:
     """Map a state dict in Meta's dinov3 layout (bare or prefixed keys) onto `DINOv3ViTModel` keys, the keys of
     `AlibiDinov3Model`; learned ALiBi slopes `blocks.N.attn.m` become `model.alibi.slopes`.
 
     Returns:
-        `(state_dict, architecture)`; `architecture["rope_theta"]` only when the source has RoPE periods. Unmapped
-        source keys raise `CheckpointKeyError` naming them.
+        `(state_dict, architecture)`; `architecture["rope_theta"]` only when the source has RoPE periods and
+        `read_rope` (False: the RoPE is left out unread). Unmapped source keys raise `CheckpointKeyError` naming them.
     """
     state_dict = strip_prefix(dict(state_dict))
-    architecture = _dinov3_architecture(state_dict, num_heads)
+    architecture = _dinov3_architecture(state_dict, num_heads, read_rope)
     hidden_size = architecture["hidden_size"]
     converted, unexpected, slopes = {}, [], {}
     for key, tensor in state_dict.items():
@@ -548,7 +548,8 @@ def read_state_dict_source(path, name: str, source_format: str, num_heads: int |
         source_format = detect_format(name, raw_state_dict)
     if source_format == "dinov3":
         family = FAMILIES["dinov3"]
-        state_dict, architecture = convert_dinov3_state_dict(raw_state_dict, num_heads)
+        read_rope = source_position in ("auto", "rope")
+        state_dict, architecture = convert_dinov3_state_dict(raw_state_dict, num_heads, read_rope)
         kept = "rope_theta" in architecture
     else:
         family = FAMILIES["dinov2"]

@@ -188,6 +188,14 @@ def test_rope_base_is_read_from_the_periods_and_other_forms_are_refused():
         convert_checkpoint.rope_theta_of_periods(min_max, 64)
     with pytest.raises(CheckpointKeyError, match="--num_heads"):
         convert_checkpoint.rope_theta_of_periods(meta_periods(64), 32)
+    # Such a RoPE can still be left out: the rest of the checkpoint converts.
+    meta = to_meta_dinov3_keys(hf_dinov3())
+    meta["rope_embed.periods"] = torch.logspace(math.log10(0.5), math.log10(50.0), 4)
+    with pytest.raises(CheckpointKeyError, match="--source_position alibi"):
+        convert_checkpoint.convert_dinov3_state_dict(meta)
+    converted, architecture = convert_checkpoint.convert_dinov3_state_dict(meta, read_rope=False)
+    assert "rope_theta" not in architecture and architecture["num_attention_heads"] == 2
+    load_into_transformers(converted, architecture)
 
 
 def test_unexpected_dinov3_keys_and_a_bad_bias_mask_are_named():
