@@ -282,3 +282,17 @@ def test_an_image_with_another_channel_count_is_refused_after_loading(tmp_path, 
     rgb = np.repeat(np.asarray(test_image)[..., None], 3, axis=-1)
     with pytest.raises(ValueError, match=r"3 channel\(s\) but this segmenter was trained on images with 1"):
         loaded.predict(rgb)
+
+
+def test_classical_plus_vit_segmenter_with_a_tiny_alibi_dinov3(two_phase):
+    from conftest import tiny_alibi_model
+
+    train_image, _, scribbles, test_image, test_truth = two_phase
+    model = tiny_alibi_model("alibi_dinov3")
+    segmenter = TrainableSegmenter(
+        features="classical+vit", model=model, classifier_params={"n_estimators": 10}
+    ).fit(train_image, scribbles)
+    assert segmenter.n_features_in_ == n_features() + 9
+    prediction = segmenter.predict(test_image)
+    assert prediction.shape == test_truth.shape
+    assert mean_iou(prediction, test_truth, n_classes=2) >= 0.8
