@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 
@@ -212,6 +213,21 @@ def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, pat
             f"The image ({height} x {width} px) is smaller than one {patch_size} x {patch_size} patch. "
             f"Resize or pad it to at least {patch_size} px per side."
         )
+
+
+def patch_size_pair(config) -> tuple[int, int]:
+    """`config.patch_size` as `(height, width)` in pixels."""
+    patch_size = config.patch_size
+    return tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+
+
+def patch_grid(pixel_values: torch.Tensor, config) -> tuple[int, int]:
+    """The `(h, w)` patch grid of `pixel_values` `(batch_size, channels, height, width)`, checked first with
+    [`check_pixel_values`] against `config.num_channels` and `config.patch_size`."""
+    patch_height, patch_width = patch_size_pair(config)
+    check_pixel_values(pixel_values, config.num_channels, min(patch_height, patch_width))
+    height, width = pixel_values.shape[-2:]
+    return height // patch_height, width // patch_width
 
 
 class AlibiPositionBias(nn.Module):
@@ -566,6 +582,77 @@ def layer_attention_arguments(
             yield merge_attention_masks(alibi.layer_bias(grid_bias, layer_index, bias_dtype), attention_mask), {}
         else:
             yield attention_mask, {}
+
+
+def attention_heads(module: nn.Module, hidden_states: torch.Tensor):
+    """Queries, keys and values of a transformers ViT attention `module` (its `q_proj`, `k_proj`, `v_proj` and
+    `head_dim`): `(batch_size, N, hidden_size)` -> three `(batch_size, heads, N, head_dim)` tensors."""
+    hidden_shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    return tuple(
+        projection(hidden_states).view(hidden_shape).transpose(1, 2)
+        for projection in (module.q_proj, module.k_proj, module.v_proj)
+    )
+
+
+def attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_implementation: str | None,
+    eager_attention,
+    dropout: float,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention of a transformers ViT attention `module` on the path `attn_implementation`, then its output
+    projection `o_proj`. The path of one call overrides `module.config._attn_implementation`, which the model shares
+    between calls and threads and therefore never changes while it runs; `eager_attention` is the model family's
+    eager function, `dropout` its attention dropout (applied in training only).
+
+    Args:
+        query, key, value: `(batch_size, heads, N, head_dim)`.
+    Returns:
+        `(batch_size, N, hidden_size)` and the attention weights (eager only).
+    """
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn_implementation or module.config._attn_implementation, eager_attention
+    )
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout if module.training else 0.0,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    batch_size, num_tokens = attn_output.shape[:2]
+    return module.o_proj(attn_output.reshape(batch_size, num_tokens, -1).contiguous()), attn_weights
+
+
+def run_alibi_layers(
+    layers: nn.ModuleList,
+    alibi: "AlibiPositionBias | None",
+    hidden_states: torch.Tensor,
+    grid_size: tuple[int, int],
+    attention_mask: torch.Tensor | None,
+    attn_implementation: str,
+    **kwargs,
+) -> torch.Tensor:
+    """Run `hidden_states` `(batch_size, N, hidden_size)` through transformers' ViT `layers`, each attending on the
+    path `attn_implementation` with its ALiBi bias of the `grid_size` patch grid (see [`layer_attention_arguments`]);
+    `kwargs` reach every layer (DINOv3's `position_embeddings`, transformers' output options, the streamed paths'
+    options)."""
+    layer_arguments = layer_attention_arguments(
+        alibi, grid_size, hidden_states, attention_mask, attn_implementation, len(layers)
+    )
+    for layer, (layer_mask, alibi_kwargs) in zip(layers, layer_arguments):
+        hidden_states = layer(
+            hidden_states, layer_mask, attn_implementation=attn_implementation, **kwargs, **alibi_kwargs
+        )
+    return hidden_states
 
 
 class AlibiAttentionMixin:

@@ -24,7 +24,6 @@ from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersAttention,
     Dinov2WithRegistersLayer,
@@ -40,25 +39,24 @@ try:  # loaded as remote code (a package in transformers' module cache)
     from .alibi_attention import (
         AlibiAttentionMixin,
         AlibiPositionBias,
-        check_pixel_values,
-        layer_attention_arguments,
+        attend,
+        attention_heads,
+        patch_grid,
         patch_tokens_to_map,
+        run_alibi_layers,
     )
     from .configuration_alibi_dinov2 import AlibiDinov2Config
 except ImportError:  # imported from the project itself (top-level modules)
     from alibi_attention import (
         AlibiAttentionMixin,
         AlibiPositionBias,
-        check_pixel_values,
-        layer_attention_arguments,
+        attend,
+        attention_heads,
+        patch_grid,
         patch_tokens_to_map,
+        run_alibi_layers,
     )
     from configuration_alibi_dinov2 import AlibiDinov2Config
-
-
-def _patch_size_of(config: AlibiDinov2Config) -> tuple[int, int]:
-    patch_size = config.patch_size
-    return tuple(patch_size) if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
 
 
 class AlibiDinov2Embeddings(nn.Module):
@@ -146,26 +144,11 @@ class AlibiDinov2Attention(Dinov2WithRegistersAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(batch_size, N, hidden_size)` -> `(batch_size, N, hidden_size)` and the attention weights (eager only)."""
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn_implementation or self.config._attn_implementation, eager_attention_forward
+        query, key, value = attention_heads(self, hidden_states)
+        return attend(
+            self, query, key, value, attention_mask, attn_implementation, eager_attention_forward,
+            self.attention_dropout, **kwargs,
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
 
 
 class AlibiDinov2Layer(Dinov2WithRegistersLayer):
@@ -208,16 +191,12 @@ class AlibiDinov2PreTrainedModel(AlibiAttentionMixin, Dinov2WithRegistersPreTrai
     ) -> BaseModelOutput:
         """Check the input, embed it and run the encoder with the ALiBi bias of its grid, on the attention path
         chosen for this call."""
-        patch_height, patch_width = _patch_size_of(self.config)
-        check_pixel_values(pixel_values, self.config.num_channels, min(patch_height, patch_width))
-        height, width = pixel_values.shape[-2:]
-        num_tokens = self.embeddings.num_prefix_tokens + (height // patch_height) * (width // patch_width)
-        kwargs.update(self._attention_plan(num_tokens, kwargs))
+        grid_size = patch_grid(pixel_values, self.config)
+        kwargs.update(self._attention_plan(self.embeddings.num_prefix_tokens + grid_size[0] * grid_size[1], kwargs))
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
-        grid_size = (height // patch_height, width // patch_width)
         return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
 
 
@@ -249,12 +228,9 @@ class AlibiDinov2Encoder(AlibiDinov2PreTrainedModel):
                 paths take their options (`alibi_query_chunk_size`, ...) from `kwargs`.
         """
         attn_implementation = attn_implementation or self.config._attn_implementation
-        kwargs["attn_implementation"] = attn_implementation
-        layer_arguments = layer_attention_arguments(
-            self.alibi, grid_size, hidden_states, attention_mask, attn_implementation, len(self.layer)
+        hidden_states = run_alibi_layers(
+            self.layer, self.alibi, hidden_states, grid_size, attention_mask, attn_implementation, **kwargs
         )
-        for layer_module, (layer_mask, alibi_kwargs) in zip(self.layer, layer_arguments):
-            hidden_states = layer_module(hidden_states, layer_mask, **kwargs, **alibi_kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -329,9 +305,8 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
     def get_patch_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final-normed patch tokens (CLS and registers dropped) as a map of shape `(batch_size, hidden_size, h, w)`."""
         last_hidden_state = self(pixel_values, **kwargs).last_hidden_state
-        patch_height, patch_width = _patch_size_of(self.config)
-        height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
-        return patch_tokens_to_map(last_hidden_state, self.embeddings.num_prefix_tokens, height, width)
+        grid_size = patch_grid(pixel_values, self.config)
+        return patch_tokens_to_map(last_hidden_state, self.embeddings.num_prefix_tokens, *grid_size)
 
 
 class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
@@ -358,8 +333,7 @@ class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
         """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `BackboneOutput`; `kwargs` as for
         [`AlibiDinov2Model.forward`]."""
         output = self._embed_and_encode(pixel_values, attention_mask=attention_mask, **kwargs)
-        patch_height, patch_width = _patch_size_of(self.config)
-        height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
+        height, width = patch_grid(pixel_values, self.config)
         feature_maps = ()
         for stage, hidden_state in zip(self.stage_names, output.hidden_states):
             if stage in self.out_features:

@@ -53,6 +53,8 @@ setup(
         "alibi_attention",
         "configuration_alibi_dinov2",
         "modeling_alibi_dinov2",
+        "configuration_alibi_dinov3",
+        "modeling_alibi_dinov3",
         "convert_checkpoint",
         "train_distill",
         "quickstart",

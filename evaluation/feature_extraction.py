@@ -39,11 +39,14 @@ class _ModelSpec:
         prefix: number of non-patch tokens before the patch tokens, from the config.
         norm_names: attribute names of the final LayerNorm, first found wins.
         last_is_normed: whether ``last_hidden_state`` already went through that norm.
+        streamed_attention: whether a call takes the ALiBi models' attention options
+            (``attn_implementation="alibi_chunked"``, ``alibi_chunk_memory_mb``, ...).
     """
 
     prefix: Callable[[Any], int]
     norm_names: tuple[str, ...]
     last_is_normed: bool = True
+    streamed_attention: bool = False
 
 
 def _fixed(count: int) -> Callable[[Any], int]:
@@ -55,8 +58,8 @@ def _cls_and_registers(config) -> int:
 
 
 _SPECS: dict[str, _ModelSpec] = {
-    "alibi_dinov2": _ModelSpec(_cls_and_registers, ("layernorm", "norm")),
-    "alibi_dinov3": _ModelSpec(_cls_and_registers, ("norm",)),
+    "alibi_dinov2": _ModelSpec(_cls_and_registers, ("layernorm", "norm"), streamed_attention=True),
+    "alibi_dinov3": _ModelSpec(_cls_and_registers, ("norm",), streamed_attention=True),
     "dinov2": _ModelSpec(_fixed(1), ("layernorm",)),
     "dinov2_with_registers": _ModelSpec(_cls_and_registers, ("layernorm",)),
     "dinov3_vit": _ModelSpec(_cls_and_registers, ("norm",)),
@@ -72,6 +75,9 @@ _SPECS: dict[str, _ModelSpec] = {
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_SPECS)
+
+# Where the supported families keep their list of transformer layers (DINOv2, CLIP, ViT, DINOv3), first found wins.
+_LAYER_PATHS = ("encoder.layer", "encoder.layers", "layers", "model.layer")
 
 # Multi-modal models whose image tower sits in `vision_model`.
 _VISION_TOWER_TYPES = ("clip", "siglip")
@@ -103,7 +109,7 @@ def resolve_backbone(model: torch.nn.Module) -> torch.nn.Module:
     if _is_backbone_api(model):
         raise ValueError(
             f"{type(model).__name__} is a feature-map Backbone; pass the plain model instead "
-            "(e.g. AutoModel, Dinov2Model, AlibiDinov2Model)"
+            "(e.g. AutoModel, Dinov2Model, DINOv3ViTModel, AlibiDinov2Model, AlibiDinov3Model)"
         )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     # The token-producing module of every supported family owns the patch embeddings.
@@ -142,6 +148,24 @@ def patch_size_of(model: torch.nn.Module) -> int:
             raise ValueError(f"Only square patches are supported, got patch_size={tuple(size)}")
         size = size[0]
     return int(size)
+
+
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a supported model, in order (none when they sit where no family keeps them)."""
+    backbone = resolve_backbone(model)
+    for path in _LAYER_PATHS:
+        module = backbone
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    return []
+
+
+def has_streamed_attention(model: torch.nn.Module) -> bool:
+    """Whether a call of the model takes the ALiBi models' attention options (``attn_implementation="alibi_chunked"``,
+    ``alibi_chunk_memory_mb``, ...)."""
+    return _spec_of(resolve_backbone(model)).streamed_attention
 
 
 def _final_norm(backbone) -> torch.nn.Module:
@@ -325,9 +349,11 @@ __all__ = [
     "crop_to_patch_grid",
     "extract_patch_features",
     "extract_patch_features_batch",
+    "has_streamed_attention",
     "image_to_pixel_values",
     "patch_size_of",
     "prefix_token_count",
     "resolve_backbone",
     "tokens_to_grid",
+    "transformer_layers",
 ]

@@ -17,15 +17,17 @@ from tqdm.auto import tqdm
 
 from evaluation.feature_extraction import (
     extract_patch_features_batch,
+    has_streamed_attention,
     image_to_pixel_values,
     patch_size_of,
     resolve_backbone,
+    transformer_layers,
 )
 from evaluation.image_io import read_image
 
 
 def chunked_attention(attention_memory_mb: float) -> dict:
-    """Keyword arguments of one ALiBi-DINOv2 call that run it on the `alibi_chunked` path with its blocks bounded by
+    """Keyword arguments of one ALiBi-DINOv2 or ALiBi-DINOv3 call that run it on the `alibi_chunked` path with its blocks bounded by
     `attention_memory_mb` alone; the model and its config stay as they are (other threads may use them meanwhile)."""
     if attention_memory_mb <= 0:
         raise ValueError(f"attention_memory_mb must be positive; got {attention_memory_mb}.")
@@ -39,9 +41,13 @@ def chunked_attention(attention_memory_mb: float) -> dict:
 @contextmanager
 def layer_progress(backbone, description: str, enabled: bool = True):
     """A progress bar that advances as each transformer layer finishes."""
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None) or []
+    layers = transformer_layers(backbone)
     bar = tqdm(total=len(layers) or 1, desc=description, unit="layer", disable=not enabled)
-    hooks = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+
+    def advance(*_) -> None:  # returns None: a forward hook's return value would replace the layer's output
+        bar.update(1)
+
+    hooks = [layer.register_forward_hook(advance) for layer in layers]
     try:
         yield bar
     finally:
@@ -61,7 +67,7 @@ def extract_feature_map(
     """Final-normed patch features of a whole image, however large.
 
     Args:
-        model: a transformers image model giving patch tokens; ALiBi-DINOv2 models run on the memory-bounded
+        model: a transformers image model giving patch tokens; ALiBi models (DINOv2, DINOv3) run on the memory-bounded
             `alibi_chunked` path, others (whose attention has no bias) on their own path.
         image: a path (PNG, JPEG, TIFF including 16-bit and multi-page) or an (H, W) / (H, W, 3) array.
         page: page of a multi-page TIFF (default: the first).
@@ -83,7 +89,7 @@ def extract_feature_map(
     grid_h, grid_w = pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
     description = f"features {grid_h}x{grid_w} patches"
     with layer_progress(backbone, description, enabled=progress):
-        if getattr(backbone.config, "model_type", None) == "alibi_dinov2":
+        if has_streamed_attention(backbone):
             options = chunked_attention(attention_memory_mb)
             parameter = next(backbone.parameters())
             backbone.eval()

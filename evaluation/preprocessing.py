@@ -49,14 +49,26 @@ def dinov2_image_processor():
     )
 
 
-def load_image_processor(name_or_folder: str, **kwargs):
-    """`AutoImageProcessor.from_pretrained(name_or_folder)`, or DINOv2's processor when the source has none."""
+def stored_image_processor(name_or_folder: str, **kwargs):
+    """The image processor stored with a model (`AutoImageProcessor.from_pretrained(name_or_folder)`), or None when
+    the source has none. Where its class cannot be built in this environment (DINOv3's processors need torchvision),
+    the settings of its `preprocessor_config.json` as a dict, which carries `image_mean` and `image_std` all the same
+    (see :func:`image_statistics`)."""
     from transformers import AutoImageProcessor
+    from transformers.image_processing_base import ImageProcessingMixin
 
     try:
         return AutoImageProcessor.from_pretrained(name_or_folder, **kwargs)
+    except ImportError:
+        return ImageProcessingMixin.get_image_processor_dict(name_or_folder, **kwargs)[0]
     except (OSError, ValueError, KeyError):
-        return dinov2_image_processor()
+        return None
+
+
+def load_image_processor(name_or_folder: str, **kwargs):
+    """:func:`stored_image_processor`, or DINOv2's processor when the source has none."""
+    processor = stored_image_processor(name_or_folder, **kwargs)
+    return dinov2_image_processor() if processor is None else processor
 
 
 def image_statistics(processor: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -185,5 +197,6 @@ __all__ = [
     "resize_nearest",
     "shrink_to_max_side",
     "shrunk_size",
+    "stored_image_processor",
     "to_pixel_values",
 ]

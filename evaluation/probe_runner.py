@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from evaluation.feature_extraction import (
 )
 from evaluation.files import write_json_atomic
 from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_rgb01, to_rgb01
+from evaluation.preprocessing import image_statistics, stored_image_processor
 from evaluation.positional_probe import MIN_PROBE_SAMPLES, expand_ramps, linear_probe, n_samples, per_channel_probe
 
 logger = logging.getLogger(__name__)
@@ -209,23 +211,24 @@ def load_model(name: str, device: str | None = None):
     Raises:
         SourceNotFoundError: `name` is neither a file, a folder nor a Hub id (checked before any Hub call).
     """
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
 
     name = check_model_source(name)
 
-    try:  # registers alibi_dinov2 with the Auto classes, for local folders saved without remote code
-        import modeling_alibi_dinov2  # noqa: F401
-    except ImportError:
-        pass
+    # Registers alibi_dinov2 and alibi_dinov3 with the Auto classes, for local folders saved without remote code.
+    for module in ("modeling_alibi_dinov2", "modeling_alibi_dinov3"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
     model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
     if device is not None:
         model = model.to(device)
-    try:
-        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=True)
-        stats = {"image_mean": processor.image_mean, "image_std": processor.image_std}
-    except Exception:  # no preprocessor_config.json (e.g. a converted folder): ImageNet statistics
-        stats = None
-    return model, stats
+    processor = stored_image_processor(name, trust_remote_code=True)
+    if processor is None:  # no preprocessor_config.json (e.g. a converted folder): ImageNet statistics
+        return model, None
+    mean, std = image_statistics(processor)
+    return model, {"image_mean": mean.tolist(), "image_std": std.tolist()}
 
 
 def probe_seed(base_seed: int, image_index: int, repeat: int) -> int:

@@ -25,15 +25,47 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
 
 
+# A ViT with DINOv3's layout: 2 layers, 2 heads of 16 dims, 16 px patches, 4 x 4 trained grid.
+TINY_DINOV3 = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16, image_size=64
+)
+TINY_CONFIGS = {"alibi_dinov2": TINY_DINOV2, "alibi_dinov3": TINY_DINOV3}
+ALIBI_MODEL_TYPES = tuple(TINY_CONFIGS)
+
+
 @pytest.fixture
 def tiny_kwargs():
     return dict(TINY_DINOV2)
 
 
+def tiny_alibi_model(model_type: str = "alibi_dinov2", seed: int = 0, model_options=None, **config_options):
+    """A tiny random ALiBi model of `model_type` in eval mode: its configuration takes `config_options`, its
+    constructor `model_options` (the attention's memory options)."""
+    from transformers import AutoConfig, AutoModel
+
+    import modeling_alibi_dinov2  # noqa: F401  (registers both model types with the Auto classes)
+    import modeling_alibi_dinov3  # noqa: F401
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **config_options})
+    return AutoModel.from_config(config, **(model_options or {})).eval()
+
+
+def bias_module(model):
+    """The ALiBi bias module of either model type (`encoder.alibi` in ALiBi-DINOv2, `model.alibi` in ALiBi-DINOv3)."""
+    encoder = model.encoder if model.config.model_type == "alibi_dinov2" else model.model
+    return encoder.alibi
+
+
 # Run first in an isolated child: the project's model modules become unimportable, whatever sys.path holds.
-_BLOCK_PROJECT = (
-    "import sys; sys.modules['modeling_alibi_dinov2'] = None; sys.modules['configuration_alibi_dinov2'] = None\n"
+PROJECT_MODULES = (
+    "alibi_attention",
+    "configuration_alibi_dinov2",
+    "modeling_alibi_dinov2",
+    "configuration_alibi_dinov3",
+    "modeling_alibi_dinov3",
 )
+_BLOCK_PROJECT = f"import sys; sys.modules.update(dict.fromkeys({PROJECT_MODULES!r}))\n"
 
 
 @pytest.fixture

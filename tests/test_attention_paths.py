@@ -16,7 +16,7 @@ from configuration_alibi_dinov2 import AlibiDinov2Config
 from alibi_attention import compile_flex_attention
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
-from conftest import REPO_ROOT
+from conftest import ALIBI_MODEL_TYPES, REPO_ROOT, bias_module, tiny_alibi_model
 
 
 def alibi_model(tiny_kwargs, alibi_query_chunk_size=7, **options):
@@ -24,6 +24,13 @@ def alibi_model(tiny_kwargs, alibi_query_chunk_size=7, **options):
     torch.manual_seed(0)
     config = AlibiDinov2Config(**tiny_kwargs, **options)
     return AlibiDinov2Model(config, alibi_query_chunk_size=alibi_query_chunk_size).eval()
+
+
+def grid_images(model, batch_size, grid, seed=1):
+    """Random pixel values for a `grid = (h, w)` patch grid of `model`."""
+    patch = model.config.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, grid[0] * patch, grid[1] * patch, generator=generator)
 
 
 def outputs(model, pixel_values, implementation, **kwargs):
@@ -45,10 +52,11 @@ CASES = [
 
 @pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 @pytest.mark.parametrize("implementation", ["alibi_chunked", "alibi_flex"])
-@pytest.mark.parametrize("size", [(56, 56), (42, 98), (14, 70)])
-def test_streamed_paths_match_dense_sdpa(tiny_kwargs, options, implementation, size):
-    model = alibi_model(tiny_kwargs, **options)
-    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("grid", [(4, 4), (3, 7), (1, 5)])
+@pytest.mark.parametrize("model_type", ALIBI_MODEL_TYPES)
+def test_streamed_paths_match_dense_sdpa(model_type, options, implementation, grid):
+    model = tiny_alibi_model(model_type, model_options=dict(alibi_query_chunk_size=7), **options)
+    pixel_values = grid_images(model, 2, grid)
     dense = outputs(model, pixel_values, "sdpa")
     torch.testing.assert_close(outputs(model, pixel_values, implementation), dense, atol=1e-4, rtol=0)
 
@@ -75,18 +83,18 @@ def test_chunked_path_gives_the_same_gradients(tiny_kwargs):
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-5, rtol=1e-4)
 
 
-def test_large_grids_switch_to_the_chunked_path_by_themselves(tiny_kwargs):
-    torch.manual_seed(0)
-    model = AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs), alibi_dense_max_tokens=20, alibi_query_chunk_size=7)
-    model.eval()
-    small, large = torch.randn(1, 3, 42, 42), torch.randn(1, 3, 56, 70)  # 5 + 9 and 5 + 20 tokens
+@pytest.mark.parametrize("model_type", ALIBI_MODEL_TYPES)
+def test_large_grids_switch_to_the_chunked_path_by_themselves(model_type):
+    model = tiny_alibi_model(model_type, model_options=dict(alibi_dense_max_tokens=20, alibi_query_chunk_size=7))
+    small, large = grid_images(model, 1, (3, 3)), grid_images(model, 1, (4, 5))  # 5 + 9 and 5 + 20 tokens
+    cache = bias_module(model)._cache
     outputs(model, small, "sdpa")
-    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]
+    assert [key[1:3] for key in cache] == [(3, 3)]
     switched = outputs(model, large, "sdpa")
-    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3)]  # no dense bias was built for 4 x 5
+    assert [key[1:3] for key in cache] == [(3, 3)]  # no dense bias was built for 4 x 5
     assert model.config._attn_implementation == "sdpa"
     dense = outputs(model, large, "sdpa", alibi_dense_max_tokens=8192)  # a per-call bound overrides the model's
-    assert [key[1:3] for key in model.encoder.alibi._cache] == [(3, 3), (4, 5)]
+    assert [key[1:3] for key in cache] == [(3, 3), (4, 5)]
     torch.testing.assert_close(switched, dense, atol=1e-4, rtol=0)
     model.alibi_dense_max_tokens = 8192
     torch.testing.assert_close(outputs(model, large, "sdpa"), dense, atol=0, rtol=0)

@@ -240,3 +240,21 @@ def test_the_page_says_what_is_missing(served_page, scribbled, tmp_path):
     with pytest.raises(AppError, match="Could not read .*broken.tif"):
         served_page.predict(editor_payload(None, folder / "scribbles.png"), handle_file(str(tmp_path / "broken.tif")),
                             ["ALiBi"], "classical", "PNG", api_name="/segment")
+
+
+def test_dinov3_models_get_their_rows_and_alibi_dinov3_maps_move_with_the_content():
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from conftest import TINY_DINOV3, tiny_alibi_model
+
+    torch.manual_seed(0)
+    alibi = tiny_alibi_model("alibi_dinov3")
+    models = {"ALiBi-DINOv3": (alibi, None),
+              "DINOv3": (DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3, num_register_tokens=4)).eval(), None)}
+    gallery, table = render_comparison(models, data.gravel(), n_clusters=3, max_side=150)  # 9 x 9 patches of 16 px
+    assert [row[:2] for row in table] == [["ALiBi-DINOv3", "9 x 9"], ["DINOv3", "9 x 9"]]
+    assert all(picture.shape == (144, 144, 3) for picture, _ in gallery)
+    image = data.gravel()[:96, :128]
+    rolled = np.roll(image, (16 * 2, 16 * 3), axis=(0, 1))
+    original, moved = analyse_image(alibi, image), analyse_image(alibi, rolled)
+    np.testing.assert_allclose(moved.pca_rgb, np.roll(original.pca_rgb, (2, 3), axis=(0, 1)), atol=1e-4)

@@ -38,6 +38,14 @@ def _tiny(model_class, config):
     return model_class(config).eval()
 
 
+def tiny_alibi_dinov3(**overrides):
+    import configuration_alibi_dinov3 as configuration
+    import modeling_alibi_dinov3 as modeling
+
+    config = configuration.AlibiDinov3Config(**{**TINY, "patch_size": 16, "num_register_tokens": 4, **overrides})
+    return _tiny(modeling.AlibiDinov3Model, config)
+
+
 def tiny_alibi(**overrides):
     import configuration_alibi_dinov2 as configuration
     import modeling_alibi_dinov2 as modeling
@@ -204,10 +212,11 @@ def test_clear_errors(image):
     "model_class, config, expected_prefix",
     [
         (transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig(**{**TINY, "patch_size": 16}, num_register_tokens=4), 5),
+        (lambda c: tiny_alibi_dinov3(num_register_tokens=2), None, 3),
         (transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**{**TINY, "patch_size": 16}), 0),
         (lambda c: transformers.DeiTModel(c, add_pooling_layer=False), transformers.DeiTConfig(**{**TINY, "patch_size": 16}), 2),
     ],
-    ids=["dinov3", "siglip", "deit"],
+    ids=["dinov3", "alibi_dinov3", "siglip", "deit"],
 )
 def test_other_families_strip_their_own_prefix(model_class, config, expected_prefix):
     model = _tiny(model_class, config)
@@ -216,8 +225,26 @@ def test_other_families_strip_their_own_prefix(model_class, config, expected_pre
     features = extract_patch_features(model, picture)
     assert features.shape == (3, 4, 32)
     pixel_values = image_to_pixel_values(picture, 16)
-    kwargs = {"interpolate_pos_encoding": True} if not isinstance(model, transformers.DINOv3ViTModel) else {}
+    dinov3 = model.config.model_type in ("dinov3_vit", "alibi_dinov3")
+    kwargs = {"interpolate_pos_encoding": True} if not dinov3 else {}
     with torch.no_grad():
         tokens = model(pixel_values=pixel_values, **kwargs).last_hidden_state
     assert tokens.shape[1] == expected_prefix + 12
     np.testing.assert_allclose(features, tokens[0, expected_prefix:].reshape(3, 4, -1).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["dinov3_vit", "alibi_dinov3"])
+def test_dinov3_layers_are_final_normed_block_outputs(model_type):
+    config = dict(TINY, patch_size=16, num_register_tokens=4)
+    if model_type == "dinov3_vit":
+        model = _tiny(transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig(**config))
+    else:
+        model = tiny_alibi_dinov3()
+    picture = np.random.default_rng(3).random((48, 80, 3)).astype(np.float32)  # 3 x 5 grid of 16 px
+    layers = extract_patch_features(model, picture, layers="all")
+    assert layers.shape == (3, 3, 5, 32)
+    np.testing.assert_allclose(layers[-1], extract_patch_features(model, picture), atol=1e-5)
+    with torch.no_grad():
+        hidden = model(pixel_values=image_to_pixel_values(picture, 16), output_hidden_states=True).hidden_states
+        first_block = model.norm(hidden[1])[0, 5:].reshape(3, 5, -1).numpy()
+    np.testing.assert_allclose(layers[1], first_block, atol=1e-5)

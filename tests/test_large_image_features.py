@@ -6,13 +6,15 @@ import pytest
 from evaluation.image_io import ImageTooSmallError
 import tifffile
 import torch
-from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.feature_extraction import image_to_pixel_values
-from evaluation.large_image_features import extract_feature_map
+from evaluation.large_image_features import extract_feature_map, layer_progress
 from alibi_attention import alibi_query_block_size
 from modeling_alibi_dinov2 import AlibiDinov2Model
+
+from conftest import ALIBI_MODEL_TYPES, TINY_DINOV3, tiny_alibi_model
 
 
 @pytest.fixture
@@ -30,9 +32,12 @@ def sixteen_bit_tiff(tmp_path):
     return path, pages
 
 
-def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_bit_tiff, monkeypatch):
+@pytest.mark.parametrize("model_type", ALIBI_MODEL_TYPES)
+def test_features_of_a_16_bit_tiff_equal_the_dense_forward(model_type, sixteen_bit_tiff, monkeypatch):
+    alibi_model = tiny_alibi_model(model_type)
+    patch = alibi_model.config.patch_size
     path, pages = sixteen_bit_tiff
-    pixel_values = image_to_pixel_values(pages[1], 14)
+    pixel_values = image_to_pixel_values(pages[1], patch)
     with torch.no_grad():
         expected = alibi_model.get_patch_features(pixel_values)[0].numpy()
     query_counts = []
@@ -44,10 +49,10 @@ def test_features_of_a_16_bit_tiff_equal_the_dense_forward(alibi_model, sixteen_
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     features = extract_feature_map(alibi_model, path, page=1, attention_memory_mb=0.01, progress=False)
-    assert features.shape == (32, 150 // 14, 213 // 14) and features.dtype == np.float32
+    assert features.shape == (32, 150 // patch, 213 // patch) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, atol=1e-4)
     # Streamed in blocks that the memory bound sets (the model's own 1024-query ceiling does not apply).
-    tokens = 5 + (150 // 14) * (213 // 14)
+    tokens = 5 + (150 // patch) * (213 // patch)
     block = alibi_query_block_size(tokens, 2, 1 << 30, 0.01)
     assert 1 < block < tokens and max(query_counts) == block and len(query_counts) == 2 * -(-tokens // block)
     # The model is left as it was, its config never touched.
@@ -78,6 +83,19 @@ def test_models_without_alibi_run_on_their_own_path(tiny_kwargs):
         tokens = stock(image_to_pixel_values(image, 14), interpolate_pos_encoding=True).last_hidden_state
     expected = tokens[0, 5:].reshape(5, 6, 32).permute(2, 0, 1).numpy()
     np.testing.assert_allclose(features, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [lambda: tiny_alibi_model("alibi_dinov2"), lambda: tiny_alibi_model("alibi_dinov3"),
+     lambda: DINOv3ViTModel(DINOv3ViTConfig(**{**TINY_DINOV3, "num_hidden_layers": 3}))],
+    ids=["alibi_dinov2", "alibi_dinov3", "dinov3_vit"],
+)
+def test_the_progress_bar_advances_once_per_layer(make_model):
+    model = make_model().eval()
+    with layer_progress(model, "features") as bar, torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert bar.total == bar.n == model.config.num_hidden_layers
 
 
 def test_an_image_smaller_than_a_patch_is_refused(alibi_model):

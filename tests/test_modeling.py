@@ -16,6 +16,7 @@ from transformers import (
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from modeling_alibi_dinov2 import AlibiDinov2Backbone, AlibiDinov2Model
 
+from compile_counting import compiled_graph_count
 from conftest import TINY_DINOV2
 
 
@@ -258,33 +259,11 @@ COMPILE_SIZES = [(1, 28, 28), (1, 42, 28), (2, 56, 28), (1, 56, 70), (2, 70, 42)
                  (1, 112, 84), (2, 42, 126), (1, 140, 98), (2, 126, 140), (1, 28, 154)]
 
 
-def compiled_graph_count(model) -> int:
-    """Graphs torch.compile makes for `model` over COMPILE_SIZES, each output checked against eager to 1e-5.
-    `aot_eager` traces and guards like the GPU compile without building kernels; reaching the recompile limit (past
-    which dynamo silently runs the model eagerly) raises instead."""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    counter = CompileCounterWithBackend("aot_eager")
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.no_grad():
-            compiled = torch.compile(model, backend=counter)
-            for batch_size, height, width in COMPILE_SIZES:
-                pixel_values = images(batch_size, height, width, seed=height + width)
-                torch.testing.assert_close(
-                    compiled(pixel_values).last_hidden_state, model(pixel_values).last_hidden_state, atol=1e-5, rtol=0
-                )
-    finally:
-        torch._dynamo.reset()
-    return counter.frame_count
-
-
 @pytest.fixture(scope="module")
 def stock_graph_count():
     torch.manual_seed(0)
     config = Dinov2WithRegistersConfig(**TINY_DINOV2, num_register_tokens=4)
-    return compiled_graph_count(Dinov2WithRegistersModel(config).eval())
+    return compiled_graph_count(Dinov2WithRegistersModel(config).eval(), COMPILE_SIZES)
 
 
 @pytest.mark.parametrize("slopes", ["constant", "learned"])
@@ -293,7 +272,7 @@ def test_compiled_model_needs_no_more_graphs_than_stock_dinov2(tiny_kwargs, stoc
     recompile limit (8). Computed in the graph, it lets one dynamic-shape graph serve new sizes as stock DINOv2's."""
     model = alibi_model(tiny_kwargs, alibi_slopes=slopes)
     eager_cache = model.encoder.alibi._cache
-    assert compiled_graph_count(model) <= stock_graph_count < torch._dynamo.config.recompile_limit
+    assert compiled_graph_count(model, COMPILE_SIZES) <= stock_graph_count < torch._dynamo.config.recompile_limit
     # Only the eager calls (the references) filled the cache; the compiled ones computed the bias in the graph.
     assert len(eager_cache) == min(len(COMPILE_SIZES), 8)
 

@@ -9,9 +9,11 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from evaluation.positional_probe import make_ramp
+from evaluation.preprocessing import image_statistics, load_image_processor
 from evaluation.probe_runner import (
     format_table,
     load_image_source,
+    load_model,
     main,
     noise_images,
     probe_seed,
@@ -160,3 +162,41 @@ def test_small_grids_are_left_out_of_the_means_with_a_warning(caplog):
     assert "mixed/small" in caplog.text and alone["warnings"] == []
     only_small = run_probe(models, {"small": small}, ramps=("lr+ud",), step=3, repeats=1, progress=False)
     assert np.isnan(only_small["scores"]["positional"]["small"]["lr+ud"]["mean"])
+
+
+# What transformers saves for a DINOv3 image processor, here with the statistics of Meta's satellite DINOv3 models;
+# building its class needs torchvision, so the statistics are read from the file where torchvision is missing.
+DINOV3_PREPROCESSOR = {
+    "image_processor_type": "DINOv3ViTImageProcessorFast",
+    "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.430, 0.411, 0.296], "image_std": [0.213, 0.156, 0.143],
+}
+
+
+def test_dinov3_folders_load_and_are_probed(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from conftest import TINY_DINOV3, tiny_alibi_model
+
+    tiny_alibi_model("alibi_dinov3").save_pretrained(tmp_path / "alibi-dinov3")
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3, num_register_tokens=4)).save_pretrained(tmp_path / "dinov3")
+    (tmp_path / "dinov3" / "preprocessor_config.json").write_text(json.dumps(DINOV3_PREPROCESSOR))
+    (alibi, alibi_stats), (stock, stock_stats) = (load_model(str(tmp_path / name)) for name in ("alibi-dinov3", "dinov3"))
+    assert type(alibi).__name__ == "AlibiDinov3Model" and type(stock) is DINOv3ViTModel
+    assert alibi_stats is None  # no processor stored: ImageNet statistics
+    np.testing.assert_allclose(stock_stats["image_mean"], DINOV3_PREPROCESSOR["image_mean"], rtol=1e-6)
+    np.testing.assert_allclose(stock_stats["image_std"], DINOV3_PREPROCESSOR["image_std"], rtol=1e-6)
+    for name, stats in ((tmp_path / "dinov3", stock_stats), (tmp_path / "alibi-dinov3", {})):
+        mean, std = image_statistics(load_image_processor(str(name)))
+        np.testing.assert_allclose(mean, stats.get("image_mean", (0.485, 0.456, 0.406)), rtol=1e-6)
+        np.testing.assert_allclose(std, stats.get("image_std", (0.229, 0.224, 0.225)), rtol=1e-6)
+    results = run_probe({"alibi": alibi, "stock": stock}, {"noise": noise_images(2, size=(192, 200))},
+                        ramps=("lr+ud", "random"), step=2, repeats=2, image_processors={"stock": stock_stats},
+                        progress=False)
+    for name in ("alibi", "stock"):
+        assert results["models"][name]["patch_size"] == 16 and results["models"][name]["prefix_tokens"] == 5
+        assert results["grids"][name]["noise"] == [[12, 12], [12, 12]]
+    # Wrapped ALiBi without RoPE is equivariant to whole-patch rolls: nothing marks absolute position.
+    assert results["scores"]["alibi"]["noise"]["lr+ud"]["mean"] < 0.1

@@ -1,5 +1,5 @@
-"""A saved ALiBi-DINOv2 folder is self-contained remote code: it loads with the Auto classes in a process where
-this project cannot be imported."""
+"""A saved ALiBi-DINOv2 or ALiBi-DINOv3 folder is self-contained remote code: it loads with the Auto classes in a
+process where this project cannot be imported."""
 
 import json
 import os
@@ -7,35 +7,51 @@ import os
 import pytest
 import torch
 
-from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS, AlibiDinov2Config
+from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
+from conftest import ALIBI_MODEL_TYPES, tiny_alibi_model
 
-@pytest.fixture
-def saved_model(tmp_path, tiny_kwargs):
-    torch.manual_seed(0)
-    model = AlibiDinov2Model(AlibiDinov2Config(**tiny_kwargs, alibi_slopes="learned")).eval()
+CLASS_PREFIX = {"alibi_dinov2": "AlibiDinov2", "alibi_dinov3": "AlibiDinov3"}
+
+
+def save_tiny_model(model_type, tmp_path):
+    """Save a tiny model with learned slopes, and its input and output on a 3 x 5 patch grid beside it (io.pt)."""
+    model = tiny_alibi_model(model_type, alibi_slopes="learned")
     folder = tmp_path / "alibi-tiny"
     model.save_pretrained(folder)
-    pixel_values = torch.randn(2, 3, 42, 70)
+    patch = model.config.patch_size
+    pixel_values = torch.randn(2, 3, 3 * patch, 5 * patch)
     with torch.no_grad():
         expected = model(pixel_values).last_hidden_state
     torch.save({"pixel_values": pixel_values, "expected": expected}, tmp_path / "io.pt")
     return folder
 
 
-def test_save_pretrained_writes_auto_map_and_both_model_files(saved_model):
-    files = sorted(os.listdir(saved_model))
+@pytest.fixture
+def saved_model(tmp_path):
+    return save_tiny_model("alibi_dinov2", tmp_path)
+
+
+@pytest.fixture(params=ALIBI_MODEL_TYPES)
+def saved_any_model(request, tmp_path):
+    return save_tiny_model(request.param, tmp_path)
+
+
+def test_save_pretrained_writes_auto_map_and_both_model_files(saved_any_model):
+    config = json.loads((saved_any_model / "config.json").read_text())
+    model_type = config["model_type"]
+    files = sorted(os.listdir(saved_any_model))
     assert files == [
-        "alibi_attention.py", "config.json", "configuration_alibi_dinov2.py", "model.safetensors", "modeling_alibi_dinov2.py"
+        "alibi_attention.py", "config.json", f"configuration_{model_type}.py", "model.safetensors", f"modeling_{model_type}.py"
     ]
-    config = json.loads((saved_model / "config.json").read_text())
-    assert config["model_type"] == "alibi_dinov2"
-    assert config["architectures"] == ["AlibiDinov2Model"]
+    assert model_type in ALIBI_MODEL_TYPES
+    prefix = CLASS_PREFIX[model_type]
+    assert config["architectures"] == [f"{prefix}Model"]
     assert config["auto_map"] == {
-        "AutoConfig": "configuration_alibi_dinov2.AlibiDinov2Config",
-        "AutoModel": "modeling_alibi_dinov2.AlibiDinov2Model",
-        "AutoBackbone": "modeling_alibi_dinov2.AlibiDinov2Backbone",
+        "AutoConfig": f"configuration_{model_type}.{prefix}Config",
+        "AutoModel": f"modeling_{model_type}.{prefix}Model",
+        "AutoBackbone": f"modeling_{model_type}.{prefix}Backbone",
     }
     # The attention's memory options belong to the machine that runs the model, not to its weights.
     assert not set(ALIBI_RUNTIME_DEFAULTS) & set(config), config
@@ -74,20 +90,22 @@ def test_an_old_config_json_with_runtime_options_loads_without_them(saved_model,
     assert not set(ALIBI_RUNTIME_DEFAULTS) & set(saved_again), saved_again
 
 
-def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path, run_isolated):
+def test_remote_code_round_trip_gives_identical_outputs(saved_any_model, tmp_path, run_isolated):
+    model_type = json.loads((saved_any_model / "config.json").read_text())["model_type"]
     result = run_isolated(
         f"""
         import torch
         from transformers import AutoModel
-        try:
-            import modeling_alibi_dinov2
-            raise SystemExit("the project must not be importable here")
-        except ImportError:
-            pass
-        model = AutoModel.from_pretrained({str(saved_model)!r}, trust_remote_code=True, alibi_chunk_memory_mb=64)
+        for name in ("alibi_attention", "modeling_{model_type}", "configuration_{model_type}"):
+            try:
+                __import__(name)
+                raise SystemExit("the project must not be importable here")
+            except ImportError:
+                pass
+        model = AutoModel.from_pretrained({str(saved_any_model)!r}, trust_remote_code=True, alibi_chunk_memory_mb=64)
         model.eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-        assert type(model).__name__ == "AlibiDinov2Model"
+        assert type(model).__name__ == "{CLASS_PREFIX[model_type]}Model"
         assert model.alibi_chunk_memory_mb == 64 and not hasattr(model.config, "alibi_chunk_memory_mb")
         data = torch.load({str(tmp_path / "io.pt")!r})
         with torch.no_grad():
@@ -99,20 +117,21 @@ def test_remote_code_round_trip_gives_identical_outputs(saved_model, tmp_path, r
     assert "identical" in result.stdout
 
 
-def test_remote_code_backbone_feature_map_shapes(saved_model, run_isolated):
+def test_remote_code_backbone_feature_map_shapes(saved_any_model, run_isolated):
     # transformers 5.x's AutoBackbone.from_pretrained asks the Hub about any name before looking on disk, so a local
     # folder goes through AutoBackbone.from_config, which resolves the remote class, and that class's from_pretrained.
     result = run_isolated(
         f"""
         import torch
         from transformers import AutoBackbone, AutoConfig
-        folder = {str(saved_model)!r}
+        folder = {str(saved_any_model)!r}
         config = AutoConfig.from_pretrained(folder, trust_remote_code=True, out_indices=[1, 2])
         backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
         assert backbone_class.__module__.startswith("transformers_modules."), backbone_class.__module__
         backbone = backbone_class.from_pretrained(folder, out_indices=[1, 2]).eval()
+        patch = config.patch_size
         with torch.no_grad():
-            maps = backbone(torch.randn(2, 3, 42, 70)).feature_maps
+            maps = backbone(torch.randn(2, 3, 3 * patch, 5 * patch)).feature_maps
         print([tuple(m.shape) for m in maps])
         """
     )

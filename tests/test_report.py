@@ -117,3 +117,25 @@ def test_command_line_names_models_and_sets_by_their_last_path_part(tmp_path):
     assert list(content["summary"]["positional-teacher"]) == ["imgs"]
     page = (tmp_path / "out" / "report.html").read_text()
     assert str(images) not in page and "<td class=set>imgs</td>" in page
+
+
+def test_report_takes_alibi_dinov3_and_stock_dinov3(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from conftest import TINY_DINOV3, tiny_alibi_model
+
+    torch.manual_seed(0)
+    stock = DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3, num_register_tokens=4)).eval()
+    with torch.no_grad():  # sharp attention, as trained models have: random weights hardly attend by position
+        for layer in stock.model.layer:
+            layer.attention.q_proj.weight.mul_(10)
+            layer.attention.k_proj.weight.mul_(10)
+    models = {"alibi-dinov3": tiny_alibi_model("alibi_dinov3"), "dinov3": stock}
+    sources = {"noise": load_image_source("noise:1", size=(160, 192))}
+    content = build_report(models, sources, tmp_path, repeats=1, picture_images=1, progress=False)
+    assert set(content["summary"]) == set(models)
+    assert content["probe"]["grids"]["alibi-dinov3"]["noise"] == [[10, 12]]
+    # RoPE on a grid is not periodic, wrapped ALiBi is: rolls by whole 16 px patches move only the latter's features.
+    errors = content["transform_errors"]
+    assert errors["alibi-dinov3"]["roll"] < 1e-4 < errors["dinov3"]["roll"]
+    assert "<th>alibi-dinov3</th>" in (tmp_path / "report.html").read_text()

@@ -327,3 +327,17 @@ def test_a_cached_segmenter_computes_each_stack_once_and_predicts_as_without(two
     np.testing.assert_array_equal(cached.predict(test_image), plain.predict(test_image))
     np.testing.assert_array_equal(cached.extract_features(test_image), plain.extract_features(test_image))
     assert "feature_cache=FeatureCache(4 arrays, " in repr(cached) and "feature_cache=None" in repr(plain)
+
+
+def test_classical_plus_vit_segmenter_with_a_tiny_alibi_dinov3(two_phase):
+    from conftest import tiny_alibi_model
+
+    train_image, _, scribbles, test_image, test_truth = two_phase
+    model = tiny_alibi_model("alibi_dinov3")
+    segmenter = TrainableSegmenter(
+        features="classical+vit", model=model, classifier_params={"n_estimators": 10}
+    ).fit(train_image, scribbles)
+    assert segmenter.n_features_in_ == n_features() + 9
+    prediction = segmenter.predict(test_image)
+    assert prediction.shape == test_truth.shape
+    assert mean_iou(prediction, test_truth, n_classes=2) >= 0.8
