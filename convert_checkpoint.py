@@ -40,12 +40,14 @@ from typing import Literal
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
+from configuration_alibi_dinov3 import AlibiDinov3Config
 from evaluation.cli import ArgumentParser, InputError, check_model_source, run_command
 from evaluation.files import write_text_atomic
 from evaluation.preprocessing import dinov2_image_processor
 from evaluation.remote_files import fetch_file, is_remote_file
 from evaluation.training_runs import push_to_hub as push_folder
 from modeling_alibi_dinov2 import AlibiDinov2Model
+from modeling_alibi_dinov3 import AlibiDinov3Model
 
 
 DEFAULT_SOURCE = "facebook/dinov2-with-registers-small"
@@ -437,7 +439,7 @@ def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
     own = {family.model_type: family for family in FAMILIES.values()}
     if config.model_type in own:
         family = own[config.model_type]
-        model = family.classes()[1].from_pretrained(source, revision=revision)
+        model = family.model_class.from_pretrained(source, revision=revision)
         config_fields = model.config.to_dict()
         architecture = {k: config_fields[k] for k in family.architecture_fields}
         alibi_options = {k: config_fields[k] for k in _ALIBI_FIELDS}
@@ -517,26 +519,40 @@ class ModelFamily:
     stock_name: str
     stock_class: str  # transformers' class with the same token layout
     kept_description: str
-
-    def classes(self):
-        """`(configuration class, model class)`."""
-        if self.name == "dinov3":
-            from configuration_alibi_dinov3 import AlibiDinov3Config
-            from modeling_alibi_dinov3 import AlibiDinov3Model
-
-            return AlibiDinov3Config, AlibiDinov3Model
-        return AlibiDinov2Config, AlibiDinov2Model
+    config_class: type
+    model_class: type
 
 
 FAMILIES = {
     "dinov2": ModelFamily(
-        "dinov2", "alibi_dinov2", "learned", "use_absolute_position_embeddings", ("embeddings.position_embeddings",),
-        "encoder.alibi.slopes", _ARCHITECTURE_FIELDS + ("interpolate_antialias",), "ALiBi-DINOv2", "DINOv2",
-        "Dinov2WithRegistersModel", "learned absolute position embedding",
+        name="dinov2",
+        model_type="alibi_dinov2",
+        kept_scheme="learned",
+        kept_flag="use_absolute_position_embeddings",
+        position_keys=("embeddings.position_embeddings",),
+        slopes_key="encoder.alibi.slopes",
+        architecture_fields=_ARCHITECTURE_FIELDS + ("interpolate_antialias",),
+        title="ALiBi-DINOv2",
+        stock_name="DINOv2",
+        stock_class="Dinov2WithRegistersModel",
+        kept_description="learned absolute position embedding",
+        config_class=AlibiDinov2Config,
+        model_class=AlibiDinov2Model,
     ),
     "dinov3": ModelFamily(
-        "dinov3", "alibi_dinov3", "rope", "use_rope", (), "model.alibi.slopes", _DINOV3_ARCHITECTURE_FIELDS,
-        "ALiBi-DINOv3", "DINOv3", "DINOv3ViTModel", "RoPE",
+        name="dinov3",
+        model_type="alibi_dinov3",
+        kept_scheme="rope",
+        kept_flag="use_rope",
+        position_keys=(),  # RoPE has no weights
+        slopes_key="model.alibi.slopes",
+        architecture_fields=_DINOV3_ARCHITECTURE_FIELDS,
+        title="ALiBi-DINOv3",
+        stock_name="DINOv3",
+        stock_class="DINOv3ViTModel",
+        kept_description="RoPE",
+        config_class=AlibiDinov3Config,
+        model_class=AlibiDinov3Model,
     ),
 }
 
@@ -611,11 +627,10 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
     if unknown:
         raise ValueError(f"Unknown ALiBi option(s) {sorted(unknown)}; allowed: {', '.join(_ALIBI_FIELDS)}.")
     family = FAMILIES[checkpoint.family]
-    config_class, model_class = family.classes()
     parts = (checkpoint.position_scheme if variant == "keep-pe" else variant).split("+")
     options = dict(checkpoint.alibi_options) if "alibi" in checkpoint.position_scheme.split("+") else {}
     options.update({k: v for k, v in alibi_options.items() if v is not None})
-    config = config_class(
+    config = family.config_class(
         **checkpoint.architecture, use_alibi="alibi" in parts, **{family.kept_flag: family.kept_scheme in parts}, **options
     )
     state_dict = dict(checkpoint.state_dict)
@@ -623,7 +638,7 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
         for key in family.position_keys:
             state_dict.pop(key, None)
     slopes = state_dict.pop(family.slopes_key, None)
-    model = model_class(config)
+    model = family.model_class(config)
     if config.use_alibi and config.alibi_slopes == "learned":
         if slopes is None:
             slopes = torch.ones(config.num_hidden_layers, config.num_attention_heads)  # start from the paper's m = 1
