@@ -11,7 +11,7 @@ from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.probe_runner import load_image_source
 from evaluation.report import build_report, main
 from modeling_alibi_dinov2 import AlibiDinov2Model
-from quickstart import smooth_position_embedding
+from synthetic_teachers import smooth_position_embedding
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=224)
