@@ -466,12 +466,13 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
         base_model=args.base_model,
     )
     carded = time.perf_counter()
-    space_models = {f"ALiBi-DINOv2 ({model_name})": repo_id or str(folder.resolve())}
+    family = model_family(models[model_name][0])
+    space_models = {f"{family.title} ({model_name})": repo_id or str(folder.resolve())}
     if args.base_model:  # a local base model is named by its absolute path, so that the Space runs from anywhere
         base = Path(args.base_model)
-        space_models[f"DINOv2 ({args.base_model})"] = str(base.resolve()) if base.exists() else args.base_model
+        space_models[f"{family.stock_name} ({args.base_model})"] = str(base.resolve()) if base.exists() else args.base_model
     space_dir = Path(args.space_dir) if args.space_dir else folder.resolve().parent / f"{folder.resolve().name}-space"
-    write_space_folder(space_dir, space_models, f"ALiBi-DINOv2: {model_name.split('/')[-1]}", args.max_side)
+    write_space_folder(space_dir, space_models, f"{family.title}: {model_name.split('/')[-1]}", args.max_side)
     spaced = time.perf_counter()
     evaluation["timings_s"].update(load=loaded - started, card=carded - evaluated, space=spaced - carded)
     write_json_atomic(folder / RESULTS_FILE, evaluation)
@@ -485,6 +486,15 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     print(f"evaluated {', '.join(models)} on {', '.join(sources)}; card {folder / 'README.md'}; Space {space_dir}; "
           f"{timings}" + ("" if pushing else "; dry run: nothing uploaded"))
     return {"evaluation": evaluation, "space_dir": space_dir, "plan": plan, "urls": urls, "uploaded": pushing}
+
+
+def model_family(model):
+    """The converter's family (`convert_checkpoint.FAMILIES`) of an ALiBi model, for its names on the card and the
+    Space; a model of another type is named as ALiBi-DINOv2."""
+    from convert_checkpoint import FAMILIES
+
+    by_type = {family.model_type: family for family in FAMILIES.values()}
+    return by_type.get(getattr(model.config, "model_type", None), FAMILIES["dinov2"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -170,3 +170,13 @@ def test_publish_refuses_a_folder_that_is_no_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a model folder"):
         publish.main([str(tmp_path / "empty")])
+
+
+def test_the_space_names_each_family_by_its_own_model_type(published):
+    from conftest import tiny_alibi_model
+
+    summary = published["summary"]
+    readme = (summary["space_dir"] / "README.md").read_text()
+    assert "# ALiBi-DINOv2: alibi-tiny" in readme and f"- DINOv2 ({published['base']})" in readme
+    assert publish.model_family(tiny_alibi_model("alibi_dinov3")).title == "ALiBi-DINOv3"
+    assert publish.model_family(tiny_alibi_model("alibi_dinov3")).stock_name == "DINOv3"
