@@ -91,16 +91,28 @@ def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wr
     return torch.sym_sqrt(dy * dy + dx * dx) if metric == "euclidean" else torch.sym_float(dy + dx)
 
 
-def normalizing_divisor(height: int, width: int, metric: str, wrap: bool) -> float:
+def normalizing_divisor(height: int, width: int, metric: str, wrap: bool, device=None) -> float | torch.Tensor:
     """What normalisation divides the distances of a `height x width` grid by: the largest one, or 1 on a single
     cell (whose only distance is 0). No branch on the grid size, which torch.export could not keep dynamic: two
-    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that."""
-    return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
+    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that.
+
+    A Python float in eager mode. In a traced graph (torch.compile, torch.export, the TorchScript tracer of the
+    legacy ONNX exporter) a 0-dim float32 tensor on `device`, computed from the grid size: ONNX has no symbolic
+    square root, and the tracer records sizes as tensors, which a Python square root would freeze into a constant.
+    """
+    if not _tracing():
+        return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
+    largest = [
+        _axis_offsets(torch.arange(size, device=device, dtype=torch.float32), 0, size, wrap).amax(0)
+        for size in (height, width)
+    ]
+    return _combine_offsets(*largest, metric).clamp(min=1.0)
 
 
 def _tracing() -> bool:
-    """Under torch.compile or torch.export: Python-side caches would become guards, one graph per image size."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Under torch.compile, torch.export or the TorchScript tracer (the legacy ONNX exporter): Python-side caches
+    would become guards, one graph per image size, or constants of the traced graph."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def aligned_length(num_tokens: int) -> int:
@@ -143,7 +155,7 @@ def alibi_distance_matrix(
     dx = _axis_offsets(columns[None, :, None, None], columns[None, None, None, :], width, wrap)
     distance = _combine_offsets(dy, dx, metric).reshape(height * width, height * width)
     if normalize:
-        distance.div_(normalizing_divisor(height, width, metric, wrap))
+        distance.div_(normalizing_divisor(height, width, metric, wrap, device))
     return distance
 
 
@@ -377,7 +389,7 @@ class AlibiPositionBias(nn.Module):
             distance = distance.add_(dx)
         del dx
         if self.normalize:
-            distance.div_(normalizing_divisor(height, width, self.metric, self.wrap))
+            distance.div_(normalizing_divisor(height, width, self.metric, self.wrap, device))
         # CLS and register rows and columns, and the alignment columns (sliced off below): no bias.
         distance[: max(0, prefix - start)] = 0
         distance[:, :prefix] = 0
@@ -393,7 +405,7 @@ class AlibiPositionBias(nn.Module):
             raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
         height, width = grid_size
         prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
-        scale = 1.0 / normalizing_divisor(height, width, metric, wrap) if self.normalize else 1.0
+        scale = 1.0 / normalizing_divisor(height, width, metric, wrap, device) if self.normalize else 1.0
         slopes = self.head_slopes(layer_index, device) * scale
 
         def add_alibi_bias(score, batch_index, head_index, query_index, key_index):

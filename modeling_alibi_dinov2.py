@@ -214,9 +214,10 @@ class AlibiDinov2PreTrainedModel(AlibiAttentionMixin, Dinov2WithRegistersPreTrai
         num_tokens = self.embeddings.num_prefix_tokens + (height // patch_height) * (width // patch_width)
         kwargs.update(self._attention_plan(num_tokens, kwargs))
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
+        if attention_mask is not None:  # none to make otherwise: exported graphs would carry an all-True one
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+            )
         grid_size = (height // patch_height, width // patch_width)
         return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
 
