@@ -279,7 +279,7 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
     - `alibi_dense_max_tokens` (8192): above this many tokens `sdpa` and `eager` stream the bias through
       `alibi_chunked` instead of building the `N x N` matrix (0 streams every input);
     - `alibi_query_chunk_size` (1024): most queries per block of `alibi_chunked`;
-    - `alibi_chunk_memory_mb` (256): bound on one block's scores and bias rows; blocks shrink below
+    - `alibi_chunk_memory_mb` (1024): bound on one block's scores and bias rows; blocks shrink below
       `alibi_query_chunk_size` to stay under it.
 
     A call may also pick a streamed path for itself, `attn_implementation="alibi_chunked"` or `"alibi_flex"`, whatever

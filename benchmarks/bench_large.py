@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_attention import build_models, peak_memory_bytes, time_forward  # noqa: E402
+from alibi_attention import ALIBI_RUNTIME_DEFAULTS  # noqa: E402
 from benchmarks.common import RunArguments, parse, run_and_write  # noqa: E402
 
 
@@ -119,7 +120,7 @@ class LargeImageBenchmarkArguments(RunArguments):
     repeats: int = field(default=1, metadata={"help": "timed forward passes per path and grid"})
     warmup: int = field(default=0, metadata={"help": "untimed forward passes per path and grid"})
     query_chunk_size: int = field(default=1024, metadata={"help": "most queries per block of alibi_chunked"})
-    chunk_memory_mb: float = field(default=256, metadata={"help": "memory bound of one alibi_chunked block"})
+    chunk_memory_mb: float = field(default=ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"], metadata={"help": "memory bound of one alibi_chunked block"})
     paths: list[str] | None = field(
         default=None,
         metadata={"help": "paths to measure, of stock:sdpa alibi:sdpa alibi:alibi_chunked alibi:alibi_flex "
