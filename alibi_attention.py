@@ -221,9 +221,11 @@ def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, pat
 
 def mirror_patch_tokens(tensor: torch.Tensor, num_prefix_tokens: int, dim: int = -2) -> torch.Tensor:
     """`tensor` with its patch tokens along `dim` in reverse order, the prefix (CLS, registers) first as before: the
-    key order of [`AlibiPositionBias.mirrored_rows`]. Mirroring twice restores the order."""
-    prefix, patches = tensor.split((num_prefix_tokens, tensor.shape[dim] - num_prefix_tokens), dim=dim)
-    return torch.cat((prefix, patches.flip(dim)), dim=dim)
+    key order of [`AlibiPositionBias.mirrored_rows`]. Mirroring twice restores the order. One gather, one copy."""
+    num_tokens = tensor.shape[dim]
+    order = torch.arange(num_tokens, device=tensor.device)
+    order = torch.where(order < num_prefix_tokens, order, num_tokens - 1 + num_prefix_tokens - order)
+    return tensor.index_select(dim, order)
 
 
 def _patch_rectangles(first: int, stop: int, width: int):
