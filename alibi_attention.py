@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import create_bidirectional_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
@@ -28,7 +28,7 @@ ALIBI_SLOPES = ("constant", "geometric", "learned")
 # Memory options of the attention at run time, with their defaults. They describe the machine, not the weights: the
 # model takes them at load time (`from_pretrained(folder, alibi_chunk_memory_mb=512)`) or per call
 # (`model(pixel_values, alibi_chunk_memory_mb=512)`), and no configuration stores them.
-ALIBI_RUNTIME_DEFAULTS = {"alibi_dense_max_tokens": 8192, "alibi_query_chunk_size": 1024, "alibi_chunk_memory_mb": 256}
+ALIBI_RUNTIME_DEFAULTS = {"alibi_dense_max_tokens": 8192, "alibi_query_chunk_size": 1024, "alibi_chunk_memory_mb": 1024}
 
 
 
@@ -72,13 +72,6 @@ def _axis_offsets(a: torch.Tensor, b: torch.Tensor, size: int, wrap: bool) -> to
     return torch.minimum(offsets, size - offsets) if wrap else offsets
 
 
-def _wrap_offsets_(offsets: torch.Tensor, size: int) -> torch.Tensor:
-    """In place: offsets `0 <= d < size` along an axis -> `min(d, size - d)`, the offsets on a ring of `size` cells
-    (`size / 2 - |d - size / 2|`; exact for the small integers involved)."""
-    half = size / 2
-    return offsets.sub_(half).abs_().neg_().add_(half)
-
-
 def _combine_offsets(dy: torch.Tensor, dx: torch.Tensor, metric: str) -> torch.Tensor:
     # sqrt of the sum of squares rather than `hypot`, which is no core ATen operator (exported programs keep it, for
     # backends that may lack it); exact for these small integers.
@@ -92,16 +85,28 @@ def largest_grid_distance(height: int, width: int, metric: str = "euclidean", wr
     return torch.sym_sqrt(dy * dy + dx * dx) if metric == "euclidean" else torch.sym_float(dy + dx)
 
 
-def normalizing_divisor(height: int, width: int, metric: str, wrap: bool) -> float:
+def normalizing_divisor(height: int, width: int, metric: str, wrap: bool, device=None) -> float | torch.Tensor:
     """What normalisation divides the distances of a `height x width` grid by: the largest one, or 1 on a single
     cell (whose only distance is 0). No branch on the grid size, which torch.export could not keep dynamic: two
-    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that."""
-    return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
+    distinct cells are at least 1 apart, so `max(largest, 1)` is exactly that.
+
+    A Python float in eager mode. In a traced graph (torch.compile, torch.export, the TorchScript tracer of the
+    legacy ONNX exporter) a 0-dim float32 tensor on `device`, computed from the grid size: ONNX has no symbolic
+    square root, and the tracer records sizes as tensors, which a Python square root would freeze into a constant.
+    """
+    if not _tracing():
+        return torch.sym_max(largest_grid_distance(height, width, metric, wrap), 1.0)
+    largest = [
+        _axis_offsets(torch.arange(size, device=device, dtype=torch.float32), 0, size, wrap).amax(0)
+        for size in (height, width)
+    ]
+    return _combine_offsets(*largest, metric).clamp(min=1.0)
 
 
 def _tracing() -> bool:
-    """Under torch.compile or torch.export: Python-side caches would become guards, one graph per image size."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Under torch.compile, torch.export or the TorchScript tracer (the legacy ONNX exporter): Python-side caches
+    would become guards, one graph per image size, or constants of the traced graph."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def aligned_length(num_tokens: int) -> int:
@@ -144,7 +149,7 @@ def alibi_distance_matrix(
     dx = _axis_offsets(columns[None, :, None, None], columns[None, None, None, :], width, wrap)
     distance = _combine_offsets(dy, dx, metric).reshape(height * width, height * width)
     if normalize:
-        distance.div_(normalizing_divisor(height, width, metric, wrap))
+        distance.div_(normalizing_divisor(height, width, metric, wrap, device))
     return distance
 
 
@@ -228,6 +233,37 @@ def patch_grid(pixel_values: torch.Tensor, config) -> tuple[int, int]:
     check_pixel_values(pixel_values, config.num_channels, min(patch_height, patch_width))
     height, width = pixel_values.shape[-2:]
     return height // patch_height, width // patch_width
+
+
+def mirror_patch_tokens(tensor: torch.Tensor, num_prefix_tokens: int, dim: int = -2) -> torch.Tensor:
+    """`tensor` with its patch tokens along `dim` in reverse order, the prefix (CLS, registers) first as before: the
+    key order of [`AlibiPositionBias.mirrored_rows`]. Mirroring twice restores the order. One gather, one copy."""
+    num_tokens = tensor.shape[dim]
+    order = torch.arange(num_tokens, device=tensor.device)
+    order = torch.where(order < num_prefix_tokens, order, num_tokens - 1 + num_prefix_tokens - order)
+    return tensor.index_select(dim, order)
+
+
+def _patch_rectangles(first: int, stop: int, width: int):
+    """Patches `first:stop` (row-major on a grid `width` wide) as at most three rectangles of whole grid cells:
+    yields `(offset of the rectangle's first patch from first, (y, x, grid rows, columns))`."""
+    patch = first
+    while patch < stop:
+        y, x = divmod(patch, width)
+        if x == 0 and stop - patch >= width:
+            rectangle = (y, 0, (stop - patch) // width, width)
+        else:
+            rectangle = (y, x, 1, min(width - x, stop - patch))
+        yield patch - first, rectangle
+        patch += rectangle[2] * rectangle[3]
+
+
+def extra_attention_mask(config, embeddings: torch.Tensor, attention_mask: torch.Tensor | None):
+    """A caller's attention mask in the form the attention takes (transformers' bidirectional mask), or None when
+    there is none: no all-True mask is made, which exported graphs would carry as a constant."""
+    if attention_mask is None:
+        return None
+    return create_bidirectional_mask(config=config, inputs_embeds=embeddings, attention_mask=attention_mask)
 
 
 class AlibiPositionBias(nn.Module):
@@ -362,6 +398,60 @@ class AlibiPositionBias(nn.Module):
         a view of rows padded to a multiple of 8 elements."""
         return self.layer_bias(self.grid_bias(grid_size, dtype, device), layer_index, dtype)
 
+    def offset_table(
+        self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The bias between two patches of a `grid_size = (h, w)` grid as a function of their offset: shape
+        `(1 or heads, 2h - 1, 2w - 1)` in `dtype`, contiguous, entry `[h - 1 + dy, w - 1 + dx]` the bias between
+        patches `dy` rows and `dx` columns apart. Every bias row is a window of it (see [`mirrored_rows`])."""
+        height, width = grid_size
+        dy, dx = (
+            _axis_offsets(torch.arange(2 * size - 1, device=device, dtype=torch.float32), size - 1, size, self.wrap)
+            for size in (height, width)
+        )
+        distance = _combine_offsets(dy[:, None], dx[None, :], self.metric)
+        if self.normalize:
+            distance = distance / normalizing_divisor(height, width, self.metric, self.wrap, device)
+        return self._scale(distance, layer_index)[0].to(dtype).contiguous()
+
+    def mirrored_rows(
+        self,
+        table: torch.Tensor,
+        grid_size: tuple[int, int],
+        start: int,
+        stop: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows `start:stop` of the bias whose [`offset_table`] is `table`, against the keys in mirrored order
+        (prefix tokens, then the patches last to first; see [`mirror_patch_tokens`]): `(1, 1 or heads, stop - start,
+        N)` in the table's dtype, a view of rows padded to a multiple of 8 elements.
+
+        Against mirrored keys, the row of the patch at `(y, x)` is the window of the table that starts at `(y, x)`,
+        and a rectangle of query patches is one strided view of the table: a block of rows costs one copy per
+        rectangle (at most three), no arithmetic and no `(rows, N)` temporary. `out`, a tensor of shape `(1 or heads,
+        >= stop - start, aligned N)`, takes the rows instead of a new one: a large new tensor is paged in by the
+        operating system as it is first written, which costs several times the copy itself."""
+        height, width = grid_size
+        prefix = self.num_prefix_tokens
+        num_tokens = prefix + height * width
+        heads = table.shape[0]
+        if out is None:
+            out = torch.empty(heads, stop - start, aligned_length(num_tokens), dtype=table.dtype, device=table.device)
+        rows = out[:, : stop - start]
+        prefix_rows = max(0, prefix - start)
+        rows[:, :, :prefix] = 0  # CLS and register columns
+        rows[:, :prefix_rows] = 0  # CLS and register rows
+        patch_rows = rows[:, prefix_rows:, prefix:num_tokens]
+        table_strides = (table.stride(0), table.stride(1), 1, table.stride(1), 1)
+        for row, (y, x, grid_rows, columns) in _patch_rectangles(start + prefix_rows - prefix, stop - prefix, width):
+            # The window's corner as a view, not as a storage offset: torch.compile cannot trace `storage_offset()`.
+            corner = table.flatten(1)[:, y * table.stride(1) + x :]
+            window = corner.as_strided((heads, grid_rows, columns, height, width), table_strides)
+            rectangle = patch_rows[:, row : row + grid_rows * columns]
+            rectangle.unflatten(1, (grid_rows, columns)).unflatten(-1, (height, width)).copy_(window)
+        bias = rows[None, ..., :num_tokens]
+        return self._with_jitter(bias) if self.jitter > 0 else bias
+
     def rows(
         self,
         grid_size: tuple[int, int],
@@ -372,36 +462,15 @@ class AlibiPositionBias(nn.Module):
         device: torch.device,
     ) -> torch.Tensor:
         """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`
-        (a view of rows padded to a multiple of 8 elements), computed from token coordinates without the `N x N`
-        matrix."""
-        height, width = grid_size
+        (a view of rows padded to a multiple of 8 elements), without the `N x N` matrix: [`mirrored_rows`] with the
+        patch columns put back in token order."""
         prefix = self.num_prefix_tokens
-        num_tokens = prefix + height * width
-        query_y, query_x, _ = _token_grid_coordinates(torch.arange(start, stop, device=device), prefix, width)
-        key_index = torch.arange(aligned_length(num_tokens), device=device)
-        key_y, key_x, _ = _token_grid_coordinates(key_index, prefix, width)
-        # In place wherever possible: two (rows, N) temporaries per block instead of a dozen, which keeps both the
-        # memory traffic and the allocator's churn (freed blocks glibc keeps resident) down on large grids.
-        distance = (query_y[:, None] - key_y[None, :]).abs_()
-        dx = (query_x[:, None] - key_x[None, :]).abs_()
-        if self.wrap:
-            _wrap_offsets_(distance, height)
-            _wrap_offsets_(dx, width)
-        if self.metric == "euclidean":
-            distance = distance.square_().add_(dx.square_()).sqrt_()
-        else:
-            distance = distance.add_(dx)
-        del dx
-        if self.normalize:
-            distance.div_(normalizing_divisor(height, width, self.metric, self.wrap))
-        # CLS and register rows and columns, and the alignment columns (sliced off below): no bias.
-        distance[: max(0, prefix - start)] = 0
-        distance[:, :prefix] = 0
-        distance[:, num_tokens:] = 0
-        slope = self.shared_slope
-        bias = distance.mul_(-slope)[None, None] if slope is not None else self._scale(distance, layer_index)
-        bias = bias.to(dtype)[..., :num_tokens]
-        return self._with_jitter(bias) if self.jitter > 0 else bias
+        mirrored = self.mirrored_rows(self.offset_table(grid_size, layer_index, dtype, device), grid_size, start, stop)
+        rows = torch.empty(*mirrored.shape[:-1], aligned_length(mirrored.shape[-1]), dtype=dtype, device=device)
+        rows = rows[..., : mirrored.shape[-1]]
+        rows[..., :prefix] = 0
+        rows[..., prefix:] = mirrored[..., prefix:].flip(-1)
+        return rows
 
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
         """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
@@ -409,7 +478,7 @@ class AlibiPositionBias(nn.Module):
             raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
         height, width = grid_size
         prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
-        scale = 1.0 / normalizing_divisor(height, width, metric, wrap) if self.normalize else 1.0
+        scale = 1.0 / normalizing_divisor(height, width, metric, wrap, device) if self.normalize else 1.0
         slopes = self.head_slopes(layer_index, device) * scale
 
         def add_alibi_bias(score, batch_index, head_index, query_index, key_index):
@@ -426,7 +495,9 @@ class AlibiPositionBias(nn.Module):
 
 def alibi_query_block_size(num_tokens: int, num_heads: int, max_chunk_size: int, memory_mb: float) -> int:
     """Queries per block of the chunked path: at most `max_chunk_size`, and few enough that one block's scores
-    (per head) and bias rows (with their distance temporaries), float32, fit in `memory_mb`."""
+    (per head, as an unfused kernel makes them) and bias rows, float32 and with room for four more such rows, fit in
+    `memory_mb`. The fused CPU kernel of inference holds the bias rows alone; blocks below a few hundred queries
+    slow it down (it then splits the queries finer and reads the keys more often)."""
     bytes_per_query = num_tokens * (num_heads + 4) * 4
     return int(max(1, min(max_chunk_size, num_tokens, memory_mb * 2**20 // bytes_per_query)))
 
@@ -450,28 +521,39 @@ def alibi_chunked_attention_forward(
 
     Each block of queries (`alibi_query_chunk_size` at most, fewer when a block's scores would exceed
     `alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the token
-    count instead of quadratically; no compilation is involved.
+    count instead of quadratically; no compilation is involved. The keys and values take the mirrored order of
+    [`AlibiPositionBias.mirrored_rows`], whose rows are copies out of a `(2h - 1) x (2w - 1)` table, written into one
+    buffer reused by every block.
 
     Args:
         query, key, value: `(batch_size, heads, N, head_dim)`.
     Returns:
         `(batch_size, N, heads, head_dim)` and no attention weights.
     """
-    num_tokens = query.shape[2]
-    chunk_size = alibi_query_block_size(num_tokens, query.shape[1], alibi_query_chunk_size, alibi_chunk_memory_mb)
-    outputs = []
+    batch_size, num_heads, num_tokens, head_dim = query.shape
+    chunk_size = alibi_query_block_size(num_tokens, num_heads, alibi_query_chunk_size, alibi_chunk_memory_mb)
+    if alibi is not None:
+        # Keys (and their mask columns) in mirrored order, so that every block of bias rows is a plain copy out of
+        # the small offset table; attention does not depend on the order of the keys.
+        prefix = alibi.num_prefix_tokens
+        key, value = mirror_patch_tokens(key, prefix), mirror_patch_tokens(value, prefix)
+        if attention_mask is not None:
+            attention_mask = mirror_patch_tokens(attention_mask, prefix, dim=-1)
+        table = alibi.offset_table(alibi_grid_size, alibi_layer_index, query.dtype, query.device)
+        # One buffer for the rows of every block, unless autograd keeps each block's bias for the backward pass.
+        keeps_bias = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, table))
+        workspace = None if keeps_bias else table.new_empty(table.shape[0], chunk_size, aligned_length(num_tokens))
+    output = query.new_empty(batch_size, num_tokens, num_heads, head_dim)
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
         mask = None if attention_mask is None else attention_mask[..., start:stop, :]
         if alibi is not None:
-            bias = alibi.rows(alibi_grid_size, alibi_layer_index, start, stop, query.dtype, query.device)
-            mask = merge_attention_masks(bias, mask)
-        outputs.append(
-            nn.functional.scaled_dot_product_attention(
-                query[:, :, start:stop], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-            )
+            mask = merge_attention_masks(alibi.mirrored_rows(table, alibi_grid_size, start, stop, workspace), mask)
+        block = nn.functional.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
         )
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        output[:, start:stop] = block.transpose(1, 2)
+    return output, None
 
 
 _compiled_flex_attention = None

@@ -22,7 +22,6 @@ from torch import nn
 from transformers import AutoBackbone, AutoConfig, AutoModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersAttention,
@@ -41,6 +40,7 @@ try:  # loaded as remote code (a package in transformers' module cache)
         AlibiPositionBias,
         attend,
         attention_heads,
+        extra_attention_mask,
         patch_grid,
         patch_tokens_to_map,
         run_alibi_layers,
@@ -52,6 +52,7 @@ except ImportError:  # imported from the project itself (top-level modules)
         AlibiPositionBias,
         attend,
         attention_heads,
+        extra_attention_mask,
         patch_grid,
         patch_tokens_to_map,
         run_alibi_layers,
@@ -194,9 +195,7 @@ class AlibiDinov2PreTrainedModel(AlibiAttentionMixin, Dinov2WithRegistersPreTrai
         grid_size = patch_grid(pixel_values, self.config)
         kwargs.update(self._attention_plan(self.embeddings.num_prefix_tokens + grid_size[0] * grid_size[1], kwargs))
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
+        attention_mask = extra_attention_mask(self.config, embedding_output, attention_mask)
         return self.encoder(embedding_output, grid_size=grid_size, attention_mask=attention_mask, **kwargs)
 
 
@@ -254,7 +253,7 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
     - `alibi_dense_max_tokens` (8192): above this many tokens `sdpa` and `eager` stream the bias through
       `alibi_chunked` instead of building the `N x N` matrix (0 streams every input);
     - `alibi_query_chunk_size` (1024): most queries per block of `alibi_chunked`;
-    - `alibi_chunk_memory_mb` (256): bound on one block's scores and bias rows; blocks shrink below
+    - `alibi_chunk_memory_mb` (1024): bound on one block's scores and bias rows; blocks shrink below
       `alibi_query_chunk_size` to stay under it.
 
     A call may also pick a streamed path for itself, `attn_implementation="alibi_chunked"` or `"alibi_flex"`, whatever

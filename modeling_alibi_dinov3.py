@@ -20,7 +20,6 @@ from torch import nn
 from transformers import AutoBackbone, AutoConfig, AutoModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention,
@@ -42,6 +41,7 @@ try:  # loaded as remote code (a package in transformers' module cache)
         AlibiPositionBias,
         attend,
         attention_heads,
+        extra_attention_mask,
         patch_grid,
         patch_tokens_to_map,
         run_alibi_layers,
@@ -53,6 +53,7 @@ except ImportError:  # imported from the project itself (top-level modules)
         AlibiPositionBias,
         attend,
         attention_heads,
+        extra_attention_mask,
         patch_grid,
         patch_tokens_to_map,
         run_alibi_layers,
@@ -123,9 +124,7 @@ class AlibiDinov3PreTrainedModel(AlibiAttentionMixin, DINOv3ViTPreTrainedModel):
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.weight.dtype)
         embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         position_embeddings = None if self.rope_embeddings is None else self.rope_embeddings(pixel_values)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
+        attention_mask = extra_attention_mask(self.config, embedding_output, attention_mask)
         return self.model(
             embedding_output,
             grid_size=grid_size,

@@ -39,7 +39,9 @@ CONSOLE_SCRIPTS = [
     for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "segment", "demo",
                  "publish")
 ]
-EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], "pytest>=8.0"})
+# ONNX export tests: both exporters (`dynamo=True` needs onnxscript) and onnxruntime to run the files.
+EXTRAS["onnx"] = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
+EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], *EXTRAS["onnx"], "pytest>=8.0"})
 
 setup(
     name="alibi-dinov2",

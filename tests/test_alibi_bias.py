@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from alibi_attention import AlibiPositionBias, alibi_distance_matrix
+from alibi_attention import AlibiPositionBias, alibi_distance_matrix, mirror_patch_tokens
 
 
 def position_bias(grid, num_register_tokens=0, layer_index=0, dtype=torch.float32, **options):
@@ -171,3 +171,28 @@ def test_unknown_option_names_allowed_values(option, value, allowed):
 def test_negative_jitter_is_rejected():
     with pytest.raises(ValueError, match="alibi_jitter"):
         AlibiDinov2Config(alibi_jitter=-0.1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(alibi_wrap=False, alibi_metric="manhattan"), dict(alibi_slopes="geometric"),
+     dict(alibi_slopes="learned", alibi_normalize=False)],
+    ids=["default", "manhattan-unwrapped", "geometric", "learned-unnormalised"],
+)
+@pytest.mark.parametrize("grid", [(3, 4), (5, 2), (1, 6)])
+def test_mirrored_rows_are_the_bias_against_mirrored_keys(options, grid):
+    """Rows from windows of the offset table, against the keys with their patches last to first, for blocks that
+    start inside the prefix, inside a grid row and on a row boundary; one buffer may take every block."""
+    module, bias = position_bias(grid, num_register_tokens=2, layer_index=1, **options)
+    num_tokens = 3 + grid[0] * grid[1]
+    expected = mirror_patch_tokens(bias.detach(), 3, dim=-1)
+    table = module.offset_table(grid, 1, torch.float32, torch.device("cpu")).detach()
+    assert table.shape == (bias.shape[1], 2 * grid[0] - 1, 2 * grid[1] - 1)
+    buffer = torch.full((bias.shape[1], 7, 24), float("nan"))
+    blocks = [(0, num_tokens), (1, 8), (5, min(12, num_tokens)), (3, 3 + grid[1]), (num_tokens - 2, num_tokens)]
+    for start, stop in blocks:
+        for out in (None, buffer):
+            rows = module.mirrored_rows(table, grid, start, stop, out if stop - start <= 7 else None)
+            assert rows.shape == (1, bias.shape[1], stop - start, num_tokens) and rows.stride(-2) % 8 == 0
+            torch.testing.assert_close(rows, expected[:, :, start:stop], atol=1e-6, rtol=0)
+    assert torch.equal(mirror_patch_tokens(mirror_patch_tokens(bias, 3, dim=-1), 3, dim=-1), bias)

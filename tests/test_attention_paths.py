@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from alibi_attention import compile_flex_attention
+from alibi_attention import ALIBI_RUNTIME_DEFAULTS, compile_flex_attention
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 from conftest import ALIBI_MODEL_TYPES, REPO_ROOT, bias_module, tiny_alibi_model
@@ -166,7 +166,8 @@ def test_per_call_options_set_the_blocks_of_the_chunked_path(tiny_kwargs, monkey
         by_memory[block] = outputs(model, pixel_values, "alibi_chunked", alibi_chunk_memory_mb=memory_mb)
         assert max(calls) == block and len(calls) == 2 * -(-25 // block), (memory_mb, calls)
         torch.testing.assert_close(by_memory[block], dense, atol=1e-5, rtol=0)
-    assert model.alibi_query_chunk_size == 1024 and model.alibi_chunk_memory_mb == 256
+    assert model.alibi_query_chunk_size == 1024
+    assert model.alibi_chunk_memory_mb == ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"]
     for name, value in (("alibi_query_chunk_size", 0), ("alibi_chunk_memory_mb", -1), ("alibi_dense_max_tokens", -1)):
         with pytest.raises(ValueError, match=f"`{name}` must be (positive|>= 0)"):
             outputs(model, pixel_values, "sdpa", **{name: value})

@@ -75,7 +75,8 @@ def test_an_old_config_json_with_runtime_options_loads_without_them(saved_model,
     there are ignored (with a warning where one differs from its default) and are not saved again."""
     config_path = saved_model / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(alibi_dense_max_tokens=8192, alibi_query_chunk_size=7, alibi_chunk_memory_mb=256)
+    config.update(alibi_dense_max_tokens=8192, alibi_query_chunk_size=7,
+                  alibi_chunk_memory_mb=ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"])
     config_path.write_text(json.dumps(config))
     with caplog.at_level("WARNING"):
         model = AlibiDinov2Model.from_pretrained(saved_model).eval()
