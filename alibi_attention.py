@@ -280,9 +280,10 @@ class AlibiPositionBias(nn.Module):
     size (elementwise work, cheap next to the attention), so one graph with dynamic shapes serves every image size
     instead of a guard on the cache per size.
 
-    The streamed attention paths never build the `N x N` bias: `alibi_chunked` asks for blocks of rows
-    ([`~AlibiPositionBias.rows`]), `alibi_flex` for a FlexAttention `score_mod`
-    ([`~AlibiPositionBias.score_mod`]).
+    The streamed attention paths never build the `N x N` bias: `alibi_chunked` asks for blocks of rows against
+    mirrored keys, copied out of a small table of the bias by patch offset ([`~AlibiPositionBias.offset_table`],
+    [`~AlibiPositionBias.mirrored_rows`]; [`~AlibiPositionBias.rows`] gives them in token order), `alibi_flex` for a
+    FlexAttention `score_mod` ([`~AlibiPositionBias.score_mod`]).
     """
 
     def __init__(self, config) -> None:

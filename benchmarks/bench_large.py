@@ -102,7 +102,7 @@ def measure(args) -> dict:
     for grid in args.grids:
         size, tokens = grid * PATCH, PREFIX_TOKENS + grid * grid
         pixel_values = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
-        calls, grid_rows = {}, []
+        calls, grid_rows, variant_of_block = {}, [], {}
         for variant in variants_for(args, device):
             row = {"grid": grid, "size": size, "tokens": tokens, "variant": variant["name"], "model": variant["model"],
                    "path": variant["path"], "options": variant["options"]}
@@ -113,6 +113,11 @@ def measure(args) -> dict:
             ):
                 row["skipped"] = f"dense bias of {dense_bias_bytes(grid, dtype) / 2**30:.1f} GiB"
                 continue
+            if row["block_queries"] in variant_of_block:  # the same blocks as another variant: the same computation
+                row["skipped"] = f"same blocks as {variant_of_block[row['block_queries']]}"
+                continue
+            if row["block_queries"]:
+                variant_of_block[row["block_queries"]] = variant["name"]
             model = models[variant["model"]]
             # A compiled path's first pass compiles: never time it.
             compiles = variant["path"] == "alibi_flex" or bool(args.compile)
