@@ -404,7 +404,16 @@ class AlibiPositionBias(nn.Module):
     ) -> torch.Tensor:
         """The bias between two patches of a `grid_size = (h, w)` grid as a function of their offset: shape
         `(1 or heads, 2h - 1, 2w - 1)` in `dtype`, contiguous, entry `[h - 1 + dy, w - 1 + dx]` the bias between
-        patches `dy` rows and `dx` columns apart. Every bias row is a window of it (see [`mirrored_rows`])."""
+        patches `dy` rows and `dx` columns apart. Every bias row is a window of it (see [`mirrored_rows`]). Fixed
+        slopes give one table for every layer, cached like the dense bias."""
+        if self.slopes is None:
+            key = ("offset table", *grid_size, torch.device(device), dtype)
+            return self._cached(key, lambda: self._offset_table(grid_size, 0, dtype, device))
+        return self._offset_table(grid_size, layer_index, dtype, device)
+
+    def _offset_table(
+        self, grid_size: tuple[int, int], layer_index: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         height, width = grid_size
         dy, dx = (
             _axis_offsets(torch.arange(2 * size - 1, device=device, dtype=torch.float32), size - 1, size, self.wrap)

@@ -162,15 +162,22 @@ def build_demo(
     models: Mapping[str, tuple[object, object]],
     max_side: int = DEFAULT_MAX_SIDE,
     feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB,
+    download_root: Path | None = None,
 ):
     """The Gradio page: a features tab (an image, the number of k-means clusters, the comparison) and a segmentation
-    tab (an image with scribbles, the models and features to compare, the masks)."""
+    tab (an image with scribbles, the models and features to compare, the masks). The segmentation's files go to a
+    folder per run under `download_root` (default: a temporary folder removed with the page), of which the newest
+    `segmentation_view.KEPT_RUNS` stay; Gradio's copies of served files are removed after a day."""
     try:
         import gradio as gr
     except ImportError as error:
         raise ImportError('The demo needs Gradio: pip install -e ".[demo]"') from error
 
     samples = sample_images()
+    downloads = None
+    if download_root is None:
+        downloads = tempfile.TemporaryDirectory(prefix="alibi-segmentation-")
+        download_root = Path(downloads.name)
 
     def run(picture, upload, n_clusters):
         if upload is not None:
@@ -182,7 +189,7 @@ def build_demo(
         except (OSError, ValueError) as error:  # ImageReadError / ImageTooSmallError name the problem
             raise gr.Error(str(error)) from error
 
-    with gr.Blocks(title="ALiBi-DINOv2: features without position") as page:
+    with gr.Blocks(title="ALiBi-DINOv2: features without position", delete_cache=(3600, 86400)) as page:
         gr.Markdown(
             "# ALiBi-DINOv2: patch features without positional bias\n"
             "Compare the patch features of stock DINOv2 and ALiBi-DINOv2 on your micrographs, and segment them "
@@ -209,7 +216,8 @@ def build_demo(
                         gr.Markdown(R2_MEANING)
                 button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
             with gr.Tab("Segmentation"):
-                segmentation_tab(gr, models, FeatureCache(feature_cache_mb << 20))
+                segmentation_tab(gr, models, FeatureCache(feature_cache_mb << 20), download_root)
+    page.segmentation_downloads = downloads  # the temporary folder lives as long as the page
     return page
 
 
@@ -221,8 +229,11 @@ def read_chosen_file(gr, path: str | None):
         raise gr.Error(f"Could not read {path}: {error}") from error
 
 
-def segmentation_tab(gr, models: Mapping[str, tuple[object, object]], feature_cache: FeatureCache) -> None:
-    """The segmentation tab's components and events (thin wiring over `demo.segmentation_view`)."""
+def segmentation_tab(
+    gr, models: Mapping[str, tuple[object, object]], feature_cache: FeatureCache, download_root: Path
+) -> None:
+    """The segmentation tab's components and events (thin wiring over `demo.segmentation_view`); each run's files
+    in a new folder under `download_root`."""
 
     def show_file(path):
         return gr.skip() if path is None else segmentation.editor_value(read_chosen_file(gr, path))
@@ -234,7 +245,7 @@ def segmentation_tab(gr, models: Mapping[str, tuple[object, object]], feature_ca
             image = segmentation.image_to_segment(editor["background"], chosen_image, upload and Path(upload).name)
             gallery, headers, rows, files = segmentation.run_segmentation(
                 image, editor["layers"], {name: models[name] for name in chosen or []}, feature_set,
-                Path(tempfile.mkdtemp(prefix="alibi-segmentation-")), mask_format, feature_cache,
+                segmentation.new_run_folder(download_root), mask_format, feature_cache,
                 lambda fraction, text: progress(fraction, desc=text),
             )
         except (OSError, ValueError) as error:  # what is wrong with the image or the scribbles, and what to do

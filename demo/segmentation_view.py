@@ -32,6 +32,7 @@ EDITOR_MAX_SIDE = 1024  # the picture in the editor and the overlays; the segmen
 MIN_ALPHA = 128
 MAX_COLOUR_DISTANCE = 64.0  # RGB levels; the palette's two closest colours (blue, cyan) are 76 apart
 MIN_SIDE = 16
+KEPT_RUNS = 8  # download folders of recent runs kept on disk
 CLASSICAL_ONLY = "classical features"  # the one result of the classical set, the same for every model
 
 Progress = Callable[[float, str], None]
@@ -254,6 +255,21 @@ def save_results(results: Sequence[Segmentation], folder: Path, mask_format: str
         write_mask(folder / f"{stem}-mask{MASK_FORMATS[mask_format]}", result.mask)
         files += [folder / f"{stem}-segmenter.zip", folder / f"{stem}-mask{MASK_FORMATS[mask_format]}"]
     return files
+
+
+def new_run_folder(root: Path, keep: int = KEPT_RUNS) -> Path:
+    """A fresh folder under `root` for one run's downloads (`run-000001`, ...), after removing all but the newest
+    `keep - 1` earlier ones: the page serves copies of the files, so only recent runs need theirs."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    runs = sorted(path for path in root.glob("run-*") if path.is_dir() and path.name[4:].isdigit())
+    for old in runs[: max(0, len(runs) - keep + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    number = int(runs[-1].name[4:]) + 1 if runs else 1
+    folder = root / f"run-{number:06d}"
+    folder.mkdir()
+    return folder
 
 
 def render_segmentations(

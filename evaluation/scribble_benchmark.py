@@ -279,6 +279,14 @@ def _run_plan(feature_sets: Sequence[str], models: dict) -> list[tuple[str, str,
     return plan
 
 
+def feature_extractor(model, image_processor=None, n_components: int = 9, max_side: Optional[int] = None):
+    """The :class:`TrainableSegmenter` whose ``extract_features`` gives the benchmark's ViT channels of ``model``,
+    normalised with ``image_processor``'s statistics (the model's own; ImageNet's when None)."""
+    return TrainableSegmenter(
+        features="vit", model=model, image_processor=image_processor, n_components=n_components, max_side=max_side
+    )
+
+
 def run_scribble_benchmark(
     train_pairs: Sequence[Pair],
     test_pairs: Sequence[Pair],
@@ -293,6 +301,7 @@ def run_scribble_benchmark(
     max_side: Optional[int] = None,
     n_jobs: Optional[int] = None,
     progress: bool = True,
+    image_processors: Optional[dict] = None,
 ) -> dict:
     """Run the scribble benchmark.
 
@@ -308,9 +317,12 @@ def run_scribble_benchmark(
         n_components, max_side: ViT channel options (see :class:`TrainableSegmenter`).
         n_jobs: classifier threads.
         progress: show a tqdm progress bar.
+        image_processors: ``{model name: processor or dict with image_mean / image_std}``, the statistics each
+            model's ViT features normalise with (ImageNet's for a model without an entry).
 
     Returns:
-        JSON-ready dict: ``config``, ``rounds`` (1..N) and ``runs``, each with ``name``,
+        JSON-ready dict: ``config`` (with the ``image_statistics`` of each model), ``rounds`` (1..N) and
+        ``runs``, each with ``name``,
         ``feature_set``, ``model``, ``miou`` (per round; pooled over the test images),
         ``mean_image_miou`` (per round; mean of per-image mIoU), ``per_class_iou`` (per round) and
         ``labelled_pixels`` (per round).
@@ -318,6 +330,7 @@ def run_scribble_benchmark(
     from tqdm.auto import tqdm
 
     models = dict(models or {})
+    image_processors = dict(image_processors or {})
     if not train_pairs or not test_pairs:
         raise ValueError("Need at least one training and one test image")
     plan = _run_plan(feature_sets, models)
@@ -333,18 +346,15 @@ def run_scribble_benchmark(
     bar = tqdm(total=total, disable=not progress, desc="scribble benchmark")
 
     # Features do not change between rounds (only the scribbles do): compute each once.
-    cache: dict[tuple[str, Optional[str]], list[np.ndarray]] = {}
+    extractors = {("vit", name): feature_extractor(models[name], image_processors.get(name), n_components, max_side)
+                  for name in vit_models}
     if needs_classical:
-        extractor = TrainableSegmenter(features="classical")
-        cache[("classical", None)] = []
+        extractors[("classical", None)] = TrainableSegmenter(features="classical")
+    cache: dict[tuple[str, Optional[str]], list[np.ndarray]] = {}
+    for key, extractor in extractors.items():
+        cache[key] = []
         for image in all_images:
-            cache[("classical", None)].append(extractor.extract_features(image))
-            bar.update(1)
-    for name in vit_models:
-        extractor = TrainableSegmenter(features="vit", model=models[name], n_components=n_components, max_side=max_side)
-        cache[("vit", name)] = []
-        for image in all_images:
-            cache[("vit", name)].append(extractor.extract_features(image))
+            cache[key].append(extractor.extract_features(image))
             bar.update(1)
 
     runs = []
@@ -368,6 +378,7 @@ def run_scribble_benchmark(
                 features=feature_set,
                 classifier=classifier,
                 model=models.get(model_name),
+                image_processor=image_processors.get(model_name),
                 n_components=n_components,
                 random_state=seed,
                 n_jobs=n_jobs,
@@ -411,6 +422,7 @@ def run_scribble_benchmark(
             "n_components": n_components,
             "feature_sets": list(feature_sets),
             "models": list(models),
+            "image_statistics": {name: extractors[("vit", name)].image_statistics() for name in vit_models},
         },
         "rounds": list(range(1, n_rounds + 1)),
         "runs": runs,
@@ -505,7 +517,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         description="Scribble benchmark: mIoU of trainable segmentation against labelling rounds.",
     ).parse(argv)
     feature_sets = args.feature_sets or (["classical", "classical+vit"] if args.models else ["classical"])
-    models = {name: load_model(name, args.device)[0] for name in args.models}
+    loaded = {name: load_model(name, args.device) for name in args.models}
+    models = {name: model for name, (model, _) in loaded.items()}
     skipped = SkippedInputs(strict=args.strict, what="image/mask pair")
     train_pairs, test_pairs = _benchmark_data(args, skipped)
     results = run_scribble_benchmark(
@@ -522,6 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         max_side=args.max_side,
         n_jobs=args.n_jobs,
         progress=not args.no_progress,
+        image_processors={name: statistics for name, (_, statistics) in loaded.items()},
     )
     results["config"]["data"] = args.data or "generated microstructures"
     results["skipped"] = skipped.as_dict()

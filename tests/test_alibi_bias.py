@@ -196,3 +196,20 @@ def test_mirrored_rows_are_the_bias_against_mirrored_keys(options, grid):
             assert rows.shape == (1, bias.shape[1], stop - start, num_tokens) and rows.stride(-2) % 8 == 0
             torch.testing.assert_close(rows, expected[:, :, start:stop], atol=1e-6, rtol=0)
     assert torch.equal(mirror_patch_tokens(mirror_patch_tokens(bias, 3, dim=-1), 3, dim=-1), bias)
+
+
+@pytest.mark.parametrize("slopes", ["constant", "geometric", "learned"])
+def test_offset_table_is_made_once_for_fixed_slopes(slopes):
+    """Fixed slopes give the same table in every layer: one cached tensor per grid; learned slopes one per layer."""
+    module, _ = position_bias((4, 5), num_register_tokens=0, layer_index=0, alibi_slopes=slopes)
+    cpu = torch.device("cpu")
+    tables = [module.offset_table((4, 5), layer, torch.float32, cpu) for layer in (0, 1, 0)]
+    if slopes == "learned":
+        with torch.no_grad():
+            module.slopes.copy_(torch.rand_like(module.slopes) + 0.5)
+        first, second = (module.offset_table((4, 5), layer, torch.float32, cpu) for layer in (0, 1))
+        assert not torch.equal(first, second)
+        assert first is not module.offset_table((4, 5), 0, torch.float32, cpu)
+    else:
+        assert tables[0] is tables[1] is tables[2]
+        assert module.offset_table((5, 4), 0, torch.float32, cpu) is not tables[0]

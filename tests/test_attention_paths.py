@@ -88,13 +88,18 @@ def test_large_grids_switch_to_the_chunked_path_by_themselves(model_type):
     model = tiny_alibi_model(model_type, model_options=dict(alibi_dense_max_tokens=20, alibi_query_chunk_size=7))
     small, large = grid_images(model, 1, (3, 3)), grid_images(model, 1, (4, 5))  # 5 + 9 and 5 + 20 tokens
     cache = bias_module(model)._cache
+
+    def cached(kind):
+        return [key[1:3] for key in cache if key[0] == kind]
+
     outputs(model, small, "sdpa")
-    assert [key[1:3] for key in cache] == [(3, 3)]
+    assert cached("bias") == [(3, 3)] and cached("offset table") == []
     switched = outputs(model, large, "sdpa")
-    assert [key[1:3] for key in cache] == [(3, 3)]  # no dense bias was built for 4 x 5
+    assert cached("bias") == [(3, 3)]  # no dense bias was built for 4 x 5
+    assert cached("offset table") == [(4, 5)]  # one table served every layer's rows
     assert model.config._attn_implementation == "sdpa"
     dense = outputs(model, large, "sdpa", alibi_dense_max_tokens=8192)  # a per-call bound overrides the model's
-    assert [key[1:3] for key in cache] == [(3, 3), (4, 5)]
+    assert cached("bias") == [(3, 3), (4, 5)]
     torch.testing.assert_close(switched, dense, atol=1e-4, rtol=0)
     model.alibi_dense_max_tokens = 8192
     torch.testing.assert_close(outputs(model, large, "sdpa"), dense, atol=0, rtol=0)

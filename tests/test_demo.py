@@ -138,7 +138,12 @@ def test_the_page_runs_the_comparison_and_reports_bad_input(tiny_models, tmp_pat
 
 # ---------------------------------------------------------------- the segmentation tab, as a script calls the Space
 @pytest.fixture(scope="module")
-def served_page():
+def download_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def served_page(download_root):
     """The page on two tiny models, served on a free localhost port; a gradio_client Client of it."""
     import socket
 
@@ -152,7 +157,7 @@ def served_page():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    page = build_demo({"ALiBi": (alibi, None), "DINOv2": (stock, None)}, max_side=150)
+    page = build_demo({"ALiBi": (alibi, None), "DINOv2": (stock, None)}, max_side=150, download_root=download_root)
     page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -183,7 +188,7 @@ def editor_payload(background, *layers):
             "layers": [handle_file(str(layer)) for layer in layers], "composite": None}
 
 
-def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(served_page, scribbled):
+def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(served_page, scribbled, download_root):
     from evaluation.image_io import read_labels
     from evaluation.metrics import segmentation_scores
 
@@ -196,6 +201,8 @@ def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(se
     assert [row[0] for row in table["data"]] == ["ALiBi", "DINOv2"]
     names = [Path(path).name for path in files]
     assert names == ["ALiBi-segmenter.zip", "ALiBi-mask.png", "DINOv2-segmenter.zip", "DINOv2-mask.png"]
+    newest = max(download_root.glob("run-*"))  # the files the page served copies of
+    assert sorted(path.name for path in newest.iterdir()) == sorted(names)
     for path in files[1::2]:
         mask = read_labels(path)
         assert mask.shape == truth.shape

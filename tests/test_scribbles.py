@@ -1,6 +1,7 @@
 """Scribble generation and the scribble benchmark end to end (its metric: tests/test_metrics.py)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -140,6 +141,25 @@ def test_benchmark_cli_with_a_tiny_local_vit(tmp_path, tiny_dinov2_folder):
     )
     _check_results(results, 2, ["classical", f"classical+vit [{tiny_dinov2_folder}]"])
     assert (output / "scribble_benchmark.png").exists()
+
+
+def test_benchmark_normalises_each_model_with_its_stored_statistics(tmp_path, tiny_dinov2_folder):
+    """The ViT channels of a model with its own image statistics are made with them, not ImageNet's; the JSON says
+    which statistics each model's features used."""
+    folder = tmp_path / "gray-model"
+    shutil.copytree(tiny_dinov2_folder, folder)
+    statistics = {"image_mean": [0.3, 0.3, 0.3], "image_std": [0.1, 0.1, 0.1]}
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "BitImageProcessor", **statistics})
+    )
+    arguments = ["--models", str(folder), "--feature_sets", "vit", "--rounds", "1", "--size", "56", "--n_train", "2",
+                 "--n_test", "1", "--n_phases", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                 "--no_progress"]
+    results = main(arguments)
+    recorded = results["config"]["image_statistics"][str(folder)]
+    assert recorded == {key: pytest.approx(value) for key, value in statistics.items()}
+    saved = json.loads((tmp_path / "out" / "scribble_benchmark.json").read_text())
+    assert saved["config"]["image_statistics"][str(folder)] == recorded
 
 
 def test_benchmark_with_an_alibi_model_object():

@@ -198,3 +198,16 @@ def test_phases_that_differ_below_8_bits_are_told_apart_in_full_precision(materi
     (shown,) = view.segment_image(view.image_of_background(value["background"]), scribbles, {}, "classical")
     assert full.segmenter.n_image_channels_ == 1
     assert mean_iou(full.mask, truth) >= 0.95 > 0.6 > mean_iou(shown.mask, truth)
+
+
+def test_download_folders_of_old_runs_are_removed(tmp_path):
+    """Each run gets a new numbered folder; only the newest `keep` remain, whatever else the root holds."""
+    (tmp_path / "notes.txt").write_text("kept")
+    folders = []
+    for _ in range(5):
+        folders.append(view.new_run_folder(tmp_path, keep=3))
+        (folders[-1] / "mask.png").write_bytes(b"png")
+    assert [folder.name for folder in folders] == [f"run-{number:06d}" for number in range(1, 6)]
+    assert sorted(tmp_path.glob("run-*")) == folders[-3:]
+    assert all((folder / "mask.png").exists() for folder in folders[-3:])
+    assert (tmp_path / "notes.txt").read_text() == "kept"
