@@ -489,6 +489,29 @@ def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_pa
         linseg.run_linear_segmentation(linseg.make_config(dict(settings, strict=True, output_dir=str(tmp_path / "s"))))
 
 
+def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(workspace, tmp_path, monkeypatch, caplog):
+    from evaluation.linear_segmentation import data
+
+    write_split_with_bad_images(tmp_path / "data")
+    settings = run_settings(workspace, tmp_path / "first", data_dir=str(tmp_path / "data"), image_size=56, epochs=1,
+                            num_example_images=0, feature_cache_dir=str(tmp_path / "cache"))
+    first = linseg.run_linear_segmentation(linseg.make_config(settings))
+    checked = []
+    check = data._ImageCheck.__getitem__
+    monkeypatch.setattr(data._ImageCheck, "__getitem__", lambda self, position: checked.append(position) or check(self, position))
+    with caplog.at_level("WARNING", logger="evaluation.image_io"):
+        second = linseg.run_linear_segmentation(linseg.make_config(dict(settings, output_dir=str(tmp_path / "second"))))
+    assert checked == []  # no image decoded to find the unusable ones
+    assert second["skipped_inputs"] == first["skipped_inputs"] and len(second["skipped_inputs"]["train"]) == 2
+    assert second["num_train_samples"] == first["num_train_samples"] == 4
+    assert "sample 0 (broken)" in caplog.text and "Skipped 2 of 6 images" in caplog.text
+    # Another subset of the split is checked again (and then refused by the feature cache built from the whole one).
+    with pytest.raises(ValueError, match="built with other settings"):
+        linseg.run_linear_segmentation(linseg.make_config(dict(settings, output_dir=str(tmp_path / "third"),
+                                                               max_train_samples=5)))
+    assert len(checked) == 5  # the 5 training samples (the validation split's record still matches)
+
+
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from evaluation.cli import run_command
 

@@ -130,14 +130,8 @@ class _ImageCheck(torch.utils.data.Dataset):
         return index, name, None
 
 
-def drop_unusable_images(
-    dataset: SegmentationDataset, patch_size: int, strict: bool = False, accelerator=None, num_workers: int = 0
-) -> tuple[SegmentationDataset, SkippedInputs]:
-    """`dataset` without the samples whose image cannot be read or is smaller than one patch.
-
-    Each skipped image is named in a warning and counted at the end (:class:`evaluation.image_io.SkippedInputs`);
-    with `strict` the first one raises instead. Every image is decoded once, the processes of a run sharing them.
-    """
+def _find_problems(dataset: SegmentationDataset, patch_size: int, accelerator, num_workers: int) -> list[tuple]:
+    """`(index, name, problem)` of every unusable sample, sorted; every image decoded once, shared by the processes."""
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     mine = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
@@ -148,8 +142,49 @@ def drop_unusable_images(
         from accelerate.utils import gather_object
 
         problems = gather_object(problems)
-    problems.sort()
+    return sorted(problems)
+
+
+def _recorded_problems(record: Path | None, identity: dict) -> list[tuple] | None:
+    """The problems kept in `record` by an earlier check of the same split (same `identity`), else None."""
+    if record is None or not record.is_file():
+        return None
+    try:
+        stored = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("identity") != identity:
+        return None
+    return [tuple(problem) for problem in stored["problems"]]
+
+
+def drop_unusable_images(
+    dataset: SegmentationDataset,
+    patch_size: int,
+    strict: bool = False,
+    accelerator=None,
+    num_workers: int = 0,
+    record: PathLike | None = None,
+    identity: dict | None = None,
+) -> tuple[SegmentationDataset, SkippedInputs]:
+    """`dataset` without the samples whose image cannot be read or is smaller than one patch.
+
+    Each skipped image is named in a warning and counted at the end (:class:`evaluation.image_io.SkippedInputs`);
+    with `strict` the first one raises instead. Every image is decoded once, the processes of a run sharing them.
+    With `record` (a JSON file), the problems found are kept there with `identity` (what the split was read from,
+    see :func:`image_check_key`), and a later run with the same identity reads them instead of decoding every image
+    again (a rerun on a complete feature cache starts at once).
+    """
     is_main = accelerator is None or accelerator.is_main_process
+    record = None if record is None else Path(record)
+    identity = dict(identity or {}, num_samples=len(dataset), patch_size=patch_size)
+    problems = _recorded_problems(record, identity)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every process has looked at the record before the main one writes it
+    if problems is None:
+        problems = _find_problems(dataset, patch_size, accelerator, num_workers)
+        if record is not None and is_main:
+            write_json_atomic(record, {"identity": identity, "problems": problems})
     skipped = SkippedInputs(strict=strict)
     for _, name, message in problems:
         if is_main or strict:  # one warning per image; every process fails alike when strict
@@ -225,6 +260,17 @@ def cache_key(config: LinearSegmentationConfig, split: str, hidden_size: int, sk
         "ignore_index": config.ignore_index,
         "reduce_labels": config.reduce_labels,
         "skipped_inputs": skipped.names,
+    }
+
+
+def image_check_key(config: LinearSegmentationConfig, split: str, max_samples) -> dict:
+    """What the unusable images of a split depend on (see :func:`drop_unusable_images`)."""
+    return {
+        "data_source": config.dataset_name or config.data_dir,
+        "dataset_config_name": config.dataset_config_name,
+        "dataset_revision": config.dataset_revision,
+        "split": split,
+        "max_samples": max_samples,
     }
 
 

@@ -29,6 +29,7 @@ from evaluation.linear_segmentation.data import (
     cache_key,
     drop_unusable_images,
     features_and_labels,
+    image_check_key,
     load_backbone,
     patch_feature_maps,
     transform_images,
@@ -254,14 +255,18 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
     grid = config.image_size // patch_size
     hidden_size = int(backbone.config.hidden_size)
 
+    cache_root = Path(config.feature_cache_dir) if config.feature_cache_dir else output_dir / "feature_cache"
     splits, skipped = {}, {}
     for split, max_samples in ((config.train_split, config.max_train_samples), (config.val_split, config.max_eval_samples)):
         images = build_split(config, split, max_samples, mean, std)
-        splits[split], skipped[split] = drop_unusable_images(images, patch_size, config.strict, accelerator, num_workers)
+        record = cache_root / split / "image_check.json" if config.cache_features else None
+        splits[split], skipped[split] = drop_unusable_images(
+            images, patch_size, config.strict, accelerator, num_workers,
+            record=record, identity=image_check_key(config, split, max_samples),
+        )
     train_images, val_images = splits[config.train_split], splits[config.val_split]
 
     if config.cache_features:
-        cache_root = Path(config.feature_cache_dir) if config.feature_cache_dir else output_dir / "feature_cache"
         caches = {
             split: build_feature_cache(
                 backbone,
