@@ -482,6 +482,34 @@ class AlibiPositionBias(nn.Module):
         rows[..., prefix:] = mirrored[..., prefix:].flip(-1)
         return rows
 
+    def computed_rows(
+        self,
+        grid_size: tuple[int, int],
+        layer_index: int,
+        start: int,
+        stop: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Rows `start:stop` of the bias of layer `layer_index` against the keys in token order, computed from the
+        token indices: `(1, 1 or heads, stop - start, N)` in `dtype`. What a traced graph uses, in which the block
+        bounds and grid are symbolic and the copies of [`mirrored_rows`] would specialise on them."""
+        height, width = grid_size
+        prefix = self.num_prefix_tokens
+        query_y, query_x, query_is_patch = _token_grid_coordinates(torch.arange(start, stop, device=device), prefix, width)
+        key_index = torch.arange(prefix + height * width, device=device)
+        key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, prefix, width)
+        distance = _combine_offsets(
+            _axis_offsets(query_y[:, None], key_y[None], height, self.wrap),
+            _axis_offsets(query_x[:, None], key_x[None], width, self.wrap),
+            self.metric,
+        )
+        if self.normalize:
+            distance = distance / normalizing_divisor(height, width, self.metric, self.wrap, device)
+        distance = torch.where(query_is_patch[:, None] & key_is_patch[None], distance, 0.0)
+        bias = self._scale(distance, layer_index).to(dtype)
+        return self._with_jitter(bias) if self.jitter > 0 else bias
+
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
         """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
         if self.jitter > 0:
@@ -541,6 +569,11 @@ def alibi_chunked_attention_forward(
         `(batch_size, N, heads, head_dim)` and no attention weights.
     """
     batch_size, num_heads, num_tokens, head_dim = query.shape
+    if _tracing():
+        return _traced_chunked_attention(
+            query, key, value, attention_mask, scaling, dropout, alibi, alibi_grid_size, alibi_layer_index,
+            alibi_query_chunk_size,
+        )
     chunk_size = alibi_query_block_size(num_tokens, num_heads, alibi_query_chunk_size, alibi_chunk_memory_mb)
     if alibi is not None:
         # Keys (and their mask columns) in mirrored order, so that every block of bias rows is a plain copy out of
@@ -564,6 +597,37 @@ def alibi_chunked_attention_forward(
         )
         output[:, start:stop] = block.transpose(1, 2)
     return output, None
+
+
+def _traced_chunked_attention(
+    query, key, value, attention_mask, scaling, dropout, alibi, grid_size, layer_index, chunk_size
+) -> tuple[torch.Tensor, None]:
+    """`alibi_chunked` as traced graphs take it: a power of two of blocks of at most `chunk_size` queries, equal in
+    size to within one, their bias rows computed from the token indices ([`AlibiPositionBias.computed_rows`]), keys
+    in token order.
+
+    The loop over blocks is unrolled into the graph, so the graph depends on the number of blocks; a power of two
+    makes it depend only on the range `(chunk_size * blocks / 2, chunk_size * blocks]` the token count falls in (a
+    guard on that range, not on the count itself): one graph per doubling of the image area. (The eager path's
+    memory bound would tie the block size, and so the graph, to the exact token count.)"""
+    num_tokens = query.shape[2]
+    num_blocks = 1
+    while num_blocks * chunk_size < num_tokens:
+        num_blocks *= 2
+    blocks = []
+    for block in range(num_blocks):
+        # Bounds without min/max, whose symbolic forms slow tracing down: sizes differ by one at most.
+        start, stop = block * num_tokens // num_blocks, (block + 1) * num_tokens // num_blocks
+        mask = None if attention_mask is None else attention_mask[..., start:stop, :]
+        if alibi is not None:
+            rows = alibi.computed_rows(grid_size, layer_index, start, stop, query.dtype, query.device)
+            mask = merge_attention_masks(rows, mask)
+        blocks.append(
+            nn.functional.scaled_dot_product_attention(
+                query[:, :, start:stop], key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+            )
+        )
+    return torch.cat(blocks, dim=2).transpose(1, 2), None
 
 
 _compiled_flex_attention = None

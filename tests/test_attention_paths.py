@@ -343,3 +343,46 @@ def test_chunked_memory_grows_linearly_with_tokens():
     # The measurement does see a quadratic cost: the dense path's N x N bias at 14400 tokens (830 MB in float32).
     dense = peak_forward_bytes("sdpa", 120)
     assert dense > 8 * chunked[1], (dense, chunked)
+
+
+# --- the chunked path in traced graphs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("num_tokens_grid", [(5, 15), (3, 3), (1, 1)])
+def test_traced_form_of_the_chunked_path_equals_dense_attention(tiny_kwargs, options, num_tokens_grid):
+    """The form traced graphs take (a power of two of blocks equal to within one query, rows from token indices;
+    with one query per block, more blocks than tokens, some empty) gives dense attention with the full bias."""
+    from alibi_attention import _traced_chunked_attention
+
+    model = alibi_model(tiny_kwargs, **options)
+    alibi = bias_module(model)
+    if alibi.slopes is not None:
+        torch.nn.init.uniform_(alibi.slopes, 0.2, 1.0)
+    grid = num_tokens_grid
+    num_tokens = alibi.num_prefix_tokens + grid[0] * grid[1]
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 2, num_tokens, 8, generator=generator) for _ in range(3))
+    with torch.no_grad():
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=alibi(grid, 1, torch.float32, torch.device("cpu"))
+        ).transpose(1, 2)
+        for chunk_size in (1, 7, num_tokens):
+            output, _ = _traced_chunked_attention(query, key, value, None, None, 0.0, alibi, grid, 1, chunk_size)
+            torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ALIBI_MODEL_TYPES)
+def test_compiled_chunked_path_compiles_once_per_doubling_of_the_tokens(model_type):
+    """Every size on `alibi_chunked` (16 queries per block), one image at a time as large images go: the unrolled
+    block loop makes a graph per power-of-two block count, not per image size (beyond the two that dynamo's automatic
+    dynamic shapes always start with), and the outputs equal eager."""
+    from compile_counting import compiled_graph_count
+    from test_modeling import COMPILE_SIZES
+
+    model = tiny_alibi_model(model_type, model_options=dict(alibi_dense_max_tokens=0, alibi_query_chunk_size=16))
+    patch = model.config.patch_size
+    prefix = bias_module(model).num_prefix_tokens
+    tokens = [prefix + (height // 14) * (width // 14) for _, height, width in COMPILE_SIZES]
+    doublings = {max(0, (number - 1) // 16).bit_length() for number in tokens}
+    sizes = [(1, height // 14 * patch, width // 14 * patch) for _, height, width in COMPILE_SIZES]
+    count = compiled_graph_count(model, sizes)
+    assert count <= len(doublings) + 2 < len(COMPILE_SIZES), (count, sorted(doublings))
