@@ -125,6 +125,20 @@ def _token_grid_coordinates(token_index: torch.Tensor, num_prefix_tokens: int, w
     return (patch_index // width).to(torch.float32), (patch_index % width).to(torch.float32), is_patch
 
 
+def _token_distances(
+    query_index: torch.Tensor, key_index: torch.Tensor, num_prefix_tokens: int, grid_size, metric: str, wrap: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid distance between the tokens of two (broadcast) index tensors, unnormalised, and whether both are patches
+    (for a CLS or register token the distance means nothing)."""
+    height, width = grid_size
+    query_y, query_x, query_is_patch = _token_grid_coordinates(query_index, num_prefix_tokens, width)
+    key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, num_prefix_tokens, width)
+    distance = _combine_offsets(
+        _axis_offsets(query_y, key_y, height, wrap), _axis_offsets(query_x, key_x, width, wrap), metric
+    )
+    return distance, query_is_patch & key_is_patch
+
+
 def alibi_distance_matrix(
     height: int,
     width: int,
@@ -473,42 +487,26 @@ class AlibiPositionBias(nn.Module):
     ) -> torch.Tensor:
         """Rows `start:stop` of the bias of layer `layer_index`: `(1, 1 or heads, stop - start, N)` in `dtype`
         (a view of rows padded to a multiple of 8 elements), without the `N x N` matrix: [`mirrored_rows`] with the
-        patch columns put back in token order."""
+        patch columns put back in token order. In a traced graph, whose block bounds and grid are symbolic and would
+        make those copies specialise on them, computed from the token indices instead."""
         prefix = self.num_prefix_tokens
+        if _tracing():
+            height, width = grid_size
+            distance, between_patches = _token_distances(
+                torch.arange(start, stop, device=device)[:, None],
+                torch.arange(prefix + height * width, device=device)[None],
+                prefix, grid_size, self.metric, self.wrap,
+            )
+            if self.normalize:
+                distance = distance / normalizing_divisor(height, width, self.metric, self.wrap, device)
+            bias = self._scale(torch.where(between_patches, distance, 0.0), layer_index).to(dtype)
+            return self._with_jitter(bias) if self.jitter > 0 else bias
         mirrored = self.mirrored_rows(self.offset_table(grid_size, layer_index, dtype, device), grid_size, start, stop)
         rows = torch.empty(*mirrored.shape[:-1], aligned_length(mirrored.shape[-1]), dtype=dtype, device=device)
         rows = rows[..., : mirrored.shape[-1]]
         rows[..., :prefix] = 0
         rows[..., prefix:] = mirrored[..., prefix:].flip(-1)
         return rows
-
-    def computed_rows(
-        self,
-        grid_size: tuple[int, int],
-        layer_index: int,
-        start: int,
-        stop: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """Rows `start:stop` of the bias of layer `layer_index` against the keys in token order, computed from the
-        token indices: `(1, 1 or heads, stop - start, N)` in `dtype`. What a traced graph uses, in which the block
-        bounds and grid are symbolic and the copies of [`mirrored_rows`] would specialise on them."""
-        height, width = grid_size
-        prefix = self.num_prefix_tokens
-        query_y, query_x, query_is_patch = _token_grid_coordinates(torch.arange(start, stop, device=device), prefix, width)
-        key_index = torch.arange(prefix + height * width, device=device)
-        key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, prefix, width)
-        distance = _combine_offsets(
-            _axis_offsets(query_y[:, None], key_y[None], height, self.wrap),
-            _axis_offsets(query_x[:, None], key_x[None], width, self.wrap),
-            self.metric,
-        )
-        if self.normalize:
-            distance = distance / normalizing_divisor(height, width, self.metric, self.wrap, device)
-        distance = torch.where(query_is_patch[:, None] & key_is_patch[None], distance, 0.0)
-        bias = self._scale(distance, layer_index).to(dtype)
-        return self._with_jitter(bias) if self.jitter > 0 else bias
 
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
         """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
@@ -520,12 +518,8 @@ class AlibiPositionBias(nn.Module):
         slopes = self.head_slopes(layer_index, device) * scale
 
         def add_alibi_bias(score, batch_index, head_index, query_index, key_index):
-            query_y, query_x, query_is_patch = _token_grid_coordinates(query_index, prefix, width)
-            key_y, key_x, key_is_patch = _token_grid_coordinates(key_index, prefix, width)
-            distance = _combine_offsets(
-                _axis_offsets(query_y, key_y, height, wrap), _axis_offsets(query_x, key_x, width, wrap), metric
-            )
-            bias = torch.where(query_is_patch & key_is_patch, -slopes[head_index] * distance, 0.0)
+            distance, between_patches = _token_distances(query_index, key_index, prefix, grid_size, metric, wrap)
+            bias = torch.where(between_patches, -slopes[head_index] * distance, 0.0)
             return score + bias.to(score.dtype)
 
         return add_alibi_bias
@@ -603,8 +597,8 @@ def _traced_chunked_attention(
     query, key, value, attention_mask, scaling, dropout, alibi, grid_size, layer_index, chunk_size
 ) -> tuple[torch.Tensor, None]:
     """`alibi_chunked` as traced graphs take it: a power of two of blocks of at most `chunk_size` queries, equal in
-    size to within one, their bias rows computed from the token indices ([`AlibiPositionBias.computed_rows`]), keys
-    in token order.
+    size to within one, their bias rows in token order from [`AlibiPositionBias.rows`] (computed from the token
+    indices), keys in token order.
 
     The loop over blocks is unrolled into the graph, so the graph depends on the number of blocks; a power of two
     makes it depend only on the range `(chunk_size * blocks / 2, chunk_size * blocks]` the token count falls in (a
@@ -620,7 +614,7 @@ def _traced_chunked_attention(
         start, stop = block * num_tokens // num_blocks, (block + 1) * num_tokens // num_blocks
         mask = None if attention_mask is None else attention_mask[..., start:stop, :]
         if alibi is not None:
-            rows = alibi.computed_rows(grid_size, layer_index, start, stop, query.dtype, query.device)
+            rows = alibi.rows(grid_size, layer_index, start, stop, query.dtype, query.device)
             mask = merge_attention_masks(rows, mask)
         blocks.append(
             nn.functional.scaled_dot_product_attention(
