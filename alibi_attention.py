@@ -555,7 +555,8 @@ def alibi_chunked_attention_forward(
     `alibi_chunk_memory_mb`) gets its rows of the bias and one SDPA call, so memory grows linearly with the token
     count instead of quadratically; no compilation is involved. The keys and values take the mirrored order of
     [`AlibiPositionBias.mirrored_rows`], whose rows are copies out of a `(2h - 1) x (2w - 1)` table, written into one
-    buffer reused by every block.
+    buffer reused by every block. Traced graphs (torch.compile, torch.export) take the form of
+    [`_traced_chunked_attention`], one graph per doubling of the token count.
 
     Args:
         query, key, value: `(batch_size, heads, N, head_dim)`.
