@@ -327,8 +327,8 @@ def build_feature_cache(
 
     Layout: ``cache_dir/info.json`` (what the cache was built from), ``features/0000000.npy`` (C, h, w) float16,
     ``labels/0000000.npy`` (S, S), and beside them the split's ``image_check.json`` (see :func:`drop_unusable_images`).
-    Entries already present are kept, so an interrupted build continues; with
-    several processes each computes a share. A cache built from other settings raises ValueError.
+    Entries already present are kept, so an interrupted build continues; with several processes each computes a
+    share. A cache built from other settings raises ValueError.
     """
     cache_dir = Path(cache_dir)
     info_path = cache_dir / "info.json"
