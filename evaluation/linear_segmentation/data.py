@@ -245,15 +245,22 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------------
 # Feature cache
 # --------------------------------------------------------------------------------------------------
+def _split_source(config: LinearSegmentationConfig, split: str) -> dict:
+    """Where a split's images come from, as the cache keys name it."""
+    return {
+        "data_source": config.dataset_name or config.data_dir,
+        "dataset_config_name": config.dataset_config_name,
+        "dataset_revision": config.dataset_revision,
+        "split": split,
+    }
+
+
 def cache_key(config: LinearSegmentationConfig, split: str, hidden_size: int, skipped: SkippedInputs) -> dict:
     """What a split's feature cache is built from; a cache with another key is refused."""
     return {
         "model": config.model,
         "hidden_size": hidden_size,
-        "data_source": config.dataset_name or config.data_dir,
-        "dataset_config_name": config.dataset_config_name,
-        "dataset_revision": config.dataset_revision,
-        "split": split,
+        **_split_source(config, split),
         "image_size": config.image_size,
         "resize_mode": config.resize_mode,
         "num_classes": config.num_classes,
@@ -265,13 +272,7 @@ def cache_key(config: LinearSegmentationConfig, split: str, hidden_size: int, sk
 
 def image_check_key(config: LinearSegmentationConfig, split: str, max_samples) -> dict:
     """What the unusable images of a split depend on (see :func:`drop_unusable_images`)."""
-    return {
-        "data_source": config.dataset_name or config.data_dir,
-        "dataset_config_name": config.dataset_config_name,
-        "dataset_revision": config.dataset_revision,
-        "split": split,
-        "max_samples": max_samples,
-    }
+    return {**_split_source(config, split), "max_samples": max_samples}
 
 
 def _label_dtype(num_classes: int, ignore_index: int):
