@@ -12,7 +12,7 @@ Sources (detected from the path and its keys; `--source_format` overrides):
   reference ALiBi-DINOv3 checkpoint, the same layout without `rope_embed.periods` (keys bare or prefixed by
   `model.` or `backbone.`).
 
-A `.pth` may be named by URL (see `evaluation.remote_files`): `hf://OWNER/REPO/FILE` or a Hub file URL
+A `.pth` may be named by URL (see `alibi_dinov2.hub.remote_files`): `hf://OWNER/REPO/FILE` or a Hub file URL
 (`https://huggingface.co/OWNER/REPO/resolve/REV/FILE`, `.../blob/REV/FILE`), fetched into the Hub cache at `--revision`,
 or a plain `https://` URL, downloaded once into torch.hub's cache and checked against `--sha256` when given. Offline
 (`HF_HUB_OFFLINE=1`) only cached files are read.
@@ -41,11 +41,13 @@ import torch
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from configuration_alibi_dinov3 import AlibiDinov3Config
-from evaluation.cli import ArgumentParser, InputError, check_model_source, run_command
-from evaluation.files import write_text_atomic
-from evaluation.preprocessing import dinov2_image_processor
-from evaluation.remote_files import fetch_file, is_remote_file
-from evaluation.training_runs import push_to_hub as push_folder
+from alibi_dinov2.cli import ArgumentParser, run_command
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.files import write_text_atomic
+from alibi_dinov2.features.preprocessing import dinov2_image_processor
+from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file
+from alibi_dinov2.hub.push import push_to_hub as push_folder
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from modeling_alibi_dinov3 import AlibiDinov3Model
 
@@ -592,7 +594,7 @@ def read_source(
     """Read any supported checkpoint into this project's parameter names.
 
     `source` may name a `.pth` by URL (`hf://OWNER/REPO/FILE`, a Hub file URL, a plain `https://` URL): it is fetched
-    into its cache first (`evaluation.remote_files.fetch_file`, at `revision`; `sha256` checks the file).
+    into its cache first (`alibi_dinov2.hub.remote_files.fetch_file`, at `revision`; `sha256` checks the file).
     """
     _check_choice("source_format", source_format, SOURCE_FORMATS)
     _check_choice("source_position", source_position, POSITION_SCHEMES)
@@ -660,7 +662,7 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
 
 def save_image_processor(output_dir) -> None:
     """DINOv2's preprocessing (shortest side 256, centre crop 224, ImageNet normalisation), the processor every
-    folder carries; see `evaluation.preprocessing.dinov2_image_processor`."""
+    folder carries; see `alibi_dinov2.features.preprocessing.dinov2_image_processor`."""
     dinov2_image_processor().save_pretrained(output_dir)
 
 

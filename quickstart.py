@@ -7,7 +7,7 @@ on a CPU.
 By default the teacher is SYNTHETIC: a small DINOv2 with random content weights whose position embedding does two
 things, set by hand: smooth 2D ramps make its features leak patch positions the way pretrained DINOv2 features do,
 and codes read by its queries and keys make every patch attend to its neighbourhood, so that its features depend on
-the patches around each one. The synthetic DINOv3 does both through its RoPE instead (see `synthetic_teachers`).
+the patches around each one. The synthetic DINOv3 does both through its RoPE instead (see `alibi_dinov2.synthetic.teachers`).
 No pretrained weights are needed, and the whole method runs for real on it:
 
 1. the teacher is written as a transformers folder and read back through `convert_checkpoint.py`;
@@ -36,17 +36,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import train_distill
-from evaluation.cli import ArgumentParser, check_model_source, run_command
-from evaluation.files import write_json_atomic
-from evaluation.image_io import to_float01
-from synthetic_teachers import (
-    STUDENT_ALIBI_OPTIONS,
-    SYNTHETIC_NOTES,
-    TEACHER_ARCHS,
-    TEACHER_BUILDERS,
-    TEACHER_PATCH_SIZES,
-    student_alibi_slope,
-)
+from alibi_dinov2.cli import ArgumentParser, run_command
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.io.images import to_float01
+from alibi_dinov2.synthetic.teachers import STUDENT_ALIBI_OPTIONS, SYNTHETIC_NOTES, TEACHER_ARCHS, TEACHER_BUILDERS, TEACHER_PATCH_SIZES, student_alibi_slope
 
 
 # Homogeneous textures only: a held-out image whose content itself varies with position (a scene, a lone cell, an
@@ -78,7 +72,7 @@ def _bundled_image(name: str) -> np.ndarray:
 def generated_images(count: int, size: int, seed: int) -> list[np.ndarray]:
     """`count` homogeneous grayscale uint8 images of `size x size`: synthetic microstructures (2 to 4 phases, grains
     of 10 to 35% of the side, noise) and random crops of scikit-image's bundled textures."""
-    from evaluation.synthetic import generate_microstructure
+    from alibi_dinov2.synthetic.microstructures import generate_microstructure
 
     rng = np.random.default_rng(seed)
     bundled = [_bundled_image(name) for name in TEXTURE_IMAGES]
@@ -240,7 +234,8 @@ def main(argv=None) -> dict:
     if args.teacher != "synthetic":
         check_model_source(args.teacher)  # before any work, and before any Hub call
     from convert_checkpoint import convert
-    from evaluation.probe_runner import load_image_source, load_model
+    from alibi_dinov2.io.image_sets import load_image_source
+    from alibi_dinov2.hub.models import load_model
     from evaluation.report import build_report
 
     args.output_dir.mkdir(parents=True, exist_ok=True)

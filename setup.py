@@ -35,7 +35,7 @@ EXTRAS = {
     "crf": ["pydensecrf2>=1.1"],
 }
 CONSOLE_SCRIPTS = [
-    f"alibi-{name.replace('_', '-')} = evaluation.commands:{name}"
+    f"alibi-{name.replace('_', '-')} = alibi_dinov2.commands:{name}"
     for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "segment", "demo",
                  "publish")
 ]
@@ -60,11 +60,10 @@ setup(
         "convert_checkpoint",
         "train_distill",
         "quickstart",
-        "synthetic_teachers",
     ],
-    packages=find_packages(include=["evaluation", "evaluation.*", "demo"]),
+    packages=find_packages(include=["alibi_dinov2", "alibi_dinov2.*", "evaluation", "evaluation.*", "demo"]),
     install_requires=INSTALL_REQUIRES,
-    # One console command per entry point (`alibi-convert`, `alibi-distill`, ...): see evaluation/commands.py.
+    # One console command per entry point (`alibi-convert`, `alibi-distill`, ...): see alibi_dinov2/commands.py.
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require=EXTRAS,
     classifiers=[

@@ -54,37 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from evaluation.cli import (
-    CONFIG_SUFFIXES,
-    ArgumentParser,
-    InputError,
-    check_model_source,
-    default_num_workers,
-    run_command,
-)
-from evaluation.feature_extraction import patch_size_of, prefix_token_count
-from evaluation.files import write_json_atomic
-from evaluation.image_io import (
-    IMAGE_SUFFIXES,
-    ImageReadError,
-    SkippedInputs,
-    check_image_size,
-    describe_source,
-    list_image_files,
-    read_rgb01,
-)
-from evaluation.preprocessing import normalize, resize_and_crop
-from evaluation.training_runs import (
-    StateDictDataclass,
-    epoch_batches,
-    load_checkpoint,
-    make_accelerator,
-    push_to_hub,
-    release_accelerator,
-    remove_incomplete_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-)
+from alibi_dinov2.cli import CONFIG_SUFFIXES, ArgumentParser, default_num_workers, run_command
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.features.extraction import patch_size_of, prefix_token_count
+from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.io.images import IMAGE_SUFFIXES, ImageReadError, SkippedInputs, check_image_size, describe_source, list_image_files, read_rgb01
+from alibi_dinov2.features.preprocessing import normalize, resize_and_crop
+from alibi_dinov2.training.runs import StateDictDataclass, epoch_batches, load_checkpoint, make_accelerator, release_accelerator, remove_incomplete_checkpoints, resolve_resume_checkpoint, save_checkpoint
+from alibi_dinov2.hub.push import push_to_hub
 
 
 logger = logging.getLogger(__name__)
@@ -351,7 +329,7 @@ def parse_args(argv=None) -> DistillationArguments:
 
 
 def read_checked_image(source, patch_size: int = 1, name: str | None = None) -> np.ndarray:
-    """Any image source as `(H, W, 3)` RGB in [0, 1] (the project's image policy, `evaluation.image_io`).
+    """Any image source as `(H, W, 3)` RGB in [0, 1] (the project's image policy, `alibi_dinov2.io.images`).
 
     Raises:
         ImageReadError: unreadable, or smaller than one `patch_size` patch (`ImageTooSmallError`); the message
@@ -820,7 +798,7 @@ def distillation_loss(
 def _evaluation_modules():
     try:
         from evaluation import positional_probe
-        from evaluation.feature_extraction import extract_patch_features
+        from alibi_dinov2.features.extraction import extract_patch_features
     except ImportError as error:
         raise ImportError(
             f"The positional probe needs the train extra ({error}): `pip install -e '.[train]'`, or run with "

@@ -1,4 +1,4 @@
-"""Time the classical feature stack (evaluation.classical_features) on large images.
+"""Time the classical feature stack (alibi_dinov2.features.classical) on large images.
 
 Usage::
 
@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import parse, write_results  # noqa: E402
-from evaluation.classical_features import classical_features, n_features  # noqa: E402
-from evaluation.synthetic import generate_microstructure  # noqa: E402
+from alibi_dinov2.features.classical import classical_features, n_features
+from alibi_dinov2.synthetic.microstructures import generate_microstructure
 
 TARGET_SECONDS_1024 = 5.0
 

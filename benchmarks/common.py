@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the project's command-line convention (`evaluation.cli.ArgumentParser`:
+"""What the benchmark scripts share: the project's command-line convention (`alibi_dinov2.cli.ArgumentParser`:
 dataclass options, underscore flags, a JSON or YAML file of options first), the table-then-JSON run, and paired
 timing.
 
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.cli import ArgumentParser  # noqa: E402
-from evaluation.files import write_json_atomic  # noqa: E402
+from alibi_dinov2.cli import ArgumentParser
+from alibi_dinov2.io.files import write_json_atomic
 
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -28,18 +28,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from demo import segmentation_view as segmentation
-from evaluation.cli import ArgumentParser, run_command
-from evaluation.feature_cache import FeatureCache
-from evaluation.feature_extraction import extract_patch_features, patch_size_of
-from evaluation.image_io import load_image, to_rgb01
-from evaluation.preprocessing import shrink_to_max_side
-from evaluation.names import short_names
+from alibi_dinov2.cli import ArgumentParser, run_command
+from alibi_dinov2.features.cache import FeatureCache
+from alibi_dinov2.features.extraction import extract_patch_features, patch_size_of
+from alibi_dinov2.io.images import load_image, to_rgb01
+from alibi_dinov2.features.preprocessing import shrink_to_max_side
+from alibi_dinov2.names import short_names
 from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
-from evaluation.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
+from alibi_dinov2.features.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
+from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE
 
 
 PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
-DEFAULT_MAX_SIDE = 896  # 64 patches of 14 px: a few seconds per ViT-S forward on a laptop CPU
 DEFAULT_FEATURE_CACHE_MB = 8192  # a 4096 x 4096 image's classical stack (3.9 GB) and two models' ViT channels
 
 
@@ -113,7 +113,7 @@ def render_comparison(
     """Everything the page shows for one image.
 
     Args:
-        models: display name -> (model, image statistics or None), as `evaluation.probe_runner.load_model` returns.
+        models: display name -> (model, image statistics or None), as `alibi_dinov2.hub.models.load_model` returns.
         image: grayscale or RGB image, any dtype.
 
     Returns:
@@ -150,7 +150,7 @@ def sample_images() -> dict[str, np.ndarray]:
     """Images bundled with scikit-image (no download): homogeneous textures and a fluorescence micrograph."""
     from skimage import data
 
-    from evaluation.probe_runner import texture_images
+    from alibi_dinov2.io.image_sets import texture_images
 
     return {**dict(texture_images()), "cells (fluorescence)": data.cell()}
 
@@ -314,7 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from evaluation.probe_runner import load_model
+    from alibi_dinov2.hub.models import load_model
 
     args = parse_args(argv)
     names = args.names or short_names(args.models)

@@ -1,7 +1,7 @@
 """The demo's segmentation view: scribbles drawn in the image editor train one segmenter per model, whose masks
 come back overlaid on the image, side by side, with the area fraction of every class and the files to download.
 
-Colour k of :data:`evaluation.visualisation.CLASS_COLOURS` (blue, orange, green, red, purple, brown, pink, cyan) is
+Colour k of :data:`alibi_dinov2.features.visualisation.CLASS_COLOURS` (blue, orange, green, red, purple, brown, pink, cyan) is
 class k; a pixel of a scribble layer is scribbled when its alpha is at least :data:`MIN_ALPHA` (half opaque) and
 takes the class of the nearest of those colours, when one lies within :data:`MAX_COLOUR_DISTANCE` (the brush's
 antialiased edges and lossy copies keep their class; the faint rim and foreign colours stay unlabelled).
@@ -9,7 +9,7 @@ antialiased edges and lossy copies keep their class; the faint rim and foreign c
 The image segmented is the full-precision array (a 16-bit TIFF stays 16-bit); the editor shows a picture of it
 shrunk to :data:`EDITOR_MAX_SIDE`, and scribbles drawn on that picture are scaled back to the image's pixels.
 Features are computed at full size, in one pass (no tiles), once per image, model and feature set: a
-:class:`~evaluation.feature_cache.FeatureCache` keeps them while scribbles are added.
+:class:`~alibi_dinov2.features.cache.FeatureCache` keeps them while scribbles are added.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from evaluation.image_io import to_rgb01
-from evaluation.preprocessing import resize_nearest, shrink_to_max_side, shrunk_size
-from evaluation.trainable_segmentation import TrainableSegmenter
-from evaluation.visualisation import CLASS_COLOURS, overlay_labels, to_uint8
+from alibi_dinov2.io.images import to_rgb01
+from alibi_dinov2.features.preprocessing import resize_nearest, shrink_to_max_side, shrunk_size
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.features.visualisation import CLASS_COLOURS, overlay_labels, to_uint8
 
 FEATURE_SETS = ("classical", "classical+vit")
 MASK_FORMATS = {"PNG": ".png", "TIFF": ".tif"}
@@ -198,7 +198,7 @@ def segment_image(
     whole image.
 
     Args:
-        models: display name -> (model, image statistics or None), as `evaluation.probe_runner.load_model` returns;
+        models: display name -> (model, image statistics or None), as `alibi_dinov2.hub.models.load_model` returns;
             with ``"classical"`` features there is one result, `CLASSICAL_ONLY`, whatever the models.
         feature_cache: a `FeatureCache` that keeps the features for the next run on the same image.
         progress: called with (fraction done, what runs now).
@@ -243,7 +243,7 @@ def file_stem(name: str) -> str:
 
 def save_results(results: Sequence[Segmentation], folder: Path, mask_format: str = "PNG") -> list[Path]:
     """Per result, its segmenter (`NAME-segmenter.zip`) and its mask (`NAME-mask.png` or `.tif`) in `folder`."""
-    from evaluation.image_io import write_mask
+    from alibi_dinov2.io.images import write_mask
 
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}; got {mask_format!r}")

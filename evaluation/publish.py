@@ -30,11 +30,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from demo.app import DEFAULT_MAX_SIDE
-from evaluation.cli import ArgumentParser, InputError, check_model_source, run_command
-from evaluation.files import write_json_atomic, write_text_atomic
-from evaluation.image_io import SkippedInputs
-from evaluation.probe_runner import ImageSetArguments, NamedImage, load_image_sets, load_model, run_probe
+from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE
+from alibi_dinov2.cli import ArgumentParser, run_command
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
+from alibi_dinov2.io.images import SkippedInputs
+from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
+from alibi_dinov2.io.image_sets import NamedImage
+from alibi_dinov2.hub.models import load_model
 from evaluation.transform_check import transform_check
 
 
@@ -43,8 +47,8 @@ RESULTS_FILE = "evaluation_results.json"
 DEFAULT_RAMPS = ("lr+ud", "random")
 # What a model folder holds that is no part of the model: training checkpoints and logs, temporary files, caches.
 UPLOAD_IGNORE = ["checkpoint-*", ".checkpoint-*", "train_distill/*", "*.tmp", "*.tmp.*", "__pycache__/*", "*.pyc"]
-DEMO_ENTRY_MODULES = ("demo.app", "evaluation.probe_runner")
-PROJECT_PACKAGES = ("demo", "evaluation")
+DEMO_ENTRY_MODULES = ("demo.app", "alibi_dinov2.hub.models")
+PROJECT_PACKAGES = ("alibi_dinov2", "demo", "evaluation")
 DEFAULT_GRADIO_VERSION = "5.0.0"
 # How the built-in image sets appear on the Hub's evaluation widget: (dataset_type, readable name).
 SOURCE_LABELS = {
@@ -70,7 +74,7 @@ def evaluate_models(
     """Positional probe and roll check of every model on every image set.
 
     Args:
-        models: display name -> (model, image statistics or None), as `probe_runner.load_model` returns.
+        models: display name -> (model, image statistics or None), as `alibi_dinov2.hub.models.load_model` returns.
         roll_images: the roll check runs on the first this many images of each set.
         skipped: the record of inputs left out (unreadable files, images smaller than a patch), as `run_probe` takes.
 
@@ -189,7 +193,7 @@ def _imported_names(source: Path) -> list[str]:
 
 
 def demo_source_files(entry_modules: Sequence[str] = DEMO_ENTRY_MODULES) -> dict[str, Path]:
-    """The project's files the demo needs: `entry_modules` and every `demo` / `evaluation` module they import
+    """The project's files the demo needs: `entry_modules` and every `alibi_dinov2` / `evaluation` / `demo` module they import
     (at any depth), with the packages' `__init__.py`; `{path in the Space: source file}`."""
     found: dict[str, Path] = {}
     pending = list(entry_modules)
@@ -200,7 +204,10 @@ def demo_source_files(entry_modules: Sequence[str] = DEMO_ENTRY_MODULES) -> dict
         if relative in found or not source.is_file():
             continue
         found[relative] = source
-        found.setdefault(f"{module.split('.')[0]}/__init__.py", PROJECT_ROOT / module.split(".")[0] / "__init__.py")
+        parts = module.split(".")
+        for depth in range(1, len(parts)):  # the packages' __init__.py, down to the module's own package
+            package = "/".join(parts[:depth])
+            found.setdefault(f"{package}/__init__.py", PROJECT_ROOT / package / "__init__.py")
         pending += [name for name in _imported_names(source) if name.split(".")[0] in PROJECT_PACKAGES]
     return dict(sorted(found.items()))
 
@@ -252,7 +259,7 @@ demo (demo/app.py and the project modules it uses, copied beside this file); the
 own code (trust_remote_code)."""
 
 from demo.app import build_demo
-from evaluation.probe_runner import load_model
+from alibi_dinov2.hub.models import load_model
 
 MODELS = {json.dumps(dict(models), indent=4)}
 MAX_SIDE = {int(max_side)}
@@ -362,7 +369,7 @@ def format_plan(plan: Sequence[Upload], private: bool = False, uploading: bool =
 
 def upload(plan: Sequence[Upload], private: bool = False, commit_message: str = "Publish ALiBi-DINOv2") -> list[str]:
     """Upload every folder of the plan (the model first: the Space loads it); returns the repository URLs."""
-    from evaluation.training_runs import push_to_hub
+    from alibi_dinov2.hub.push import push_to_hub
 
     return [
         push_to_hub(item.folder, item.repo_id, private=private, commit_message=commit_message,

@@ -2,7 +2,7 @@
 
 Simulates a user who labels a few training images with scribbles, round after round: in every round
 each training image gets one new scribble per class present in it; scribbles accumulate. After each
-round a :class:`~evaluation.trainable_segmentation.TrainableSegmenter` is fitted on all scribbles so
+round a :class:`~alibi_dinov2.segmentation.trainable.TrainableSegmenter` is fitted on all scribbles so
 far and scored on separate, unlabelled test images with the class-averaged mIoU. Scribbles are short
 thick random-walk strokes drawn strictly inside the eroded region of their class, so they always agree
 with the ground truth.
@@ -15,10 +15,10 @@ Data (``--data DIR``), label masks with 0 = unlabelled/ignored and 1..K = classe
 * optionally split into ``DIR/train/`` and ``DIR/test/``, each laid out as above. Without that split
   the first ``--n_train`` pairs (sorted by name) train and the rest test.
 
-EXT is any image suffix :mod:`evaluation.image_io` reads (mask and image may differ); images are read by its one
+EXT is any image suffix :mod:`alibi_dinov2.io.images` reads (mask and image may differ); images are read by its one
 policy (RGB in [0, 1]). A pair whose image or mask cannot be read is skipped with a warning that names it and a
 final count; ``--strict`` fails instead. Without ``--data`` a
-generated multi-phase microstructure set is used (:mod:`evaluation.synthetic`).
+generated multi-phase microstructure set is used (:mod:`alibi_dinov2.synthetic.microstructures`).
 
 Usage::
 
@@ -41,11 +41,12 @@ from typing import Iterable, Literal, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from evaluation.cli import ArgumentParser, InputError, SourceNotFoundError, run_command
-from evaluation.files import write_json_atomic
-from evaluation.image_io import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
+from alibi_dinov2.cli import ArgumentParser, run_command
+from alibi_dinov2.errors import InputError, SourceNotFoundError
+from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.io.images import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
 from evaluation.metrics import confusion_matrix, scores_from_confusion
-from evaluation.trainable_segmentation import FEATURE_SETS, TrainableSegmenter
+from alibi_dinov2.segmentation.trainable import FEATURE_SETS, TrainableSegmenter
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -494,7 +495,7 @@ class ScribbleBenchmarkArguments:
 def _benchmark_data(args: ScribbleBenchmarkArguments, skipped: SkippedInputs) -> tuple[list[Pair], list[Pair]]:
     if args.data:
         return load_benchmark_data(args.data, args.n_train, args.mask_zero_is_class, skipped)
-    from evaluation.synthetic import generate_microstructure_dataset
+    from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
 
     pairs = generate_microstructure_dataset(
         args.n_train + args.n_test,
@@ -509,7 +510,7 @@ def _benchmark_data(args: ScribbleBenchmarkArguments, skipped: SkippedInputs) ->
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from evaluation.probe_runner import load_model
+    from alibi_dinov2.hub.models import load_model
 
     (args,) = ArgumentParser(
         ScribbleBenchmarkArguments,

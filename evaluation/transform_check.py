@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from evaluation.feature_extraction import crop_to_patch_grid, extract_patch_features, patch_size_of
+from alibi_dinov2.features.extraction import crop_to_patch_grid, extract_patch_features, patch_size_of
 
 TRANSFORMS: tuple[str, ...] = ("flip_lr", "flip_ud", "rot90", "roll")
 METRICS: tuple[str, ...] = ("relative_l2", "cosine")

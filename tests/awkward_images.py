@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.image_io import write_image
+from alibi_dinov2.io.images import write_image
 
 
 # Files every reader must take, and the two it must skip (and name).

@@ -1,6 +1,5 @@
 """How many graphs torch.compile makes for a model over a series of input sizes."""
 
-import torch
 
 
 def compiled_graph_count(model, sizes) -> int:

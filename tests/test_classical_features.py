@@ -3,13 +3,7 @@
 import numpy as np
 import pytest
 
-from evaluation.classical_features import (
-    DEFAULT_SIGMAS,
-    classical_features,
-    feature_names,
-    membrane_kernels,
-    n_features,
-)
+from alibi_dinov2.features.classical import DEFAULT_SIGMAS, classical_features, feature_names, membrane_kernels, n_features
 
 NAMES = feature_names()
 

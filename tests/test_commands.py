@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.cli import check_model_source, run_command
-from evaluation.commands import COMMANDS, console_scripts
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.cli import run_command
+from alibi_dinov2.commands import COMMANDS, console_scripts
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_help_uses_one_flag_style(command, capsys):
 def test_missing_model_is_named_before_any_hub_call(command, tmp_path, image_folder):
     missing = str(tmp_path / "no-such-model")
     module = COMMANDS[command]
-    code = f"import sys; from evaluation.cli import run_command; import {module} as m; run_command(m.main, sys.argv[1:], prog={command!r})"
+    code = f"import sys; from alibi_dinov2.cli import run_command; import {module} as m; run_command(m.main, sys.argv[1:], prog={command!r})"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub call would fail with a connection error instead
     result = subprocess.run([sys.executable, "-c", code, *model_options(command, missing, image_folder)],
@@ -133,7 +134,7 @@ def test_hub_ids_pass_and_offline_misses_are_named(monkeypatch):
 
 
 def test_file_urls_are_sources_not_missing_paths(monkeypatch):
-    """hf:// names and URLs are resolved (and, offline, named when not cached) by evaluation.remote_files."""
+    """hf:// names and URLs are resolved (and, offline, named when not cached) by alibi_dinov2.hub.remote_files."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for source in ("hf://rmdocherty/dino-saw/alibi_coco_dv2_vits14_reg4.pth",
                    "https://huggingface.co/rmdocherty/dino-saw/resolve/main/nope_coco_dv2_vits14_reg4.pth",

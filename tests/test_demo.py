@@ -19,7 +19,7 @@ from demo.app import (
     prepare_image,
     render_comparison,
 )
-from evaluation.image_io import ImageReadError, ImageTooSmallError, to_rgb01
+from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -169,9 +169,9 @@ def served_page(download_root):
 def scribbled(tmp_path_factory):
     """A two-phase micrograph (PNG) with its truth and a scribble layer (RGBA PNG) in the class colours."""
     from demo.segmentation_view import scribble_layer
-    from evaluation.image_io import write_image
+    from alibi_dinov2.io.images import write_image
     from evaluation.scribble_benchmark import simulate_scribble_rounds
-    from evaluation.synthetic import generate_microstructure_dataset
+    from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
 
     folder = tmp_path_factory.mktemp("scribbled")
     ((image, truth),) = generate_microstructure_dataset(1, size=(120, 150), n_phases=2, seed=3)
@@ -189,7 +189,7 @@ def editor_payload(background, *layers):
 
 
 def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(served_page, scribbled, download_root):
-    from evaluation.image_io import read_labels
+    from alibi_dinov2.io.images import read_labels
     from evaluation.metrics import segmentation_scores
 
     folder, truth, scribbles = scribbled
@@ -213,7 +213,7 @@ def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(se
 def test_a_script_sends_a_16_bit_file_segmented_in_full_precision(served_page, scribbled, tmp_path):
     from gradio_client import handle_file
 
-    from evaluation.image_io import read_labels, write_image
+    from alibi_dinov2.io.images import read_labels, write_image
     from evaluation.metrics import segmentation_scores
 
     folder, truth, scribbles = scribbled
@@ -231,7 +231,7 @@ def test_the_page_says_what_is_missing(served_page, scribbled, tmp_path):
     from gradio_client.exceptions import AppError
 
     from demo.segmentation_view import scribble_layer
-    from evaluation.image_io import write_image
+    from alibi_dinov2.io.images import write_image
 
     folder, truth, _ = scribbled
     write_image(tmp_path / "blank.png", scribble_layer(np.zeros_like(truth)))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from evaluation.image_io import ImageReadError, ImageTooSmallError, to_rgb01
+from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 import torch
 import transformers
 from transformers import (
@@ -20,15 +20,7 @@ from transformers import (
     ViTModel,
 )
 
-from evaluation.feature_extraction import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    extract_patch_features,
-    extract_patch_features_batch,
-    image_to_pixel_values,
-    patch_size_of,
-    prefix_token_count,
-)
+from alibi_dinov2.features.extraction import IMAGENET_MEAN, IMAGENET_STD, extract_patch_features, extract_patch_features_batch, image_to_pixel_values, patch_size_of, prefix_token_count
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import convert_checkpoint
-from evaluation.cli import InputError, run_command
-from evaluation.remote_files import fetch_file, is_remote_file, parse_remote_file, url_cache_path
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.cli import run_command
+from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file, parse_remote_file, url_cache_path
 from hub_cache import put_in_hub_cache
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from test_convert_checkpoint import VITS14, hf_model, pixels, reference_vit_forward, timm_checkpoint, to_vit_keys

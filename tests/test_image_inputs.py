@@ -12,18 +12,11 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 from awkward_images import CORRUPT, READABLE, SIZE, TINY, write_awkward_images
 from demo.app import prepare_image, read_upload
 from evaluation import probe_runner, report, scribble_benchmark
-from evaluation.feature_extraction import extract_patch_features, image_to_pixel_values
-from evaluation.image_io import (
-    ImageReadError,
-    ImageTooSmallError,
-    SkippedInputs,
-    load_image,
-    read_rgb01,
-    to_rgb01,
-    unsigned_range,
-)
-from evaluation.preprocessing import to_pixel_values
-from evaluation.visualisation import side_by_side
+from alibi_dinov2.features.extraction import extract_patch_features, image_to_pixel_values
+from alibi_dinov2.io.image_sets import folder_images
+from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, SkippedInputs, load_image, read_rgb01, to_rgb01, unsigned_range
+from alibi_dinov2.features.preprocessing import to_pixel_values
+from alibi_dinov2.features.visualisation import side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ def test_demo_reads_uploads_like_everyone(awkward, reference):
 
 def test_probe_runner_reads_the_folder_like_everyone_and_skips_the_bad_files(awkward, reference, caplog):
     skipped = SkippedInputs()
-    images = dict(probe_runner.folder_images(awkward, skipped=skipped))
+    images = dict(folder_images(awkward, skipped=skipped))
     assert set(images) == set(READABLE) | {TINY}
     for name, rgb in reference.items():
         np.testing.assert_array_equal(images[name], rgb)
@@ -190,8 +183,8 @@ def test_readme_usage_snippet_reads_a_16_bit_micrograph(tmp_path, tiny_kwargs):
     import tifffile
 
     from configuration_alibi_dinov2 import AlibiDinov2Config
-    from evaluation.feature_extraction import extract_patch_features
-    from evaluation.preprocessing import dinov2_image_processor
+    from alibi_dinov2.features.extraction import extract_patch_features
+    from alibi_dinov2.features.preprocessing import dinov2_image_processor
     from modeling_alibi_dinov2 import AlibiDinov2Model
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

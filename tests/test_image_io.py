@@ -3,16 +3,7 @@
 import numpy as np
 import pytest
 
-from evaluation.image_io import (
-    ImageReadError,
-    read_image,
-    read_labels,
-    read_pages,
-    to_float01,
-    to_grayscale,
-    write_image,
-    write_mask,
-)
+from alibi_dinov2.io.images import ImageReadError, read_image, read_labels, read_pages, to_float01, to_grayscale, write_image, write_mask
 
 
 def test_16bit_tiff_round_trip_keeps_dtype_and_values(tmp_path):
@@ -136,7 +127,7 @@ def test_to_grayscale_uses_luma_and_rejects_odd_channel_counts():
 def test_one_page_of_a_stack_decodes_that_page_only(tmp_path, monkeypatch):
     import tifffile
 
-    from evaluation.image_io import load_image, write_image
+    from alibi_dinov2.io.images import load_image, write_image
 
     pages = [np.full((8, 9), k, dtype=np.uint16) for k in range(5)]
     write_image(tmp_path / "stack.tif", pages)

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from evaluation.image_io import ImageTooSmallError
+from alibi_dinov2.io.images import ImageTooSmallError
 import tifffile
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation.feature_extraction import image_to_pixel_values
-from evaluation.large_image_features import extract_feature_map, layer_progress
+from alibi_dinov2.features.extraction import image_to_pixel_values
+from alibi_dinov2.features.large_images import extract_feature_map, layer_progress
 from alibi_attention import ALIBI_RUNTIME_DEFAULTS, alibi_query_block_size
 from modeling_alibi_dinov2 import AlibiDinov2Model
 

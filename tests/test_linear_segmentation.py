@@ -14,8 +14,9 @@ from PIL import Image
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation import linear_segmentation as linseg
-from evaluation import training_runs
-from evaluation.segmentation_data import SegmentationDataset, load_segmentation_split, prepare_labels
+from alibi_dinov2.hub import push
+from alibi_dinov2.training import runs as training_runs
+from evaluation.linear_segmentation.datasets import SegmentationDataset, load_segmentation_split, prepare_labels
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -473,7 +474,7 @@ def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_pa
     write_split_with_bad_images(tmp_path / "data")
     settings = run_settings(workspace, tmp_path / "out", data_dir=str(tmp_path / "data"), image_size=56, epochs=1,
                             num_example_images=0)
-    with caplog.at_level("WARNING", logger="evaluation.image_io"):
+    with caplog.at_level("WARNING", logger="alibi_dinov2.io.images"):
         results = linseg.run_linear_segmentation(linseg.make_config(settings))
     assert results["num_train_samples"] == 4 and results["num_val_samples"] == 2
     skipped = {item["name"]: item["reason"] for item in results["skipped_inputs"]["train"]}
@@ -483,7 +484,7 @@ def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_pa
     assert results["skipped_inputs"]["val"] == []
     assert "Skipped 2 of 6 images" in caplog.text and "--strict" in caplog.text
 
-    from evaluation.image_io import ImageReadError
+    from alibi_dinov2.io.images import ImageReadError
 
     with pytest.raises(ImageReadError, match="broken.png"):
         linseg.run_linear_segmentation(linseg.make_config(dict(settings, strict=True, output_dir=str(tmp_path / "s"))))
@@ -499,7 +500,7 @@ def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(wo
     checked = []
     check = data._ImageCheck.__getitem__
     monkeypatch.setattr(data._ImageCheck, "__getitem__", lambda self, position: checked.append(position) or check(self, position))
-    with caplog.at_level("WARNING", logger="evaluation.image_io"):
+    with caplog.at_level("WARNING", logger="alibi_dinov2.io.images"):
         second = linseg.run_linear_segmentation(linseg.make_config(dict(settings, output_dir=str(tmp_path / "second"))))
     assert checked == []  # no image decoded to find the unusable ones
     assert second["skipped_inputs"] == first["skipped_inputs"] and len(second["skipped_inputs"]["train"]) == 2
@@ -513,7 +514,7 @@ def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(wo
 
 
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    from evaluation.cli import run_command
+    from alibi_dinov2.cli import run_command
 
     with pytest.raises(SystemExit) as stopped:
         run_command(linseg.main, ["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"])
@@ -534,7 +535,7 @@ def test_yaml_config_file_first_and_flags_win(tmp_path):
 
 def test_push_to_hub_uploads_the_run_without_cache_or_checkpoints(workspace, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(training_runs, "push_to_hub", lambda folder, repo_id, **options: calls.append(
+    monkeypatch.setattr(push, "push_to_hub", lambda folder, repo_id, **options: calls.append(
         (Path(folder), repo_id, options)) or f"https://huggingface.co/{repo_id}")
     settings = run_settings(workspace, tmp_path / "pushed", image_size=56, epochs=1, max_train_samples=4,
                             max_eval_samples=2, num_example_images=0, push_to_hub=True, hub_model_id="me/probe")

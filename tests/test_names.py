@@ -1,6 +1,6 @@
 """Short, unique display names from paths and Hub ids."""
 
-from evaluation.names import short_names
+from alibi_dinov2.names import short_names
 
 
 def test_last_part_unless_two_would_collide():

@@ -93,9 +93,11 @@ def test_the_space_folder_names_the_model_and_builds_offline_without_serving(pub
 
 def test_the_space_carries_every_project_module_the_demo_imports():
     files = publish.demo_source_files()
-    for name in ("demo/app.py", "demo/__init__.py", "evaluation/__init__.py", "evaluation/probe_runner.py",
-                 "evaluation/feature_extraction.py", "evaluation/visualisation.py", "evaluation/cli.py",
-                 "demo/segmentation_view.py", "evaluation/trainable_segmentation.py", "evaluation/segmenter_file.py"):
+    for name in ("demo/app.py", "demo/__init__.py", "evaluation/__init__.py", "evaluation/positional_probe.py",
+                 "alibi_dinov2/__init__.py", "alibi_dinov2/features/__init__.py", "alibi_dinov2/hub/models.py",
+                 "alibi_dinov2/features/extraction.py", "alibi_dinov2/features/visualisation.py", "alibi_dinov2/cli.py",
+                 "demo/segmentation_view.py", "alibi_dinov2/segmentation/trainable.py",
+                 "alibi_dinov2/segmentation/segmenter_file.py"):
         assert name in files
     assert "evaluation/publish.py" not in files and "evaluation/scribble_benchmark.py" not in files
 
@@ -165,7 +167,7 @@ def test_upload_sends_both_folders_and_leaves_training_files_out(published, monk
 
 
 def test_publish_refuses_a_folder_that_is_no_model(tmp_path):
-    from evaluation.cli import InputError
+    from alibi_dinov2.errors import InputError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a model folder"):

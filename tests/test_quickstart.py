@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import quickstart
-import synthetic_teachers
+import alibi_dinov2.synthetic.teachers as synthetic_teachers
 from evaluation.positional_probe import linear_probe
 
 
@@ -64,7 +64,7 @@ def test_synthetic_dinov3_teacher_leaks_position_and_attends_to_each_patch_neigh
     alone (about 0.9) and, like the DINOv2 teacher, mixes each patch with its neighbours only."""
     from transformers import DINOv3ViTModel
 
-    from evaluation.feature_extraction import extract_patch_features
+    from alibi_dinov2.features.extraction import extract_patch_features
 
     teacher = synthetic_teachers.build_synthetic_dinov3_teacher(tmp_path / "teacher", seed=0)
     random = DINOv3ViTModel(teacher.config).eval()

@@ -8,10 +8,10 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation.probe_runner import load_image_source
+from alibi_dinov2.io.image_sets import load_image_source
 from evaluation.report import build_report, main
 from modeling_alibi_dinov2 import AlibiDinov2Model
-from synthetic_teachers import smooth_position_embedding
+from alibi_dinov2.synthetic.teachers import smooth_position_embedding
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=224)

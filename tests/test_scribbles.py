@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evaluation.image_io import write_image, write_mask
+from alibi_dinov2.io.images import write_image, write_mask
 from evaluation.scribble_benchmark import (
     find_image_mask_pairs,
     main,
@@ -15,7 +15,7 @@ from evaluation.scribble_benchmark import (
     run_scribble_benchmark,
     simulate_scribble_rounds,
 )
-from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
+from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
 
 CROSS = ndimage.generate_binary_structure(2, 1)
 

@@ -11,14 +11,15 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from demo import segmentation_view as view
-from evaluation import trainable_segmentation, vit_features
-from evaluation.feature_cache import FeatureCache
-from evaluation.image_io import read_labels
+from alibi_dinov2.segmentation import trainable as trainable_segmentation
+from alibi_dinov2.features import vit as vit_features
+from alibi_dinov2.features.cache import FeatureCache
+from alibi_dinov2.io.images import read_labels
 from evaluation.metrics import segmentation_scores
 from evaluation.scribble_benchmark import simulate_scribble_rounds
-from evaluation.synthetic import generate_microstructure_dataset
-from evaluation.trainable_segmentation import TrainableSegmenter
-from evaluation.visualisation import CLASS_COLOURS
+from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.features.visualisation import CLASS_COLOURS
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 UNUSUAL_STATISTICS = {"image_mean": [0.2, 0.3, 0.4], "image_std": [0.05, 0.1, 0.2]}

@@ -18,11 +18,12 @@ from PIL import Image
 
 import train_distill
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation import training_runs
-from evaluation.cli import SourceNotFoundError, run_command
-from evaluation.image_io import ImageReadError, read_rgb01
+from alibi_dinov2.training import runs as training_runs
+from alibi_dinov2.errors import SourceNotFoundError
+from alibi_dinov2.cli import run_command
+from alibi_dinov2.io.images import ImageReadError, read_rgb01
 from evaluation.positional_probe import most_positional_channels
-from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -151,7 +152,7 @@ def test_distillation_loss_falls_on_a_tiny_dinov3_teacher(image_folder, tmp_path
     the quickstart's synthetic DINOv3, whose features depend on its RoPE (a random one barely does)."""
     from transformers import AutoModel
 
-    from synthetic_teachers import build_synthetic_dinov3_teacher
+    from alibi_dinov2.synthetic.teachers import build_synthetic_dinov3_teacher
 
     build_synthetic_dinov3_teacher(tmp_path / "teacher", grid=4)
     output = tmp_path / "run"
@@ -337,7 +338,7 @@ def test_a_missing_teacher_is_named_before_any_model_is_read(image_folder, tmp_p
 
 
 def test_decoding_converts_every_layout_to_rgb_in_unit_range(tmp_path):
-    """The project's image policy (evaluation.image_io), as the training images go through it."""
+    """The project's image policy (alibi_dinov2.io.images), as the training images go through it."""
     deep = np.array([[0, 1000, 40000, 65535]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
     decoded = read_rgb01(str(tmp_path / "deep.png"))
@@ -462,7 +463,7 @@ def test_channel_blanking_zeroes_exactly_the_listed_channels(tiny_teacher, tmp_p
 
 
 def test_auto_blanking_picks_the_most_positional_channels(monkeypatch):
-    import evaluation.feature_extraction
+    from alibi_dinov2.features import extraction
 
     height = width = 24
     y, x = np.mgrid[0:height, 0:width] / (height - 1)
@@ -476,7 +477,7 @@ def test_auto_blanking_picks_the_most_positional_channels(monkeypatch):
         features[..., 5] = x + y + 0.5 * features[..., 5]  # diagonal, noisier
         return features
 
-    monkeypatch.setattr(evaluation.feature_extraction, "extract_patch_features", synthetic_features)
+    monkeypatch.setattr(extraction, "extract_patch_features", synthetic_features)
     images = [np.random.default_rng(seed).random((336, 336, 3)) for seed in range(3)]
     scores = train_distill.rank_positional_channels(None, images)
     assert scores.shape == (16,)

@@ -7,16 +7,12 @@ import pytest
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 
-from evaluation.classical_features import n_features
+from alibi_dinov2.features.classical import n_features
 from evaluation.metrics import segmentation_scores
 from evaluation.scribble_benchmark import simulate_scribble_rounds
-from evaluation.synthetic import generate_microstructure, generate_microstructure_dataset
-from evaluation.trainable_segmentation import TrainableSegmenter
-from evaluation.vit_features import (
-    extract_patch_features_tiled,
-    pca_reduce_patches,
-    vit_feature_channels_from_patches,
-)
+from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.features.vit import extract_patch_features_tiled, pca_reduce_patches, vit_feature_channels_from_patches
 
 HAS_CRF = importlib.util.find_spec("pydensecrf") is not None
 
@@ -220,7 +216,7 @@ def test_vit_tiles_bound_the_input_size(tiny_vit):
     image, _ = generate_microstructure((70, 98), seed=5)
     seen = []
 
-    from evaluation.feature_extraction import extract_patch_features
+    from alibi_dinov2.features.extraction import extract_patch_features
 
     def recording(model, tile, image_processor=None):
         seen.append(tile.shape)
@@ -288,7 +284,7 @@ def test_an_image_with_another_channel_count_is_refused_after_loading(tmp_path, 
 def test_the_feature_cache_drops_the_least_recently_used_and_shares_itself():
     import copy
 
-    from evaluation.feature_cache import FeatureCache, image_fingerprint
+    from alibi_dinov2.features.cache import FeatureCache, image_fingerprint
 
     cache = FeatureCache(max_bytes=3 * 800)  # three arrays of 100 float64
     for key in "abc":
@@ -306,8 +302,8 @@ def test_the_feature_cache_drops_the_least_recently_used_and_shares_itself():
 
 
 def test_a_cached_segmenter_computes_each_stack_once_and_predicts_as_without(two_phase, tiny_vit, monkeypatch):
-    from evaluation import trainable_segmentation
-    from evaluation.feature_cache import FeatureCache
+    from alibi_dinov2.segmentation import trainable as trainable_segmentation
+    from alibi_dinov2.features.cache import FeatureCache
 
     train_image, _, scribbles, test_image, _ = two_phase
     computed = []

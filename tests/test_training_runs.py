@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation import training_runs as runs
-from evaluation.cli import SourceNotFoundError
+from alibi_dinov2.hub.push import push_to_hub
+from alibi_dinov2.training import runs
+from alibi_dinov2.errors import SourceNotFoundError
 
 
 @dataclasses.dataclass
@@ -199,7 +200,7 @@ def test_push_to_hub_never_uploads_checkpoints_logs_or_temporary_files(tmp_path,
             calls["upload_folder"] = kwargs
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    url = runs.push_to_hub(folder, "someone/probe", private=True, ignore_patterns=["feature_cache/"])
+    url = push_to_hub(folder, "someone/probe", private=True, ignore_patterns=["feature_cache/"])
     assert url == "https://huggingface.co/someone/probe"
     assert calls["create_repo"] == ("someone/probe", {"private": True, "exist_ok": True, "repo_type": "model"})
     upload = calls["upload_folder"]

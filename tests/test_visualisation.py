@@ -9,17 +9,7 @@ from matplotlib.figure import Figure
 from transformers import Dinov2Config, Dinov2Model
 
 from evaluation.positional_probe import make_ramp
-from evaluation.visualisation import (
-    compare_models,
-    cosine_similarity_map,
-    kmeans_map,
-    labels_to_rgb,
-    pca_components,
-    pca_rgb,
-    plot_channel_r2,
-    plot_layer_fingerprint,
-    side_by_side,
-)
+from alibi_dinov2.features.visualisation import compare_models, cosine_similarity_map, kmeans_map, labels_to_rgb, pca_components, pca_rgb, plot_channel_r2, plot_layer_fingerprint, side_by_side
 
 
 def planted_features(h=12, w=16, c=10, seed=0):

@@ -25,7 +25,7 @@ Command line::
 
 Every configuration key is also an option (``--help`` lists them); options typed after the config file override
 it. Training runs under Accelerate (``accelerate launch -m evaluation.linear_segmentation ...`` for several GPUs;
-``--mixed_precision bf16``) through the run layer :mod:`evaluation.training_runs`. Outputs in ``--output_dir``:
+``--mixed_precision bf16``) through the run layer :mod:`alibi_dinov2.training.runs`. Outputs in ``--output_dir``:
 
 * ``results.json``: validation mIoU (classes present in the ground truth or the prediction), per-class IoU,
   pixel accuracy, training losses, the skipped images and, with ``--robustness``, the mIoU per input transform;
@@ -35,10 +35,10 @@ it. Training runs under Accelerate (``accelerate launch -m evaluation.linear_seg
   ``checkpoints_total_limit`` kept;
 * ``feature_cache/<split>``: backbone features in float16, computed once and reused across epochs and runs.
 
-Data sources (see :mod:`evaluation.segmentation_data`): a Hub dataset name or ``save_to_disk`` folder
+Data sources (see :mod:`evaluation.linear_segmentation.datasets`): a Hub dataset name or ``save_to_disk`` folder
 (``--dataset_name``, with ``--image_column`` / ``--mask_column``), or a local folder (``--data_dir``) laid out as
 ``ROOT/<split>/images/x.jpg`` + ``ROOT/<split>/masks/x.png``, or a ``VOCdevkit/VOC20xx`` folder. Images are read by
-:mod:`evaluation.image_io`; one that cannot be read or is smaller than a patch is skipped with a warning naming it
+:mod:`alibi_dinov2.io.images`; one that cannot be read or is smaller than a patch is skipped with a warning naming it
 and a final count (``--strict`` fails instead).
 
 Robustness mode (``--robustness``): each validation image is transformed (``flip_ud``, ``roll`` by whole

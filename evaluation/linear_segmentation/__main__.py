@@ -1,4 +1,4 @@
-from evaluation.cli import run_command
+from alibi_dinov2.cli import run_command
 from evaluation.linear_segmentation.cli import PROG, main
 
 run_command(main, prog=PROG)

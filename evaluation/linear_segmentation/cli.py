@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from evaluation.cli import ArgumentParser, InputError
+from alibi_dinov2.cli import ArgumentParser
+from alibi_dinov2.errors import InputError
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.training import run_linear_segmentation
 

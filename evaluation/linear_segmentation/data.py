@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluation.cli import did_you_mean
-from evaluation.feature_extraction import extract_patch_features_batch, patch_size_of
-from evaluation.files import save_array_atomic, write_json_atomic
-from evaluation.image_io import ImageReadError, SkippedInputs, check_image_size, describe_source
+from alibi_dinov2.cli import did_you_mean
+from alibi_dinov2.features.extraction import extract_patch_features_batch, patch_size_of
+from alibi_dinov2.io.files import save_array_atomic, write_json_atomic
+from alibi_dinov2.io.images import ImageReadError, SkippedInputs, check_image_size, describe_source
 from evaluation.linear_segmentation.config import TRANSFORMS, LinearSegmentationConfig
-from evaluation.preprocessing import image_statistics
-from evaluation.segmentation_data import SegmentationDataset, load_segmentation_split
+from alibi_dinov2.features.preprocessing import image_statistics
+from evaluation.linear_segmentation.datasets import SegmentationDataset, load_segmentation_split
 
 PathLike = Union[str, os.PathLike]
 
@@ -35,7 +35,7 @@ def load_backbone(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float,
 
     The statistics come from the model's image processor when one is stored with it, else ImageNet's.
     """
-    from evaluation.probe_runner import load_model
+    from alibi_dinov2.hub.models import load_model
 
     model, statistics = load_model(name)
     mean, std = image_statistics(statistics)
@@ -46,7 +46,7 @@ def patch_feature_maps(model: nn.Module, pixel_values: torch.Tensor) -> torch.Te
     """Batched patch features of a frozen backbone, without gradients.
 
     Args:
-        model: a transformers image model giving patch tokens (see ``evaluation.feature_extraction``).
+        model: a transformers image model giving patch tokens (see ``alibi_dinov2.features.extraction``).
         pixel_values: (B, 3, H, W) normalised images, H and W multiples of the patch size p.
 
     Returns:
@@ -169,7 +169,7 @@ def drop_unusable_images(
 ) -> tuple[SegmentationDataset, SkippedInputs]:
     """`dataset` without the samples whose image cannot be read or is smaller than one patch.
 
-    Each skipped image is named in a warning and counted at the end (:class:`evaluation.image_io.SkippedInputs`);
+    Each skipped image is named in a warning and counted at the end (:class:`alibi_dinov2.io.images.SkippedInputs`);
     with `strict` the first one raises instead. Every image is decoded once, the processes of a run sharing them.
     With `record` (a JSON file), the problems found are kept there with `identity` (what the split was read from,
     see :func:`image_check_key`), and a later run with the same identity reads them instead of decoding every image

@@ -13,7 +13,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from evaluation.files import atomic_path, write_json_atomic
+from alibi_dinov2.io.files import atomic_path, write_json_atomic
 from evaluation.linear_segmentation.data import EpochShuffleSampler
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import segmentation_scores

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from evaluation.files import atomic_path
+from alibi_dinov2.io.files import atomic_path
 
 PathLike = Union[str, os.PathLike]
 

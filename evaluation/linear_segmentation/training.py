@@ -1,6 +1,6 @@
 """Training and evaluation of the probe head under Accelerate, and a full run (the command line's work).
 
-The run layer (:mod:`evaluation.training_runs`) gives the accelerator, the checkpoints
+The run layer (:mod:`alibi_dinov2.training.runs`) gives the accelerator, the checkpoints
 (``OUTPUT_DIR/checkpoints/checkpoint_<step:08d>``, complete or absent), the resume, the teardown after a run and
 the Hub push; this module only says what to train and score.
 """
@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluation import training_runs as runs
-from evaluation.cli import check_model_source, default_num_workers
-from evaluation.feature_extraction import patch_size_of, resolve_backbone
-from evaluation.files import write_json_atomic
+from alibi_dinov2.hub import push
+from alibi_dinov2.training import runs
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.cli import default_num_workers
+from alibi_dinov2.features.extraction import patch_size_of, resolve_backbone
+from alibi_dinov2.io.files import write_json_atomic
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.data import (
     EpochShuffleSampler,
@@ -39,8 +41,8 @@ from evaluation.linear_segmentation.estimator import SAVED_PARAMS, LinearSegment
 from evaluation.linear_segmentation.figures import plot_example_predictions
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import confusion_counts, scores_from_confusion
-from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from evaluation.segmentation_data import SegmentationDataset
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from evaluation.linear_segmentation.datasets import SegmentationDataset
 
 
 @dataclasses.dataclass
@@ -338,7 +340,7 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
         accelerator.print(format_summary(results))
         if config.push_to_hub:
             repo_id = config.hub_model_id or output_dir.resolve().name
-            url = runs.push_to_hub(
+            url = push.push_to_hub(
                 output_dir,
                 repo_id,
                 private=config.hub_private_repo,

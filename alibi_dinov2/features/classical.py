@@ -43,7 +43,7 @@ import numpy as np
 from scipy import fft as scipy_fft
 from scipy import ndimage
 
-from evaluation.image_io import to_float01, to_grayscale
+from alibi_dinov2.io.images import to_float01, to_grayscale
 
 DEFAULT_SIGMAS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 MEMBRANE_KERNEL_SIZE = 15

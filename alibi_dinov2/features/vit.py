@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from evaluation.image_io import check_image_size, to_rgb01
-from evaluation.pca import pca_components, scale_per_component
+from alibi_dinov2.io.images import check_image_size, to_rgb01
+from alibi_dinov2.features.pca import pca_components, scale_per_component
 
 DEFAULT_N_COMPONENTS = 9
 
@@ -106,7 +106,7 @@ def vit_feature_channels_from_patches(
 def model_patch_size(model) -> int:
     """Patch size of a transformers model (its backbone's ``config.patch_size``; 14 if unknown)."""
     try:
-        from evaluation.feature_extraction import patch_size_of
+        from alibi_dinov2.features.extraction import patch_size_of
 
         return patch_size_of(model)
     except (ImportError, ValueError, AttributeError):
@@ -119,7 +119,7 @@ def model_patch_size(model) -> int:
 
 def _default_extractor() -> PatchExtractor:
     # Imported lazily: the ViT side (and torch) is needed only when ViT features are asked for.
-    from evaluation.feature_extraction import extract_patch_features
+    from alibi_dinov2.features.extraction import extract_patch_features
 
     return extract_patch_features
 
@@ -157,7 +157,7 @@ def extract_patch_features_tiled(
         overlap: overlap between neighbouring tiles in pixels (rounded up to whole patches).
         image_processor: passed to the extractor.
         extractor: ``f(model, image, image_processor=None) -> (h, w, C)``; default
-            :func:`evaluation.feature_extraction.extract_patch_features`.
+            :func:`alibi_dinov2.features.extraction.extract_patch_features`.
 
     Returns:
         (H // p, W // p, C) patch grid (p = patch size). Tiles are cut on patch boundaries and their

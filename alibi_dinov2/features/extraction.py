@@ -11,9 +11,9 @@ Supported ``config.model_type`` values (see :data:`SUPPORTED_MODEL_TYPES`): ``al
 ``ijepa``, ``clip_vision_model`` and ``siglip_vision_model``. Task wrappers (``Dinov2ForImageClassification``
 ...) are unwrapped to their backbone; ``CLIPModel`` / ``SiglipModel`` to their vision tower.
 
-Images are any source :mod:`evaluation.image_io` reads (a path, PIL image, numpy array or tensor), made RGB by
+Images are any source :mod:`alibi_dinov2.io.images` reads (a path, PIL image, numpy array or tensor), made RGB by
 its one policy, and cropped (top-left anchored, never resized) to a multiple of the patch size, which is what a
-stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p`` (:mod:`evaluation.preprocessing`).
+stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p`` (:mod:`alibi_dinov2.features.preprocessing`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from evaluation.image_io import check_image_size, describe_source, to_rgb01
-from evaluation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
+from alibi_dinov2.io.images import check_image_size, describe_source, to_rgb01
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
 
 LayerSelection = Union[str, int, Sequence[int]]
 
@@ -323,7 +323,7 @@ def extract_patch_features(
 
     Args:
         model: a supported transformers model (see :data:`SUPPORTED_MODEL_TYPES`); put in eval mode.
-        image: a path, PIL image, numpy array or tensor, made RGB in [0, 1] by :func:`evaluation.image_io.to_rgb01`
+        image: a path, PIL image, numpy array or tensor, made RGB in [0, 1] by :func:`alibi_dinov2.io.images.to_rgb01`
             (gray replicated, alpha composited, high-bit data by its real range). Cropped to
             (H // p * p, W // p * p), never resized.
         image_processor: optional object or dict with ``image_mean`` / ``image_std``; ImageNet

@@ -1,4 +1,4 @@
-"""The one preprocessing path: RGB in [0, 1] (from :mod:`evaluation.image_io`) -> normalised pixel values.
+"""The one preprocessing path: RGB in [0, 1] (from :mod:`alibi_dinov2.io.images`) -> normalised pixel values.
 
 The statistics come from the image processor that every saved model folder carries (`AutoImageProcessor`:
 `image_mean`, `image_std`), ImageNet's when a model has none. Geometry is done in float32 with torch (bicubic or
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from evaluation.image_io import check_image_size
+from alibi_dinov2.io.images import check_image_size
 
 
 IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
@@ -200,3 +200,6 @@ __all__ = [
     "stored_image_processor",
     "to_pixel_values",
 ]
+
+
+DEFAULT_MAX_SIDE = 896  # 64 patches of 14 px: a few seconds per ViT-S forward on a laptop CPU

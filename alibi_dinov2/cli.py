@@ -21,28 +21,21 @@ import difflib
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transformers import HfArgumentParser
+from alibi_dinov2.errors import InputError, SourceNotFoundError
 
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-# A Hub repository id: `name` or `owner/name`, letters, digits, `-`, `_`, `.` (no `--` or `..`, as the Hub rules).
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".yaml", ".yml")
 
 
-class InputError(ValueError):
-    """A problem with what the user gave (a path, a file, a value); its message is one line that names it."""
 
 
-class SourceNotFoundError(InputError, FileNotFoundError):
-    """A model, image or folder that does not exist."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,60 +184,15 @@ def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: st
 # --------------------------------------------------------------------------------------------------
 # Model sources, errors, workers
 # --------------------------------------------------------------------------------------------------
-def _in_offline_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return any(
-        isinstance(try_to_load_from_cache(repo_id, filename), str)
-        for filename in ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
-    )
 
 
-def hub_offline() -> bool:
-    """Whether `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set now (read at each call, unlike huggingface_hub's
-    constant)."""
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
-    """Check, before any Hub call, that `name` is an existing file or folder, a possible Hub id, or a file URL
-    (`hf://OWNER/REPO/FILE`, `https://...`; see `evaluation.remote_files`).
-
-    A name that can only be a path (absolute, `./`, `~`, more than one `/`, a checkpoint suffix) and does not exist,
-    or a Hub id that is not in the local cache while the Hub is offline, raises
-    `SourceNotFoundError("not found: NAME ...")`.
-
-    Returns:
-        `name` as a string (with `~` expanded for paths).
-    """
-    from evaluation.remote_files import is_remote_file  # imported here: remote_files builds on this module
-
-    text = str(name)
-    if is_remote_file(text):  # hf://OWNER/REPO/FILE and URLs: resolved (and named when missing) by remote_files
-        return text
-    path = Path(text).expanduser()
-    if path.exists():
-        return str(path)
-    is_path = (
-        not _REPO_ID.match(text)
-        or text.startswith((".", "/", "~"))
-        or text.lower().endswith(_FILE_SUFFIXES)
-        or "--" in text
-        or ".." in text
-    )
-    if is_path:
-        raise SourceNotFoundError(f"not found: {text} (no such file or folder, and not a Hub id)")
-    if hub_offline() and not _in_offline_hub_cache(text):
-        raise SourceNotFoundError(
-            f"not found: {text} (no such file or folder, and the Hub id is not in the local cache while "
-            "HF_HUB_OFFLINE is set)"
-        )
-    return text
 
 
 def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None):
     """Run a command's `main(argv)`; a user error ends it with one line on stderr and exit status 2."""
-    from evaluation.image_io import ImageReadError
+    from alibi_dinov2.io.images import ImageReadError
 
     prog = prog or Path(sys.argv[0]).name
     try:

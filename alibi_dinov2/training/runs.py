@@ -39,35 +39,24 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Union
 
 import torch
 
-from evaluation.cli import SourceNotFoundError
+from alibi_dinov2.errors import SourceNotFoundError
+from alibi_dinov2.hub.push import CHECKPOINTS_FOLDER, LOGS_FOLDER
 
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-CHECKPOINTS_FOLDER = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint_"
-LOGS_FOLDER = "logs"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _TEMPORARY_PREFIX = ".tmp_"
 _REPLACED_PREFIX = ".old_"
 # accelerate's save_state writes the RNG state of process 0 into every checkpoint, whatever else it holds.
 _ALWAYS_SAVED = "random_states_0.pkl"
-# What a pushed run folder never holds: checkpoints, tracker logs, temporary and hidden files (files.atomic_path
-# writes `.name.<random>.tmp.suffix`, save_checkpoint `.tmp_checkpoint_*`).
-PUSH_IGNORE_PATTERNS: tuple[str, ...] = (
-    f"{CHECKPOINTS_FOLDER}/",
-    f"{LOGS_FOLDER}/",
-    ".*",
-    "*/.*",
-    "*.tmp",
-    "*.tmp.*",
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,33 +295,3 @@ def remove_incomplete_checkpoints(output_dir: PathLike) -> None:
 # --------------------------------------------------------------------------------------------------
 # Hub
 # --------------------------------------------------------------------------------------------------
-def push_to_hub(
-    folder: PathLike,
-    repo_id: str,
-    private: bool = False,
-    commit_message: str = "Upload run outputs",
-    ignore_patterns: Sequence[str] | None = None,
-    repo_type: str = "model",
-    space_sdk: str | None = None,
-) -> str:
-    """Upload a folder to the Hub repository `repo_id` (created if needed; a model repository, or a Space with
-    `repo_type="space"` and its `space_sdk`); returns its URL. The project's one way to push.
-
-    Checkpoints, tracker logs and temporary or hidden files (:data:`PUSH_IGNORE_PATTERNS`) are never uploaded;
-    `ignore_patterns` (`huggingface_hub` patterns, relative to `folder`) leaves out more. Call it on the main
-    process only.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    space = {"space_sdk": space_sdk} if space_sdk else {}
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **space)
-    api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type=repo_type,
-        commit_message=commit_message,
-        ignore_patterns=[*PUSH_IGNORE_PATTERNS, *(ignore_patterns or ())],
-    )
-    logger.info("Pushed %s to %s", folder, url)
-    return str(url)

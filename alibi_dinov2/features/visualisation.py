@@ -15,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
 
-from evaluation.image_io import to_rgb01
-from evaluation.pca import flatten_grid, pca_components, scale_per_component, standardise
+from alibi_dinov2.io.images import to_rgb01
+from alibi_dinov2.features.pca import flatten_grid, pca_components, scale_per_component, standardise
 
 ChannelScores = Union[np.ndarray, Mapping[str, np.ndarray]]
 
@@ -190,7 +190,7 @@ def plot_layer_fingerprint(
 
 def _as_displayable(array: np.ndarray) -> tuple[np.ndarray, dict]:
     """Pick imshow arguments for a model's map: RGB as is, integer labels through a qualitative map, floats gray.
-    (Images are never maps: they are drawn through `evaluation.image_io.to_rgb01`.)"""
+    (Images are never maps: they are drawn through `alibi_dinov2.io.images.to_rgb01`.)"""
     array = np.asarray(array)
     if array.ndim == 3:
         return array, {}
@@ -208,7 +208,7 @@ def side_by_side(
     """Grid figure: one row per image, the image then one column per model's map.
 
     Args:
-        images: n images, any source `evaluation.image_io` reads; drawn as the models see them (a grayscale
+        images: n images, any source `alibi_dinov2.io.images` reads; drawn as the models see them (a grayscale
             micrograph stays gray, whatever its dtype).
         maps: {model name: n maps}, each RGB (h, w, 3), labels (h, w) int or values (h, w) float.
     """
@@ -243,10 +243,10 @@ def compare_models(
     """Side-by-side PCA-RGB or k-means maps of several models on several images.
 
     Args:
-        models: {name: transformers model} (see :mod:`evaluation.feature_extraction`).
+        models: {name: transformers model} (see :mod:`alibi_dinov2.features.extraction`).
         kind: ``"pca"`` or ``"kmeans"``.
     """
-    from evaluation.feature_extraction import extract_patch_features
+    from alibi_dinov2.features.extraction import extract_patch_features
 
     if kind not in ("pca", "kmeans"):
         raise ValueError(f"kind must be 'pca' or 'kmeans', got {kind!r}")

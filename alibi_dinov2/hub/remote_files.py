@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from evaluation.cli import InputError, SourceNotFoundError, hub_offline
+from alibi_dinov2.errors import InputError, SourceNotFoundError
+from alibi_dinov2.hub.offline import hub_offline
 
 
 HUB_HOSTS = ("huggingface.co", "hf.co")

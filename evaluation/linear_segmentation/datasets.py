@@ -23,8 +23,8 @@ sees one kind of object whatever the data came from:
   (palette PNGs such as VOC's are read as their indices): 0 .. num_classes - 1, and the ignore index
   (255 by default) for unlabelled pixels.
 
-:class:`SegmentationDataset` reads images through :mod:`evaluation.image_io`, resizes every pair to a fixed square
-(:mod:`evaluation.preprocessing`: image bilinear in float32, mask nearest-neighbour on the same geometry), normalises
+:class:`SegmentationDataset` reads images through :mod:`alibi_dinov2.io.images`, resizes every pair to a fixed square
+(:mod:`alibi_dinov2.features.preprocessing`: image bilinear in float32, mask nearest-neighbour on the same geometry), normalises
 the image and checks the label values.
 """
 
@@ -38,19 +38,12 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from evaluation.image_io import IMAGE_SUFFIXES, load_image, read_rgb01
-from evaluation.preprocessing import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    center_crop_box,
-    normalize,
-    resize_and_crop,
-    resize_nearest,
-)
+from alibi_dinov2.io.images import IMAGE_SUFFIXES, load_image, read_rgb01
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, normalize, resize_and_crop, resize_nearest
 
 PathLike = Union[str, os.PathLike]
 
-# The modes of evaluation.preprocessing.resize_and_crop that give the fixed-size square a batch needs.
+# The modes of alibi_dinov2.features.preprocessing.resize_and_crop that give the fixed-size square a batch needs.
 RESIZE_MODES = ("resize", "center_crop")
 
 # Column names of the datasets built from local folders.
@@ -233,7 +226,7 @@ def load_segmentation_split(
 # Pre-processing
 # --------------------------------------------------------------------------------------------------
 def mask_to_array(mask, where: str = "mask") -> np.ndarray:
-    """Mask (any source :func:`evaluation.image_io.load_image` takes) -> (H, W) int64 class indices; palette
+    """Mask (any source :func:`alibi_dinov2.io.images.load_image` takes) -> (H, W) int64 class indices; palette
     images give their indices.
 
     Raises:
@@ -257,7 +250,7 @@ def mask_to_array(mask, where: str = "mask") -> np.ndarray:
 
 def resize_mask(mask: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
     """(H, W) int class indices -> (size, size) int64, nearest neighbour (labels are never blended), on the same
-    geometry as :func:`evaluation.preprocessing.resize_and_crop` gives the image."""
+    geometry as :func:`alibi_dinov2.features.preprocessing.resize_and_crop` gives the image."""
     height, width = mask.shape
     if mode == "resize":
         (new_height, new_width), (top, left) = (size, size), (0, 0)
@@ -301,7 +294,7 @@ def prepare_labels(
 
 def _undecoded(dataset, columns: Sequence[str]):
     """`dataset` with its ``datasets.Image`` columns left as ``{"bytes", "path"}`` records, so that
-    :mod:`evaluation.image_io` decodes them (and names the file when it cannot)."""
+    :mod:`alibi_dinov2.io.images` decodes them (and names the file when it cannot)."""
     import datasets
 
     features = getattr(dataset, "features", None) or {}
@@ -315,8 +308,8 @@ def _undecoded(dataset, columns: Sequence[str]):
 class SegmentationDataset(torch.utils.data.Dataset):
     """Resized, normalised image/mask pairs of a ``datasets.Dataset``.
 
-    Images are read by the project's one policy (:func:`evaluation.image_io.read_rgb01`: any format, palette,
-    alpha, high-bit data) and resized in float32 (:func:`evaluation.preprocessing.resize_and_crop`, bilinear);
+    Images are read by the project's one policy (:func:`alibi_dinov2.io.images.read_rgb01`: any format, palette,
+    alpha, high-bit data) and resized in float32 (:func:`alibi_dinov2.features.preprocessing.resize_and_crop`, bilinear);
     masks by nearest neighbour on the same geometry.
 
     Items are dicts with ``pixel_values`` (3, S, S) float32, ``labels`` (S, S) int64 (values in

@@ -17,8 +17,8 @@ import os
 import zipfile
 from typing import Callable, Union
 
-from evaluation.cli import InputError
-from evaluation.files import atomic_path
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.io.files import atomic_path
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "alibi-dinov2/trainable-segmenter"

@@ -4,7 +4,7 @@ ALiBi attends globally, so features of tiles differ from features of the whole i
 image at once through the `alibi_chunked` attention path, whose working memory grows linearly with the number of
 patches and is bounded by `attention_memory_mb`:
 
-    >>> from evaluation.large_image_features import extract_feature_map
+    >>> from alibi_dinov2.features.large_images import extract_feature_map
     >>> features = extract_feature_map(model, "grain_map_16bit.tif", attention_memory_mb=512)   # (C, h, w)
 """
 
@@ -15,15 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.feature_extraction import (
-    extract_patch_features_batch,
-    has_streamed_attention,
-    image_to_pixel_values,
-    patch_size_of,
-    resolve_backbone,
-    transformer_layers,
-)
-from evaluation.image_io import read_image
+from alibi_dinov2.features.extraction import extract_patch_features_batch, has_streamed_attention, image_to_pixel_values, patch_size_of, resolve_backbone, transformer_layers
+from alibi_dinov2.io.images import read_image
 
 
 def chunked_attention(attention_memory_mb: float) -> dict:

@@ -1,5 +1,5 @@
 """Console entry points of the project's commands (see `setup.py`): each runs a module's `main` through
-`evaluation.cli.run_command`, so a user error ends with one line and exit status 2 and no traceback.
+`alibi_dinov2.cli.run_command`, so a user error ends with one line and exit status 2 and no traceback.
 
 | command | module |
 |---|---|
@@ -10,7 +10,7 @@
 | `alibi-report` | `evaluation.report` |
 | `alibi-scribbles` | `evaluation.scribble_benchmark` |
 | `alibi-linear-seg` | `evaluation.linear_segmentation` |
-| `alibi-segment` | `evaluation.segment` |
+| `alibi-segment` | `alibi_dinov2.segmentation.command` |
 | `alibi-demo` | `demo.app` |
 | `alibi-publish` | `evaluation.publish` |
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from evaluation.cli import run_command
+from alibi_dinov2.cli import run_command
 
 
 COMMANDS = {
@@ -31,7 +31,7 @@ COMMANDS = {
     "alibi-report": "evaluation.report",
     "alibi-scribbles": "evaluation.scribble_benchmark",
     "alibi-linear-seg": "evaluation.linear_segmentation",
-    "alibi-segment": "evaluation.segment",
+    "alibi-segment": "alibi_dinov2.segmentation.command",
     "alibi-demo": "demo.app",
     "alibi-publish": "evaluation.publish",
 }
@@ -61,4 +61,4 @@ publish = _entry_point("alibi-publish")
 
 def console_scripts() -> list[str]:
     """The `entry_points["console_scripts"]` lines of `setup.py`."""
-    return [f"{command} = evaluation.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]
+    return [f"{command} = alibi_dinov2.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]

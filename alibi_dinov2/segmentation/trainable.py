@@ -12,7 +12,7 @@ Example::
     segmenter.save("segmenter.zip")     # JSON settings + XGBoost JSON; safe to load
     same = TrainableSegmenter.load("segmenter.zip")
 
-With ``feature_cache=FeatureCache()`` (:mod:`evaluation.feature_cache`) an image's feature stacks are computed once
+With ``feature_cache=FeatureCache()`` (:mod:`alibi_dinov2.features.cache`) an image's feature stacks are computed once
 and reused by later fits and predictions on the same pixels (more scribbles on the same image, several segmenters
 sharing the classical stack). The classical and ViT stacks are kept apart and never concatenated for the whole
 image: training gathers the labelled pixels of each, prediction joins them a block of pixels at a time.
@@ -27,8 +27,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from evaluation.classical_features import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
-from evaluation.feature_cache import image_fingerprint
+from alibi_dinov2.features.classical import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
+from alibi_dinov2.features.cache import image_fingerprint
 
 FEATURE_SETS = ("classical", "vit", "classical+vit")
 CLASSIFIERS = ("xgboost", "random_forest")
@@ -151,11 +151,11 @@ class TrainableSegmenter(BaseEstimator):
         max_side: tile size (pixels) for ViT feature extraction on large images; ``None`` = the whole image in one
             pass (ALiBi-DINOv2 models stream their attention on large images, so memory stays linear in the pixels).
         image_processor: image statistics of the ViT's input (its processor, or a dict with ``image_mean`` and
-            ``image_std``, as :func:`evaluation.probe_runner.load_model` returns); ImageNet's when ``None``.
+            ``image_std``, as :func:`alibi_dinov2.hub.models.load_model` returns); ImageNet's when ``None``.
         classifier_params: extra keyword arguments for the classifier (e.g. ``{"n_estimators": 200}``).
         n_jobs: threads for the classifier (``None`` = library default).
         feature_backend: ``"auto"``, ``"numpy"`` or ``"torch"`` for the classical stack.
-        feature_cache: a :class:`evaluation.feature_cache.FeatureCache` that keeps computed feature stacks for reuse
+        feature_cache: a :class:`alibi_dinov2.features.cache.FeatureCache` that keeps computed feature stacks for reuse
             (shared, never copied); ``None`` computes them at every call.
 
     Attributes (after fit):
@@ -267,7 +267,7 @@ class TrainableSegmenter(BaseEstimator):
 
     def image_statistics(self) -> dict[str, list[float]]:
         """``{"image_mean", "image_std"}`` the ViT features normalise with: ``image_processor``'s, else ImageNet's."""
-        from evaluation.preprocessing import image_statistics
+        from alibi_dinov2.features.preprocessing import image_statistics
 
         mean, std = image_statistics(self.image_processor)
         return {"image_mean": mean.tolist(), "image_std": std.tolist()}
@@ -275,7 +275,7 @@ class TrainableSegmenter(BaseEstimator):
     def _compute_part(self, kind: str, image: np.ndarray) -> np.ndarray:
         if kind == "classical":
             return classical_features(image, sigmas=self.sigmas, backend=self.feature_backend)
-        from evaluation.vit_features import vit_feature_channels
+        from alibi_dinov2.features.vit import vit_feature_channels
 
         return vit_feature_channels(
             self.model,
@@ -465,13 +465,13 @@ class TrainableSegmenter(BaseEstimator):
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Save the fitted segmenter to one file (see :mod:`evaluation.segmenter_file`).
+        """Save the fitted segmenter to one file (see :mod:`alibi_dinov2.segmentation.segmenter_file`).
 
         The torch model is not stored, only its hub id / folder (``model_name_``) and, for ViT features, the image
         statistics they were computed with; pass the model again to :meth:`load`. The file holds JSON settings and
         the classifier in a data-only format, so loading never runs code from the file.
         """
-        from evaluation.segmenter_file import write_segmenter
+        from alibi_dinov2.segmentation.segmenter_file import write_segmenter
 
         self._check_fitted()
         params = self.get_params(deep=False)
@@ -502,7 +502,7 @@ class TrainableSegmenter(BaseEstimator):
                 it was trained with; ImageNet's for files that record none).
             feature_cache: see the class.
         """
-        from evaluation.segmenter_file import read_segmenter
+        from alibi_dinov2.segmentation.segmenter_file import read_segmenter
 
         settings, read_classifier = read_segmenter(path)
         params = {**settings["params"], "sigmas": tuple(settings["params"]["sigmas"])}

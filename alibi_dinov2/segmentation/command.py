@@ -1,9 +1,9 @@
 """Scribble segmentation without Python: train a segmenter from image + scribble-label pairs, apply it to a file,
 a folder or a multi-page TIFF stack.
 
-    python -m evaluation.segment train --images a.tif b.png --labels a_labels.png b_labels.png \\
+    python -m alibi_dinov2.segmentation.command train --images a.tif b.png --labels a_labels.png b_labels.png \\
         --output segmenter.zip [--model ID_OR_FOLDER] [--features classical|classical+vit]
-    python -m evaluation.segment apply --segmenter segmenter.zip --input stack.tif --output masks.tif
+    python -m alibi_dinov2.segmentation.command apply --segmenter segmenter.zip --input stack.tif --output masks.tif
 
 Label images: 0 = unlabelled, 1..K = classes. `apply` writes one TIFF stack for a stack (or any single file) and
 one mask per image, mirroring the folder, for a folder. Outputs are written atomically; a re-run skips outputs
@@ -21,22 +21,15 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from evaluation.cli import ArgumentParser, InputError, check_model_source, load_config_file
-from evaluation.files import atomic_path, save_array_atomic
-from evaluation.image_io import (
-    ImageReadError,
-    SkippedInputs,
-    list_image_files,
-    read_image,
-    read_labels,
-    read_pages,
-    write_image,
-    write_mask,
-)
-from evaluation.trainable_segmentation import TrainableSegmenter
+from alibi_dinov2.cli import ArgumentParser, load_config_file
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.files import atomic_path, save_array_atomic
+from alibi_dinov2.io.images import ImageReadError, SkippedInputs, list_image_files, read_image, read_labels, read_pages, write_image, write_mask
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
 SUBCOMMANDS = ("train", "apply")
-USAGE = "usage: python -m evaluation.segment {train,apply} [CONFIG_FILE] [--option VALUE ...]; {train,apply} --help"
+USAGE = "usage: python -m alibi_dinov2.segmentation.command {train,apply} [CONFIG_FILE] [--option VALUE ...]; {train,apply} --help"
 
 
 @dataclass
@@ -75,7 +68,7 @@ def _as_list(value) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 def _load_vit(name: Optional[str]):
     """(model, its image statistics) of a Hub id or folder, `(None, None)` for no name."""
-    from evaluation.probe_runner import load_model
+    from alibi_dinov2.hub.models import load_model
 
     return (None, None) if name is None else load_model(name)
 
@@ -113,7 +106,7 @@ def train(arguments: TrainArguments) -> Path:
 def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter:
     """A saved segmenter with the ViT it names (or `model`) loaded when its features need one; its ViT features use
     the image statistics the file records, those it was trained with."""
-    from evaluation.segmenter_file import read_segmenter
+    from alibi_dinov2.segmentation.segmenter_file import read_segmenter
 
     if not Path(path).is_file():
         raise InputError(f"not found: {path} (no such segmenter file)")
@@ -195,7 +188,7 @@ def apply(arguments: ApplyArguments) -> int:
 # --------------------------------------------------------------------------------------------------
 def _parser(command: str) -> ArgumentParser:
     arguments = TrainArguments if command == "train" else ApplyArguments
-    return ArgumentParser(arguments, prog=f"python -m evaluation.segment {command}")
+    return ArgumentParser(arguments, prog=f"python -m alibi_dinov2.segmentation.command {command}")
 
 
 def _split_command(argv: list[str]) -> tuple[str, list[str], Optional[dict]]:
@@ -223,6 +216,6 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    from evaluation.cli import run_command
+    from alibi_dinov2.cli import run_command
 
     run_command(main, prog="alibi-segment")
