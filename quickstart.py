@@ -113,7 +113,8 @@ def synthetic_alibi_start(teacher: str, folder: Path, arch: str, grid: int) -> P
     """The ALiBi student's starting point for the synthetic `arch` teacher trained on a `grid x grid` patch grid: the
     teacher converted to ALiBi with the bias its attention imitates (normalised Manhattan distance, wrapped for
     DINOv2; learned slopes, starting where they match the teacher's on that grid)."""
-    from convert_checkpoint import convert, family_of, save_model_folder
+    from alibi_dinov2.conversion.convert import convert, save_model_folder
+    from alibi_dinov2.conversion.families import family_of
 
     model = convert(teacher, variant="alibi", **STUDENT_ALIBI_OPTIONS[arch])
     with torch.no_grad():
@@ -233,7 +234,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.teacher != "synthetic":
         check_model_source(args.teacher)  # before any work, and before any Hub call
-    from convert_checkpoint import convert
+    from alibi_dinov2.conversion.convert import convert
     from alibi_dinov2.io.image_sets import load_image_source
     from alibi_dinov2.hub.models import load_model
     from evaluation.report import build_report

@@ -63,6 +63,7 @@ from alibi_dinov2.io.images import IMAGE_SUFFIXES, ImageReadError, SkippedInputs
 from alibi_dinov2.features.preprocessing import normalize, resize_and_crop
 from alibi_dinov2.training.runs import StateDictDataclass, epoch_batches, load_checkpoint, make_accelerator, release_accelerator, remove_incomplete_checkpoints, resolve_resume_checkpoint, save_checkpoint
 from alibi_dinov2.hub.push import push_to_hub
+from alibi_dinov2.conversion.convert import convert, save_model_folder
 
 
 logger = logging.getLogger(__name__)
@@ -880,9 +881,8 @@ def evaluate_student(student, probe: ProbeImages, probe_targets: torch.Tensor) -
 
 def load_teacher(source):
     """The teacher, reproducing `source` exactly (its own position scheme), frozen and in eval mode."""
-    import convert_checkpoint
 
-    teacher = convert_checkpoint.convert(source, variant="keep-pe")
+    teacher = convert(source, variant="keep-pe")
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -891,9 +891,8 @@ def build_student(teacher_source, variant: str, init_from=None):
     """The student: the teacher's (or `init_from`'s) weights as `variant` ("alibi" or "nope"), of the architecture
     of that checkpoint (an ALiBi-DINOv2 from a DINOv2, an ALiBi-DINOv3 from a DINOv3). Every weight trains except
     the mask token, which only masked pre-training uses (it would get no gradient here)."""
-    import convert_checkpoint
 
-    student = convert_checkpoint.convert(init_from or teacher_source, variant=variant)
+    student = convert(init_from or teacher_source, variant=variant)
     student.requires_grad_(True)
     student.embeddings.mask_token.requires_grad_(False)
     return student.train()
@@ -1511,7 +1510,7 @@ def finish_run(run: DistillationRun) -> TrainingResult:
         _report_skipped(run, summary["skipped_files"])
         logger.info("Saved the distilled model and %s to %s", SUMMARY_FILE, run.output_dir)
         if run.args.push_to_hub:
-            from convert_checkpoint import family_of
+            from alibi_dinov2.conversion.families import family_of
 
             title = family_of(model.config).title
             push_to_hub(run.output_dir, run.args.hub_model_id, commit_message=f"Distilled {title}")
@@ -1546,7 +1545,6 @@ def hyperparameters(run: DistillationRun) -> dict:
 
 def save_model(run: DistillationRun, model) -> None:
     """The remote-code model folder, with a model card holding the recipe and the last held-out scores."""
-    import convert_checkpoint
 
     args, last_probe = run.args, run.progress.last_probe
     evaluation_results = {}
@@ -1557,7 +1555,7 @@ def save_model(run: DistillationRun, model) -> None:
             f"{probe_name} (teacher)": run.progress.teacher_probe_r2,
             "patch cosine to teacher, held-out": last_probe["patch_cosine_to_teacher"],
         }
-    convert_checkpoint.save_model_folder(
+    save_model_folder(
         model,
         run.output_dir,
         base_model=str(args.teacher),

@@ -40,6 +40,8 @@ from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_prob
 from alibi_dinov2.io.image_sets import NamedImage
 from alibi_dinov2.hub.models import load_model
 from evaluation.transform_check import transform_check
+from alibi_dinov2.conversion.families import family_of
+from alibi_dinov2.conversion.model_card import update_model_card_evaluation
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -462,9 +464,8 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     evaluation["command"] = command_line(args, image_args)
     evaluated = time.perf_counter()
 
-    import convert_checkpoint
 
-    convert_checkpoint.update_model_card_evaluation(
+    update_model_card_evaluation(
         folder,
         table=evaluation_markdown(evaluation, evaluation["command"]),
         eval_results=card_eval_results(evaluation, model_name),
@@ -473,7 +474,7 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
         base_model=args.base_model,
     )
     carded = time.perf_counter()
-    family = model_family(models[model_name][0])
+    family = family_of(models[model_name][0].config, default="dinov2")  # another model type: named as ALiBi-DINOv2
     space_models = {f"{family.title} ({model_name})": repo_id or str(folder.resolve())}
     if args.base_model:  # a local base model is named by its absolute path, so that the Space runs from anywhere
         base = Path(args.base_model)
@@ -493,15 +494,6 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     print(f"evaluated {', '.join(models)} on {', '.join(sources)}; card {folder / 'README.md'}; Space {space_dir}; "
           f"{timings}" + ("" if pushing else "; dry run: nothing uploaded"))
     return {"evaluation": evaluation, "space_dir": space_dir, "plan": plan, "urls": urls, "uploaded": pushing}
-
-
-def model_family(model):
-    """The converter's family (`convert_checkpoint.FAMILIES`) of an ALiBi model, for its names on the card and the
-    Space; a model of another type is named as ALiBi-DINOv2."""
-    from convert_checkpoint import FAMILIES
-
-    by_type = {family.model_type: family for family in FAMILIES.values()}
-    return by_type.get(getattr(model.config, "model_type", None), FAMILIES["dinov2"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

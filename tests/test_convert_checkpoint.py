@@ -12,7 +12,13 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, D
 
 import convert_checkpoint
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from convert_checkpoint import CheckpointKeyError, convert, update_model_card_evaluation
+from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
+from alibi_dinov2.conversion.convert import convert
+from alibi_dinov2.conversion.model_card import update_model_card_evaluation
+from alibi_dinov2.conversion.convert import build_model, save_model_folder
+from alibi_dinov2.conversion.model_card import _comparison_model
+from alibi_dinov2.conversion.sources import SourceCheckpoint
+from alibi_dinov2.conversion.state_dicts import convert_vit_state_dict, detect_format, strip_prefix
 
 
 PATCH = 14
@@ -252,8 +258,8 @@ def test_feature_extraction_pipeline_runs_on_a_pil_image(tmp_path, tiny_kwargs):
 def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
     from huggingface_hub import ModelCard
 
-    model = convert_checkpoint.build_model(
-        convert_checkpoint.SourceCheckpoint(
+    model = build_model(
+        SourceCheckpoint(
             hf_model(tiny_kwargs).state_dict(),
             dict(tiny_kwargs, num_register_tokens=4),
             "hf",
@@ -262,7 +268,7 @@ def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
         ),
         "alibi",
     )
-    output = convert_checkpoint.save_model_folder(
+    output = save_model_folder(
         model,
         tmp_path / "out",
         base_model="facebook/dinov2-with-registers-small",
@@ -291,8 +297,8 @@ def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
 )
 def test_demo_compares_with_the_stock_hub_model_of_the_same_layout(tmp_path, hidden_size, registers, expected):
     config = AlibiDinov2Config(hidden_size=hidden_size, num_attention_heads=hidden_size // 64, num_register_tokens=registers)
-    assert convert_checkpoint._comparison_model(config, str(tmp_path)) == expected  # converted from a local file
-    assert convert_checkpoint._comparison_model(config, "someone/dinov2-finetuned") == "someone/dinov2-finetuned"
+    assert _comparison_model(config, str(tmp_path)) == expected  # converted from a local file
+    assert _comparison_model(config, "someone/dinov2-finetuned") == "someone/dinov2-finetuned"
 
 
 # --- Meta torch-hub layout ----------------------------------------------------------------------------------------
@@ -304,7 +310,7 @@ def test_meta_keep_pe_reproduces_the_model(tmp_path, tiny_kwargs, registers, swi
     path = tmp_path / "dinov2_tiny_pretrain.pth"
     torch.save(to_vit_keys(source, "meta"), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert convert_checkpoint.detect_format(path) == "meta"
+    assert detect_format(path) == "meta"
     converted = convert(path, variant="keep-pe", num_heads=2)
     assert converted.config.use_swiglu_ffn == swiglu and converted.config.image_size == 56
     assert_same_outputs(converted, lambda x: source(x).last_hidden_state, [(56, 56), (70, 42)])
@@ -357,10 +363,10 @@ def test_timm_alibi_keep_pe_matches_an_eager_alibi_reference(tmp_path, tiny_kwar
     state_dict = timm_checkpoint(tiny_kwargs, prefix=prefix)
     path = tmp_path / "alibi_dv2_tiny_reg4.pth"
     torch.save(state_dict, path)
-    assert convert_checkpoint.detect_format(path) == "timm"
+    assert detect_format(path) == "timm"
     converted = convert(path, variant="keep-pe", num_heads=2)
     assert converted.config.use_alibi and converted.config.alibi_slopes == "constant"
-    bare = convert_checkpoint.strip_prefix(state_dict)
+    bare = strip_prefix(state_dict)
     constant = torch.ones(2, 2)
     assert_same_outputs(converted, lambda x: reference_vit_forward(bare, x, 2, constant), [(56, 56), (42, 70)])
 
@@ -416,26 +422,26 @@ def test_every_meta_dinov2_size_converts_with_its_released_shapes(hidden, layers
     with torch.device("meta"):
         assert shapes_of(to_vit_keys(hf_model(kwargs, registers=registers, swiglu=swiglu), "meta")) == shapes
     state_dict = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
-    converted, architecture = convert_checkpoint.convert_vit_state_dict(state_dict, "meta")
+    converted, architecture = convert_vit_state_dict(state_dict, "meta")
     assert architecture["num_attention_heads"] == hidden // 64 and architecture["num_hidden_layers"] == layers
     assert architecture["image_size"] == 518 and architecture["num_register_tokens"] == registers
     assert architecture["use_swiglu_ffn"] == swiglu
-    checkpoint = convert_checkpoint.SourceCheckpoint(converted, architecture, "meta", "learned", "meta.pth")
+    checkpoint = SourceCheckpoint(converted, architecture, "meta", "learned", "meta.pth")
     with torch.device("meta"):
-        model = convert_checkpoint.build_model(checkpoint, "keep-pe")  # strict: every key found its parameter
+        model = build_model(checkpoint, "keep-pe")  # strict: every key found its parameter
     assert sum(p.numel() for p in model.state_dict().values()) == sum(math.prod(shape) for shape in shapes.values())
 
 
 def test_a_dinov3_checkpoint_is_told_from_the_dinov2_layouts():
     state_dict = {"cls_token": torch.zeros(1, 1, 8), "storage_tokens": torch.zeros(1, 4, 8),
                   "rope_embed.periods": torch.zeros(2), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
-    assert convert_checkpoint.detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict) == "dinov3"
+    assert detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict) == "dinov3"
     # The reference ALiBi-DINOv3 without registers or RoPE: a mask token but no position embedding.
     bare = {"cls_token": torch.zeros(1, 1, 8), "mask_token": torch.zeros(1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
-    assert convert_checkpoint.detect_format("alibi.pth", bare) == "dinov3"
-    assert convert_checkpoint.detect_format("meta.pth", dict(bare, pos_embed=torch.zeros(1, 5, 8))) == "meta"
+    assert detect_format("alibi.pth", bare) == "dinov3"
+    assert detect_format("meta.pth", dict(bare, pos_embed=torch.zeros(1, 5, 8))) == "meta"
     with pytest.raises(ValueError, match="not a DINOv2 or DINOv3 ViT state dict"):
-        convert_checkpoint.detect_format("other.pth", {"cls_token": torch.zeros(1, 1, 8)})
+        detect_format("other.pth", {"cls_token": torch.zeros(1, 1, 8)})
 
 
 # --- command line -------------------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-import convert_checkpoint
-from convert_checkpoint import CheckpointKeyError
+from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
 from test_convert_checkpoint import attention_residual, loop_distance_matrix, pixels, shapes_of
+from alibi_dinov2.conversion.convert import convert
+from alibi_dinov2.conversion.model_card import _comparison_model
+from alibi_dinov2.conversion.state_dicts import convert_dinov3_state_dict, detect_format, rope_theta_of_periods
+from alibi_dinov2.errors import InputError
 
 
 # 2 layers, 2 heads of 16 dims (4 RoPE periods), 16 px patches.
@@ -147,8 +150,8 @@ SIZES = [(64, 48), (48, 80)]  # grids 4 x 3 and 3 x 5
 def test_meta_dinov3_keys_map_onto_transformers_dinov3(registers, gated):
     source = hf_dinov3(registers=registers, gated=gated)
     meta = to_meta_dinov3_keys(source)
-    assert convert_checkpoint.detect_format("dinov3.pth", meta) == "dinov3"
-    converted, architecture = convert_checkpoint.convert_dinov3_state_dict(meta)
+    assert detect_format("dinov3.pth", meta) == "dinov3"
+    converted, architecture = convert_dinov3_state_dict(meta)
     assert architecture["num_attention_heads"] == 2  # from the 4 RoPE periods: 16-dimensional heads
     assert architecture["rope_theta"] == 100.0 and architecture["key_bias"] is False
     assert architecture["use_gated_mlp"] == gated and architecture["num_register_tokens"] == registers
@@ -170,8 +173,8 @@ def test_prefixed_dinov3_keys_and_an_unmasked_key_bias(prefix):
         meta[f"blocks.{index}.attn.qkv.bias_mask"].fill_(1.0)
         meta[f"blocks.{index}.attn.qkv.bias"][32:64] = source.state_dict()[f"model.layer.{index}.attention.k_proj.bias"]
     prefixed = {prefix + key: value for key, value in meta.items()}
-    assert convert_checkpoint.detect_format("dinov3.pth", prefixed) == "dinov3"
-    converted, architecture = convert_checkpoint.convert_dinov3_state_dict(prefixed)
+    assert detect_format("dinov3.pth", prefixed) == "dinov3"
+    converted, architecture = convert_dinov3_state_dict(prefixed)
     assert architecture["key_bias"] is True
     model = load_into_transformers(converted, architecture)
     x = pixels(64, 48)
@@ -181,19 +184,19 @@ def test_prefixed_dinov3_keys_and_an_unmasked_key_bias(prefix):
 
 
 def test_rope_base_is_read_from_the_periods_and_other_forms_are_refused():
-    assert convert_checkpoint.rope_theta_of_periods(meta_periods(64, 100.0), 64) == 100.0
-    assert convert_checkpoint.rope_theta_of_periods(meta_periods(128, 1000.0), 128) == 1000.0
+    assert rope_theta_of_periods(meta_periods(64, 100.0), 64) == 100.0
+    assert rope_theta_of_periods(meta_periods(128, 1000.0), 128) == 1000.0
     min_max = torch.logspace(math.log10(0.5), math.log10(50.0), 16)  # periods between a minimum and a maximum
     with pytest.raises(CheckpointKeyError, match="rope_theta"):
-        convert_checkpoint.rope_theta_of_periods(min_max, 64)
+        rope_theta_of_periods(min_max, 64)
     with pytest.raises(CheckpointKeyError, match="--num_heads"):
-        convert_checkpoint.rope_theta_of_periods(meta_periods(64), 32)
+        rope_theta_of_periods(meta_periods(64), 32)
     # Such a RoPE can still be left out: the rest of the checkpoint converts.
     meta = to_meta_dinov3_keys(hf_dinov3())
     meta["rope_embed.periods"] = torch.logspace(math.log10(0.5), math.log10(50.0), 4)
     with pytest.raises(CheckpointKeyError, match="--source_position alibi"):
-        convert_checkpoint.convert_dinov3_state_dict(meta)
-    converted, architecture = convert_checkpoint.convert_dinov3_state_dict(meta, read_rope=False)
+        convert_dinov3_state_dict(meta)
+    converted, architecture = convert_dinov3_state_dict(meta, read_rope=False)
     assert "rope_theta" not in architecture and architecture["num_attention_heads"] == 2
     load_into_transformers(converted, architecture)
 
@@ -201,12 +204,12 @@ def test_rope_base_is_read_from_the_periods_and_other_forms_are_refused():
 def test_unexpected_dinov3_keys_and_a_bad_bias_mask_are_named():
     meta = to_meta_dinov3_keys(hf_dinov3())
     with pytest.raises(CheckpointKeyError, match="unexpected key.*blocks.0.attn.qkv.scale, head.weight"):
-        convert_checkpoint.convert_dinov3_state_dict(
+        convert_dinov3_state_dict(
             dict(meta, **{"head.weight": torch.zeros(2, 32), "blocks.0.attn.qkv.scale": torch.ones(1)})
         )
     meta["blocks.1.attn.qkv.bias_mask"][:4] = 0
     with pytest.raises(CheckpointKeyError, match="bias_mask"):
-        convert_checkpoint.convert_dinov3_state_dict(meta)
+        convert_dinov3_state_dict(meta)
 
 
 # --- the released layouts at full size ----------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def test_every_dinov3_size_converts_with_its_released_shapes(hidden, layers, gat
     onto transformers' DINOv3ViTModel of the inferred configuration, strictly, with the same number of weights."""
     shapes = released_dinov3_layout(hidden, layers, 4, gated, mlp)
     assert len(shapes) == 8 + layers * (17 if gated else 15)
-    converted, architecture = convert_checkpoint.convert_dinov3_state_dict(full_size_state_dict(shapes))
+    converted, architecture = convert_dinov3_state_dict(full_size_state_dict(shapes))
     assert architecture["num_attention_heads"] == hidden // 64 and architecture["num_hidden_layers"] == layers
     assert architecture["intermediate_size"] == mlp and architecture["use_gated_mlp"] == gated
     assert (architecture["num_register_tokens"], architecture["key_bias"], architecture["rope_theta"]) == (4, False, 100.0)
@@ -304,8 +307,8 @@ def test_reference_alibi_dinov3_matches_an_eager_alibi_reference(tmp_path, prefi
     meta = to_meta_dinov3_keys(hf_dinov3(gated=gated), rope=False)
     path = save_meta(tmp_path, {prefix + key: value for key, value in meta.items()}, "alibi_coco_dv3_tiny_reg4.pth")
     with pytest.raises(CheckpointKeyError, match="--num_heads"):  # no RoPE periods: 64-dimensional heads assumed
-        convert_checkpoint.convert(path)
-    model = convert_checkpoint.convert(path, variant="keep-pe", num_heads=2)
+        convert(path)
+    model = convert(path, variant="keep-pe", num_heads=2)
     config = model.config
     assert config.model_type == "alibi_dinov3" and config.use_alibi and not config.use_rope
     assert (config.alibi_slopes, config.alibi_metric, config.alibi_wrap, config.alibi_normalize) == (
@@ -319,7 +322,7 @@ def test_learned_dinov3_slopes_are_loaded(tmp_path):
     meta = to_meta_dinov3_keys(hf_dinov3(), rope=False)
     for layer, layer_slopes in enumerate(slopes):
         meta[f"blocks.{layer}.attn.m"] = layer_slopes.reshape(-1, 1, 1).clone()
-    model = convert_checkpoint.convert(save_meta(tmp_path, meta), variant="keep-pe", num_heads=2)
+    model = convert(save_meta(tmp_path, meta), variant="keep-pe", num_heads=2)
     assert model.config.alibi_slopes == "learned"
     torch.testing.assert_close(model.model.alibi.slopes.detach(), slopes)
     assert_matches(model, lambda x: reference_dinov3_forward(meta, x, 2, slopes=slopes), sizes=[(64, 48)])
@@ -329,29 +332,29 @@ def test_meta_dinov3_with_rope_keep_pe_is_stock_dinov3_and_alibi_drops_the_rope(
     source = hf_dinov3(gated=True)
     meta = to_meta_dinov3_keys(source)
     path = save_meta(tmp_path, meta)
-    stock = convert_checkpoint.convert(path, variant="keep-pe")
+    stock = convert(path, variant="keep-pe")
     assert stock.config.use_rope and not stock.config.use_alibi and stock.config.rope_theta == 100.0
     assert_matches(stock, lambda x: source(x).last_hidden_state)
     assert_matches(stock, lambda x: reference_dinov3_forward(meta, x, 2))
-    alibi = convert_checkpoint.convert(path)  # --variant alibi
+    alibi = convert(path)  # --variant alibi
     assert alibi.config.use_alibi and not alibi.config.use_rope
     without_rope = {key: value for key, value in meta.items() if key != "rope_embed.periods"}
     assert_matches(alibi, lambda x: reference_dinov3_forward(without_rope, x, 2, slopes=torch.ones(2, 2)))
-    nope = convert_checkpoint.convert(path, variant="nope")
+    nope = convert(path, variant="nope")
     assert not nope.config.use_alibi and not nope.config.use_rope
     assert_matches(nope, lambda x: reference_dinov3_forward(without_rope, x, 2), sizes=[(64, 48)])
-    with pytest.raises(convert_checkpoint.InputError, match="--source_position learned does not apply"):
-        convert_checkpoint.convert(path, source_position="learned")
+    with pytest.raises(InputError, match="--source_position learned does not apply"):
+        convert(path, source_position="learned")
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_transformers_dinov3_folder_converts(tmp_path, gated):
     source = hf_dinov3(gated=gated)
     source.save_pretrained(tmp_path / "source")
-    stock = convert_checkpoint.convert(str(tmp_path / "source"), variant="keep-pe")
+    stock = convert(str(tmp_path / "source"), variant="keep-pe")
     assert stock.config.use_rope and not stock.config.use_alibi and stock.config.use_gated_mlp == gated
     assert_matches(stock, lambda x: source(x).last_hidden_state)
-    alibi = convert_checkpoint.convert(str(tmp_path / "source"), tmp_path / "alibi")
+    alibi = convert(str(tmp_path / "source"), tmp_path / "alibi")
     assert alibi.config.use_alibi and not alibi.config.use_rope
     theirs = source.state_dict()
     assert alibi.state_dict().keys() == theirs.keys()
@@ -361,15 +364,15 @@ def test_transformers_dinov3_folder_converts(tmp_path, gated):
     assert "# ALiBi-DINOv3 (ALiBi)" in card and "`DINOv3ViTModel`" in card and "| `use_rope` | `False` |" in card
     expected = "facebook/dinov3-vits16plus-pretrain-lvd1689m" if gated else "facebook/dinov3-vits16-pretrain-lvd1689m"
     config = type(alibi.config)(**dict(TINY_DINOV3, hidden_size=384, num_attention_heads=6, use_gated_mlp=gated))
-    assert convert_checkpoint._comparison_model(config, str(tmp_path)) == expected
+    assert _comparison_model(config, str(tmp_path)) == expected
 
 
 def test_keep_pe_keeps_both_rope_and_alibi_of_a_dinov3_source_with_both(tmp_path):
-    source = convert_checkpoint.convert(save_meta(tmp_path, to_meta_dinov3_keys(hf_dinov3())), variant="keep-pe")
+    source = convert(save_meta(tmp_path, to_meta_dinov3_keys(hf_dinov3())), variant="keep-pe")
     config = type(source.config)(**{**source.config.to_dict(), "use_alibi": True, "use_rope": True})
     both = type(source)(config).eval()
     both.load_state_dict(source.state_dict())
     both.save_pretrained(tmp_path / "both")
-    converted = convert_checkpoint.convert(str(tmp_path / "both"), variant="keep-pe")
+    converted = convert(str(tmp_path / "both"), variant="keep-pe")
     assert converted.config.use_alibi and converted.config.use_rope
     assert_matches(converted, lambda x: both(x).last_hidden_state)

@@ -23,6 +23,7 @@ from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file, parse_remo
 from hub_cache import put_in_hub_cache
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from test_convert_checkpoint import VITS14, hf_model, pixels, reference_vit_forward, timm_checkpoint, to_vit_keys
+from alibi_dinov2.conversion.convert import convert
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_hub_file_urls_and_revisions(tmp_path, hub_cache):
     for source, revision, expected in cases:
         assert Path(fetch_file(source, revision=revision)).read_bytes() == expected, source
     assert Path(fetch_file(f"hf://{RELEASE_REPO}/weights.pth", cache_dir=hub_cache)).read_bytes() == b"main"
-    remote = parse_remote_file(f"https://huggingface.co/datasets/someone/data/resolve/main/a%20b.pth")
+    remote = parse_remote_file("https://huggingface.co/datasets/someone/data/resolve/main/a%20b.pth")
     assert (remote.repo_type, remote.repo_id, remote.filename, remote.revision) == ("dataset", "someone/data", "a b.pth", "main")
     with pytest.raises(InputError, match="names revision 'v1', but --revision is 'main'"):
         fetch_file(f"hf://{RELEASE_REPO}@v1/weights.pth", revision="main")
@@ -121,7 +122,7 @@ def test_a_released_nope_file_keeps_its_scheme_through_a_hub_name(tmp_path, tiny
     path = tmp_path / "nope.pth"
     torch.save(timm_checkpoint(tiny_kwargs), path)
     put_in_hub_cache(hub_cache, RELEASE_REPO, {"nope_coco_dv2_vits14_reg4.pth": path})
-    model = convert_checkpoint.convert(f"hf://{RELEASE_REPO}/nope_coco_dv2_vits14_reg4.pth", variant="keep-pe", num_heads=2)
+    model = convert(f"hf://{RELEASE_REPO}/nope_coco_dv2_vits14_reg4.pth", variant="keep-pe", num_heads=2)
     assert not model.config.use_alibi and not model.config.use_absolute_position_embeddings
 
 
@@ -140,7 +141,7 @@ def test_meta_url_converts_from_the_torch_hub_cache_at_full_size(tmp_path, relea
     bare = {key: value for key, value in released.meta.items() if key not in ("pos_embed", "mask_token", "register_tokens")}
     bare["reg_token"] = released.meta["register_tokens"]
     assert max_error_to_reference(model, bare, torch.ones(12, 6)) < 1e-4
-    stock = convert_checkpoint.convert(META_URL, variant="keep-pe")
+    stock = convert(META_URL, variant="keep-pe")
     x = pixels(*FULL_SIZE_INPUT, batch=1)
     with torch.no_grad():
         error = (stock(x).last_hidden_state - released.meta_model(x).last_hidden_state).abs().max().item()

@@ -9,10 +9,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
 
-import convert_checkpoint
 from evaluation import publish
 from hub_cache import put_folder_in_hub_cache
 from test_convert_checkpoint import hf_model
+from alibi_dinov2.conversion.convert import convert
+from alibi_dinov2.conversion.families import family_of
+from alibi_dinov2.conversion.model_card import FOLDER_PLACEHOLDER
 
 
 REPO_ID = "test-owner/alibi-tiny"
@@ -30,7 +32,7 @@ def published(tmp_path_factory):
         base.embeddings.position_embeddings.normal_(0, 3.0)
     base.save_pretrained(root / "base")
     folder = root / "alibi-tiny"
-    convert_checkpoint.convert(str(root / "base"), folder)
+    convert(str(root / "base"), folder)
     argv = [str(folder), "--base_model", str(root / "base"), "--push_to_hub", REPO_ID, "--dry_run",
             "--max_images", "2", "--size", "280", "280", "--no_progress"]
     summary = publish.main(argv)
@@ -59,7 +61,7 @@ def test_the_card_holds_the_measured_numbers(published):
     micro = evaluation["scores"][REPO_ID]["micro"]["lr+ud"]
     assert f"| micro (2) | lr+ud R² | {micro['mean']:+.3f} ± {micro['std']:.3f} |" in text
     assert f"python -m evaluation.publish {folder} --base_model {published['base']} --push_to_hub {REPO_ID}" in text
-    assert "not evaluated yet" not in text and convert_checkpoint.FOLDER_PLACEHOLDER not in text
+    assert "not evaluated yet" not in text and FOLDER_PLACEHOLDER not in text
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert card.data.pipeline_tag == "image-feature-extraction"  # the converter's metadata is kept
 
@@ -180,5 +182,5 @@ def test_the_space_names_each_family_by_its_own_model_type(published):
     summary = published["summary"]
     readme = (summary["space_dir"] / "README.md").read_text()
     assert "# ALiBi-DINOv2: alibi-tiny" in readme and f"- DINOv2 ({published['base']})" in readme
-    assert publish.model_family(tiny_alibi_model("alibi_dinov3")).title == "ALiBi-DINOv3"
-    assert publish.model_family(tiny_alibi_model("alibi_dinov3")).stock_name == "DINOv3"
+    assert family_of(tiny_alibi_model("alibi_dinov3").config).title == "ALiBi-DINOv3"
+    assert family_of(tiny_alibi_model("alibi_dinov3").config).stock_name == "DINOv3"

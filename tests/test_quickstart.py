@@ -39,7 +39,7 @@ def test_synthetic_position_embedding_is_smooth_ramps():
 
 
 def test_synthetic_teacher_attends_to_each_patch_neighbourhood(tmp_path):
-    from convert_checkpoint import convert
+    from alibi_dinov2.conversion.convert import convert
 
     built = synthetic_teachers.build_synthetic_teacher(tmp_path / "teacher", seed=0)
     teacher = convert(str(tmp_path / "teacher"), variant="keep-pe")  # what distillation and the report read

@@ -328,9 +328,9 @@ def test_unreadable_and_too_small_images_become_placeholders_that_say_why(tmp_pa
 
 
 def test_a_missing_teacher_is_named_before_any_model_is_read(image_folder, tmp_path, monkeypatch):
-    import convert_checkpoint
+    from alibi_dinov2.conversion import convert as conversion
 
-    monkeypatch.setattr(convert_checkpoint, "read_source", lambda *a, **k: pytest.fail("the teacher was read"))
+    monkeypatch.setattr(conversion, "read_source", lambda *a, **k: pytest.fail("the teacher was read"))
     with pytest.raises(SourceNotFoundError, match="not found: .*no_such_teacher.pth"):
         train_distill.main(flags(tmp_path / "no_such_teacher.pth", image_folder, tmp_path / "out"))
     with pytest.raises(SourceNotFoundError, match="not found: .*no/such/stage1"):
