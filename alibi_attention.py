@@ -28,7 +28,11 @@ ALIBI_SLOPES = ("constant", "geometric", "learned")
 # Memory options of the attention at run time, with their defaults. They describe the machine, not the weights: the
 # model takes them at load time (`from_pretrained(folder, alibi_chunk_memory_mb=512)`) or per call
 # (`model(pixel_values, alibi_chunk_memory_mb=512)`), and no configuration stores them.
-ALIBI_RUNTIME_DEFAULTS = {"alibi_dense_max_tokens": 8192, "alibi_query_chunk_size": 1024, "alibi_chunk_memory_mb": 1024}
+ALIBI_RUNTIME_DEFAULTS = {
+    "alibi_dense_max_tokens": 8192,
+    "alibi_query_chunk_size": 1024,
+    "alibi_chunk_memory_mb": 1024,
+}
 
 
 
@@ -222,7 +226,11 @@ def check_pixel_values(pixel_values: torch.Tensor | None, num_channels: int, pat
         )
     channels, height, width = pixel_values.shape[1:]
     if channels != num_channels:
-        fix = " Repeat a grayscale image to 3 channels, e.g. `pixel_values.expand(-1, 3, -1, -1)`." if channels == 1 else ""
+        fix = (
+            " Repeat a grayscale image to 3 channels, e.g. `pixel_values.expand(-1, 3, -1, -1)`."
+            if channels == 1
+            else ""
+        )
         raise ValueError(
             f"`pixel_values` has {channels} channels but the model expects {num_channels} "
             f"(shape {tuple(pixel_values.shape)}).{fix}"
@@ -511,7 +519,9 @@ class AlibiPositionBias(nn.Module):
     def score_mod(self, grid_size: tuple[int, int], layer_index: int, device: torch.device):
         """A FlexAttention `score_mod` adding this layer's bias, computed from the token indices alone."""
         if self.jitter > 0:
-            raise ValueError('`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".')
+            raise ValueError(
+                '`alibi_jitter` is not supported by attn_implementation="alibi_flex"; use "alibi_chunked".'
+            )
         height, width = grid_size
         prefix, metric, wrap = self.num_prefix_tokens, self.metric, self.wrap
         scale = 1.0 / normalizing_divisor(height, width, metric, wrap, device) if self.normalize else 1.0

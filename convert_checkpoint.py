@@ -13,9 +13,9 @@ Sources (detected from the path and its keys; `--source_format` overrides):
   `model.` or `backbone.`).
 
 A `.pth` may be named by URL (see `alibi_dinov2.hub.remote_files`): `hf://OWNER/REPO/FILE` or a Hub file URL
-(`https://huggingface.co/OWNER/REPO/resolve/REV/FILE`, `.../blob/REV/FILE`), fetched into the Hub cache at `--revision`,
-or a plain `https://` URL, downloaded once into torch.hub's cache and checked against `--sha256` when given. Offline
-(`HF_HUB_OFFLINE=1`) only cached files are read.
+(`https://huggingface.co/OWNER/REPO/resolve/REV/FILE`, `.../blob/REV/FILE`), fetched into the Hub cache at
+`--revision`, or a plain `https://` URL, downloaded once into torch.hub's cache and checked against `--sha256` when
+given. Offline (`HF_HUB_OFFLINE=1`) only cached files are read.
 
 Variants: `alibi` (learned position embedding or RoPE dropped, ALiBi on), `nope` (neither), `keep-pe` (the source's
 own position scheme, reproducing its outputs: for parity checks).
@@ -34,16 +34,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-
 from alibi_dinov2.cli import ArgumentParser, run_command
-from alibi_dinov2.conversion.families import ALIBI_FIELDS, family_of
 from alibi_dinov2.conversion.convert import convert
-
-
-
-
-
-
+from alibi_dinov2.conversion.families import ALIBI_FIELDS, family_of
 
 
 # --- reading sources -----------------------------------------------------------------------------------------------
@@ -144,19 +137,31 @@ class ConvertArguments:
     )
     source_position: Literal["auto", "learned", "rope", "alibi", "nope"] = field(
         default="auto",
-        metadata={"help": "how a .pth source encodes positions (auto: learned if it has a non-zero embedding, rope if "
-                          "it has RoPE periods, ALiBi with learned slopes if it has them; else ALiBi, or NoPE when the "
-                          "file name says 'nope')"},
+        metadata={
+            "help": (
+                "how a .pth source encodes positions (auto: learned if it has a non-zero embedding, rope if "
+                "it has RoPE periods, ALiBi with learned slopes if it has them; else ALiBi, or NoPE when the "
+                "file name says 'nope')"
+            )
+        },
     )
     num_heads: int | None = field(default=None, metadata={"help": "attention heads of a .pth source (default hidden / "
                                                                   "head size: 64, or 4 x the RoPE periods)"})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of a Hub model or file"})
-    sha256: str | None = field(default=None, metadata={"help": "expected SHA-256 of the checkpoint file (checked, also "
-                                                               "when it comes from a cache)"})
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag, commit) of a Hub model or file"}
+    )
+    sha256: str | None = field(
+        default=None,
+        metadata={"help": "expected SHA-256 of the checkpoint file (checked, also when it comes from a cache)"},
+    )
     alibi_metric: Literal["euclidean", "manhattan"] | None = field(default=None, metadata={"help": "distance metric"})
     alibi_wrap: bool | None = field(default=None, metadata={"help": "true or false: wrapped (toroidal) distances"})
-    alibi_normalize: bool | None = field(default=None, metadata={"help": "true or false: divide by the largest distance"})
-    alibi_slopes: Literal["constant", "geometric", "learned"] | None = field(default=None, metadata={"help": "head slopes"})
+    alibi_normalize: bool | None = field(
+        default=None, metadata={"help": "true or false: divide by the largest distance"}
+    )
+    alibi_slopes: Literal["constant", "geometric", "learned"] | None = field(
+        default=None, metadata={"help": "head slopes"}
+    )
     alibi_jitter: float | None = field(default=None, metadata={"help": "std of Gaussian noise added to the bias"})
     push_to_hub: str | None = field(default=None, metadata={"help": "upload the folder to this Hub repository id"})
     private: bool = field(default=False, metadata={"help": "with --push_to_hub: create a private repository"})

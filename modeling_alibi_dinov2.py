@@ -261,7 +261,9 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
 
     ```python
     >>> model = AlibiDinov2Model.from_pretrained(folder, alibi_chunk_memory_mb=512)
-    >>> features = model.get_patch_features(pixel_values, attn_implementation="alibi_chunked", alibi_chunk_memory_mb=64)
+    >>> features = model.get_patch_features(
+    ...     pixel_values, attn_implementation="alibi_chunked", alibi_chunk_memory_mb=64
+    ... )
     ```
     """
 
@@ -302,7 +304,8 @@ class AlibiDinov2Model(AlibiDinov2PreTrainedModel):
         )
 
     def get_patch_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Final-normed patch tokens (CLS and registers dropped) as a map of shape `(batch_size, hidden_size, h, w)`."""
+        """Final-normed patch tokens (CLS and registers dropped) as a map of shape
+        `(batch_size, hidden_size, h, w)`."""
         last_hidden_state = self(pixel_values, **kwargs).last_hidden_state
         grid_size = patch_grid(pixel_values, self.config)
         return patch_tokens_to_map(last_hidden_state, self.embeddings.num_prefix_tokens, *grid_size)
@@ -343,7 +346,9 @@ class AlibiDinov2Backbone(BackboneMixin, AlibiDinov2PreTrainedModel):
                         hidden_state, self.embeddings.num_prefix_tokens, height, width
                     )
                 feature_maps += (hidden_state,)
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=output.hidden_states, attentions=output.attentions)
+        return BackboneOutput(
+            feature_maps=feature_maps, hidden_states=output.hidden_states, attentions=output.attentions
+        )
 
 
 # `save_pretrained` copies this file and the configuration into the output folder and writes `auto_map`, so that

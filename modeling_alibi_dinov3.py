@@ -245,7 +245,8 @@ class AlibiDinov3Model(AlibiDinov3Base):
         )
 
     def get_patch_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Final-normed patch tokens (CLS and registers dropped) as a map of shape `(batch_size, hidden_size, h, w)`."""
+        """Final-normed patch tokens (CLS and registers dropped) as a map of shape
+        `(batch_size, hidden_size, h, w)`."""
         last_hidden_state = self(pixel_values, **kwargs).last_hidden_state
         return patch_tokens_to_map(last_hidden_state, self.num_prefix_tokens, *patch_grid(pixel_values, self.config))
 
@@ -267,8 +268,8 @@ class AlibiDinov3Backbone(BackboneMixin, AlibiDinov3Base):
     def forward(
         self, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> DINOv3ViTBackboneOutput:
-        """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `DINOv3ViTBackboneOutput`; `kwargs` as
-        for [`AlibiDinov3Model.forward`]."""
+        """`pixel_values` of shape `(batch_size, num_channels, height, width)` -> `DINOv3ViTBackboneOutput`;
+        `kwargs` as for [`AlibiDinov3Model.forward`]."""
         # `filter_output_hidden_states` asks for every stage's tokens, and drops them afterwards unless requested.
         output = self._embed_and_encode(pixel_values, attention_mask=attention_mask, **kwargs)
         grid_size = patch_grid(pixel_values, self.config)
@@ -277,7 +278,9 @@ class AlibiDinov3Backbone(BackboneMixin, AlibiDinov3Base):
             self.norm(hidden_state) if index == last_stage or self.config.apply_layernorm else hidden_state
             for index, hidden_state in enumerate(output.hidden_states)
         ]
-        selected = [hidden_state for stage, hidden_state in zip(self.stage_names, normed) if stage in self.out_features]
+        selected = [
+            hidden_state for stage, hidden_state in zip(self.stage_names, normed) if stage in self.out_features
+        ]
         if self.config.reshape_hidden_states:
             feature_maps = [patch_tokens_to_map(tokens, self.num_prefix_tokens, *grid_size) for tokens in selected]
         else:

@@ -20,7 +20,14 @@ INSTALL_REQUIRES = [
 ]
 EXTRAS = {
     # The positional probe logged during training and `--blank_channels auto` need scikit-learn and scipy.
-    "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard>=2.15", "scikit-learn>=1.4", "scipy>=1.11", "pyyaml>=6.0"],
+    "train": [
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "tensorboard>=2.15",
+        "scikit-learn>=1.4",
+        "scipy>=1.11",
+        "pyyaml>=6.0",
+    ],
     "eval": [
         "scikit-learn>=1.4",
         "scikit-image>=0.22",
@@ -41,7 +48,9 @@ CONSOLE_SCRIPTS = [
 ]
 # ONNX export tests: both exporters (`dynamo=True` needs onnxscript) and onnxruntime to run the files.
 EXTRAS["onnx"] = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
-EXTRAS["dev"] = sorted({*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], *EXTRAS["onnx"], "pytest>=8.0"})
+EXTRAS["dev"] = sorted(
+    {*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], *EXTRAS["onnx"], "pytest>=8.0", "ruff>=0.6"}
+)
 
 setup(
     name="alibi-dinov2",

@@ -13,6 +13,9 @@
 | `alibi-segment` | `alibi_dinov2.segmentation.command` |
 | `alibi-demo` | `demo.app` |
 | `alibi-publish` | `evaluation.publish` |
+
+The table names the modules as strings and imports one only when its command runs, so this module is the top of the
+layers (above the scripts, which it names) while importing only `alibi_dinov2.cli` itself.
 """
 
 from __future__ import annotations

@@ -26,7 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_distill  # noqa: E402
+from alibi_dinov2.features.preprocessing import normalize  # noqa: E402
+from alibi_dinov2.training.data import content_key  # noqa: E402
+from alibi_dinov2.training.objective import distillation_loss  # noqa: E402
+from alibi_dinov2.training.students import build_student, load_teacher  # noqa: E402
+from alibi_dinov2.training.targets import TeacherTargetCache, batch_targets, patch_tokens, teacher_fingerprint  # noqa: E402
 from benchmarks.common import parse, write_results  # noqa: E402
 from configuration_alibi_dinov2 import AlibiDinov2Config  # noqa: E402
 from modeling_alibi_dinov2 import AlibiDinov2Model  # noqa: E402
@@ -47,8 +51,8 @@ def build_models(model_name: str, folder: Path, device: str):
         **ARCHITECTURES[model_name], num_register_tokens=4, use_alibi=False, use_absolute_position_embeddings=True
     )
     AlibiDinov2Model(config).save_pretrained(folder)
-    teacher = train_distill.load_teacher(str(folder)).to(device)
-    student = train_distill.build_student(str(folder), "alibi").to(device)
+    teacher = load_teacher(str(folder)).to(device)
+    student = build_student(str(folder), "alibi").to(device)
     return teacher, student
 
 
@@ -59,9 +63,9 @@ def synthetic_batches(count: int, batch_size: int, image_size: int) -> list[dict
     for _ in range(count):
         coarse = torch.rand(batch_size, 3, 8, 8, generator=generator)
         images = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bicubic").clamp(0, 1)
-        pixel_values = torch.stack([train_distill.normalize(image) for image in images])
+        pixel_values = torch.stack([normalize(image) for image in images])
         keys = torch.stack(
-            [torch.frombuffer(bytearray(train_distill.content_key(p)), dtype=torch.uint8) for p in pixel_values]
+            [torch.frombuffer(bytearray(content_key(p)), dtype=torch.uint8) for p in pixel_values]
         )
         batches.append({"pixel_values": pixel_values, "valid": torch.ones(batch_size, dtype=torch.bool), "key": keys})
     return batches
@@ -80,8 +84,8 @@ def time_steps(teacher, student, optimizer, batches, cache, device: str) -> list
         synchronize(device)
         start = time.perf_counter()
         pixel_values = batch["pixel_values"].to(device)
-        targets = train_distill.batch_targets(teacher, pixel_values, batch["valid"], batch["key"], cache)
-        loss = train_distill.distillation_loss(train_distill.patch_tokens(student, pixel_values, prefix), targets)
+        targets = batch_targets(teacher, pixel_values, batch["valid"], batch["key"], cache)
+        loss = distillation_loss(patch_tokens(student, pixel_values, prefix), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,16 +103,16 @@ def run(args) -> dict:
         teacher, student = build_models(args.model, scratch / "teacher", args.device)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
         batches = synthetic_batches(args.warmup + args.steps, args.batch_size, image_size)
-        cache = train_distill.TeacherTargetCache(
-            scratch / "cache", train_distill.teacher_fingerprint(teacher, image_size, "no")
+        cache = TeacherTargetCache(
+            scratch / "cache", teacher_fingerprint(teacher, image_size, "no")
         )
         # Fill the cache (untimed), as the first epoch of a cached run does, and write it to disk.
         for batch in batches:
             pixel_values = batch["pixel_values"].to(args.device)
-            train_distill.batch_targets(teacher, pixel_values, batch["valid"], batch["key"], cache)
+            batch_targets(teacher, pixel_values, batch["valid"], batch["key"], cache)
         cache.flush()
-        cache = train_distill.TeacherTargetCache(
-            scratch / "cache", train_distill.teacher_fingerprint(teacher, image_size, "no")
+        cache = TeacherTargetCache(
+            scratch / "cache", teacher_fingerprint(teacher, image_size, "no")
         )
         cache_bytes = sum(path.stat().st_size for path in cache.directory.glob("*.safetensors"))
 

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parse, write_results  # noqa: E402
 from alibi_dinov2.features.classical import classical_features, n_features
 from alibi_dinov2.synthetic.microstructures import generate_microstructure
+from benchmarks.common import parse, write_results  # noqa: E402
+
 
 TARGET_SECONDS_1024 = 5.0
 
@@ -55,7 +57,9 @@ class FeatureBenchmarkArguments:
     sizes: list[int] = field(default_factory=lambda: [1024, 2048], metadata={"help": "square image sides in px"})
     repeats: int = field(default=3, metadata={"help": "timed runs per backend and size"})
     torch_cpu: bool = field(default=False, metadata={"help": "also time the torch backend on the CPU"})
-    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_features.json)"})
+    output: str | None = field(
+        default=None, metadata={"help": "JSON file (default benchmarks/results/bench_features.json)"}
+    )
 
 
 def main(argv=None) -> dict:

@@ -19,7 +19,8 @@ pass in a fresh process: the memory-time trade-off of the block size. JSON on di
     python benchmarks/bench_large.py --threads 2                                      # CPU, grids 37 74 110 146
     python benchmarks/bench_large.py --grids 110 --paths stock:sdpa alibi:alibi_chunked --chunk_memory_mb 256 1024 4096
     python benchmarks/bench_large.py --device cuda --dtype bfloat16 --repeats 10
-    python benchmarks/bench_large.py --device cuda --compile inductor --paths stock:sdpa alibi:sdpa   # compiled, both models
+    # compiled, both models
+    python benchmarks/bench_large.py --device cuda --compile inductor --paths stock:sdpa alibi:sdpa
 """
 
 import itertools
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alibi_attention import ALIBI_RUNTIME_DEFAULTS, aligned_length, alibi_query_block_size  # noqa: E402
+from alibi_attention import ALIBI_RUNTIME_DEFAULTS, alibi_query_block_size, aligned_length  # noqa: E402
 from benchmarks.bench_attention import VIT_S, build_models, forward, peak_memory_bytes, time_forward  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RunArguments,

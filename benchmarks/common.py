@@ -19,6 +19,7 @@ from typing import Callable, Literal
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alibi_dinov2.cli import ArgumentParser
@@ -70,7 +71,9 @@ def run_and_write(measure: Callable[[object], dict], args, header: str, default_
     load_before = os.getloadavg()
     print(header)
     results = measure(args)
-    results.update(threads=torch.get_num_threads(), load_average_before=load_before, load_average_after=os.getloadavg())
+    results.update(
+        threads=torch.get_num_threads(), load_average_before=load_before, load_average_after=os.getloadavg()
+    )
     write_results(results, getattr(args, "output", None), default_name)
     return results
 

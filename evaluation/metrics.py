@@ -28,7 +28,11 @@ import torch
 
 def _valid_pixels(labels, ignore_index: int | None):
     if ignore_index is None:
-        return torch.ones_like(labels, dtype=torch.bool) if isinstance(labels, torch.Tensor) else np.ones(labels.shape, bool)
+        return (
+            torch.ones_like(labels, dtype=torch.bool)
+            if isinstance(labels, torch.Tensor)
+            else np.ones(labels.shape, bool)
+        )
     return labels != ignore_index
 
 

@@ -30,18 +30,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE
 from alibi_dinov2.cli import ArgumentParser, run_command
-from alibi_dinov2.errors import InputError
-from alibi_dinov2.hub.sources import check_model_source
-from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
-from alibi_dinov2.io.images import SkippedInputs
-from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
-from alibi_dinov2.io.image_sets import NamedImage
-from alibi_dinov2.hub.models import load_model
-from evaluation.transform_check import transform_check
 from alibi_dinov2.conversion.families import family_of
 from alibi_dinov2.conversion.model_card import update_model_card_evaluation
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE
+from alibi_dinov2.hub.models import load_model
+from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
+from alibi_dinov2.io.image_sets import NamedImage
+from alibi_dinov2.io.images import SkippedInputs
+from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
+from evaluation.transform_check import transform_check
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +155,11 @@ def evaluation_markdown(evaluation: dict, command: str) -> str:
     for source, count in evaluation["images"].items():
         for ramp in evaluation["protocol"]["ramps"]:
             label = f"{ramp} R² (control)" if ramp == "random" else f"{ramp} R²"
-            cells = [f"{evaluation['scores'][m][source][ramp]['mean']:+.3f} ± {evaluation['scores'][m][source][ramp]['std']:.3f}"
-                     for m in models]
+            cells = [
+                f"{evaluation['scores'][m][source][ramp]['mean']:+.3f} "
+                f"± {evaluation['scores'][m][source][ramp]['std']:.3f}"
+                for m in models
+            ]
             rows.append(f"| {source} ({count}) | {label} | " + " | ".join(cells) + " |")
         roll_count = min(count, evaluation["protocol"]["roll_images"])
         cells = [f"{evaluation['roll'][m][source]:.4f}" for m in models]
@@ -195,8 +198,8 @@ def _imported_names(source: Path) -> list[str]:
 
 
 def demo_source_files(entry_modules: Sequence[str] = DEMO_ENTRY_MODULES) -> dict[str, Path]:
-    """The project's files the demo needs: `entry_modules` and every `alibi_dinov2` / `evaluation` / `demo` module they import
-    (at any depth), with the packages' `__init__.py`; `{path in the Space: source file}`."""
+    """The project's files the demo needs: `entry_modules` and every `alibi_dinov2` / `evaluation` / `demo` module
+    they import (at any depth), with the packages' `__init__.py`; `{path in the Space: source file}`."""
     found: dict[str, Path] = {}
     pending = list(entry_modules)
     while pending:
@@ -221,8 +224,11 @@ def declared_requirements() -> list[str]:
     try:
         lines = requires("alibi-dinov2") or []
     except PackageNotFoundError:
-        assignments = {node.targets[0].id: node.value for node in ast.parse((PROJECT_ROOT / "setup.py").read_text()).body
-                       if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+        assignments = {
+            node.targets[0].id: node.value
+            for node in ast.parse((PROJECT_ROOT / "setup.py").read_text()).body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+        }
         return ast.literal_eval(assignments["INSTALL_REQUIRES"]) + ast.literal_eval(assignments["EXTRAS"])["eval"]
     return [spec.strip() for spec, _, marker in (line.partition(";") for line in lines)
             if not marker or "extra == \"eval\"" in marker]
@@ -255,7 +261,8 @@ def _gradio_version() -> str:
 def space_app(models: Mapping[str, str], max_side: int = DEFAULT_MAX_SIDE) -> str:
     """`app.py` of the Space: the project's demo on `models` (display name -> Hub id or folder), built on import
     (as Gradio Spaces expect a module-level `demo`) and served only when run as a script."""
-    return f'''"""ALiBi-DINOv2 browser demo: PCA colours, k-means clusters and the positional probe of each model's patch
+    return f'''\
+"""ALiBi-DINOv2 browser demo: PCA colours, k-means clusters and the positional probe of each model's patch
 features on your micrographs, and scribble segmentation with each model's features. Runs the alibi-dinov2 project's
 demo (demo/app.py and the project modules it uses, copied beside this file); the models load from the Hub with their
 own code (trust_remote_code)."""
@@ -339,7 +346,9 @@ def upload_files(folder) -> list[tuple[str, int]]:
 
     folder = Path(folder)
     paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return [(path, (folder / path).stat().st_size) for path in filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE)]
+    return [
+        (path, (folder / path).stat().st_size) for path in filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE)
+    ]
 
 
 def upload_plan(model_dir, space_dir, repo_id: str | None, space_id: str | None) -> list[Upload]:
@@ -361,7 +370,11 @@ def format_plan(plan: Sequence[Upload], private: bool = False, uploading: bool =
     lines = []
     for item in plan:
         total = sum(size for _, size in item.files)
-        target = f"{item.repo_type} repository {item.repo_id}" if item.repo_id else f"a {item.repo_type} repository (give --push_to_hub)"
+        target = (
+            f"{item.repo_type} repository {item.repo_id}"
+            if item.repo_id
+            else f"a {item.repo_type} repository (give --push_to_hub)"
+        )
         verb = "uploading to" if uploading else "would upload to"
         lines.append(f"{verb} {target}{' (private)' if private and item.repo_id else ''}: "
                      f"{len(item.files)} files, {_size(total)} from {item.folder}")
@@ -393,16 +406,22 @@ class PublishArguments:
                                                                    "it and shown in the demo (Hub id or folder)"})
     push_to_hub: str | None = field(default=None, metadata={"help": "model repository id to upload to (without it: "
                                                                     "a dry run)"})
-    space_id: str | None = field(default=None, metadata={"help": "Space repository id; PUSH_TO_HUB-demo when not given"})
+    space_id: str | None = field(
+        default=None, metadata={"help": "Space repository id; PUSH_TO_HUB-demo when not given"}
+    )
     private: bool = field(default=False, metadata={"help": "create private repositories"})
     dry_run: bool = field(default=False, metadata={"help": "with --push_to_hub: write everything naming the "
                                                            "repositories, list the upload, send nothing"})
-    space_dir: str | None = field(default=None, metadata={"help": "where to write the Space; FOLDER-space when not given"})
+    space_dir: str | None = field(
+        default=None, metadata={"help": "where to write the Space; FOLDER-space when not given"}
+    )
     ramps: list[str] = field(default_factory=lambda: list(DEFAULT_RAMPS), metadata={"help": "probe ramps"})
     repeats: int = field(default=6, metadata={"help": "probe samplings per image"})
     roll_images: int = field(default=2, metadata={"help": "images per set of the roll check"})
     seed: int = field(default=0, metadata={"help": "seed of the samplings and generated image sets"})
-    max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "the demo shrinks images to this longer side (pixels)"})
+    max_side: int = field(
+        default=DEFAULT_MAX_SIDE, metadata={"help": "the demo shrinks images to this longer side (pixels)"}
+    )
     device: str | None = field(default=None, metadata={"help": "torch device of the evaluation; CPU when not given"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
@@ -478,7 +497,9 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     space_models = {f"{family.title} ({model_name})": repo_id or str(folder.resolve())}
     if args.base_model:  # a local base model is named by its absolute path, so that the Space runs from anywhere
         base = Path(args.base_model)
-        space_models[f"{family.stock_name} ({args.base_model})"] = str(base.resolve()) if base.exists() else args.base_model
+        space_models[f"{family.stock_name} ({args.base_model})"] = (
+            str(base.resolve()) if base.exists() else args.base_model
+        )
     space_dir = Path(args.space_dir) if args.space_dir else folder.resolve().parent / f"{folder.resolve().name}-space"
     write_space_folder(space_dir, space_models, f"{family.title}: {model_name.split('/')[-1]}", args.max_side)
     spaced = time.perf_counter()

@@ -33,6 +33,7 @@ Models are hub ids or local folders loaded with
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,18 @@ from scipy import ndimage
 
 from alibi_dinov2.cli import ArgumentParser, run_command
 from alibi_dinov2.errors import InputError, SourceNotFoundError
+from alibi_dinov2.features.cache import FeatureCache
 from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
+from alibi_dinov2.segmentation.extractors import (
+    FEATURE_SETS,
+    FeatureExtractor,
+    build_extractor,
+    feature_set_parts,
+    image_statistics_of,
+)
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 from evaluation.metrics import confusion_matrix, scores_from_confusion
-from alibi_dinov2.segmentation.trainable import FEATURE_SETS, TrainableSegmenter
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -269,9 +278,7 @@ def _run_plan(feature_sets: Sequence[str], models: dict) -> list[tuple[str, str,
     """(run name, feature set, model name) for every run; classical-only sets run once."""
     plan = []
     for feature_set in feature_sets:
-        if feature_set not in FEATURE_SETS:
-            raise ValueError(f"Unknown feature set {feature_set!r}; allowed values: {', '.join(FEATURE_SETS)}")
-        if "vit" not in feature_set:
+        if "vit" not in feature_set_parts(feature_set):
             plan.append((feature_set, feature_set, None))
             continue
         if not models:
@@ -280,12 +287,13 @@ def _run_plan(feature_sets: Sequence[str], models: dict) -> list[tuple[str, str,
     return plan
 
 
-def feature_extractor(model, image_processor=None, n_components: int = 9, max_side: Optional[int] = None):
-    """The :class:`TrainableSegmenter` whose ``extract_features`` gives the benchmark's ViT channels of ``model``,
-    normalised with ``image_processor``'s statistics (the model's own; ImageNet's when None)."""
-    return TrainableSegmenter(
-        features="vit", model=model, image_processor=image_processor, n_components=n_components, max_side=max_side
-    )
+def _distinct_parts(extractors: Iterable[FeatureExtractor]) -> list[FeatureExtractor]:
+    """The parts of `extractors`, each cache key once (the classical stack shared by the runs is one part)."""
+    parts = {}
+    for extractor in extractors:
+        for part in extractor.parts:
+            parts.setdefault(part.cache_key, part)
+    return list(parts.values())
 
 
 def run_scribble_benchmark(
@@ -341,27 +349,32 @@ def run_scribble_benchmark(
     )
     all_images = [image for image, _ in train_pairs] + [image for image, _ in test_pairs]
     n_train = len(train_pairs)
-    needs_classical = any("classical" in feature_set for _, feature_set, _ in plan)
-    vit_models = sorted({name for _, feature_set, name in plan if name is not None})
-    total = (len(all_images) if needs_classical else 0) + len(all_images) * len(vit_models) + len(plan) * n_rounds
-    bar = tqdm(total=total, disable=not progress, desc="scribble benchmark")
+    extractors = {
+        run_name: build_extractor(
+            feature_set,
+            model=models.get(model_name),
+            n_components=n_components,
+            image_processor=image_processors.get(model_name),
+            max_side=max_side,
+        )
+        for run_name, feature_set, model_name in plan
+    }
+    parts = _distinct_parts(extractors.values())
+    vit_models = sorted({name for _, _, name in plan if name is not None})
+    bar = tqdm(total=len(all_images) * len(parts) + len(plan) * n_rounds, disable=not progress,
+               desc="scribble benchmark")
 
-    # Features do not change between rounds (only the scribbles do): compute each once.
-    extractors = {("vit", name): feature_extractor(models[name], image_processors.get(name), n_components, max_side)
-                  for name in vit_models}
-    if needs_classical:
-        extractors[("classical", None)] = TrainableSegmenter(features="classical")
-    cache: dict[tuple[str, Optional[str]], list[np.ndarray]] = {}
-    for key, extractor in extractors.items():
-        cache[key] = []
+    # Features do not change between rounds (only the scribbles do): each part's stack is computed once per image
+    # and kept for the whole benchmark (the classical stack once for all the runs that use it).
+    cache = FeatureCache(max_bytes=sys.maxsize)
+    for part in parts:
         for image in all_images:
-            cache[key].append(extractor.extract_features(image))
+            part(image, cache=cache)
             bar.update(1)
 
     runs = []
     for run_name, feature_set, model_name in plan:
-        parts = [cache[(part, model_name if part == "vit" else None)] for part in feature_set.split("+")]
-        feature_maps = [np.concatenate(maps, axis=-1) if len(maps) > 1 else maps[0] for maps in zip(*parts)]
+        feature_maps = [extractors[run_name](image, cache=cache) for image in all_images]
         train_maps, test_maps = feature_maps[:n_train], feature_maps[n_train:]
         record = {
             "name": run_name,
@@ -423,7 +436,7 @@ def run_scribble_benchmark(
             "n_components": n_components,
             "feature_sets": list(feature_sets),
             "models": list(models),
-            "image_statistics": {name: extractors[("vit", name)].image_statistics() for name in vit_models},
+            "image_statistics": {name: image_statistics_of(image_processors.get(name)) for name in vit_models},
         },
         "rounds": list(range(1, n_rounds + 1)),
         "runs": runs,

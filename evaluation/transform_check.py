@@ -19,6 +19,7 @@ import numpy as np
 
 from alibi_dinov2.features.extraction import crop_to_patch_grid, extract_patch_features, patch_size_of
 
+
 TRANSFORMS: tuple[str, ...] = ("flip_lr", "flip_ud", "rot90", "roll")
 METRICS: tuple[str, ...] = ("relative_l2", "cosine")
 
@@ -101,7 +102,9 @@ def transform_errors(
     """Mean equivariance error over images, per transform: {transform: error}."""
     return {
         transform: float(
-            np.mean([equivariance_error(feature_function, image, transform, patch_size, metric, shift) for image in images])
+            np.mean(
+                [equivariance_error(feature_function, image, transform, patch_size, metric, shift) for image in images]
+            )
         )
         for transform in transforms
     }

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
 from alibi_attention import AlibiPositionBias, alibi_distance_matrix, mirror_patch_tokens
+from configuration_alibi_dinov2 import AlibiDinov2Config
 
 
 def position_bias(grid, num_register_tokens=0, layer_index=0, dtype=torch.float32, **options):

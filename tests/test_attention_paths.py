@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
 from alibi_attention import ALIBI_RUNTIME_DEFAULTS, compile_flex_attention
-from modeling_alibi_dinov2 import AlibiDinov2Model
-
+from configuration_alibi_dinov2 import AlibiDinov2Config
 from conftest import ALIBI_MODEL_TYPES, REPO_ROOT, bias_module, tiny_alibi_model
+from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
 def alibi_model(tiny_kwargs, alibi_query_chunk_size=7, **options):
@@ -68,7 +67,9 @@ def test_chunked_path_honours_a_padding_mask(tiny_kwargs):
     keep[0, -4:] = False
     dense = outputs(model, pixel_values, "sdpa", attention_mask=keep)
     assert not torch.allclose(dense, outputs(model, pixel_values, "sdpa"), atol=1e-4)
-    torch.testing.assert_close(outputs(model, pixel_values, "alibi_chunked", attention_mask=keep), dense, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        outputs(model, pixel_values, "alibi_chunked", attention_mask=keep), dense, atol=1e-4, rtol=0
+    )
 
 
 def test_chunked_path_gives_the_same_gradients(tiny_kwargs):
@@ -245,6 +246,7 @@ def test_flex_path_refuses_what_it_cannot_do(tiny_kwargs):
 
 
 
+@pytest.mark.compile
 def test_compiled_flex_path_stops_recompiling_for_new_image_sizes(tiny_kwargs, monkeypatch):
     """A folder of micrographs of many sizes must not exhaust dynamo's recompile limit (8 by default), past which
     the compiled kernel silently gives way to the unfused one. `aot_eager` traces and guards exactly like the GPU
@@ -276,7 +278,11 @@ def test_compiled_flex_path_stops_recompiling_for_new_image_sizes(tiny_kwargs, m
 
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
+@pytest.mark.slow
+@pytest.mark.compile
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_inductor_compiles_the_alibi_score_mod(tiny_kwargs, monkeypatch, dtype, tolerance):
     """The score_mod (integer grid coordinates, wrap, Euclidean distance, per-head slopes) lowers through inductor
@@ -336,6 +342,8 @@ def peak_forward_bytes(implementation: str, side: int) -> int:
     return int(result.stdout.split()[-1])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_chunked_memory_grows_linearly_with_tokens():
     # 3600 then 14400 tokens: 4x the tokens costs ~4x the memory when linear, ~16x when quadratic.
     chunked = [peak_forward_bytes("alibi_chunked", side) for side in (60, 120)]
@@ -372,13 +380,16 @@ def test_traced_form_of_the_chunked_path_equals_dense_attention(tiny_kwargs, opt
             torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 @pytest.mark.parametrize("model_type", ALIBI_MODEL_TYPES)
 def test_compiled_chunked_path_compiles_once_per_doubling_of_the_tokens(model_type):
     """Every size on `alibi_chunked` (16 queries per block), one image at a time as large images go: the unrolled
     block loop makes a graph per power-of-two block count, not per image size (beyond the two that dynamo's automatic
     dynamic shapes always start with), and the outputs equal eager."""
-    from compile_counting import compiled_graph_count
     from test_modeling import COMPILE_SIZES
+
+    from compile_counting import compiled_graph_count
 
     model = tiny_alibi_model(model_type, model_options=dict(alibi_dense_max_tokens=0, alibi_query_chunk_size=16))
     patch = model.config.patch_size

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.cli import run_command
 from alibi_dinov2.commands import COMMANDS, console_scripts
+from alibi_dinov2.hub.sources import check_model_source
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def as_config(command: str, options: list[str]) -> dict:
 
 @pytest.fixture
 def image_folder(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -94,18 +94,25 @@ def test_help_uses_one_flag_style(command, capsys):
     assert not dashed, f"{command} --help shows dashed options {dashed}"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_missing_model_is_named_before_any_hub_call(command, tmp_path, image_folder):
     missing = str(tmp_path / "no-such-model")
     module = COMMANDS[command]
-    code = f"import sys; from alibi_dinov2.cli import run_command; import {module} as m; run_command(m.main, sys.argv[1:], prog={command!r})"
+    code = (
+        f"import sys; from alibi_dinov2.cli import run_command; import {module} as m; "
+        f"run_command(m.main, sys.argv[1:], prog={command!r})"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
            "HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub call would fail with a connection error instead
     result = subprocess.run([sys.executable, "-c", code, *model_options(command, missing, image_folder)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1] == f"{command}: error: not found: {missing} (no such file or folder, and not a Hub id)", result.stderr[-2000:]
+    assert lines[-1] == (
+        f"{command}: error: not found: {missing} (no such file or folder, and not a Hub id)"
+    ), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "127.0.0.1" not in result.stderr
 
 

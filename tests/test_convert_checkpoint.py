@@ -11,14 +11,11 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 import convert_checkpoint
-from configuration_alibi_dinov2 import AlibiDinov2Config
-from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
-from alibi_dinov2.conversion.convert import convert
-from alibi_dinov2.conversion.model_card import update_model_card_evaluation
-from alibi_dinov2.conversion.convert import build_model, save_model_folder
-from alibi_dinov2.conversion.model_card import _comparison_model
+from alibi_dinov2.conversion.convert import build_model, convert, save_model_folder
+from alibi_dinov2.conversion.model_card import _comparison_model, update_model_card_evaluation
 from alibi_dinov2.conversion.sources import SourceCheckpoint
-from alibi_dinov2.conversion.state_dicts import convert_vit_state_dict, detect_format, strip_prefix
+from alibi_dinov2.conversion.state_dicts import CheckpointKeyError, convert_vit_state_dict, detect_format, strip_prefix
+from configuration_alibi_dinov2 import AlibiDinov2Config
 
 
 PATCH = 14
@@ -219,6 +216,8 @@ def test_alibi_conversion_drops_the_embedding_and_keeps_the_rest(tmp_path, tiny_
     assert not nope.config.use_alibi and nope.encoder.alibi is None
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_alibi_folder_reloads_in_a_fresh_process(tmp_path, tiny_kwargs, run_isolated):
     source = hf_model(tiny_kwargs)
     source.save_pretrained(tmp_path / "source")
@@ -296,7 +295,9 @@ def test_model_card_parses_back_with_its_metadata(tmp_path, tiny_kwargs):
     [(768, 0, "facebook/dinov2-base"), (1024, 4, "facebook/dinov2-with-registers-large")],
 )
 def test_demo_compares_with_the_stock_hub_model_of_the_same_layout(tmp_path, hidden_size, registers, expected):
-    config = AlibiDinov2Config(hidden_size=hidden_size, num_attention_heads=hidden_size // 64, num_register_tokens=registers)
+    config = AlibiDinov2Config(
+        hidden_size=hidden_size, num_attention_heads=hidden_size // 64, num_register_tokens=registers
+    )
     assert _comparison_model(config, str(tmp_path)) == expected  # converted from a local file
     assert _comparison_model(config, "someone/dinov2-finetuned") == "someone/dinov2-finetuned"
 
@@ -437,7 +438,11 @@ def test_a_dinov3_checkpoint_is_told_from_the_dinov2_layouts():
                   "rope_embed.periods": torch.zeros(2), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
     assert detect_format("alibi_coco_dv3_vits16_plus_reg4.pth", state_dict) == "dinov3"
     # The reference ALiBi-DINOv3 without registers or RoPE: a mask token but no position embedding.
-    bare = {"cls_token": torch.zeros(1, 1, 8), "mask_token": torch.zeros(1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
+    bare = {
+        "cls_token": torch.zeros(1, 1, 8),
+        "mask_token": torch.zeros(1, 8),
+        "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+    }
     assert detect_format("alibi.pth", bare) == "dinov3"
     assert detect_format("meta.pth", dict(bare, pos_embed=torch.zeros(1, 5, 8))) == "meta"
     with pytest.raises(ValueError, match="not a DINOv2 or DINOv3 ViT state dict"):

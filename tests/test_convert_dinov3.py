@@ -8,12 +8,16 @@ import torch
 import torch.nn.functional as F
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
-from test_convert_checkpoint import attention_residual, loop_distance_matrix, pixels, shapes_of
 from alibi_dinov2.conversion.convert import convert
 from alibi_dinov2.conversion.model_card import _comparison_model
-from alibi_dinov2.conversion.state_dicts import convert_dinov3_state_dict, detect_format, rope_theta_of_periods
+from alibi_dinov2.conversion.state_dicts import (
+    CheckpointKeyError,
+    convert_dinov3_state_dict,
+    detect_format,
+    rope_theta_of_periods,
+)
 from alibi_dinov2.errors import InputError
+from test_convert_checkpoint import attention_residual, loop_distance_matrix, pixels, shapes_of
 
 
 # 2 layers, 2 heads of 16 dims (4 RoPE periods), 16 px patches.
@@ -24,7 +28,9 @@ def hf_dinov3(registers=4, gated=False, seed=0, **overrides):
     """A transformers DINOv3 with random weights everywhere (biases, norms and LayerScale too, so that a mix-up
     shows)."""
     torch.manual_seed(seed)
-    kwargs = dict(TINY_DINOV3, num_register_tokens=registers, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu")
+    kwargs = dict(
+        TINY_DINOV3, num_register_tokens=registers, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu"
+    )
     model = DINOv3ViTModel(DINOv3ViTConfig(**{**kwargs, **overrides}))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -66,7 +72,9 @@ def to_meta_dinov3_keys(model, rope=True):
         attention = hf + "attention."
         out[meta + "attn.qkv.weight"] = torch.cat([source[f"{attention}{p}_proj.weight"] for p in "qkv"])
         key_bias = torch.randn(hidden)  # masked away in Meta's model: must not reach the converted one
-        out[meta + "attn.qkv.bias"] = torch.cat([source[attention + "q_proj.bias"], key_bias, source[attention + "v_proj.bias"]])
+        out[meta + "attn.qkv.bias"] = torch.cat(
+            [source[attention + "q_proj.bias"], key_bias, source[attention + "v_proj.bias"]]
+        )
         out[meta + "attn.qkv.bias_mask"] = torch.cat([torch.ones(hidden), torch.zeros(hidden), torch.ones(hidden)])
         out[meta + "attn.proj.weight"] = source[attention + "o_proj.weight"]
         out[meta + "attn.proj.bias"] = source[attention + "o_proj.bias"]
@@ -171,7 +179,9 @@ def test_prefixed_dinov3_keys_and_an_unmasked_key_bias(prefix):
     meta = to_meta_dinov3_keys(source)
     for index in range(2):
         meta[f"blocks.{index}.attn.qkv.bias_mask"].fill_(1.0)
-        meta[f"blocks.{index}.attn.qkv.bias"][32:64] = source.state_dict()[f"model.layer.{index}.attention.k_proj.bias"]
+        meta[f"blocks.{index}.attn.qkv.bias"][32:64] = source.state_dict()[
+            f"model.layer.{index}.attention.k_proj.bias"
+        ]
     prefixed = {prefix + key: value for key, value in meta.items()}
     assert detect_format("dinov3.pth", prefixed) == "dinov3"
     converted, architecture = convert_dinov3_state_dict(prefixed)
@@ -274,7 +284,11 @@ def test_every_dinov3_size_converts_with_its_released_shapes(hidden, layers, gat
     converted, architecture = convert_dinov3_state_dict(full_size_state_dict(shapes))
     assert architecture["num_attention_heads"] == hidden // 64 and architecture["num_hidden_layers"] == layers
     assert architecture["intermediate_size"] == mlp and architecture["use_gated_mlp"] == gated
-    assert (architecture["num_register_tokens"], architecture["key_bias"], architecture["rope_theta"]) == (4, False, 100.0)
+    assert (architecture["num_register_tokens"], architecture["key_bias"], architecture["rope_theta"]) == (
+        4,
+        False,
+        100.0,
+    )
     with torch.device("meta"):
         model = DINOv3ViTModel(DINOv3ViTConfig(**architecture))
     assert shapes_of(model.state_dict()) == shapes_of(converted)

@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-
-from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 import torch
 import transformers
 from transformers import (
@@ -20,9 +18,21 @@ from transformers import (
     ViTModel,
 )
 
-from alibi_dinov2.features.extraction import IMAGENET_MEAN, IMAGENET_STD, extract_patch_features, extract_patch_features_batch, image_to_pixel_values, patch_size_of, prefix_token_count
+from alibi_dinov2.features.extraction import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    extract_patch_features,
+    extract_patch_features_batch,
+    image_to_pixel_values,
+    patch_size_of,
+    prefix_token_count,
+)
+from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
+
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56
+)
 
 
 def _tiny(model_class, config):
@@ -42,12 +52,17 @@ def tiny_alibi(**overrides):
     import configuration_alibi_dinov2 as configuration
     import modeling_alibi_dinov2 as modeling
 
-    return _tiny(modeling.AlibiDinov2Model, configuration.AlibiDinov2Config(**{**TINY, "num_register_tokens": 4, **overrides}))
+    return _tiny(
+        modeling.AlibiDinov2Model, configuration.AlibiDinov2Config(**{**TINY, "num_register_tokens": 4, **overrides})
+    )
 
 
 MODEL_FACTORIES = {
     "dinov2": (lambda: _tiny(Dinov2Model, Dinov2Config(**TINY)), 1),
-    "dinov2_reg": (lambda: _tiny(Dinov2WithRegistersModel, Dinov2WithRegistersConfig(**TINY, num_register_tokens=4)), 5),
+    "dinov2_reg": (
+        lambda: _tiny(Dinov2WithRegistersModel, Dinov2WithRegistersConfig(**TINY, num_register_tokens=4)),
+        5,
+    ),
     "vit": (lambda: _tiny(lambda c: ViTModel(c, add_pooling_layer=False), ViTConfig(**TINY)), 1),
     "clip": (lambda: _tiny(CLIPVisionModel, CLIPVisionConfig(**TINY)), 1),
     "alibi": (tiny_alibi, 5),
@@ -203,10 +218,18 @@ def test_clear_errors(image):
 @pytest.mark.parametrize(
     "model_class, config, expected_prefix",
     [
-        (transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig(**{**TINY, "patch_size": 16}, num_register_tokens=4), 5),
+        (
+            transformers.DINOv3ViTModel,
+            transformers.DINOv3ViTConfig(**{**TINY, "patch_size": 16}, num_register_tokens=4),
+            5,
+        ),
         (lambda c: tiny_alibi_dinov3(num_register_tokens=2), None, 3),
         (transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**{**TINY, "patch_size": 16}), 0),
-        (lambda c: transformers.DeiTModel(c, add_pooling_layer=False), transformers.DeiTConfig(**{**TINY, "patch_size": 16}), 2),
+        (
+            lambda c: transformers.DeiTModel(c, add_pooling_layer=False),
+            transformers.DeiTConfig(**{**TINY, "patch_size": 16}),
+            2,
+        ),
     ],
     ids=["dinov3", "alibi_dinov3", "siglip", "deit"],
 )

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import convert_checkpoint
-from alibi_dinov2.errors import InputError
 from alibi_dinov2.cli import run_command
+from alibi_dinov2.conversion.convert import convert
+from alibi_dinov2.errors import InputError
 from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file, parse_remote_file, url_cache_path
 from hub_cache import put_in_hub_cache
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from test_convert_checkpoint import VITS14, hf_model, pixels, reference_vit_forward, timm_checkpoint, to_vit_keys
-from alibi_dinov2.conversion.convert import convert
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +80,8 @@ def command(*args, env=None, cwd=None):
 # --- Hub files ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_hf_file_converts_offline_from_the_hub_cache_at_full_size(tmp_path, released, hub_cache):
     put_in_hub_cache(hub_cache, RELEASE_REPO, {ALIBI_COCO: released.timm_path})
     output = tmp_path / "alibi-coco"
@@ -111,7 +113,12 @@ def test_hub_file_urls_and_revisions(tmp_path, hub_cache):
         assert Path(fetch_file(source, revision=revision)).read_bytes() == expected, source
     assert Path(fetch_file(f"hf://{RELEASE_REPO}/weights.pth", cache_dir=hub_cache)).read_bytes() == b"main"
     remote = parse_remote_file("https://huggingface.co/datasets/someone/data/resolve/main/a%20b.pth")
-    assert (remote.repo_type, remote.repo_id, remote.filename, remote.revision) == ("dataset", "someone/data", "a b.pth", "main")
+    assert (remote.repo_type, remote.repo_id, remote.filename, remote.revision) == (
+        "dataset",
+        "someone/data",
+        "a b.pth",
+        "main",
+    )
     with pytest.raises(InputError, match="names revision 'v1', but --revision is 'main'"):
         fetch_file(f"hf://{RELEASE_REPO}@v1/weights.pth", revision="main")
     with pytest.raises(InputError, match="names a repository, not a file"):
@@ -138,7 +145,9 @@ def test_meta_url_converts_from_the_torch_hub_cache_at_full_size(tmp_path, relea
     model = convert_checkpoint.main([META_URL, str(tmp_path / "alibi"), "--sha256", digest])
     assert model.config.use_alibi and not model.config.use_absolute_position_embeddings
     # The ALiBi retrofit drops Meta's learned embedding: the reference runs the same weights without it.
-    bare = {key: value for key, value in released.meta.items() if key not in ("pos_embed", "mask_token", "register_tokens")}
+    bare = {
+        key: value for key, value in released.meta.items() if key not in ("pos_embed", "mask_token", "register_tokens")
+    }
     bare["reg_token"] = released.meta["register_tokens"]
     assert max_error_to_reference(model, bare, torch.ones(12, 6)) < 1e-4
     stock = convert(META_URL, variant="keep-pe")
@@ -178,6 +187,8 @@ def test_a_plain_url_is_downloaded_once_and_checked(tmp_path, torch_home, monkey
 # --- offline misses -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_uncached_files_offline_fail_with_one_line_naming_them(tmp_path, hub_cache, torch_home, capsys):
     source = f"hf://{RELEASE_REPO}/nope_coco_dv2_vits14_reg4.pth"
     result = command(source, tmp_path / "out", cwd=tmp_path)
@@ -190,7 +201,8 @@ def test_uncached_files_offline_fail_with_one_line_naming_them(tmp_path, hub_cac
         run_command(convert_checkpoint.main, [META_URL, str(tmp_path / "out")], prog="alibi-convert")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"alibi-convert: error: not in the cache: {META_URL} (HF_HUB_OFFLINE is set; looked for {url_cache_path(META_URL)})\n"
+        f"alibi-convert: error: not in the cache: {META_URL} "
+        f"(HF_HUB_OFFLINE is set; looked for {url_cache_path(META_URL)})\n"
     )
     assert not (tmp_path / "out").exists()
 
@@ -226,11 +238,14 @@ ALIBI_DINOV3 = "alibi_coco_dv3_vits16_plus_reg4.pth"
 VITS16_PLUS = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_released_alibi_dinov3_converts_offline_from_the_hub_cache_at_full_size(tmp_path, hub_cache):
     """A full-size ViT-S+/16-reg4 in the reference ALiBi-DINOv3 layout (Meta's dinov3 keys, no RoPE, 211 keys) with
     random weights, from the Hub cache by its `hf://` name, against the eager reference to 1e-4."""
-    from modeling_alibi_dinov3 import AlibiDinov3Model
     from test_convert_dinov3 import hf_dinov3, reference_dinov3_forward, to_meta_dinov3_keys
+
+    from modeling_alibi_dinov3 import AlibiDinov3Model
 
     state_dict = to_meta_dinov3_keys(hf_dinov3(gated=True, **VITS16_PLUS), rope=False)
     assert len(state_dict) == 211 and "rope_embed.periods" not in state_dict
@@ -248,16 +263,21 @@ def test_released_alibi_dinov3_converts_offline_from_the_hub_cache_at_full_size(
         "constant", "euclidean", True, True)
     x = pixels(96, 80, batch=1)  # a 6 x 5 grid
     with torch.no_grad():
-        error = (model(x).last_hidden_state - reference_dinov3_forward(state_dict, x, 6, torch.ones(12, 6))).abs().max()
+        error = (
+            (model(x).last_hidden_state - reference_dinov3_forward(state_dict, x, 6, torch.ones(12, 6))).abs().max()
+        )
     assert error.item() < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("hub_id, gated", [("facebook/dinov3-vits16-pretrain-lvd1689m", False),
                                            ("facebook/dinov3-vits16plus-pretrain-lvd1689m", True)])
 def test_dinov3_hub_ids_convert_offline_from_the_hub_cache(tmp_path, hub_cache, hub_id, gated):
+    from test_convert_dinov3 import hf_dinov3
+
     from hub_cache import put_folder_in_hub_cache
     from modeling_alibi_dinov3 import AlibiDinov3Model
-    from test_convert_dinov3 import hf_dinov3
 
     source = hf_dinov3(gated=gated)
     source.save_pretrained(tmp_path / "source")

@@ -9,14 +9,22 @@ import torch
 from PIL import Image
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from alibi_dinov2.features.extraction import extract_patch_features, image_to_pixel_values
+from alibi_dinov2.features.preprocessing import to_pixel_values
+from alibi_dinov2.features.visualisation import side_by_side
+from alibi_dinov2.io.image_sets import folder_images
+from alibi_dinov2.io.images import (
+    ImageReadError,
+    ImageTooSmallError,
+    SkippedInputs,
+    load_image,
+    read_rgb01,
+    to_rgb01,
+    unsigned_range,
+)
 from awkward_images import CORRUPT, READABLE, SIZE, TINY, write_awkward_images
 from demo.app import prepare_image, read_upload
 from evaluation import probe_runner, report, scribble_benchmark
-from alibi_dinov2.features.extraction import extract_patch_features, image_to_pixel_values
-from alibi_dinov2.io.image_sets import folder_images
-from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, SkippedInputs, load_image, read_rgb01, to_rgb01, unsigned_range
-from alibi_dinov2.features.preprocessing import to_pixel_values
-from alibi_dinov2.features.visualisation import side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +58,34 @@ def test_the_policy_on_each_awkward_file(awkward, reference):
         assert 0.0 <= rgb.min() and rgb.max() <= 1.0, name
     # Palette images give their colours (index 1 is pure red), not their indices.
     indices = np.asarray(Image.open(awkward / "palette.png"))
-    np.testing.assert_array_equal(reference["palette.png"][indices == 1], [[1.0, 0.0, 0.0]] * int((indices == 1).sum()))
+    np.testing.assert_array_equal(
+        reference["palette.png"][indices == 1], [[1.0, 0.0, 0.0]] * int((indices == 1).sum())
+    )
     # Gray files are gray; 16-bit data keeps its precision; 12-bit data in 16 bits is scaled by 4095, not 65535.
     for name in ("gray.jpg", "gray.pgm", "depth16.tif", "depth12.tif", "float32.tif", "stack3.tif"):
         rgb = reference[name]
         assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]), name
-    assert reference["depth12.tif"].max() == pytest.approx(1.0) and unsigned_range(load_image(awkward / "depth12.tif")) == 4095
+    assert (
+        reference["depth12.tif"].max() == pytest.approx(1.0)
+        and unsigned_range(load_image(awkward / "depth12.tif")) == 4095
+    )
     np.testing.assert_allclose(reference["depth12.tif"], reference["depth16.tif"], atol=1.01 / 4095)  # one 12-bit step
     assert len(np.unique(reference["depth16.tif"])) > 256  # not quantised to 8 bits
     # Transparent pixels (right half) become the ImageNet mean; opaque ones keep their colour.
     rgba = load_image(awkward / "rgba.png")
-    np.testing.assert_allclose(reference["rgba.png"][:, -1], np.broadcast_to([0.485, 0.456, 0.406], (SIZE[0], 3)), atol=1e-6)
+    np.testing.assert_allclose(
+        reference["rgba.png"][:, -1], np.broadcast_to([0.485, 0.456, 0.406], (SIZE[0], 3)), atol=1e-6
+    )
     np.testing.assert_allclose(reference["rgba.png"][:, 0], rgba[:, 0, :3] / 255, atol=1e-6)
     # A stack reads its first page; every source type gives the same array.
     np.testing.assert_array_equal(read_rgb01(awkward / "stack3.tif", page=0), reference["stack3.tif"])
     path = awkward / "depth16.tif"
     for source in (str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": "x.tif"},
                    load_image(path), torch.from_numpy(load_image(path).astype(np.int32))):
-        np.testing.assert_array_equal(to_rgb01(source) if not isinstance(source, (str, bytes, dict)) else read_rgb01(source),
-                                      reference["depth16.tif"])
+        np.testing.assert_array_equal(
+            to_rgb01(source) if not isinstance(source, (str, bytes, dict)) else read_rgb01(source),
+            reference["depth16.tif"],
+        )
     np.testing.assert_array_equal(read_rgb01(Image.open(awkward / "gray.pgm")), reference["gray.pgm"])
 
 
@@ -92,7 +109,9 @@ def test_bad_files_raise_one_error_type_that_names_them(awkward):
 def test_feature_extraction_takes_paths_and_arrays_alike(awkward, reference, tiny_folder):
     model = Dinov2WithRegistersModel.from_pretrained(tiny_folder).eval()
     for name, rgb in reference.items():
-        np.testing.assert_array_equal(image_to_pixel_values(str(awkward / name), 14), to_pixel_values(rgb, patch_size=14))
+        np.testing.assert_array_equal(
+            image_to_pixel_values(str(awkward / name), 14), to_pixel_values(rgb, patch_size=14)
+        )
     np.testing.assert_array_equal(extract_patch_features(model, awkward / "depth12.tif"),
                                   extract_patch_features(model, reference["depth12.tif"]))
 
@@ -115,7 +134,9 @@ def test_probe_runner_reads_the_folder_like_everyone_and_skips_the_bad_files(awk
     assert CORRUPT in caplog.text
 
 
-def test_probe_and_report_commands_skip_and_name_bad_files_or_fail_with_strict(awkward, tiny_folder, tmp_path, caplog, capsys):
+def test_probe_and_report_commands_skip_and_name_bad_files_or_fail_with_strict(
+    awkward, tiny_folder, tmp_path, caplog, capsys
+):
     output = tmp_path / "probe.json"
     results = probe_runner.main(["--models", str(tiny_folder), "--images", str(awkward), "--repeats", "1",
                                  "--step", "2", "--no_progress", "--output", str(output)])
@@ -126,8 +147,22 @@ def test_probe_and_report_commands_skip_and_name_bad_files_or_fail_with_strict(a
     assert "Skipped 2 of" in caplog.text and CORRUPT in caplog.text and TINY in caplog.text
     with pytest.raises(ImageReadError, match=CORRUPT):
         probe_runner.main(["--models", str(tiny_folder), "--images", str(awkward), "--strict", "--no_progress"])
-    content = report.main(["--models", str(tiny_folder), "--names", "stock", "--images", str(awkward), "--repeats", "1",
-                           "--picture_images", "1", "--output_dir", str(tmp_path / "report")])
+    content = report.main(
+        [
+            "--models",
+            str(tiny_folder),
+            "--names",
+            "stock",
+            "--images",
+            str(awkward),
+            "--repeats",
+            "1",
+            "--picture_images",
+            "1",
+            "--output_dir",
+            str(tmp_path / "report"),
+        ]
+    )
     assert {entry["name"].split("/")[-1] for entry in content["probe"]["skipped"]} == {CORRUPT, TINY}
     with pytest.raises(ImageReadError, match=CORRUPT):
         report.main(["--models", str(tiny_folder), "--images", str(awkward), "--strict",
@@ -180,11 +215,12 @@ def test_report_pictures_draw_a_grayscale_micrograph_as_gray():
 def test_readme_usage_snippet_reads_a_16_bit_micrograph(tmp_path, tiny_kwargs):
     """The README's first Python snippet, run as written on a saved model and a 16-bit TIFF."""
     import re
+
     import tifffile
 
-    from configuration_alibi_dinov2 import AlibiDinov2Config
     from alibi_dinov2.features.extraction import extract_patch_features
     from alibi_dinov2.features.preprocessing import dinov2_image_processor
+    from configuration_alibi_dinov2 import AlibiDinov2Config
     from modeling_alibi_dinov2 import AlibiDinov2Model
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -196,7 +232,9 @@ def test_readme_usage_snippet_reads_a_16_bit_micrograph(tmp_path, tiny_kwargs):
     dinov2_image_processor().save_pretrained(tmp_path / "model")
     micrograph = (np.random.default_rng(0).random((70, 84)) * 4095).astype(np.uint16)  # 12-bit camera, 16-bit file
     tifffile.imwrite(tmp_path / "micrograph.tif", micrograph)
-    code = snippet.replace("path/or/hub-id", str(tmp_path / "model")).replace("micrograph.tif", str(tmp_path / "micrograph.tif"))
+    code = snippet.replace("path/or/hub-id", str(tmp_path / "model")).replace(
+        "micrograph.tif", str(tmp_path / "micrograph.tif")
+    )
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     expected = extract_patch_features(model, micrograph / 4095.0)  # (h, w, C)

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from alibi_dinov2.io.images import ImageReadError, read_image, read_labels, read_pages, to_float01, to_grayscale, write_image, write_mask
+from alibi_dinov2.io.images import (
+    ImageReadError,
+    read_image,
+    read_labels,
+    read_pages,
+    to_float01,
+    to_grayscale,
+    write_image,
+    write_mask,
+)
 
 
 def test_16bit_tiff_round_trip_keeps_dtype_and_values(tmp_path):
@@ -133,7 +142,9 @@ def test_one_page_of_a_stack_decodes_that_page_only(tmp_path, monkeypatch):
     write_image(tmp_path / "stack.tif", pages)
     decoded = []
     original = tifffile.TiffPage.asarray
-    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda page, *a, **k: decoded.append(page.index) or original(page, *a, **k))
+    monkeypatch.setattr(
+        tifffile.TiffPage, "asarray", lambda page, *a, **k: decoded.append(page.index) or original(page, *a, **k)
+    )
     np.testing.assert_array_equal(read_image(tmp_path / "stack.tif", page=3), pages[3])
     np.testing.assert_array_equal(load_image(tmp_path / "stack.tif"), pages[0])
     np.testing.assert_array_equal(load_image((tmp_path / "stack.tif").read_bytes(), page=-1), pages[4])

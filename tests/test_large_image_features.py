@@ -2,19 +2,17 @@
 
 import numpy as np
 import pytest
-
-from alibi_dinov2.io.images import ImageTooSmallError
 import tifffile
 import torch
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, DINOv3ViTConfig, DINOv3ViTModel
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
+from alibi_attention import ALIBI_RUNTIME_DEFAULTS, alibi_query_block_size
 from alibi_dinov2.features.extraction import image_to_pixel_values
 from alibi_dinov2.features.large_images import extract_feature_map, layer_progress
-from alibi_attention import ALIBI_RUNTIME_DEFAULTS, alibi_query_block_size
-from modeling_alibi_dinov2 import AlibiDinov2Model
-
+from alibi_dinov2.io.images import ImageTooSmallError
+from configuration_alibi_dinov2 import AlibiDinov2Config
 from conftest import ALIBI_MODEL_TYPES, TINY_DINOV3, tiny_alibi_model
+from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
 @pytest.fixture
@@ -57,7 +55,10 @@ def test_features_of_a_16_bit_tiff_equal_the_dense_forward(model_type, sixteen_b
     assert 1 < block < tokens and max(query_counts) == block and len(query_counts) == 2 * -(-tokens // block)
     # The model is left as it was, its config never touched.
     assert alibi_model.config._attn_implementation == "sdpa" and alibi_model.alibi_query_chunk_size == 1024
-    assert alibi_model.alibi_chunk_memory_mb == ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"] and not hasattr(alibi_model.config, "alibi_chunk_memory_mb")
+    assert (
+        alibi_model.alibi_chunk_memory_mb == ALIBI_RUNTIME_DEFAULTS["alibi_chunk_memory_mb"]
+        and not hasattr(alibi_model.config, "alibi_chunk_memory_mb")
+    )
     assert not np.allclose(features, extract_feature_map(alibi_model, pages[0], progress=False), atol=1e-3)
 
 

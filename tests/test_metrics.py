@@ -7,6 +7,7 @@ import torch
 
 from evaluation.metrics import confusion_counts, confusion_matrix, scores_from_confusion, segmentation_scores
 
+
 IGNORE = 255
 
 
@@ -105,6 +106,7 @@ def test_agrees_with_sklearn_jaccard_and_confusion_matrix(first_class, ignore_in
     assert scores["pixel_accuracy"] == pytest.approx(sklearn.metrics.accuracy_score(truth, predicted))
 
     # The tensor path of the training loops counts the same.
-    tensor_counts = confusion_counts(torch.from_numpy(predictions), torch.from_numpy(labels), num_classes, ignore_index,
-                                     first_class)
+    tensor_counts = confusion_counts(
+        torch.from_numpy(predictions), torch.from_numpy(labels), num_classes, ignore_index, first_class
+    )
     np.testing.assert_array_equal(tensor_counts.numpy(), confusion)

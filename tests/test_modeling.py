@@ -13,11 +13,10 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
-from modeling_alibi_dinov2 import AlibiDinov2Backbone, AlibiDinov2Model
-
 from compile_counting import compiled_graph_count
+from configuration_alibi_dinov2 import AlibiDinov2Config
 from conftest import TINY_DINOV2
+from modeling_alibi_dinov2 import AlibiDinov2Backbone, AlibiDinov2Model
 
 
 PATCH = 14
@@ -266,6 +265,8 @@ def stock_graph_count():
     return compiled_graph_count(Dinov2WithRegistersModel(config).eval(), COMPILE_SIZES)
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 @pytest.mark.parametrize("slopes", ["constant", "learned"])
 def test_compiled_model_needs_no_more_graphs_than_stock_dinov2(tiny_kwargs, stock_graph_count, slopes):
     """The bias cache is Python state: traced, it made dynamo guard on it and compile once per image size until its
@@ -280,6 +281,7 @@ def test_compiled_model_needs_no_more_graphs_than_stock_dinov2(tiny_kwargs, stoc
 EXPORT_CASES = [dict(), dict(alibi_slopes="learned"), dict(alibi_metric="manhattan", alibi_wrap=False)]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("options", EXPORT_CASES, ids=["constant", "learned", "manhattan-unwrapped"])
 def test_one_exported_program_serves_every_image_size(tiny_kwargs, options):
     """Height and width stay symbolic (multiples of the patch size, grids of 2 or more patches per side)."""

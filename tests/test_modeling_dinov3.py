@@ -11,13 +11,12 @@ import alibi_attention
 import modeling_alibi_dinov2
 import modeling_alibi_dinov3
 from alibi_attention import AlibiPositionBias
+from compile_counting import compiled_graph_count
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from configuration_alibi_dinov3 import AlibiDinov3Config
+from conftest import TINY_DINOV3, tiny_alibi_model
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from modeling_alibi_dinov3 import AlibiDinov3Backbone, AlibiDinov3Model
-
-from compile_counting import compiled_graph_count
-from conftest import TINY_DINOV3, tiny_alibi_model
 
 
 PATCH = 16
@@ -232,6 +231,8 @@ def test_input_errors_name_the_problem():
 COMPILE_SIZES = [(1, 32, 32), (1, 48, 32), (2, 64, 32), (1, 64, 80), (2, 80, 48), (1, 112, 64)]
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_model_needs_no_more_graphs_than_stock_dinov3():
     torch.manual_seed(0)
     stock = DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3, num_register_tokens=4)).eval()
@@ -241,6 +242,7 @@ def test_compiled_model_needs_no_more_graphs_than_stock_dinov3():
     assert len(model.model.alibi._cache) == len(COMPILE_SIZES)  # only the eager references filled the cache
 
 
+@pytest.mark.compile
 def test_one_exported_program_serves_every_image_size():
     model = tiny_alibi_model("alibi_dinov3", alibi_slopes="learned")
     height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)

@@ -12,6 +12,8 @@ from modeling_alibi_dinov2 import AlibiDinov2Model
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[dev])")
 pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript (pip install -e .[dev])")
 
+pytestmark = pytest.mark.compile
+
 PATCH = 14
 EXPORT_SIZE = (56, 70)  # a 4 x 5 grid
 # Other grids served by the same file: taller, narrower, and a single row of patches.
@@ -31,13 +33,18 @@ def export_onnx(model, path, dynamo: bool) -> None:
         if dynamo:
             height, width = torch.export.Dim("height", min=1, max=64), torch.export.Dim("width", min=1, max=64)
             dynamic_shapes = ({2: PATCH * height, 3: PATCH * width},)
-            torch.onnx.export(model, example, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **names)
+            torch.onnx.export(
+                model, example, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **names
+            )
         else:
-            axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "last_hidden_state": {0: "batch", 1: "tokens"}}
+            axes = {
+                "pixel_values": {0: "batch", 2: "height", 3: "width"},
+                "last_hidden_state": {0: "batch", 1: "tokens"},
+            }
             torch.onnx.export(model, example, str(path), dynamo=False, dynamic_axes=axes, opset_version=17, **names)
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["legacy", "dynamo"])
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(alibi_slopes="learned"), dict(alibi_metric="manhattan", alibi_wrap=False)],

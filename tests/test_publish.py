@@ -9,12 +9,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
 
-from evaluation import publish
-from hub_cache import put_folder_in_hub_cache
-from test_convert_checkpoint import hf_model
 from alibi_dinov2.conversion.convert import convert
 from alibi_dinov2.conversion.families import family_of
 from alibi_dinov2.conversion.model_card import FOLDER_PLACEHOLDER
+from evaluation import publish
+from hub_cache import put_folder_in_hub_cache
+from test_convert_checkpoint import hf_model
 
 
 REPO_ID = "test-owner/alibi-tiny"
@@ -66,6 +66,8 @@ def test_the_card_holds_the_measured_numbers(published):
     assert card.data.pipeline_tag == "image-feature-extraction"  # the converter's metadata is kept
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_space_folder_names_the_model_and_builds_offline_without_serving(published, tmp_path, monkeypatch,
                                                                               run_isolated):
     space = published["summary"]["space_dir"]
@@ -95,11 +97,21 @@ def test_the_space_folder_names_the_model_and_builds_offline_without_serving(pub
 
 def test_the_space_carries_every_project_module_the_demo_imports():
     files = publish.demo_source_files()
-    for name in ("demo/app.py", "demo/__init__.py", "evaluation/__init__.py", "evaluation/positional_probe.py",
-                 "alibi_dinov2/__init__.py", "alibi_dinov2/features/__init__.py", "alibi_dinov2/hub/models.py",
-                 "alibi_dinov2/features/extraction.py", "alibi_dinov2/features/visualisation.py", "alibi_dinov2/cli.py",
-                 "demo/segmentation_view.py", "alibi_dinov2/segmentation/trainable.py",
-                 "alibi_dinov2/segmentation/segmenter_file.py"):
+    for name in (
+        "demo/app.py",
+        "demo/__init__.py",
+        "evaluation/__init__.py",
+        "evaluation/positional_probe.py",
+        "alibi_dinov2/__init__.py",
+        "alibi_dinov2/features/__init__.py",
+        "alibi_dinov2/hub/models.py",
+        "alibi_dinov2/features/extraction.py",
+        "alibi_dinov2/features/visualisation.py",
+        "alibi_dinov2/cli.py",
+        "demo/segmentation_view.py",
+        "alibi_dinov2/segmentation/trainable.py",
+        "alibi_dinov2/segmentation/segmenter_file.py",
+    ):
         assert name in files
     assert "evaluation/publish.py" not in files and "evaluation/scribble_benchmark.py" not in files
 
@@ -128,7 +140,9 @@ def test_the_dry_run_lists_the_upload(published, capsys, tmp_path):
     assert not published["summary"]["uploaded"] and published["summary"]["urls"] == []
     assert [(item.repo_id, item.repo_type) for item in plan] == [(REPO_ID, "model"), (f"{REPO_ID}-demo", "space")]
     model_files = dict(plan[0].files)
-    assert {"README.md", "config.json", "model.safetensors", "modeling_alibi_dinov2.py", publish.RESULTS_FILE} <= set(model_files)
+    assert {
+        "README.md", "config.json", "model.safetensors", "modeling_alibi_dinov2.py", publish.RESULTS_FILE
+    } <= set(model_files)
     assert model_files["model.safetensors"] == (published["folder"] / "model.safetensors").stat().st_size
     listing = publish.format_plan(plan)
     assert listing.startswith(f"would upload to model repository {REPO_ID}: ")
@@ -161,8 +175,13 @@ def test_upload_sends_both_folders_and_leaves_training_files_out(published, monk
     assert creates == [(REPO_ID, "model", True), ("test-owner/space", "space", True)]
     space_create = [options for kind, repo, options in calls if kind == "create"][1]
     assert space_create["space_sdk"] == "gradio"
-    uploads = [(repo, options["repo_type"], options["folder_path"]) for kind, repo, options in calls if kind == "upload"]
-    assert uploads == [(REPO_ID, "model", str(folder)), ("test-owner/space", "space", str(published["summary"]["space_dir"]))]
+    uploads = [
+        (repo, options["repo_type"], options["folder_path"]) for kind, repo, options in calls if kind == "upload"
+    ]
+    assert uploads == [
+        (REPO_ID, "model", str(folder)),
+        ("test-owner/space", "space", str(published["summary"]["space_dir"])),
+    ]
     for kind, _, options in calls:
         if kind == "upload":
             assert "checkpoint-*" in options["ignore_patterns"] and "train_distill/*" in options["ignore_patterns"]

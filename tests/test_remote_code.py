@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from configuration_alibi_dinov2 import ALIBI_RUNTIME_DEFAULTS
+from conftest import ALIBI_MODEL_TYPES, tiny_alibi_model
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
-from conftest import ALIBI_MODEL_TYPES, tiny_alibi_model
 
 CLASS_PREFIX = {"alibi_dinov2": "AlibiDinov2", "alibi_dinov3": "AlibiDinov3"}
 
@@ -43,7 +43,11 @@ def test_save_pretrained_writes_auto_map_and_both_model_files(saved_any_model):
     model_type = config["model_type"]
     files = sorted(os.listdir(saved_any_model))
     assert files == [
-        "alibi_attention.py", "config.json", f"configuration_{model_type}.py", "model.safetensors", f"modeling_{model_type}.py"
+        "alibi_attention.py",
+        "config.json",
+        f"configuration_{model_type}.py",
+        "model.safetensors",
+        f"modeling_{model_type}.py",
     ]
     assert model_type in ALIBI_MODEL_TYPES
     prefix = CLASS_PREFIX[model_type]
@@ -91,6 +95,8 @@ def test_an_old_config_json_with_runtime_options_loads_without_them(saved_model,
     assert not set(ALIBI_RUNTIME_DEFAULTS) & set(saved_again), saved_again
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_remote_code_round_trip_gives_identical_outputs(saved_any_model, tmp_path, run_isolated):
     model_type = json.loads((saved_any_model / "config.json").read_text())["model_type"]
     result = run_isolated(
@@ -118,6 +124,8 @@ def test_remote_code_round_trip_gives_identical_outputs(saved_any_model, tmp_pat
     assert "identical" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_remote_code_backbone_feature_map_shapes(saved_any_model, run_isolated):
     # transformers 5.x's AutoBackbone.from_pretrained asks the Hub about any name before looking on disk, so a local
     # folder goes through AutoBackbone.from_config, which resolves the remote class, and that class's from_pretrained.

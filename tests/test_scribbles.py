@@ -176,3 +176,23 @@ def test_benchmark_with_an_alibi_model_object():
         n_rounds=1, classifier="random_forest", progress=False,
     )
     _check_results(results, 1, ["vit [alibi-tiny]", "classical+vit [alibi-tiny]"])
+
+
+def test_the_benchmark_computes_each_stack_once_for_all_runs_that_share_it(monkeypatch):
+    from conftest import tiny_alibi_model
+
+    from alibi_dinov2.segmentation import extractors
+
+    computed = {"classical": 0, "vit": 0}
+    classical, vit = extractors.classical_features, extractors.vit_feature_channels
+    monkeypatch.setattr(extractors, "classical_features",
+                        lambda *a, **k: computed.__setitem__("classical", computed["classical"] + 1) or classical(*a, **k))
+    monkeypatch.setattr(extractors, "vit_feature_channels",
+                        lambda *a, **k: computed.__setitem__("vit", computed["vit"] + 1) or vit(*a, **k))
+    pairs = generate_microstructure_dataset(3, size=(42, 56), n_phases=2, seed=1)
+    results = run_scribble_benchmark(
+        pairs[:2], pairs[2:], feature_sets=["classical", "vit", "classical+vit"],
+        models={"tiny": tiny_alibi_model("alibi_dinov2")}, n_rounds=2, classifier="random_forest", progress=False,
+    )
+    assert computed == {"classical": 3, "vit": 3}  # one stack of each kind per image, shared by the runs
+    _check_results(results, 2, ["classical", "vit [tiny]", "classical+vit [tiny]"])

@@ -11,8 +11,7 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from demo import segmentation_view as view
-from alibi_dinov2.segmentation import trainable as trainable_segmentation
-from alibi_dinov2.features import vit as vit_features
+from alibi_dinov2.segmentation import extractors
 from alibi_dinov2.features.cache import FeatureCache
 from alibi_dinov2.io.images import read_labels
 from evaluation.metrics import segmentation_scores
@@ -134,8 +133,8 @@ def test_features_are_computed_once_while_scribbles_are_added(material, models, 
 
         return wrapper
 
-    monkeypatch.setattr(trainable_segmentation, "classical_features", counted(trainable_segmentation.classical_features))
-    monkeypatch.setattr(vit_features, "vit_feature_channels", counted(vit_features.vit_feature_channels))
+    monkeypatch.setattr(extractors, "classical_features", counted(extractors.classical_features))
+    monkeypatch.setattr(extractors, "vit_feature_channels", counted(extractors.vit_feature_channels))
     cache, stages = FeatureCache(), []
     results = view.segment_image(image, first, models, "classical+vit", cache, lambda done, text: stages.append(text))
     assert [result.name for result in results] == ["ALiBi", "DINOv2"]

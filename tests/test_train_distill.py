@@ -17,13 +17,26 @@ import torch
 from PIL import Image
 
 import train_distill
-from configuration_alibi_dinov2 import AlibiDinov2Config
-from alibi_dinov2.training import runs as training_runs
-from alibi_dinov2.errors import SourceNotFoundError
 from alibi_dinov2.cli import run_command
-from alibi_dinov2.io.images import ImageReadError, read_rgb01
-from evaluation.positional_probe import most_positional_channels
+from alibi_dinov2.errors import SourceNotFoundError
 from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop
+from alibi_dinov2.io.images import ImageReadError, read_rgb01
+from alibi_dinov2.training import distillation
+from alibi_dinov2.training import runs as training_runs
+from alibi_dinov2.training.data import (
+    DistillationImages,
+    content_key,
+    decode_message,
+    prepare_probe_images,
+    preprocess_image,
+)
+from alibi_dinov2.training.distillation import AUTO_BLANK_CHANNEL_COUNT, TRACKER_PROJECT
+from alibi_dinov2.training.objective import distillation_loss, random_patch_shifts, roll_by_patches
+from alibi_dinov2.training.students import build_student
+from alibi_dinov2.training.targets import TeacherTargetCache, batch_targets, teacher_fingerprint
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation.distillation_probe import DistillationProbe
+from evaluation.positional_probe import most_positional_channels
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -136,7 +149,7 @@ def test_loss_falls_and_the_saved_model_reloads_with_identical_outputs(teacher_f
     assert f"held-out, {PROBE_SIZE} px (student) | {summary['probe']['probe_r2_lr_ud']:.4g} |" in card
     assert (output / "preprocessor_config.json").is_file()
 
-    events = EventAccumulator(str(output / training_runs.LOGS_FOLDER / train_distill.TRACKER_PROJECT)).Reload()
+    events = EventAccumulator(str(output / training_runs.LOGS_FOLDER / TRACKER_PROJECT)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "train/images_per_second", "train/skipped_images"} <= tags
     assert {"probe/r2_lr_ud", "probe/patch_cosine", "probe/teacher_r2_lr_ud", "train/epoch_loss"} <= tags
@@ -186,7 +199,7 @@ def test_kill_and_resume_matches_an_unbroken_run(teacher_folder, image_folder, t
 
     interrupted = tmp_path / "interrupted"
     checkpointed = common + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
-    real_loss, calls = train_distill.distillation_loss, []
+    real_loss, calls = distillation_loss, []
 
     def loss_then_kill(*args, **kwargs):
         calls.append(1)
@@ -194,10 +207,10 @@ def test_kill_and_resume_matches_an_unbroken_run(teacher_folder, image_folder, t
             raise Killed
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_distill, "distillation_loss", loss_then_kill)
+    monkeypatch.setattr(distillation, "distillation_loss", loss_then_kill)
     with pytest.raises(Killed):
         train_distill.main(flags(teacher_folder, image_folder, interrupted, *checkpointed))
-    monkeypatch.setattr(train_distill, "distillation_loss", real_loss)
+    monkeypatch.setattr(distillation, "distillation_loss", real_loss)
     checkpoint_4 = training_runs.checkpoint_path(interrupted, 4)
     assert sorted(p.name for p in checkpoint_4.parent.iterdir()) == [checkpoint_4.name]  # the limit pruned 2
     assert not (interrupted / "config.json").exists()
@@ -222,7 +235,7 @@ def test_kill_and_resume_matches_an_unbroken_run(teacher_folder, image_folder, t
     assert not temporary.exists()
 
     # A later stage starts from this output (`--init_from`): the student holds exactly its weights.
-    stage2_student = train_distill.build_student(str(teacher_folder), "alibi", init_from=str(interrupted))
+    stage2_student = build_student(str(teacher_folder), "alibi", init_from=str(interrupted))
     assert max_weight_difference(stage2_student, resumed.model) == 0
 
 
@@ -313,18 +326,18 @@ def test_unreadable_and_too_small_images_become_placeholders_that_say_why(tmp_pa
     Image.fromarray(smooth_image(rng, 40, 30)).save(tmp_path / "fine.png")
     names = ["tiny.png", "broken.png", "fine.png"]
     records = [{"image": str(tmp_path / name)} for name in names]
-    samples = [train_distill.DistillationImages(records, "image", 28, patch_size=14)[i] for i in range(3)]
+    samples = [DistillationImages(records, "image", 28, patch_size=14)[i] for i in range(3)]
     assert [bool(sample["valid"]) for sample in samples] == [False, False, True]
-    reasons = [train_distill.decode_message(sample["error"]) for sample in samples]
+    reasons = [decode_message(sample["error"]) for sample in samples]
     assert "tiny.png" in reasons[0] and "smaller than one 14 x 14 patch" in reasons[0]
     assert "broken.png" in reasons[1] and reasons[2] == ""
     assert torch.all(samples[0]["pixel_values"] == 0) and samples[2]["pixel_values"].shape == (3, 28, 28)
 
     sources = [(name, str(tmp_path / name)) for name in names]
-    probe = train_distill.prepare_probe_images(sources, 28, 56, patch_size=14)
+    probe = prepare_probe_images(sources, 28, 56, patch_size=14)
     assert probe.names == ["fine.png"] and probe.skipped == ["tiny.png", "broken.png"]
     with pytest.raises(ImageReadError, match="tiny.png"):
-        train_distill.prepare_probe_images(sources, 28, 56, patch_size=14, strict=True)
+        prepare_probe_images(sources, 28, 56, patch_size=14, strict=True)
 
 
 def test_a_missing_teacher_is_named_before_any_model_is_read(image_folder, tmp_path, monkeypatch):
@@ -385,7 +398,7 @@ def test_preprocessing_resizes_the_shortest_side_and_crops_the_centre():
     assert cropped.shape == (3, 50, 50)
     assert cropped.min() >= 0 and cropped.max() <= 1
     assert torch.allclose(cropped[:, :, 2:-2], torch.ones(3, 50, 46), atol=1e-3)  # the crop is the square
-    pixel_values = train_distill.preprocess_image(np.full((30, 40, 3), 255, np.uint8), 28)
+    pixel_values = preprocess_image(np.full((30, 40, 3), 255, np.uint8), 28)
     expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert pixel_values.shape == (3, 28, 28)
     assert torch.allclose(pixel_values[:, 5, 5], expected, atol=1e-5)
@@ -403,25 +416,25 @@ def tiny_teacher(tiny_kwargs):
 
 def keyed_batch(count: int, size: int = 56, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     pixel_values = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    keys = [torch.frombuffer(bytearray(train_distill.content_key(p)), dtype=torch.uint8) for p in pixel_values]
+    keys = [torch.frombuffer(bytearray(content_key(p)), dtype=torch.uint8) for p in pixel_values]
     return pixel_values, torch.stack(keys)
 
 
 def test_cached_targets_equal_live_targets_up_to_float16(tiny_teacher, tmp_path):
     pixel_values, keys = keyed_batch(6)
     valid = torch.tensor([True, True, False, True, True, True])
-    live = train_distill.batch_targets(tiny_teacher, pixel_values)
-    fingerprint = train_distill.teacher_fingerprint(tiny_teacher, 56, "no")
+    live = batch_targets(tiny_teacher, pixel_values)
+    fingerprint = teacher_fingerprint(tiny_teacher, 56, "no")
 
-    cache = train_distill.TeacherTargetCache(tmp_path, fingerprint)
-    first = train_distill.batch_targets(tiny_teacher, pixel_values, valid, keys, cache)
+    cache = TeacherTargetCache(tmp_path, fingerprint)
+    first = batch_targets(tiny_teacher, pixel_values, valid, keys, cache)
     assert (cache.computed, cache.hits) == (5, 0)
     cache.flush()
 
     calls = []
     tiny_teacher.register_forward_hook(lambda *_: calls.append(1))
-    reopened = train_distill.TeacherTargetCache(tmp_path, fingerprint)  # another run, same teacher
-    second = train_distill.batch_targets(tiny_teacher, pixel_values, valid, keys, reopened)
+    reopened = TeacherTargetCache(tmp_path, fingerprint)  # another run, same teacher
+    second = batch_targets(tiny_teacher, pixel_values, valid, keys, reopened)
     assert calls == [] and (reopened.computed, reopened.hits) == (0, 5)
 
     readable = valid.nonzero().flatten()
@@ -433,9 +446,9 @@ def test_cached_targets_equal_live_targets_up_to_float16(tiny_teacher, tmp_path)
     # Another teacher (or size, or precision) gets another folder: stale targets are never reused.
     with torch.no_grad():
         tiny_teacher.layernorm.bias.add_(0.1)
-    assert train_distill.teacher_fingerprint(tiny_teacher, 56, "no") != fingerprint
-    in_bf16 = train_distill.teacher_fingerprint(tiny_teacher, 56, "bf16")
-    assert in_bf16 != train_distill.teacher_fingerprint(tiny_teacher, 56, "no")
+    assert teacher_fingerprint(tiny_teacher, 56, "no") != fingerprint
+    in_bf16 = teacher_fingerprint(tiny_teacher, 56, "bf16")
+    assert in_bf16 != teacher_fingerprint(tiny_teacher, 56, "no")
 
 
 def test_a_second_cached_run_never_runs_the_teacher(teacher_folder, image_folder, tmp_path):
@@ -449,21 +462,21 @@ def test_a_second_cached_run_never_runs_the_teacher(teacher_folder, image_folder
 
 def test_channel_blanking_zeroes_exactly_the_listed_channels(tiny_teacher, tmp_path):
     pixel_values, keys = keyed_batch(3)
-    reference = train_distill.batch_targets(tiny_teacher, pixel_values)
+    reference = batch_targets(tiny_teacher, pixel_values)
     listed = [1, 5, 30]
     others = [c for c in range(32) if c not in listed]
-    for cache in (None, train_distill.TeacherTargetCache(tmp_path, "fingerprint")):
-        blanked = train_distill.batch_targets(tiny_teacher, pixel_values, None, keys, cache, blank_channels=listed)
+    for cache in (None, TeacherTargetCache(tmp_path, "fingerprint")):
+        blanked = batch_targets(tiny_teacher, pixel_values, None, keys, cache, blank_channels=listed)
         expected = reference if cache is None else reference.half().float()
         assert torch.all(blanked[..., listed] == 0)
         assert torch.equal(blanked[..., others], expected[..., others])
         assert torch.all(expected[..., listed] != 0)
     # The teacher itself is untouched.
-    assert torch.equal(train_distill.batch_targets(tiny_teacher, pixel_values), reference)
+    assert torch.equal(batch_targets(tiny_teacher, pixel_values), reference)
 
 
 def test_auto_blanking_picks_the_most_positional_channels(monkeypatch):
-    from alibi_dinov2.features import extraction
+    from evaluation import distillation_probe
 
     height = width = 24
     y, x = np.mgrid[0:height, 0:width] / (height - 1)
@@ -477,11 +490,11 @@ def test_auto_blanking_picks_the_most_positional_channels(monkeypatch):
         features[..., 5] = x + y + 0.5 * features[..., 5]  # diagonal, noisier
         return features
 
-    monkeypatch.setattr(extraction, "extract_patch_features", synthetic_features)
+    monkeypatch.setattr(distillation_probe, "extract_patch_features", synthetic_features)
     images = [np.random.default_rng(seed).random((336, 336, 3)) for seed in range(3)]
-    scores = train_distill.rank_positional_channels(None, images)
+    scores = DistillationProbe().channel_scores(None, images)
     assert scores.shape == (16,)
-    assert sorted(most_positional_channels(scores, train_distill.AUTO_BLANK_CHANNEL_COUNT)) == [2, 5, 9, 11]
+    assert sorted(most_positional_channels(scores, AUTO_BLANK_CHANNEL_COUNT)) == [2, 5, 9, 11]
     assert min(scores[[2, 9, 11]]) > 0.9 and max(np.delete(scores, [2, 5, 9, 11])) < 0.5
 
 
@@ -492,10 +505,10 @@ def test_random_roll_moves_image_and_target_together():
     image = index_map.repeat_interleave(patch, 0).repeat_interleave(patch, 1)
     pixel_values = torch.stack([image.expand(3, -1, -1), 100 + image.expand(3, -1, -1)])
     targets = torch.stack([index_map.flatten(), 100 + index_map.flatten()])[..., None].repeat(1, 1, 5)
-    shifts = train_distill.random_patch_shifts(2, grid, torch.Generator().manual_seed(1))
+    shifts = random_patch_shifts(2, grid, torch.Generator().manual_seed(1))
     assert shifts.shape == (2, 2) and (shifts[:, 0] < 3).all() and (shifts[:, 1] < 4).all()
     shifts = torch.tensor([[1, 3], [2, 1]])
-    rolled_images, rolled_targets = train_distill.roll_by_patches(pixel_values, targets, shifts, patch)
+    rolled_images, rolled_targets = roll_by_patches(pixel_values, targets, shifts, patch)
     for i in range(2):
         patch_values = rolled_images[i, 0, ::patch, ::patch].flatten()  # top-left pixel of every patch
         assert torch.equal(patch_values, rolled_targets[i, :, 0])
@@ -506,18 +519,18 @@ def test_random_roll_moves_image_and_target_together():
 
 def test_loss_is_one_minus_cosine_per_token_and_ignores_unreadable_images():
     student = torch.randn(3, 5, 8)
-    assert train_distill.distillation_loss(student, 2.5 * student).item() == pytest.approx(0, abs=1e-6)
-    assert train_distill.distillation_loss(student, -student).item() == pytest.approx(2, abs=1e-6)
+    assert distillation_loss(student, 2.5 * student).item() == pytest.approx(0, abs=1e-6)
+    assert distillation_loss(student, -student).item() == pytest.approx(2, abs=1e-6)
     target = torch.randn(3, 5, 8)
     expected = (1 - torch.nn.functional.cosine_similarity(student, target, dim=-1)).mean()
-    assert train_distill.distillation_loss(student, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert distillation_loss(student, target).item() == pytest.approx(expected.item(), rel=1e-6)
     mask = torch.tensor([True, False, True])
     garbage = target.clone()
     garbage[1] = -student[1]
-    masked = train_distill.distillation_loss(student, garbage, mask)
+    masked = distillation_loss(student, garbage, mask)
     expected = (1 - torch.nn.functional.cosine_similarity(student[mask], target[mask], dim=-1)).mean()
     assert masked.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert train_distill.distillation_loss(student, target, kind="mse").item() == pytest.approx(
+    assert distillation_loss(student, target, kind="mse").item() == pytest.approx(
         (student - target).pow(2).mean().item(), rel=1e-6
     )
 
@@ -532,7 +545,7 @@ EVERY_FLAG = [
     "--learning_rate", "--weight_decay", "--lr_scheduler", "--num_warmup_steps", "--mixed_precision", "--seed",
     "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--report_to",
     "--logging_steps", "--push_to_hub", "--hub_model_id", "--probe_dir", "--num_probe_images",
-    "--probe_every_n_steps", "--probe_image_size",
+    "--probe_every_n_steps", "--probe_image_size", "--cpu", "--hub_private_repo",
 ]  # fmt: skip
 
 
@@ -627,3 +640,15 @@ def test_shipped_stage_configs_follow_the_reference_recipe():
         assert (args.weight_decay, args.lr_scheduler, args.loss) == (0.01, "constant", "cosine")
         assert args.blank_channels == [47, 113, 117, 359] and args.dataset_name
     assert stage2.init_from == stage1.output_dir and stage1.init_from is None
+
+
+def test_push_to_hub_uploads_the_final_folder_privately_when_asked(teacher_folder, image_folder, tmp_path, monkeypatch):
+    from alibi_dinov2.training import distillation
+
+    pushed = []
+    monkeypatch.setattr(distillation, "push_to_hub", lambda folder, repo_id, **options: pushed.append(
+        (Path(folder), repo_id, options["private"])))
+    output = tmp_path / "alibi-run"
+    result = train_distill.main(flags(teacher_folder, image_folder, output, "--max_train_steps", 1,
+                                      "--num_probe_images", 0, "--push_to_hub", "--hub_private_repo"))
+    assert pushed == [(output, "alibi-run", True)] and (result.output_dir / "config.json").is_file()

@@ -302,13 +302,13 @@ def test_the_feature_cache_drops_the_least_recently_used_and_shares_itself():
 
 
 def test_a_cached_segmenter_computes_each_stack_once_and_predicts_as_without(two_phase, tiny_vit, monkeypatch):
-    from alibi_dinov2.segmentation import trainable as trainable_segmentation
     from alibi_dinov2.features.cache import FeatureCache
+    from alibi_dinov2.segmentation import extractors
 
     train_image, _, scribbles, test_image, _ = two_phase
     computed = []
-    classical = trainable_segmentation.classical_features
-    monkeypatch.setattr(trainable_segmentation, "classical_features",
+    classical = extractors.classical_features
+    monkeypatch.setattr(extractors, "classical_features",
                         lambda image, **options: computed.append(image.shape) or classical(image, **options))
     settings = dict(features="classical+vit", model=tiny_vit, n_components=3, classifier_params={"n_estimators": 10})
     cache = FeatureCache()

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from alibi_dinov2.errors import SourceNotFoundError
 from alibi_dinov2.hub.push import push_to_hub
 from alibi_dinov2.training import runs
-from alibi_dinov2.errors import SourceNotFoundError
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from evaluation.transform_check import (
     transform_errors,
 )
 
+
 PATCH = 4
 
 
@@ -77,7 +78,9 @@ def test_positional_function_is_not_equivariant(pictures):
 def test_wrapped_alibi_model_is_roll_equivariant_unlike_learned_positions():
     configuration = pytest.importorskip("configuration_alibi_dinov2")
     modeling = pytest.importorskip("modeling_alibi_dinov2")
-    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
+    tiny = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56
+    )
     torch.manual_seed(0)
     alibi = modeling.AlibiDinov2Model(configuration.AlibiDinov2Config(**tiny, num_register_tokens=4)).eval()
     learned = Dinov2Model(Dinov2Config(**tiny)).eval()

@@ -8,8 +8,18 @@ import torch
 from matplotlib.figure import Figure
 from transformers import Dinov2Config, Dinov2Model
 
+from alibi_dinov2.features.visualisation import (
+    compare_models,
+    cosine_similarity_map,
+    kmeans_map,
+    labels_to_rgb,
+    pca_components,
+    pca_rgb,
+    plot_channel_r2,
+    plot_layer_fingerprint,
+    side_by_side,
+)
 from evaluation.positional_probe import make_ramp
-from alibi_dinov2.features.visualisation import compare_models, cosine_similarity_map, kmeans_map, labels_to_rgb, pca_components, pca_rgb, plot_channel_r2, plot_layer_fingerprint, side_by_side
 
 
 def planted_features(h=12, w=16, c=10, seed=0):
@@ -107,7 +117,9 @@ def test_side_by_side_layout():
 
 def test_compare_models_on_images():
     torch.manual_seed(0)
-    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
+    tiny = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56
+    )
     model = Dinov2Model(Dinov2Config(**tiny)).eval()
     images = [np.random.default_rng(4).random((56, 70)).astype(np.float32)] * 2
     figure = compare_models({"tiny": model}, images, kind="kmeans")

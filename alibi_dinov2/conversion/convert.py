@@ -3,15 +3,17 @@ ready-to-publish folder with its remote code, image processor and model card."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from alibi_dinov2.conversion.families import ALIBI_FIELDS, FAMILIES, family_of
 from alibi_dinov2.conversion.model_card import build_model_card
 from alibi_dinov2.conversion.sources import DEFAULT_SOURCE, SourceCheckpoint, check_choice, read_source
 from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
-from pathlib import Path
-import torch
-from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.features.preprocessing import dinov2_image_processor
 from alibi_dinov2.hub.push import push_to_hub as push_folder
+from alibi_dinov2.hub.sources import check_model_source
 
 
 VARIANTS = ("alibi", "nope", "keep-pe")
@@ -35,7 +37,10 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
     options = dict(checkpoint.alibi_options) if "alibi" in checkpoint.position_scheme.split("+") else {}
     options.update({k: v for k, v in alibi_options.items() if v is not None})
     config = family.config_class(
-        **checkpoint.architecture, use_alibi="alibi" in parts, **{family.kept_flag: family.kept_scheme in parts}, **options
+        **checkpoint.architecture,
+        use_alibi="alibi" in parts,
+        **{family.kept_flag: family.kept_scheme in parts},
+        **options,
     )
     state_dict = dict(checkpoint.state_dict)
     if family.kept_scheme not in parts:
@@ -114,6 +119,8 @@ def convert(
         base_model = str(source) if checkpoint.source_format == "hf" else None
         save_model_folder(model, output_dir, base_model=base_model, repo_id=push_to_hub)
         if push_to_hub:
-            push_folder(output_dir, push_to_hub, private=private, commit_message=f"Converted {family_of(model.config).title}")
+            push_folder(
+                output_dir, push_to_hub, private=private, commit_message=f"Converted {family_of(model.config).title}"
+            )
     return model
 

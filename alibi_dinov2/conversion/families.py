@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from alibi_dinov2.errors import InputError
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from configuration_alibi_dinov3 import AlibiDinov3Config
-from alibi_dinov2.errors import InputError
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from modeling_alibi_dinov3 import AlibiDinov3Model
 
@@ -44,7 +45,9 @@ ALIBI_FIELDS = ("alibi_metric", "alibi_wrap", "alibi_normalize", "alibi_slopes",
 
 
 # Settings of the reference ALiBi checkpoints: constant slope, Euclidean, wrapped, normalised.
-REFERENCE_ALIBI_OPTIONS = dict(alibi_metric="euclidean", alibi_wrap=True, alibi_normalize=True, alibi_slopes="constant")
+REFERENCE_ALIBI_OPTIONS = dict(
+    alibi_metric="euclidean", alibi_wrap=True, alibi_normalize=True, alibi_slopes="constant"
+)
 
 
 ARCHITECTURE_FIELDS = (
@@ -164,5 +167,8 @@ def family_of(config, default: str | None = None) -> ModelFamily:
         if family.model_type == model_type:
             return family
     if default is None:
-        raise InputError(f"{model_type!r} is not a model type of this project ({', '.join(f.model_type for f in FAMILIES.values())})")
+        raise InputError(
+            f"{model_type!r} is not a model type of this project "
+            f"({', '.join(f.model_type for f in FAMILIES.values())})"
+        )
     return FAMILIES[default]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from alibi_dinov2.conversion.families import ALIBI_FIELDS, DINOV2_SIZES, DINOV3_SIZES, family_of
 from pathlib import Path
+
+from alibi_dinov2.conversion.families import ALIBI_FIELDS, DINOV2_SIZES, DINOV3_SIZES, family_of
 from alibi_dinov2.io.files import write_text_atomic
 
 
@@ -47,13 +48,23 @@ def build_model_card(
 
     config = model.config
     family = family_of(config)
-    variant = "ALiBi" if config.use_alibi else (family.kept_description if getattr(config, family.kept_flag) else "NoPE")
+    variant = (
+        "ALiBi" if config.use_alibi else (family.kept_description if getattr(config, family.kept_flag) else "NoPE")
+    )
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license="apache-2.0",
         base_model=_hub_id_or_none(base_model),
-        tags=["alibi-dinov2", family.name, "alibi", "vision", "image-feature-extraction", "microscopy", f"arxiv:{PAPER_ARXIV_ID}"],
+        tags=[
+            "alibi-dinov2",
+            family.name,
+            "alibi",
+            "vision",
+            "image-feature-extraction",
+            "microscopy",
+            f"arxiv:{PAPER_ARXIV_ID}",
+        ],
     )
     name = repo_id or FOLDER_PLACEHOLDER
     settings = "\n".join(
@@ -89,7 +100,8 @@ image = Image.open("micrograph.png").convert("RGB")
 # Dense features of the whole image: no centre crop (and do_resize=False keeps the native size).
 inputs = processor(images=image, return_tensors="pt", do_center_crop=False)
 with torch.no_grad():
-    features = model.get_patch_features(inputs.pixel_values)  # (1, {config.hidden_size}, H // {config.patch_size}, W // {config.patch_size})
+    features = model.get_patch_features(inputs.pixel_values)  # (1, {config.hidden_size}, \
+H // {config.patch_size}, W // {config.patch_size})
 ```
 
 `last_hidden_state` is `[CLS, {config.num_register_tokens} registers, patches]` after the final LayerNorm, as in
@@ -97,7 +109,8 @@ transformers' `{family.stock_class}`. The model takes any input of at least one 
 
 ## Demo
 
-Compare this model with stock {family.stock_name} in the browser: PCA colours and k-means clusters of the patch features of
+Compare this model with stock {family.stock_name} in the browser: PCA colours and k-means clusters of the patch \
+features of
 your own micrographs (PNG, JPEG, 8/16-bit TIFF), and how well a linear probe recovers each patch's position from
 them. From the alibi-dinov2 source tree:
 
@@ -170,7 +183,11 @@ def update_model_card_evaluation(
 
     card_path = Path(folder) / "README.md"
     card = ModelCard.load(card_path)
-    block = "\n".join([EVALUATION_START, table.strip(), EVALUATION_END]) if table is not None else evaluation_table(results)
+    block = (
+        "\n".join([EVALUATION_START, table.strip(), EVALUATION_END])
+        if table is not None
+        else evaluation_table(results)
+    )
     text = card.text
     if EVALUATION_START in text and EVALUATION_END in text:
         start, end = text.index(EVALUATION_START), text.index(EVALUATION_END) + len(EVALUATION_END)

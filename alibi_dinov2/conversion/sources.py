@@ -3,11 +3,27 @@
 
 from __future__ import annotations
 
-from alibi_dinov2.conversion.families import ALIBI_FIELDS, FAMILIES, POSITION_SCHEMES, REFERENCE_ALIBI_OPTIONS, position_scheme, scheme_of_config
-from alibi_dinov2.conversion.state_dicts import SOURCE_FORMATS, convert_dinov3_state_dict, convert_vit_state_dict, detect_format, is_checkpoint_file, read_state_dict_file
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
+
+from alibi_dinov2.conversion.families import (
+    ALIBI_FIELDS,
+    FAMILIES,
+    POSITION_SCHEMES,
+    REFERENCE_ALIBI_OPTIONS,
+    position_scheme,
+    scheme_of_config,
+)
+from alibi_dinov2.conversion.state_dicts import (
+    SOURCE_FORMATS,
+    convert_dinov3_state_dict,
+    convert_vit_state_dict,
+    detect_format,
+    is_checkpoint_file,
+    read_state_dict_file,
+)
 from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file
 
 
@@ -58,7 +74,9 @@ def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
         architecture = {k: config_fields[k] for k in family.architecture_fields}
         alibi_options = {k: config_fields[k] for k in ALIBI_FIELDS}
         scheme = scheme_of_config(model.config, family)
-        return SourceCheckpoint(model.state_dict(), architecture, "hf", scheme, str(source), alibi_options, family.name)
+        return SourceCheckpoint(
+            model.state_dict(), architecture, "hf", scheme, str(source), alibi_options, family.name
+        )
     if config.model_type not in STOCK_HF_MODELS:
         readable = ", ".join(f"`{name}`" for name in (*STOCK_HF_MODELS, *own))
         raise ValueError(f"{source} is a `{config.model_type}` model; the converter reads {readable} models.")

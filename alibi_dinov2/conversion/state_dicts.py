@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+
 import torch
 
 
@@ -244,7 +245,9 @@ def _dinov3_architecture(state_dict: dict, num_heads: int | None, read_rope: boo
     masks = [tensor for key, tensor in state_dict.items() if key.endswith(".attn.qkv.bias_mask")]
     masked = {_key_bias_masked(mask, "attn.qkv.bias_mask") for mask in masks}
     if len(masked) > 1:
-        raise CheckpointKeyError("Some blocks mask the key bias and others do not: one `key_bias` cannot describe both.")
+        raise CheckpointKeyError(
+            "Some blocks mask the key bias and others do not: one `key_bias` cannot describe both."
+        )
     qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
     architecture = dict(
         hidden_size=hidden_size,
@@ -283,7 +286,9 @@ def _dinov3_attention_entries(index: str, rest: str, tensor: torch.Tensor, key_b
 
 
 
-def convert_dinov3_state_dict(state_dict: dict, num_heads: int | None = None, read_rope: bool = True) -> tuple[dict, dict]:
+def convert_dinov3_state_dict(
+    state_dict: dict, num_heads: int | None = None, read_rope: bool = True
+) -> tuple[dict, dict]:
     """Map a state dict in Meta's dinov3 layout (bare or prefixed keys) onto `DINOv3ViTModel` keys, the keys of
     `AlibiDinov3Model`; learned ALiBi slopes `blocks.N.attn.m` become `model.alibi.slopes`.
 

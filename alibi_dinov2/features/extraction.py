@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from alibi_dinov2.io.images import check_image_size, describe_source, to_rgb01
 from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
+from alibi_dinov2.io.images import check_image_size, describe_source, to_rgb01
+
 
 LayerSelection = Union[str, int, Sequence[int]]
 
@@ -132,8 +133,9 @@ def _spec_of(backbone) -> _ModelSpec:
 def prefix_token_count(model: torch.nn.Module) -> int:
     """Number of tokens before the patch tokens (CLS, registers, distillation token).
 
-    ``alibi_dinov2`` / ``alibi_dinov3`` / ``dinov2_with_registers`` / ``dinov3_vit``: 1 + ``config.num_register_tokens``;
-    ``dinov2``, ``vit``, ``vit_mae``, ``vit_msn``, CLIP: 1; ``deit``: 2; ``ijepa``, SigLIP: 0.
+    ``alibi_dinov2`` / ``alibi_dinov3`` / ``dinov2_with_registers`` / ``dinov3_vit``:
+    1 + ``config.num_register_tokens``; ``dinov2``, ``vit``, ``vit_mae``, ``vit_msn``, CLIP: 1; ``deit``: 2;
+    ``ijepa``, SigLIP: 0.
     """
     backbone = resolve_backbone(model)
     return int(_spec_of(backbone).prefix(backbone.config))

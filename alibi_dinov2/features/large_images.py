@@ -15,13 +15,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alibi_dinov2.features.extraction import extract_patch_features_batch, has_streamed_attention, image_to_pixel_values, patch_size_of, resolve_backbone, transformer_layers
+from alibi_dinov2.features.extraction import (
+    extract_patch_features_batch,
+    has_streamed_attention,
+    image_to_pixel_values,
+    patch_size_of,
+    resolve_backbone,
+    transformer_layers,
+)
 from alibi_dinov2.io.images import read_image
 
 
 def chunked_attention(attention_memory_mb: float) -> dict:
-    """Keyword arguments of one ALiBi-DINOv2 or ALiBi-DINOv3 call that run it on the `alibi_chunked` path with its blocks bounded by
-    `attention_memory_mb` alone; the model and its config stay as they are (other threads may use them meanwhile)."""
+    """Keyword arguments of one ALiBi-DINOv2 or ALiBi-DINOv3 call that run it on the `alibi_chunked` path with its
+    blocks bounded by `attention_memory_mb` alone; the model and its config stay as they are (other threads may use
+    them meanwhile)."""
     if attention_memory_mb <= 0:
         raise ValueError(f"attention_memory_mb must be positive; got {attention_memory_mb}.")
     return dict(

@@ -162,14 +162,18 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], columns[None, :]]
 
 
-def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """(..., 3, H, W) in [0, 1] -> normalised with per-channel mean and std."""
     mean = torch.as_tensor(np.asarray(mean, dtype=np.float32), dtype=image.dtype)[:, None, None]
     std = torch.as_tensor(np.asarray(std, dtype=np.float32), dtype=image.dtype)[:, None, None]
     return (image - mean) / std
 
 
-def denormalize(pixel_values, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def denormalize(
+    pixel_values, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """(3, H, W) normalised -> (H, W, 3) float32 in [0, 1], for display."""
     values = np.asarray(pixel_values, dtype=np.float32).transpose(1, 2, 0)
     return np.clip(values * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32), 0.0, 1.0)

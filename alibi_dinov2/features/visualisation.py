@@ -15,8 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.cluster import KMeans
 
-from alibi_dinov2.io.images import to_rgb01
 from alibi_dinov2.features.pca import flatten_grid, pca_components, scale_per_component, standardise
+from alibi_dinov2.io.images import to_rgb01
+
 
 ChannelScores = Union[np.ndarray, Mapping[str, np.ndarray]]
 

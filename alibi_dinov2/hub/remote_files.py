@@ -126,8 +126,12 @@ def check_sha256(path, expected: str, source) -> None:
 
 def _fetch_hub_file(remote: RemoteFile, revision: str | None, cache_dir) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if revision and remote.revision and revision != remote.revision:
         raise InputError(f"{remote.url} names revision {remote.revision!r}, but --revision is {revision!r}")
@@ -147,10 +151,13 @@ def _fetch_hub_file(remote: RemoteFile, revision: str | None, cache_dir) -> Path
     except LocalEntryNotFoundError:
         reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
         raise SourceNotFoundError(
-            f"not in the cache: {remote.url} ({remote.filename} of {where}; {reason}; cache {cache_dir or constants.HF_HUB_CACHE})"
+            f"not in the cache: {remote.url} ({remote.filename} of {where}; {reason}; "
+            f"cache {cache_dir or constants.HF_HUB_CACHE})"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as error:
-        raise SourceNotFoundError(f"not found: {remote.url} ({type(error).__name__}: no {remote.filename} in {where})") from None
+        raise SourceNotFoundError(
+            f"not found: {remote.url} ({type(error).__name__}: no {remote.filename} in {where})"
+        ) from None
 
 
 def _fetch_url(remote: RemoteFile) -> tuple[Path, bool]:
@@ -211,4 +218,12 @@ def fetch_file(source, revision: str | None = None, sha256: str | None = None, c
     return path
 
 
-__all__ = ["RemoteFile", "check_sha256", "fetch_file", "is_remote_file", "parse_remote_file", "sha256_of", "url_cache_path"]
+__all__ = [
+    "RemoteFile",
+    "check_sha256",
+    "fetch_file",
+    "is_remote_file",
+    "parse_remote_file",
+    "sha256_of",
+    "url_cache_path",
+]

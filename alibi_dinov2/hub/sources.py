@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from alibi_dinov2.errors import SourceNotFoundError
-from alibi_dinov2.hub.offline import in_offline_hub_cache, hub_offline
+from alibi_dinov2.hub.offline import hub_offline, in_offline_hub_cache
 from alibi_dinov2.hub.remote_files import is_remote_file
 
 

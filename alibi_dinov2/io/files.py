@@ -18,6 +18,7 @@ from typing import Any, Iterator, Union
 
 import numpy as np
 
+
 PathLike = Union[str, os.PathLike]
 
 

@@ -34,6 +34,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
 
@@ -577,7 +578,10 @@ class SkippedInputs:
         """Log (and return) the final count, when anything was skipped."""
         if not self.items:
             return None
-        line = f"Skipped {len(self.items)} of {total} {self.what}s: {', '.join(self.names)} (pass --strict to fail instead)"
+        line = (
+            f"Skipped {len(self.items)} of {total} {self.what}s: {', '.join(self.names)} "
+            "(pass --strict to fail instead)"
+        )
         logger.warning(line)
         return line
 

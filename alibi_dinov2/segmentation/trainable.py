@@ -2,7 +2,9 @@
 
 Pixels a user labels (scribbles) train a classifier on per-pixel features; the classifier then labels
 every pixel. Features are the Weka-style classical stack, the ViT channels (PCA of a transformers
-model's patch features), or both. Label convention everywhere: 0 = unlabelled, 1..K = classes.
+model's patch features), or both: the extractor objects of :mod:`alibi_dinov2.segmentation.extractors`, which
+:meth:`TrainableSegmenter.feature_extractor` builds from the ``features`` name. Label convention everywhere:
+0 = unlabelled, 1..K = classes.
 
 Example::
 
@@ -14,8 +16,9 @@ Example::
 
 With ``feature_cache=FeatureCache()`` (:mod:`alibi_dinov2.features.cache`) an image's feature stacks are computed once
 and reused by later fits and predictions on the same pixels (more scribbles on the same image, several segmenters
-sharing the classical stack). The classical and ViT stacks are kept apart and never concatenated for the whole
-image: training gathers the labelled pixels of each, prediction joins them a block of pixels at a time.
+sharing the classical stack). The extractor's parts (the classical and the ViT stack) are kept apart and never
+concatenated for the whole image: training gathers the labelled pixels of each, prediction joins them a block of
+pixels at a time.
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from alibi_dinov2.features.classical import DEFAULT_SIGMAS, classical_features, feature_names, prepare_image
-from alibi_dinov2.features.cache import image_fingerprint
+from alibi_dinov2.features.classical import DEFAULT_SIGMAS, prepare_image
+from alibi_dinov2.segmentation.extractors import (
+    FeatureExtractor,
+    build_extractor,
+    image_statistics_of,
+    model_name_of,
+    uses_model,
+)
 
-FEATURE_SETS = ("classical", "vit", "classical+vit")
 CLASSIFIERS = ("xgboost", "random_forest")
 # Dense-CRF parameters of the reference (unary = -log p).
 CRF_PARAMETERS = {
@@ -82,14 +90,6 @@ def _common_channels(images: Sequence[np.ndarray]) -> int:
     if len(counts) > 1:
         raise ValueError(f"Training images have different channel counts {counts}; use images of one kind")
     return counts[0]
-
-
-def model_name_of(model) -> Optional[str]:
-    """Hub id or local folder a transformers model was loaded from, if known."""
-    if model is None:
-        return None
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(name) if name else type(model).__name__
 
 
 def _import_densecrf():
@@ -205,31 +205,37 @@ class TrainableSegmenter(BaseEstimator):
         return f"{type(self).__name__}({shown})"
 
     # ---------------------------------------------------------------- validation
-    @property
-    def _uses_classical(self) -> bool:
-        return self.features in ("classical", "classical+vit")
-
-    @property
-    def _uses_vit(self) -> bool:
-        return self.features in ("vit", "classical+vit")
-
-    def _check_params(self) -> None:
-        if self.features not in FEATURE_SETS:
-            raise ValueError(f"Unknown feature set {self.features!r}; allowed values: {', '.join(FEATURE_SETS)}")
+    def _check_params(self) -> FeatureExtractor:
+        """Checks the settings; returns :meth:`feature_extractor`."""
+        extractor = self.feature_extractor()
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"Unknown classifier {self.classifier!r}; allowed values: {', '.join(CLASSIFIERS)}")
-        if self._uses_vit and self.model is None:
-            raise ValueError(f"features={self.features!r} needs a ViT: pass model=<transformers model>")
         if self.crf:
             _import_densecrf()
+        return extractor
 
     # ---------------------------------------------------------------- features
+    def feature_extractor(self) -> FeatureExtractor:
+        """The extractor of the ``features`` set with this segmenter's settings (see
+        :func:`alibi_dinov2.segmentation.extractors.build_extractor`).
+
+        Raises:
+            ValueError: ``features`` names no feature set (the message names the valid ones), or a ViT set lacks
+                ``model``.
+        """
+        return build_extractor(
+            self.features,
+            model=self.model,
+            sigmas=self.sigmas,
+            feature_backend=self.feature_backend,
+            n_components=self.n_components,
+            image_processor=self.image_processor,
+            max_side=self.max_side,
+        )
+
     def feature_names(self) -> list[str]:
         """Names of the feature channels this configuration produces."""
-        names = list(feature_names(self.sigmas)) if self._uses_classical else []
-        if self._uses_vit:
-            names += [f"vit_pca{index + 1}" for index in range(self.n_components)]
-        return names
+        return self.feature_extractor().channel_names
 
     def extract_features(self, image: np.ndarray) -> np.ndarray:
         """Feature stack of one image.
@@ -240,60 +246,16 @@ class TrainableSegmenter(BaseEstimator):
         Returns:
             float32 (H, W, C), channels as :meth:`feature_names` (read-only when it comes from the cache).
         """
-        parts = self._feature_parts(image)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        return self._check_params()(image, cache=self.feature_cache)
 
     def features_cached(self, image: np.ndarray) -> bool:
         """Whether every feature stack of `image` is in :attr:`feature_cache` (so fitting computes none)."""
-        self._check_params()
-        return self.feature_cache is not None and all(key in self.feature_cache for key in self._part_keys(image))
-
-    @property
-    def _part_kinds(self) -> list[str]:
-        return [kind for kind, used in (("classical", self._uses_classical), ("vit", self._uses_vit)) if used]
-
-    def _part_keys(self, image: np.ndarray) -> list[tuple]:
-        """Cache keys of the feature stacks of `image`: its fingerprint and every setting the stacks depend on."""
-        fingerprint = image_fingerprint(image)
-        keys = []
-        for kind in self._part_kinds:
-            if kind == "classical":
-                keys.append((kind, fingerprint, tuple(float(s) for s in self.sigmas), self.feature_backend))
-            else:
-                statistics = self.image_statistics()
-                keys.append((kind, fingerprint, self.model, self.n_components, self.max_side,
-                             tuple(statistics["image_mean"]), tuple(statistics["image_std"])))
-        return keys
+        extractor = self._check_params()
+        return self.feature_cache is not None and all(key in self.feature_cache for key in extractor.cache_keys(image))
 
     def image_statistics(self) -> dict[str, list[float]]:
         """``{"image_mean", "image_std"}`` the ViT features normalise with: ``image_processor``'s, else ImageNet's."""
-        from alibi_dinov2.features.preprocessing import image_statistics
-
-        mean, std = image_statistics(self.image_processor)
-        return {"image_mean": mean.tolist(), "image_std": std.tolist()}
-
-    def _compute_part(self, kind: str, image: np.ndarray) -> np.ndarray:
-        if kind == "classical":
-            return classical_features(image, sigmas=self.sigmas, backend=self.feature_backend)
-        from alibi_dinov2.features.vit import vit_feature_channels
-
-        return vit_feature_channels(
-            self.model,
-            image,
-            n_components=self.n_components,
-            image_processor=self.image_processor,
-            max_side=self.max_side,
-        )
-
-    def _feature_parts(self, image: np.ndarray) -> list[np.ndarray]:
-        """The (H, W, c) feature stacks of one image, classical first, from the cache when it holds them."""
-        self._check_params()
-        if self.feature_cache is None:
-            return [self._compute_part(kind, image) for kind in self._part_kinds]
-        return [
-            self.feature_cache.get_or_compute(key, lambda kind=kind: self._compute_part(kind, image))
-            for kind, key in zip(self._part_kinds, self._part_keys(image))
-        ]
+        return image_statistics_of(self.image_processor)
 
     # ---------------------------------------------------------------- classifier
     def _make_classifier(self):
@@ -319,7 +281,7 @@ class TrainableSegmenter(BaseEstimator):
         Returns:
             self
         """
-        self._check_params()
+        extractor = self._check_params()
         image_list, single = _as_image_list(images)
         label_list = [np.asarray(labels)] if single else list(labels)
         if len(label_list) != len(image_list):
@@ -334,9 +296,10 @@ class TrainableSegmenter(BaseEstimator):
             if not np.any(lab > 0):
                 continue  # skip feature extraction for images without scribbles
             mask = lab > 0
-            rows.append(np.concatenate([part[mask] for part in self._feature_parts(image)], axis=1))
+            stacks = extractor.part_stacks(image, self.feature_cache)
+            rows.append(np.concatenate([stack[mask] for stack in stacks], axis=1))
             targets.append(lab[mask])
-        self._fit_rows(np.concatenate(rows), np.concatenate(targets))
+        self._fit_rows(np.concatenate(rows), np.concatenate(targets), extractor)
         self.n_image_channels_ = channels
         return self
 
@@ -348,7 +311,7 @@ class TrainableSegmenter(BaseEstimator):
             feature_maps: list of (H, W, C) float arrays.
             labels: list of (H, W) label images (0 = unlabelled).
         """
-        self._check_params()
+        extractor = self._check_params()
         if len(feature_maps) != len(labels):
             raise ValueError(f"Got {len(feature_maps)} feature map(s) but {len(labels)} label image(s)")
         checked = [_check_labels(lab, fm.shape, i) for i, (fm, lab) in enumerate(zip(feature_maps, labels))]
@@ -357,7 +320,7 @@ class TrainableSegmenter(BaseEstimator):
         self._check_class_count(checked)
         rows = np.concatenate([fm[lab > 0] for fm, lab in zip(feature_maps, checked)])
         targets = np.concatenate([lab[lab > 0] for lab in checked])
-        return self._fit_rows(rows, targets)
+        return self._fit_rows(rows, targets, extractor)
 
     @staticmethod
     def _check_class_count(labels: Sequence[np.ndarray]) -> None:
@@ -367,14 +330,14 @@ class TrainableSegmenter(BaseEstimator):
                 f"Only one class ({present.tolist()}) is labelled; a segmenter needs scribbles of at least two classes"
             )
 
-    def _fit_rows(self, rows: np.ndarray, targets: np.ndarray) -> "TrainableSegmenter":
-        expected = len(self.feature_names())
-        if rows.shape[1] != expected:
-            raise ValueError(f"Feature maps have {rows.shape[1]} channels; this configuration produces {expected}")
+    def _fit_rows(self, rows: np.ndarray, targets: np.ndarray, extractor: FeatureExtractor) -> "TrainableSegmenter":
+        names = extractor.channel_names
+        if rows.shape[1] != len(names):
+            raise ValueError(f"Feature maps have {rows.shape[1]} channels; this configuration produces {len(names)}")
         self.classes_ = np.unique(targets)
-        self.feature_names_ = self.feature_names()
+        self.feature_names_ = names
         self.n_features_in_ = rows.shape[1]
-        self.model_name_ = model_name_of(self.model) if self._uses_vit else None
+        self.model_name_ = model_name_of(self.model) if uses_model(self.features) else None
         self.n_image_channels_ = None  # unknown when trained on feature maps; fit() records it
         self.classifier_ = self._make_classifier()
         self.classifier_.fit(rows.astype(np.float32), np.searchsorted(self.classes_, targets))
@@ -446,11 +409,14 @@ class TrainableSegmenter(BaseEstimator):
         With ``crf=True`` these are the CRF-refined marginals.
         """
         self._check_fitted()
-        self._check_params()
+        extractor = self._check_params()
         image_list, single = _as_image_list(images)
         for image in image_list:
             self._check_channels(image)
-        results = [self._probabilities_from_parts(self._feature_parts(image), image) for image in image_list]
+        results = [
+            self._probabilities_from_parts(extractor.part_stacks(image, self.feature_cache), image)
+            for image in image_list
+        ]
         return results[0] if single else results
 
     def predict(self, images):
@@ -484,7 +450,7 @@ class TrainableSegmenter(BaseEstimator):
             "classes": self.classes_.tolist(),
             "feature_names": self.feature_names_,
             "image_channels": self.n_image_channels_,
-            "image_statistics": self.image_statistics() if self._uses_vit else None,
+            "image_statistics": self.image_statistics() if uses_model(self.features) else None,
         }
         write_segmenter(path, settings, self.classifier_)
 
@@ -519,13 +485,14 @@ class TrainableSegmenter(BaseEstimator):
         return segmenter
 
     def _check_model(self, model, model_name: Optional[str]) -> None:
-        if self._uses_vit and model is None:
+        uses_vit = uses_model(self.features)
+        if uses_vit and model is None:
             raise ValueError(
                 f"This segmenter uses {self.features!r} features of the model {model_name!r}; "
                 "load that model (e.g. transformers.AutoModel.from_pretrained(name, trust_remote_code=True)) "
                 "and pass it as model="
             )
-        if self._uses_vit and model_name_of(model) != model_name:
+        if uses_vit and model_name_of(model) != model_name:
             import warnings
 
             warnings.warn(f"Segmenter was trained with model {model_name!r} but got {model_name_of(model)!r}", stacklevel=3)

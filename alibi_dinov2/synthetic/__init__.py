@@ -1,0 +1,1 @@
+"""Synthetic data: homogeneous microstructures and hand-wired DINOv2 / DINOv3 teachers."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+
 TEXTURES = ("speckle", "mottled", "lamellar", "smooth")
 
 

@@ -62,7 +62,11 @@ def student_alibi_slope(arch: str, grid: int) -> float:
     from alibi_attention import normalizing_divisor
 
     options = STUDENT_ALIBI_OPTIONS[arch]
-    return TEACHER_SLOPE * normalizing_divisor(grid, grid, options["alibi_metric"], options.get("alibi_wrap", True)) / grid
+    return (
+        TEACHER_SLOPE
+        * normalizing_divisor(grid, grid, options["alibi_metric"], options.get("alibi_wrap", True))
+        / grid
+    )
 
 
 def save_teacher(model, folder, arch: str):
@@ -218,7 +222,9 @@ def build_synthetic_teacher(
             layer.norm1.weight[stabiliser] = stabiliser_gain
             layer.norm1.weight[marker] = 1
             layer.norm2.weight[reserved] = 0
-            wire_content_paths(attention.v_proj, attention.o_proj, layer.mlp.fc1, layer.mlp.fc2, reserved, scale, gain, mix)
+            wire_content_paths(
+                attention.v_proj, attention.o_proj, layer.mlp.fc1, layer.mlp.fc2, reserved, scale, gain, mix
+            )
         model.layernorm.weight[ramps : marker + 1] = 0
     return save_teacher(model, folder, "dinov2")
 
@@ -248,8 +254,8 @@ def build_synthetic_dinov3_teacher(
     * channels: `copies` channels each of the x and y ramps and their negatives (written by the attention; with 2,
       the distillation's `--blank_channels auto` blanks all 4 ramps in the target, with more the leak scores higher,
       0.82 for 1, 0.92 for 2, 0.97 for 4 on 518 px generated images, but the students are asked for unblanked ramps),
-      four register channels (register r holds R in channel r), a constant pair (+S, -S) that dominates every patch's LayerNorm scale, a marker of the
-      prefix tokens, then the content channels;
+      four register channels (register r holds R in channel r), a constant pair (+S, -S) that dominates every
+      patch's LayerNorm scale, a marker of the prefix tokens, then the content channels;
     * head 0 (the neighbourhood): queries and keys of patches read the constant channel into RoPE frequencies 0 and
       2 of both axes, so that their product is `sum_k a_k [cos w_k dy + cos w_k dx]`, about
       `-slope * (|dx| + |dy|) / grid` (offsets not wrapped); the marker gives the prefix tokens a logit of -30;
@@ -327,7 +333,9 @@ def build_synthetic_dinov3_teacher(
             layer.norm1.weight[stabiliser + 1] = 0
             layer.norm2.weight[reserved] = 0
             mlp = layer.mlp
-            wire_content_paths(attention.v_proj, attention.o_proj, mlp.up_proj, mlp.down_proj, reserved, scale, gain, mix)
+            wire_content_paths(
+                attention.v_proj, attention.o_proj, mlp.up_proj, mlp.down_proj, reserved, scale, gain, mix
+            )
             v, o = attention.v_proj.weight, attention.o_proj.weight
             v[read:] = 0
             o[:, read:] = 0

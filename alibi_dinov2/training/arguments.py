@@ -15,6 +15,7 @@ default (the distillation trains 15 epochs at 1e-4, the linear segmentation prob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from alibi_dinov2.errors import InputError
@@ -33,7 +34,7 @@ def parse_checkpointing_steps(value) -> int | str | None:
     except (TypeError, ValueError):
         steps = 0
     if steps < 1 or str(value).strip() not in (str(steps), f"{steps}.0"):
-        raise InputError(f"--checkpointing_steps takes a positive number of steps or `epoch`; got {value!r}")
+        raise InputError(f"--checkpointing_steps must be a positive integer or `epoch`; got {value!r}")
     return steps
 
 
@@ -97,13 +98,23 @@ class RunArguments:
         self.checkpointing_steps = parse_checkpointing_steps(self.checkpointing_steps)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name} must be at least 1; got {getattr(self, name)}")
+                raise InputError(f"--{name} must be a positive integer; got {getattr(self, name)}")
         for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "logging_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise InputError(f"--{name} must be at least 1 (or left unset); got {value}")
-        if self.learning_rate <= 0:
+                raise InputError(f"--{name} must be a positive integer (or left unset); got {value}")
+        for name in ("weight_decay", "dataloader_num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"--{name} must be >= 0; got {value}")
+        if not self.learning_rate > 0:
             raise InputError(f"--learning_rate must be positive; got {self.learning_rate}")
+        resume = self.resume_from_checkpoint
+        if resume and resume != "latest" and not Path(resume).is_dir():
+            raise InputError(f"--resume_from_checkpoint {resume} is not a folder (or use `latest`)")
+        if self.push_to_hub and not self.hub_model_id and self.output_dir:
+            self.hub_model_id = Path(self.output_dir).resolve().name
+        self.report_to = (self.report_to or "none").strip()
 
     @property
     def trackers(self) -> str | None:

@@ -290,8 +290,3 @@ def remove_incomplete_checkpoints(output_dir: PathLike) -> None:
         for path in root.iterdir():
             if path.is_dir() and path.name.startswith((_TEMPORARY_PREFIX, _REPLACED_PREFIX)):
                 _remove_tree(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Hub
-# --------------------------------------------------------------------------------------------------
