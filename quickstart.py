@@ -40,7 +40,14 @@ from alibi_dinov2.cli import ArgumentParser, run_command
 from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.images import to_float01
-from alibi_dinov2.synthetic.teachers import STUDENT_ALIBI_OPTIONS, SYNTHETIC_NOTES, TEACHER_ARCHS, TEACHER_BUILDERS, TEACHER_PATCH_SIZES, student_alibi_slope
+from alibi_dinov2.synthetic.teachers import (
+    STUDENT_ALIBI_OPTIONS,
+    SYNTHETIC_NOTES,
+    TEACHER_ARCHS,
+    TEACHER_BUILDERS,
+    TEACHER_PATCH_SIZES,
+    student_alibi_slope,
+)
 
 
 # Homogeneous textures only: a held-out image whose content itself varies with position (a scene, a lone cell, an
@@ -235,8 +242,8 @@ def main(argv=None) -> dict:
     if args.teacher != "synthetic":
         check_model_source(args.teacher)  # before any work, and before any Hub call
     from alibi_dinov2.conversion.convert import convert
-    from alibi_dinov2.io.image_sets import load_image_source
     from alibi_dinov2.hub.models import load_model
+    from alibi_dinov2.io.image_sets import load_image_source
     from evaluation.report import build_report
 
     args.output_dir.mkdir(parents=True, exist_ok=True)

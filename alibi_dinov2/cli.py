@@ -10,8 +10,7 @@ with :class:`ArgumentParser`, transformers' `HfArgumentParser` with three additi
 * user errors (:class:`InputError`: a missing model, image or folder, a bad value) end the command with one line
   naming the problem and exit status 2, through :func:`run_command`.
 
-Model sources are checked before any Hub call: :func:`check_model_source` says "not found: PATH" for a path that is
-neither a file, a folder nor a Hub id (offline, a Hub id must be in the local cache).
+Model sources are checked before any Hub call by :func:`alibi_dinov2.hub.sources.check_model_source`.
 """
 
 from __future__ import annotations
@@ -26,16 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transformers import HfArgumentParser
+
 from alibi_dinov2.errors import InputError, SourceNotFoundError
 
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +85,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if action.option_strings and len(action.option_strings) > 1:
-            shown = [option for option in action.option_strings if not option.startswith("--") or "-" not in option[2:]]
+            shown = [
+                option for option in action.option_strings if not option.startswith("--") or "-" not in option[2:]
+            ]
             action = _with_options(action, shown)
         return super()._format_action_invocation(action)
 
@@ -182,15 +180,13 @@ def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: st
 
 
 # --------------------------------------------------------------------------------------------------
-# Model sources, errors, workers
+# Errors, workers
 # --------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-def run_command(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None):
+def run_command(
+    main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None
+):
     """Run a command's `main(argv)`; a user error ends it with one line on stderr and exit status 2."""
     from alibi_dinov2.io.images import ImageReadError
 

@@ -27,16 +27,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from demo import segmentation_view as segmentation
 from alibi_dinov2.cli import ArgumentParser, run_command
 from alibi_dinov2.features.cache import FeatureCache
 from alibi_dinov2.features.extraction import extract_patch_features, patch_size_of
-from alibi_dinov2.io.images import load_image, to_rgb01
-from alibi_dinov2.features.preprocessing import shrink_to_max_side
-from alibi_dinov2.names import short_names
-from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
+from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE, shrink_to_max_side
 from alibi_dinov2.features.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
-from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE
+from alibi_dinov2.io.images import load_image, to_rgb01
+from alibi_dinov2.names import short_names
+from demo import segmentation_view as segmentation
+from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
 
 
 PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it

@@ -21,10 +21,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from alibi_dinov2.io.images import to_rgb01
 from alibi_dinov2.features.preprocessing import resize_nearest, shrink_to_max_side, shrunk_size
-from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 from alibi_dinov2.features.visualisation import CLASS_COLOURS, overlay_labels, to_uint8
+from alibi_dinov2.io.images import to_rgb01
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+
 
 FEATURE_SETS = ("classical", "classical+vit")
 MASK_FORMATS = {"PNG": ".png", "TIFF": ".tif"}

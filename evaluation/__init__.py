@@ -1,2 +1,2 @@
-"""Measurements of alibi-dinov2 models: positional probes (one protocol), the report, metrics, the transformation
+"""Measurements of alibi-dinov2 models: positional probes, the report, metrics, the transformation
 check, the scribble benchmark, linear segmentation probes and publishing with evaluation."""

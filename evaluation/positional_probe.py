@@ -18,6 +18,7 @@ from typing import Sequence, Union
 import numpy as np
 from sklearn.base import BaseEstimator
 
+
 SINGLE_RAMPS: tuple[str, ...] = ("lr", "ud", "diag", "radial", "random", "raster")
 COMPOUND_RAMPS: dict[str, tuple[str, ...]] = {"lr+ud": ("lr", "ud")}
 RAMPS: tuple[str, ...] = ("lr", "ud", "lr+ud", "diag", "radial", "random", "raster")

@@ -34,12 +34,18 @@ from tqdm.auto import tqdm
 
 from alibi_dinov2.cli import ArgumentParser, run_command
 from alibi_dinov2.errors import InputError
-from alibi_dinov2.features.extraction import extract_patch_features, patch_size_of, prefix_token_count, resolve_backbone
+from alibi_dinov2.features.extraction import (
+    extract_patch_features,
+    patch_size_of,
+    prefix_token_count,
+    resolve_backbone,
+)
+from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.io.image_sets import NamedImage, load_image_source
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs
 from evaluation.positional_probe import MIN_PROBE_SAMPLES, expand_ramps, linear_probe, n_samples, per_channel_probe
-from alibi_dinov2.io.image_sets import NamedImage, load_image_source
-from alibi_dinov2.hub.models import load_model
+
 
 logger = logging.getLogger(__name__)
 

@@ -21,15 +21,22 @@ from tqdm.auto import tqdm
 
 from alibi_dinov2.cli import ArgumentParser, run_command
 from alibi_dinov2.features.extraction import extract_patch_features
+from alibi_dinov2.features.visualisation import (
+    cosine_similarity_map,
+    kmeans_map,
+    pca_rgb,
+    plot_channel_r2,
+    plot_layer_fingerprint,
+    side_by_side,
+)
+from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
+from alibi_dinov2.io.image_sets import NamedImage
 from alibi_dinov2.io.images import SkippedInputs
 from alibi_dinov2.names import short_names
 from evaluation.positional_probe import R2_MEANING, describe_r2, layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
-from alibi_dinov2.io.image_sets import NamedImage
-from alibi_dinov2.hub.models import load_model
 from evaluation.transform_check import transform_check
-from alibi_dinov2.features.visualisation import cosine_similarity_map, kmeans_map, pca_rgb, plot_channel_r2, plot_layer_fingerprint, side_by_side
 
 
 DEFAULT_RAMPS = ("lr+ud", "lr", "ud", "radial", "random")

@@ -57,6 +57,7 @@ from alibi_dinov2.segmentation.extractors import (
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 from evaluation.metrics import confusion_matrix, scores_from_confusion
 
+
 Pair = tuple[np.ndarray, np.ndarray]
 
 

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from alibi_dinov2.features.classical import DEFAULT_SIGMAS, classical_features, feature_names, membrane_kernels, n_features
+from alibi_dinov2.features.classical import (
+    DEFAULT_SIGMAS,
+    classical_features,
+    feature_names,
+    membrane_kernels,
+    n_features,
+)
+
 
 NAMES = feature_names()
 

@@ -9,6 +9,7 @@ import torch
 from skimage import data
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from demo.app import (
     analyse_features,
@@ -19,7 +20,6 @@ from demo.app import (
     prepare_image,
     render_comparison,
 )
-from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
@@ -122,6 +122,7 @@ def test_build_demo_without_gradio_says_how_to_install_it(tiny_models, monkeypat
         build_demo(tiny_models)
 
 
+@pytest.mark.slow
 def test_the_page_runs_the_comparison_and_reports_bad_input(tiny_models, tmp_path):
     gradio = pytest.importorskip("gradio")
     page = build_demo(tiny_models, max_side=150)
@@ -168,10 +169,10 @@ def served_page(download_root):
 @pytest.fixture(scope="module")
 def scribbled(tmp_path_factory):
     """A two-phase micrograph (PNG) with its truth and a scribble layer (RGBA PNG) in the class colours."""
-    from demo.segmentation_view import scribble_layer
     from alibi_dinov2.io.images import write_image
-    from evaluation.scribble_benchmark import simulate_scribble_rounds
     from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
+    from demo.segmentation_view import scribble_layer
+    from evaluation.scribble_benchmark import simulate_scribble_rounds
 
     folder = tmp_path_factory.mktemp("scribbled")
     ((image, truth),) = generate_microstructure_dataset(1, size=(120, 150), n_phases=2, seed=3)
@@ -218,8 +219,14 @@ def test_a_script_sends_a_16_bit_file_segmented_in_full_precision(served_page, s
 
     folder, truth, scribbles = scribbled
     write_image(tmp_path / "phases.tif", np.where(truth == 1, 30000, 30040).astype(np.uint16))  # one 8-bit level
-    _, _, files = served_page.predict(editor_payload(None, folder / "scribbles.png"), handle_file(str(tmp_path / "phases.tif")),
-                                      [], "classical", "TIFF", api_name="/segment")
+    _, _, files = served_page.predict(
+        editor_payload(None, folder / "scribbles.png"),
+        handle_file(str(tmp_path / "phases.tif")),
+        [],
+        "classical",
+        "TIFF",
+        api_name="/segment",
+    )
     assert [Path(path).name for path in files] == ["classical-features-segmenter.zip", "classical-features-mask.tif"]
     mask = read_labels(files[1])
     assert mask.shape == truth.shape
@@ -230,8 +237,8 @@ def test_the_page_says_what_is_missing(served_page, scribbled, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    from demo.segmentation_view import scribble_layer
     from alibi_dinov2.io.images import write_image
+    from demo.segmentation_view import scribble_layer
 
     folder, truth, _ = scribbled
     write_image(tmp_path / "blank.png", scribble_layer(np.zeros_like(truth)))
@@ -241,8 +248,14 @@ def test_the_page_says_what_is_missing(served_page, scribbled, tmp_path):
     with pytest.raises(AppError, match="Upload a micrograph"):
         served_page.predict(editor_payload(None), None, ["ALiBi"], "classical", "PNG", api_name="/segment")
     with pytest.raises(AppError, match="The editor shows another picture than the chosen file micrograph.png"):
-        served_page.predict(editor_payload(tmp_path / "blank.png", folder / "scribbles.png"),
-                            handle_file(str(folder / "micrograph.png")), ["ALiBi"], "classical", "PNG", api_name="/segment")
+        served_page.predict(
+            editor_payload(tmp_path / "blank.png", folder / "scribbles.png"),
+            handle_file(str(folder / "micrograph.png")),
+            ["ALiBi"],
+            "classical",
+            "PNG",
+            api_name="/segment",
+        )
     (tmp_path / "broken.tif").write_bytes(b"II*\x00not a tiff")
     with pytest.raises(AppError, match="Could not read .*broken.tif"):
         served_page.predict(editor_payload(None, folder / "scribbles.png"), handle_file(str(tmp_path / "broken.tif")),

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
-from evaluation import linear_segmentation as linseg
 from alibi_dinov2.hub import push
 from alibi_dinov2.training import runs as training_runs
+from configuration_alibi_dinov2 import AlibiDinov2Config
+from evaluation import linear_segmentation as linseg
 from evaluation.linear_segmentation.datasets import SegmentationDataset, load_segmentation_split, prepare_labels
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
@@ -425,6 +425,7 @@ def test_saved_datasets_folder_gives_the_same_samples_as_the_image_folder(worksp
         load_segmentation_split("validation", dataset_name=str(tmp_path / "saved"), image_column="picture")
 
 
+@pytest.mark.multiprocess
 def test_two_processes_share_the_work_without_double_counting(workspace, tmp_path):
     """Two CPU processes in one gloo group, launched through torchrun (accelerate's `--multi_gpu`)."""
     import os

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
-from evaluation.positional_probe import make_ramp
 from alibi_dinov2.features.preprocessing import image_statistics, load_image_processor
-from evaluation.probe_runner import format_table, main, probe_seed, run_probe
-from alibi_dinov2.io.image_sets import load_image_source, noise_images, texture_images
 from alibi_dinov2.hub.models import load_model
+from alibi_dinov2.io.image_sets import load_image_source, noise_images, texture_images
+from evaluation.positional_probe import make_ramp
+from evaluation.probe_runner import format_table, main, probe_seed, run_probe
+
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import quickstart
 import alibi_dinov2.synthetic.teachers as synthetic_teachers
+import quickstart
 from evaluation.positional_probe import linear_probe
 
 
@@ -93,6 +93,7 @@ def test_options_come_from_a_config_file_and_flags(tmp_path, capsys):
     assert "invalid choice: 'learned'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reduced_quickstart_shows_the_effect(tmp_path):
     report = quickstart.main([
         "--output_dir", str(tmp_path),
@@ -129,6 +130,7 @@ def test_reduced_quickstart_shows_the_effect(tmp_path):
     assert (tmp_path / "student-nope" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_reduced_quickstart_with_a_dinov3_teacher_shows_the_effect(tmp_path):
     report = quickstart.main([
         "--teacher_arch", "dinov3",

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from configuration_alibi_dinov2 import AlibiDinov2Config
 from alibi_dinov2.io.image_sets import load_image_source
+from alibi_dinov2.synthetic.teachers import smooth_position_embedding
+from configuration_alibi_dinov2 import AlibiDinov2Config
 from evaluation.report import build_report, main
 from modeling_alibi_dinov2 import AlibiDinov2Model
-from alibi_dinov2.synthetic.teachers import smooth_position_embedding
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=224)
@@ -107,8 +107,8 @@ def test_command_line_names_models_and_sets_by_their_last_path_part(tmp_path):
     positional_model().save_pretrained(folder)
     images = tmp_path / "deep" / "path" / "imgs"
     images.mkdir(parents=True)
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (252, 252, 3), dtype=np.uint8)).save(images / "a.png")
     content = main(["--models", str(folder), "--images", str(images), "--repeats", "1", "--picture_images", "1",

@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from alibi_dinov2.io.images import write_image, write_mask
+from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
 from evaluation.scribble_benchmark import (
     find_image_mask_pairs,
     main,
@@ -15,7 +16,7 @@ from evaluation.scribble_benchmark import (
     run_scribble_benchmark,
     simulate_scribble_rounds,
 )
-from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
+
 
 CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -179,9 +180,8 @@ def test_benchmark_with_an_alibi_model_object():
 
 
 def test_the_benchmark_computes_each_stack_once_for_all_runs_that_share_it(monkeypatch):
-    from conftest import tiny_alibi_model
-
     from alibi_dinov2.segmentation import extractors
+    from conftest import tiny_alibi_model
 
     computed = {"classical": 0, "vit": 0}
     classical, vit = extractors.classical_features, extractors.vit_feature_channels

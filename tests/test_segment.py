@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from alibi_dinov2.segmentation import command as segment
 from alibi_dinov2.cli import run_command
 from alibi_dinov2.io.images import read_pages, write_image, write_mask
+from alibi_dinov2.segmentation import command as segment
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
 from evaluation.metrics import segmentation_scores
 from evaluation.scribble_benchmark import simulate_scribble_rounds
-from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
-from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
 
 def as_uint16(image):
@@ -147,8 +147,8 @@ def test_vit_features_use_the_model_folders_own_image_statistics(material, tmp_p
     import torch
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    from conftest import TINY_DINOV2
     from alibi_dinov2.features.vit import vit_feature_channels
+    from conftest import TINY_DINOV2
 
     folder, _, _ = material
     statistics = {"image_mean": [0.2, 0.3, 0.4], "image_std": [0.05, 0.1, 0.2]}

@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_alibi_model
 
 from alibi_dinov2.features.cache import FeatureCache
 from alibi_dinov2.features.classical import classical_features, feature_names
@@ -20,6 +19,7 @@ from alibi_dinov2.segmentation.extractors import (
     build_extractor,
     model_fingerprint,
 )
+from conftest import tiny_alibi_model
 
 
 @pytest.fixture(scope="module")

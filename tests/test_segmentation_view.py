@@ -9,17 +9,18 @@ import pytest
 import torch
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from alibi_dinov2.features.cache import FeatureCache
+from alibi_dinov2.features.visualisation import CLASS_COLOURS
+from alibi_dinov2.io.images import read_labels
+from alibi_dinov2.segmentation import extractors
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from demo import segmentation_view as view
-from alibi_dinov2.segmentation import extractors
-from alibi_dinov2.features.cache import FeatureCache
-from alibi_dinov2.io.images import read_labels
 from evaluation.metrics import segmentation_scores
 from evaluation.scribble_benchmark import simulate_scribble_rounds
-from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
-from alibi_dinov2.segmentation.trainable import TrainableSegmenter
-from alibi_dinov2.features.visualisation import CLASS_COLOURS
 from modeling_alibi_dinov2 import AlibiDinov2Model
+
 
 UNUSUAL_STATISTICS = {"image_mean": [0.2, 0.3, 0.4], "image_std": [0.05, 0.1, 0.2]}
 

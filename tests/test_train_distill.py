@@ -252,6 +252,7 @@ def test_streamed_dataset(teacher_folder, image_folder, tmp_path):
     assert summary["teacher_forward_images"] == 10 and summary["cached_target_hits"] == 8
 
 
+@pytest.mark.multiprocess
 def test_two_processes_with_accelerate_launch(teacher_folder, image_folder, tmp_path):
     """Two CPU processes in one gloo group. accelerate's `--cpu` starts a single process unless given an MPI host
     file, so the group is launched through torchrun (`--multi_gpu`); the script runs it on the CPU when the machine

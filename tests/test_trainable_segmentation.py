@@ -8,11 +8,16 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 
 from alibi_dinov2.features.classical import n_features
+from alibi_dinov2.features.vit import (
+    extract_patch_features_tiled,
+    pca_reduce_patches,
+    vit_feature_channels_from_patches,
+)
+from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
 from evaluation.metrics import segmentation_scores
 from evaluation.scribble_benchmark import simulate_scribble_rounds
-from alibi_dinov2.synthetic.microstructures import generate_microstructure, generate_microstructure_dataset
-from alibi_dinov2.segmentation.trainable import TrainableSegmenter
-from alibi_dinov2.features.vit import extract_patch_features_tiled, pca_reduce_patches, vit_feature_channels_from_patches
+
 
 HAS_CRF = importlib.util.find_spec("pydensecrf") is not None
 

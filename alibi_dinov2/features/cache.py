@@ -20,6 +20,7 @@ from typing import Callable, Hashable
 
 import numpy as np
 
+
 DEFAULT_MAX_BYTES = 4 << 30
 
 

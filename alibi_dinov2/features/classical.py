@@ -45,6 +45,7 @@ from scipy import ndimage
 
 from alibi_dinov2.io.images import to_float01, to_grayscale
 
+
 DEFAULT_SIGMAS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 MEMBRANE_KERNEL_SIZE = 15
 MEMBRANE_ANGLE_STEP_DEG = 6.0

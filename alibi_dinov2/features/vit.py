@@ -16,8 +16,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from alibi_dinov2.io.images import check_image_size, to_rgb01
 from alibi_dinov2.features.pca import pca_components, scale_per_component
+from alibi_dinov2.io.images import check_image_size, to_rgb01
+
 
 DEFAULT_N_COMPONENTS = 9
 

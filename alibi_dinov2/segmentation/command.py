@@ -25,8 +25,18 @@ from alibi_dinov2.cli import ArgumentParser, load_config_file
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import atomic_path, save_array_atomic
-from alibi_dinov2.io.images import ImageReadError, SkippedInputs, list_image_files, read_image, read_labels, read_pages, write_image, write_mask
+from alibi_dinov2.io.images import (
+    ImageReadError,
+    SkippedInputs,
+    list_image_files,
+    read_image,
+    read_labels,
+    read_pages,
+    write_image,
+    write_mask,
+)
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+
 
 SUBCOMMANDS = ("train", "apply")
 USAGE = "usage: python -m alibi_dinov2.segmentation.command {train,apply} [CONFIG_FILE] [--option VALUE ...]; {train,apply} --help"

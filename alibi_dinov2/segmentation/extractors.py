@@ -28,6 +28,7 @@ from alibi_dinov2.features.cache import image_fingerprint
 from alibi_dinov2.features.classical import DEFAULT_SIGMAS, classical_features, feature_names
 from alibi_dinov2.features.vit import DEFAULT_N_COMPONENTS, vit_feature_channels
 
+
 FEATURE_SETS = ("classical", "vit", "classical+vit")
 _FINGERPRINT_SAMPLES = 64  # values hashed per weight tensor (spread over it): cheap for any model size
 

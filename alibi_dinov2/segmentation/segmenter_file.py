@@ -20,6 +20,7 @@ from typing import Callable, Union
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.io.files import atomic_path
 
+
 PathLike = Union[str, os.PathLike]
 FORMAT = "alibi-dinov2/trainable-segmenter"
 VERSION = 2

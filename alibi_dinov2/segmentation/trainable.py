@@ -39,6 +39,7 @@ from alibi_dinov2.segmentation.extractors import (
     uses_model,
 )
 
+
 CLASSIFIERS = ("xgboost", "random_forest")
 # Dense-CRF parameters of the reference (unary = -log p).
 CRF_PARAMETERS = {

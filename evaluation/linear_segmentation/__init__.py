@@ -78,6 +78,7 @@ from evaluation.linear_segmentation.training import (
     train_head,
 )
 
+
 __all__ = [
     "FIELD_HELP",
     "MIXED_PRECISION_CHOICES",

@@ -10,6 +10,7 @@ from alibi_dinov2.errors import InputError
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.training import run_linear_segmentation
 
+
 PROG = "python -m evaluation.linear_segmentation"
 
 

@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alibi_dinov2.cli import did_you_mean
+from alibi_dinov2.cli import load_config_file as read_config_file
 from alibi_dinov2.errors import InputError
-from alibi_dinov2.cli import did_you_mean, load_config_file as read_config_file
 from evaluation.linear_segmentation.datasets import RESIZE_MODES
 
 

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from alibi_dinov2.cli import did_you_mean
 from alibi_dinov2.features.extraction import extract_patch_features_batch, patch_size_of
+from alibi_dinov2.features.preprocessing import image_statistics
 from alibi_dinov2.io.files import save_array_atomic, write_json_atomic
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs, check_image_size, describe_source
 from evaluation.linear_segmentation.config import TRANSFORMS, LinearSegmentationConfig
-from alibi_dinov2.features.preprocessing import image_statistics
 from evaluation.linear_segmentation.datasets import SegmentationDataset, load_segmentation_split
+
 
 PathLike = Union[str, os.PathLike]
 

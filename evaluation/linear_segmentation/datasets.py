@@ -38,8 +38,16 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from alibi_dinov2.features.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_box,
+    normalize,
+    resize_and_crop,
+    resize_nearest,
+)
 from alibi_dinov2.io.images import IMAGE_SUFFIXES, load_image, read_rgb01
-from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, normalize, resize_and_crop, resize_nearest
+
 
 PathLike = Union[str, os.PathLike]
 

@@ -18,6 +18,7 @@ from evaluation.linear_segmentation.data import EpochShuffleSampler
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import segmentation_scores
 
+
 PathLike = Union[str, os.PathLike]
 
 # The constructor parameters written to probe_config.json (the device and verbosity belong to the session); all

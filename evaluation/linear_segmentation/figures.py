@@ -10,6 +10,7 @@ import numpy as np
 
 from alibi_dinov2.io.files import atomic_path
 
+
 PathLike = Union[str, os.PathLike]
 
 

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from alibi_dinov2.hub import push
-from alibi_dinov2.training import runs
-from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.cli import default_num_workers
 from alibi_dinov2.features.extraction import patch_size_of, resolve_backbone
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from alibi_dinov2.hub import push
+from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.training import runs
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.data import (
     EpochShuffleSampler,
@@ -37,12 +38,11 @@ from evaluation.linear_segmentation.data import (
     transform_images,
     undo_transform_on_features,
 )
+from evaluation.linear_segmentation.datasets import SegmentationDataset
 from evaluation.linear_segmentation.estimator import SAVED_PARAMS, LinearSegmentationProbe
 from evaluation.linear_segmentation.figures import plot_example_predictions
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import confusion_counts, scores_from_confusion
-from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from evaluation.linear_segmentation.datasets import SegmentationDataset
 
 
 @dataclasses.dataclass
