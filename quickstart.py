@@ -7,7 +7,8 @@ on a CPU.
 By default the teacher is SYNTHETIC: a small DINOv2 with random content weights whose position embedding does two
 things, set by hand: smooth 2D ramps make its features leak patch positions the way pretrained DINOv2 features do,
 and codes read by its queries and keys make every patch attend to its neighbourhood, so that its features depend on
-the patches around each one. The synthetic DINOv3 does both through its RoPE instead (see `alibi_dinov2.synthetic.teachers`).
+the patches around each one. The synthetic DINOv3 does both through its RoPE instead (see
+`alibi_dinov2.synthetic.teachers`).
 No pretrained weights are needed, and the whole method runs for real on it:
 
 1. the teacher is written as a transformers folder and read back through `convert_checkpoint.py`;
@@ -179,7 +180,8 @@ def neighbourhood_note(cosines: dict) -> str | None:
         return None
     return (
         "The synthetic teacher's features depend on each patch's neighbourhood. The ALiBi student's distance bias "
-        f"can model that; the NoPE student, a bag of patches, cannot: held-out patch cosine to the teacher {alibi:.3f} "
+        "can model that; the NoPE student, a bag of patches, cannot: held-out patch cosine to the teacher "
+        f"{alibi:.3f} "
         f"(ALiBi) vs {nope:.3f} (NoPE). In the PCA pictures ALiBi's colours change smoothly across boundaries as the "
         "teacher's do; NoPE's change patch by patch."
     )

@@ -68,9 +68,9 @@ class DistillationArguments(RunArguments):
     # Models
     teacher: str = field(
         default=DEFAULT_TEACHER,
-        metadata={"help": "teacher: a Hub id, a transformers DINOv2 or DINOv3 folder, a Meta (DINOv2 or dinov3) .pth or "
-                  "a timm .pth, read with convert_checkpoint.py and reproduced exactly; a DINOv3 teacher gives an "
-                  "ALiBi-DINOv3 student"},
+        metadata={"help": "teacher: a Hub id, a transformers DINOv2 or DINOv3 folder, a Meta (DINOv2 or dinov3) "
+                  ".pth or a timm .pth, read with convert_checkpoint.py and reproduced exactly; a DINOv3 teacher "
+                  "gives an ALiBi-DINOv3 student"},
     )
     variant: Literal["alibi", "nope"] = field(
         default="alibi",
@@ -89,7 +89,9 @@ class DistillationArguments(RunArguments):
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset of training images (instead of --train_dir)"}
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "configuration (subset) of --dataset_name"})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "configuration (subset) of --dataset_name"}
+    )
     train_split: str = field(default="train", metadata={"help": "split of --dataset_name"})
     image_column: str | None = field(
         default=None, metadata={"help": "column of --dataset_name holding the images (None: its first image column)"}

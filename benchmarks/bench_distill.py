@@ -30,7 +30,12 @@ from alibi_dinov2.features.preprocessing import normalize  # noqa: E402
 from alibi_dinov2.training.data import content_key  # noqa: E402
 from alibi_dinov2.training.objective import distillation_loss  # noqa: E402
 from alibi_dinov2.training.students import build_student, load_teacher  # noqa: E402
-from alibi_dinov2.training.targets import TeacherTargetCache, batch_targets, patch_tokens, teacher_fingerprint  # noqa: E402
+from alibi_dinov2.training.targets import (  # noqa: E402
+    TeacherTargetCache,
+    batch_targets,
+    patch_tokens,
+    teacher_fingerprint,
+)
 from benchmarks.common import parse, write_results  # noqa: E402
 from configuration_alibi_dinov2 import AlibiDinov2Config  # noqa: E402
 from modeling_alibi_dinov2 import AlibiDinov2Model  # noqa: E402
@@ -167,14 +172,20 @@ def print_table(results: dict) -> None:
 
 @dataclass
 class DistillBenchmarkArguments:
-    model: Literal["tiny", "vit-s"] = field(default="tiny", metadata={"help": "tiny (tests) or vit-s (ViT-S/14, 4 registers)"})
-    image_size: int | None = field(default=None, metadata={"help": "training image size (default 224 for vit-s, 56 for tiny)"})
+    model: Literal["tiny", "vit-s"] = field(
+        default="tiny", metadata={"help": "tiny (tests) or vit-s (ViT-S/14, 4 registers)"}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "training image size (default 224 for vit-s, 56 for tiny)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "images per step"})
     steps: int = field(default=5, metadata={"help": "timed steps per mode"})
     warmup: int = field(default=1, metadata={"help": "untimed steps per mode"})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
-    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_distill-MODEL.json)"})
+    output: str | None = field(
+        default=None, metadata={"help": "JSON file (default benchmarks/results/bench_distill-MODEL.json)"}
+    )
 
 
 def main(argv=None) -> dict:

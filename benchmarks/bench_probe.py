@@ -86,8 +86,12 @@ def run(grid: int = 37, channels: int = 384, repeats: int = 5, step: int = 6, al
     for sampling in ("random", "grid"):
         for ramp in ("lr", "lr+ud"):
             seed = 0
-            vectorised = best_time(lambda: per_channel_probe(features, ramp, step, sampling, alpha, seed=seed), 10 * repeats)
-            loop = best_time(lambda: sklearn_per_channel(features, ramp, step, sampling, alpha, seed), max(1, repeats // 2))
+            vectorised = best_time(
+                lambda: per_channel_probe(features, ramp, step, sampling, alpha, seed=seed), 10 * repeats
+            )
+            loop = best_time(
+                lambda: sklearn_per_channel(features, ramp, step, sampling, alpha, seed), max(1, repeats // 2)
+            )
             difference = np.abs(
                 per_channel_probe(features, ramp, step, sampling, alpha, seed=seed)
                 - sklearn_per_channel(features, ramp, step, sampling, alpha, seed)
@@ -106,7 +110,10 @@ def run(grid: int = 37, channels: int = 384, repeats: int = 5, step: int = 6, al
         ramp = "lr+ud"
         ours = best_time(lambda: linear_probe(features, ramp, step, sampling, alpha, seed=0), 10 * repeats)
         reference = best_time(lambda: sklearn_probe(features, ramp, step, sampling, alpha, 0), repeats)
-        difference = abs(linear_probe(features, ramp, step, sampling, alpha, seed=0) - sklearn_probe(features, ramp, step, sampling, alpha, 0))
+        difference = abs(
+            linear_probe(features, ramp, step, sampling, alpha, seed=0)
+            - sklearn_probe(features, ramp, step, sampling, alpha, 0)
+        )
         rows.append(
             {
                 "probe": "all channels",
@@ -132,7 +139,10 @@ def run(grid: int = 37, channels: int = 384, repeats: int = 5, step: int = 6, al
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'probe':<13} {'sampling':<8} {'ramp':<6} {'ours (ms)':>10} {'sklearn (ms)':>13} {'speed-up':>9} {'max |diff|':>11}"
+    header = (
+        f"{'probe':<13} {'sampling':<8} {'ramp':<6} {'ours (ms)':>10} {'sklearn (ms)':>13} "
+        f"{'speed-up':>9} {'max |diff|':>11}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
@@ -148,7 +158,9 @@ class ProbeBenchmarkArguments:
     channels: int = field(default=384, metadata={"help": "feature channels"})
     repeats: int = field(default=5, metadata={"help": "timing repeats (best is kept)"})
     step: int = field(default=6, metadata={"help": "probe sampling step"})
-    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/bench_probe.json)"})
+    output: str | None = field(
+        default=None, metadata={"help": "JSON file (default benchmarks/results/bench_probe.json)"}
+    )
 
 
 def main(argv=None) -> dict:

@@ -1,9 +1,9 @@
 """The demo's segmentation view: scribbles drawn in the image editor train one segmenter per model, whose masks
 come back overlaid on the image, side by side, with the area fraction of every class and the files to download.
 
-Colour k of :data:`alibi_dinov2.features.visualisation.CLASS_COLOURS` (blue, orange, green, red, purple, brown, pink, cyan) is
-class k; a pixel of a scribble layer is scribbled when its alpha is at least :data:`MIN_ALPHA` (half opaque) and
-takes the class of the nearest of those colours, when one lies within :data:`MAX_COLOUR_DISTANCE` (the brush's
+Colour k of :data:`alibi_dinov2.features.visualisation.CLASS_COLOURS` (blue, orange, green, red, purple, brown, pink,
+cyan) is class k; a pixel of a scribble layer is scribbled when its alpha is at least :data:`MIN_ALPHA` (half opaque)
+and takes the class of the nearest of those colours, when one lies within :data:`MAX_COLOUR_DISTANCE` (the brush's
 antialiased edges and lossy copies keep their class; the faint rim and foreign colours stay unlabelled).
 
 The image segmented is the full-precision array (a 16-bit TIFF stays 16-bit); the editor shows a picture of it

@@ -268,7 +268,9 @@ def load_benchmark_data(
         )
     pairs = load_image_mask_pairs(directory, mask_zero_is_class, skipped)
     if len(pairs) <= n_train:
-        raise InputError(f"{directory} holds {len(pairs)} readable pairs; need more than n_train={n_train} to keep test images")
+        raise InputError(
+            f"{directory} holds {len(pairs)} readable pairs; need more than n_train={n_train} to keep test images"
+        )
     return pairs[:n_train], pairs[n_train:]
 
 
@@ -346,7 +348,11 @@ def run_scribble_benchmark(
     plan = _run_plan(feature_sets, models)
     n_classes = int(max(np.max(labels) for _, labels in list(train_pairs) + list(test_pairs)))
     scribble_rounds = simulate_scribble_rounds(
-        [labels for _, labels in train_pairs], n_rounds, seed=seed, length=scribble_length, thickness=scribble_thickness
+        [labels for _, labels in train_pairs],
+        n_rounds,
+        seed=seed,
+        length=scribble_length,
+        thickness=scribble_thickness,
     )
     all_images = [image for image, _ in train_pairs] + [image for image, _ in test_pairs]
     n_train = len(train_pairs)

@@ -339,7 +339,9 @@ def write_pairs(image_folder: Path, mask_folder: Path, names: list[str], seed: i
 
 
 def test_voc_devkit_folder_reads_the_split_lists(tmp_path):
-    write_pairs(tmp_path / "JPEGImages", tmp_path / "SegmentationClass", ["2007_000032", "2007_000039", "2007_000063"], 6)
+    write_pairs(
+        tmp_path / "JPEGImages", tmp_path / "SegmentationClass", ["2007_000032", "2007_000039", "2007_000063"], 6
+    )
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
     (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n2007_000063\n")
     (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000039\n")
@@ -352,7 +354,9 @@ def test_voc_devkit_folder_reads_the_split_lists(tmp_path):
 
 
 def test_ade_challenge_folder_maps_the_split_names(tmp_path):
-    write_pairs(tmp_path / "images" / "training", tmp_path / "annotations" / "training", ["ADE_train_1", "ADE_train_2"], 7)
+    write_pairs(
+        tmp_path / "images" / "training", tmp_path / "annotations" / "training", ["ADE_train_1", "ADE_train_2"], 7
+    )
     write_pairs(tmp_path / "images" / "validation", tmp_path / "annotations" / "validation", ["ADE_val_1"], 8)
     assert load_segmentation_split("train", data_dir=tmp_path)[0]["name"] == ["ADE_train_1", "ADE_train_2"]
     for split_name in ("validation", "val"):
@@ -372,13 +376,18 @@ def test_hub_datasets_get_the_revision_and_a_way_out_of_loading_scripts(monkeypa
         calls.append(revision)
         if revision is None:
             raise RuntimeError(f"Dataset scripts are no longer supported, but found {name.split('/')[-1]}.py")
-        return datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 3), np.uint8)], "annotation": [np.zeros((4, 4), np.uint8)]})
+        return datasets.Dataset.from_dict(
+            {"image": [np.zeros((4, 4, 3), np.uint8)], "annotation": [np.zeros((4, 4), np.uint8)]}
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", script_only)
     with pytest.raises(RuntimeError, match="--dataset_revision refs/convert/parquet.*--data_dir"):
         load_segmentation_split("train", dataset_name="zhoubolei/scene_parse_150", mask_column="annotation")
     split, _, _ = load_segmentation_split(
-        "train", dataset_name="zhoubolei/scene_parse_150", mask_column="annotation", dataset_revision="refs/convert/parquet"
+        "train",
+        dataset_name="zhoubolei/scene_parse_150",
+        mask_column="annotation",
+        dataset_revision="refs/convert/parquet",
     )
     assert len(split) == 1 and calls == [None, "refs/convert/parquet"]
 
@@ -491,7 +500,9 @@ def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_pa
         linseg.run_linear_segmentation(linseg.make_config(dict(settings, strict=True, output_dir=str(tmp_path / "s"))))
 
 
-def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(workspace, tmp_path, monkeypatch, caplog):
+def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(
+    workspace, tmp_path, monkeypatch, caplog
+):
     from evaluation.linear_segmentation import data
 
     write_split_with_bad_images(tmp_path / "data")
@@ -500,9 +511,13 @@ def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(wo
     first = linseg.run_linear_segmentation(linseg.make_config(settings))
     checked = []
     check = data._ImageCheck.__getitem__
-    monkeypatch.setattr(data._ImageCheck, "__getitem__", lambda self, position: checked.append(position) or check(self, position))
+    monkeypatch.setattr(
+        data._ImageCheck, "__getitem__", lambda self, position: checked.append(position) or check(self, position)
+    )
     with caplog.at_level("WARNING", logger="alibi_dinov2.io.images"):
-        second = linseg.run_linear_segmentation(linseg.make_config(dict(settings, output_dir=str(tmp_path / "second"))))
+        second = linseg.run_linear_segmentation(
+            linseg.make_config(dict(settings, output_dir=str(tmp_path / "second")))
+        )
     assert checked == []  # no image decoded to find the unusable ones
     assert second["skipped_inputs"] == first["skipped_inputs"] and len(second["skipped_inputs"]["train"]) == 2
     assert second["num_train_samples"] == first["num_train_samples"] == 4
@@ -518,7 +533,9 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from alibi_dinov2.cli import run_command
 
     with pytest.raises(SystemExit) as stopped:
-        run_command(linseg.main, ["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"])
+        run_command(
+            linseg.main, ["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path), "--num_classes", "3"]
+        )
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "error: not found: " in error[0] and "no-model" in error[0]

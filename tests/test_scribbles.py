@@ -94,7 +94,10 @@ def test_benchmark_reads_image_mask_pairs_from_a_folder(tmp_path):
         write_mask(data / f"sample{index}_mask.png", labels)
     assert [p[0].name for p in find_image_mask_pairs(data)] == ["sample0.png", "sample1.png", "sample2.png"]
     results = main(
-        ["--data", str(data), "--n_train", "2", "--rounds", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+        [
+            "--data", str(data), "--n_train", "2", "--rounds", "1", "--output_dir", str(tmp_path / "out"),
+            "--no_progress",
+        ]
     )
     assert results["config"]["n_train"] == 2 and results["config"]["n_test"] == 1
     _check_results(results, 1, ["classical"])
@@ -169,7 +172,9 @@ def test_benchmark_with_an_alibi_model_object():
     from configuration_alibi_dinov2 import AlibiDinov2Config
 
     torch.manual_seed(0)
-    config = AlibiDinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
+    config = AlibiDinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56
+    )
     model = alibi.AlibiDinov2Model(config).eval()
     pairs = generate_microstructure_dataset(3, size=(42, 56), n_phases=2, seed=1)
     results = run_scribble_benchmark(
@@ -186,7 +191,8 @@ def test_the_benchmark_computes_each_stack_once_for_all_runs_that_share_it(monke
     computed = {"classical": 0, "vit": 0}
     classical, vit = extractors.classical_features, extractors.vit_feature_channels
     monkeypatch.setattr(extractors, "classical_features",
-                        lambda *a, **k: computed.__setitem__("classical", computed["classical"] + 1) or classical(*a, **k))
+                        lambda *a, **k: computed.__setitem__("classical", computed["classical"] + 1)
+                        or classical(*a, **k))
     monkeypatch.setattr(extractors, "vit_feature_channels",
                         lambda *a, **k: computed.__setitem__("vit", computed["vit"] + 1) or vit(*a, **k))
     pairs = generate_microstructure_dataset(3, size=(42, 56), n_phases=2, seed=1)

@@ -167,5 +167,7 @@ def test_vit_features_use_the_model_folders_own_image_statistics(material, tmp_p
     (page, *_) = read_pages(folder / "stack.tif")
     loaded = segment.load_segmenter(str(segmenter))
     vit_channels = loaded.extract_features(page)[..., -3:]
-    np.testing.assert_allclose(vit_channels, vit_feature_channels(model, page, 3, image_processor=statistics), atol=1e-5)
+    np.testing.assert_allclose(
+        vit_channels, vit_feature_channels(model, page, 3, image_processor=statistics), atol=1e-5
+    )
     assert not np.allclose(vit_channels, vit_feature_channels(model, page, 3), atol=1e-3)  # ImageNet's differ

@@ -94,7 +94,10 @@ def test_a_part_shared_by_two_compositions_is_computed_once(model, image, monkey
 
 
 def test_unknown_sets_and_missing_models_are_named():
-    with pytest.raises(ValueError, match=re.escape(f"Unknown feature set 'vit+classical'; allowed values: {', '.join(FEATURE_SETS)}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"Unknown feature set 'vit+classical'; allowed values: {', '.join(FEATURE_SETS)}"),
+    ):
         build_extractor("vit+classical")
     with pytest.raises(ValueError, match="need a model"):
         build_extractor("classical+vit")

@@ -302,7 +302,9 @@ def test_the_feature_cache_drops_the_least_recently_used_and_shares_itself():
     assert cache.get_or_compute("huge", lambda: np.zeros(1000)).flags.writeable and "huge" not in cache
     assert copy.deepcopy(cache) is cache and clone(TrainableSegmenter(feature_cache=cache)).feature_cache is cache
     image = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    fingerprints = {image_fingerprint(other) for other in (image, image.reshape(4, 3), image.astype(np.int16), image + 1)}
+    fingerprints = {
+        image_fingerprint(other) for other in (image, image.reshape(4, 3), image.astype(np.int16), image + 1)
+    }
     assert len(fingerprints) == 4 and image_fingerprint(image.copy()) in fingerprints
 
 

@@ -220,7 +220,8 @@ def _membrane_statistics_numpy(responses: np.ndarray, out: np.ndarray) -> None:
     np.max(responses, axis=0, out=out[1])
     np.min(responses, axis=0, out=out[2])
     np.sum(responses, axis=0, out=out[3])
-    squares = np.zeros(responses.shape[1:], dtype=np.float32)  # population std plane by plane: no stack-sized temporary
+    # population std plane by plane: no stack-sized temporary
+    squares = np.zeros(responses.shape[1:], dtype=np.float32)
     for plane in responses:
         deviation = plane - out[0]
         squares += deviation * deviation

@@ -39,7 +39,10 @@ from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
 
 SUBCOMMANDS = ("train", "apply")
-USAGE = "usage: python -m alibi_dinov2.segmentation.command {train,apply} [CONFIG_FILE] [--option VALUE ...]; {train,apply} --help"
+USAGE = (
+    "usage: python -m alibi_dinov2.segmentation.command {train,apply} [CONFIG_FILE] [--option VALUE ...]; "
+    "{train,apply} --help"
+)
 
 
 @dataclass
@@ -64,9 +67,13 @@ class TrainArguments:
 class ApplyArguments:
     segmenter: str = field(default="segmenter.zip", metadata={"help": "A file written by `train`."})
     input: str = field(default="", metadata={"help": "An image, a multi-page TIFF stack or a folder of images."})
-    output: str = field(default="", metadata={"help": "Mask file (a TIFF stack for a stack) or, for a folder, a folder."})
+    output: str = field(
+        default="", metadata={"help": "Mask file (a TIFF stack for a stack) or, for a folder, a folder."}
+    )
     model: Optional[str] = field(default=None, metadata={"help": "ViT to use instead of the one the file names."})
-    strict: bool = field(default=False, metadata={"help": "Fail on the first unreadable image instead of skipping it."})
+    strict: bool = field(
+        default=False, metadata={"help": "Fail on the first unreadable image instead of skipping it."}
+    )
 
 
 def _as_list(value) -> list[str]:
@@ -90,7 +97,9 @@ def train(arguments: TrainArguments) -> Path:
     if arguments.features == "classical+vit" and arguments.model is None:
         raise InputError("--features classical+vit needs --model ID_OR_FOLDER")
     if not arguments.images or len(arguments.images) != len(arguments.labels):
-        raise InputError(f"Give one --labels file per --images file (got {len(arguments.images)} and {len(arguments.labels)})")
+        raise InputError(
+            f"Give one --labels file per --images file (got {len(arguments.images)} and {len(arguments.labels)})"
+        )
     images = [read_image(path) for path in arguments.images]
     labels = [read_labels(path) for path in arguments.labels]
     model, statistics = _load_vit(arguments.model if arguments.features != "classical" else None)

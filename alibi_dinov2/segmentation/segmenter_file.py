@@ -76,8 +76,8 @@ def read_segmenter(path: PathLike) -> tuple[dict, Callable]:
     """Settings of the file at `path` and a function that fills an unfitted classifier from it.
 
     Raises:
-        InputError (a ValueError): the file is not a saved segmenter of this format (pickles and other files are refused
-            without being executed).
+        InputError (a ValueError): the file is not a saved segmenter of this format (pickles and other files are
+            refused without being executed).
     """
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path} is not a saved TrainableSegmenter (expected its zip archive; pickles are refused)")

@@ -363,7 +363,9 @@ class TrainableSegmenter(BaseEstimator):
         height, width = parts[0].shape[:2]
         channels = sum(part.shape[-1] for part in parts)
         if channels != self.n_features_in_:
-            raise ValueError(f"Feature map has {channels} channels, the segmenter was trained on {self.n_features_in_}")
+            raise ValueError(
+                f"Feature map has {channels} channels, the segmenter was trained on {self.n_features_in_}"
+            )
         flat = [part.reshape(-1, part.shape[-1]) for part in parts]
         probabilities = np.empty((height * width, len(self.classes_)), dtype=np.float32)
         for start in range(0, height * width, _PREDICT_CHUNK_ROWS):
@@ -496,4 +498,6 @@ class TrainableSegmenter(BaseEstimator):
         if uses_vit and model_name_of(model) != model_name:
             import warnings
 
-            warnings.warn(f"Segmenter was trained with model {model_name!r} but got {model_name_of(model)!r}", stacklevel=3)
+            warnings.warn(
+                f"Segmenter was trained with model {model_name!r} but got {model_name_of(model)!r}", stacklevel=3
+            )

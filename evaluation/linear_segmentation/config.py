@@ -27,7 +27,9 @@ def _setting(default: Any, help: str):
 class LinearSegmentationConfig:
     """Every setting of a linear-probe run; the keys of the JSON configs and the command-line options."""
 
-    model: str | None = _setting(None, "Hub id or local folder of the frozen backbone (AutoModel, trust_remote_code=True)")
+    model: str | None = _setting(
+        None, "Hub id or local folder of the frozen backbone (AutoModel, trust_remote_code=True)"
+    )
     dataset_name: str | None = _setting(
         None, "Hub dataset name (datasets.load_dataset) or a save_to_disk folder; exclusive with --data_dir"
     )
@@ -48,7 +50,9 @@ class LinearSegmentationConfig:
     class_names: list[str] | None = _setting(None, "names of the classes, for results.json")
     ignore_index: int = _setting(255, "label value of unlabelled pixels, left out of the loss and the scores")
     reduce_labels: bool = _setting(False, "masks whose 0 means unlabelled (ADE20K): 0 -> ignore index, v -> v - 1")
-    image_size: int = _setting(518, "side of the square network input in pixels; a multiple of the patch size (518 = 37 x 14)")
+    image_size: int = _setting(
+        518, "side of the square network input in pixels; a multiple of the patch size (518 = 37 x 14)"
+    )
     resize_mode: Literal["resize", "center_crop"] = _setting(
         "resize", "'resize' squashes to the square, 'center_crop' resizes the shorter side and crops the centre"
     )
@@ -58,7 +62,9 @@ class LinearSegmentationConfig:
     learning_rate: float = _setting(1e-3, "AdamW learning rate")
     weight_decay: float = _setting(0.01, "AdamW weight decay")
     seed: int = _setting(0, "seed of the head initialisation and of the data order")
-    cache_features: bool = _setting(True, "compute backbone features once (float16 on disk) and reuse them every epoch")
+    cache_features: bool = _setting(
+        True, "compute backbone features once (float16 on disk) and reuse them every epoch"
+    )
     feature_cache_dir: str | None = _setting(None, "folder of the feature cache (default OUTPUT_DIR/feature_cache)")
     mixed_precision: Literal["no", "fp16", "bf16"] = _setting("no", "Accelerate mixed precision: no, fp16 or bf16")
     cpu: bool = _setting(False, "run on the CPU even when a GPU is available")
@@ -69,7 +75,9 @@ class LinearSegmentationConfig:
         None, "also checkpoint every this many optimiser steps (a checkpoint ends every epoch)"
     )
     checkpoints_total_limit: int = _setting(2, "keep this many checkpoints (0 keeps all)")
-    max_steps: int | None = _setting(None, "stop training after this many optimiser steps in total (resume later to continue)")
+    max_steps: int | None = _setting(
+        None, "stop training after this many optimiser steps in total (resume later to continue)"
+    )
     max_train_samples: int | None = _setting(None, "use only the first N training samples (quick runs)")
     max_eval_samples: int | None = _setting(None, "use only the first N validation samples (quick runs)")
     strict: bool = _setting(False, "fail on the first unreadable or too-small image instead of skipping it")
@@ -83,18 +91,24 @@ class LinearSegmentationConfig:
         None, "roll distance in whole patches along both axes (default: half the patch grid)"
     )
     num_example_images: int = _setting(4, "validation images in examples.png (0 for no figure)")
-    output_dir: str = _setting("outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache")
+    output_dir: str = _setting(
+        "outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache"
+    )
     resume_from_checkpoint: str | None = _setting(
         None, "'latest' (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a checkpoint folder"
     )
-    push_to_hub: bool = _setting(False, "upload OUTPUT_DIR (without checkpoints/, logs/ and the feature cache) to the Hub")
+    push_to_hub: bool = _setting(
+        False, "upload OUTPUT_DIR (without checkpoints/, logs/ and the feature cache) to the Hub"
+    )
     hub_model_id: str | None = _setting(None, "Hub repository of --push_to_hub (default: the name of OUTPUT_DIR)")
     hub_private_repo: bool = _setting(False, "create the --push_to_hub repository as private")
     disable_progress_bars: bool = _setting(False, "no tqdm progress bars")
     description: str | None = _setting(None, "free text kept with the results")
 
 
-FIELD_HELP: dict[str, str] = {item.name: item.metadata["help"] for item in dataclasses.fields(LinearSegmentationConfig)}
+FIELD_HELP: dict[str, str] = {
+    item.name: item.metadata["help"] for item in dataclasses.fields(LinearSegmentationConfig)
+}
 
 
 def validate_config(config: LinearSegmentationConfig, require_model: bool = True) -> LinearSegmentationConfig:
@@ -103,7 +117,8 @@ def validate_config(config: LinearSegmentationConfig, require_model: bool = True
         raise InputError("No backbone: set --model to a Hub id or a local model folder.")
     if config.dataset_name is None and config.data_dir is None:
         raise InputError(
-            "No data source: set --dataset_name (a Hub dataset or a save_to_disk folder) or --data_dir (a local folder "
+            "No data source: set --dataset_name (a Hub dataset or a save_to_disk folder) "
+            "or --data_dir (a local folder "
             "with <split>/images and <split>/masks, or a VOCdevkit/VOC20xx folder)."
         )
     if config.dataset_name is not None and config.data_dir is not None:
@@ -112,7 +127,8 @@ def validate_config(config: LinearSegmentationConfig, require_model: bool = True
         raise InputError(f"--num_classes must be an integer >= 2; got {config.num_classes!r}.")
     if config.class_names is not None and len(config.class_names) != config.num_classes:
         raise InputError(
-            f"{len(config.class_names)} class_names given for num_classes={config.num_classes}; give one name per class."
+            f"{len(config.class_names)} class_names given for num_classes={config.num_classes}; "
+            "give one name per class."
         )
     if 0 <= config.ignore_index < config.num_classes:
         raise InputError(
@@ -131,7 +147,9 @@ def validate_config(config: LinearSegmentationConfig, require_model: bool = True
     if config.resize_mode not in RESIZE_MODES:
         raise InputError(f"--resize_mode must be one of {RESIZE_MODES}; got {config.resize_mode!r}.")
     if config.mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise InputError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}; got {config.mixed_precision!r}.")
+        raise InputError(
+            f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}; got {config.mixed_precision!r}."
+        )
     for name in config.robustness_transforms:
         if name not in TRANSFORMS[1:]:
             raise InputError(
@@ -148,7 +166,9 @@ def load_config_file(path) -> dict:
     known = FIELD_HELP.keys()
     for key in values:
         if key not in known:
-            raise InputError(f"Unknown key {key!r} in {path}{did_you_mean(key, known)}. Known keys: {', '.join(known)}.")
+            raise InputError(
+                f"Unknown key {key!r} in {path}{did_you_mean(key, known)}. Known keys: {', '.join(known)}."
+            )
     return values
 
 

@@ -285,7 +285,8 @@ def _entry(cache_dir: Path, kind: str, index: int) -> Path:
 
 
 class CachedFeatureDataset(torch.utils.data.Dataset):
-    """Items of a feature cache: ``features`` (C, h, w) float32 (stored float16), ``labels`` (S, S) int64, ``index``."""
+    """Items of a feature cache: ``features`` (C, h, w) float32 (stored float16), ``labels`` (S, S) int64,
+    ``index``."""
 
     def __init__(self, cache_dir: PathLike):
         self.cache_dir = Path(cache_dir)
@@ -341,7 +342,8 @@ def build_feature_cache(
         if stored != key:
             changed = sorted(name for name in set(stored) | set(key) if stored.get(name) != key.get(name))
             raise ValueError(
-                f"The feature cache {cache_dir} was built with other settings ({', '.join(changed)} differ). Delete it "
+                f"The feature cache {cache_dir} was built with other settings ({', '.join(changed)} differ). "
+                "Delete it "
                 "or set --feature_cache_dir to another folder."
             )
     # Every process lists the missing entries before any of them writes, so that all split the same list.

@@ -24,8 +24,8 @@ sees one kind of object whatever the data came from:
   (255 by default) for unlabelled pixels.
 
 :class:`SegmentationDataset` reads images through :mod:`alibi_dinov2.io.images`, resizes every pair to a fixed square
-(:mod:`alibi_dinov2.features.preprocessing`: image bilinear in float32, mask nearest-neighbour on the same geometry), normalises
-the image and checks the label values.
+(:mod:`alibi_dinov2.features.preprocessing`: image bilinear in float32, mask nearest-neighbour on the same
+geometry), normalises the image and checks the label values.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def _voc_devkit_split(root: Path, split: str):
 
 
 def is_ade_challenge_folder(root: PathLike) -> bool:
-    """Whether `root` looks like the extracted ``ADEChallengeData2016`` (``images/<split>``, ``annotations/<split>``)."""
+    """Whether `root` looks like the extracted ``ADEChallengeData2016`` (``images/<split>``,
+    ``annotations/<split>``)."""
     root = Path(root)
     return (root / "images").is_dir() and (root / "annotations").is_dir()
 
@@ -317,8 +318,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Resized, normalised image/mask pairs of a ``datasets.Dataset``.
 
     Images are read by the project's one policy (:func:`alibi_dinov2.io.images.read_rgb01`: any format, palette,
-    alpha, high-bit data) and resized in float32 (:func:`alibi_dinov2.features.preprocessing.resize_and_crop`, bilinear);
-    masks by nearest neighbour on the same geometry.
+    alpha, high-bit data) and resized in float32 (:func:`alibi_dinov2.features.preprocessing.resize_and_crop`,
+    bilinear); masks by nearest neighbour on the same geometry.
 
     Items are dicts with ``pixel_values`` (3, S, S) float32, ``labels`` (S, S) int64 (values in
     [0, num_classes) or the ignore index) and ``index`` (int), S = `image_size`.

@@ -96,7 +96,9 @@ class LinearSegmentationProbe(BaseEstimator):
             )
         device = self._torch_device()
         head = make_segmentation_head(features.shape[1], num_classes, int(self.seed)).to(device)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=float(self.learning_rate), weight_decay=float(self.weight_decay))
+        optimizer = torch.optim.AdamW(
+            head.parameters(), lr=float(self.learning_rate), weight_decay=float(self.weight_decay)
+        )
         sampler = EpochShuffleSampler(len(features), int(self.seed))
         loss_curve = []
         head.train()
@@ -140,7 +142,11 @@ class LinearSegmentationProbe(BaseEstimator):
         labels = np.asarray(labels)
         predictions = self.predict(features, output_size=labels.shape[-2:])
         return segmentation_scores(
-            predictions, labels, int(self.num_classes), ignore_index=int(self.ignore_index), class_names=self.class_names
+            predictions,
+            labels,
+            int(self.num_classes),
+            ignore_index=int(self.ignore_index),
+            class_names=self.class_names,
         )
 
     def score(self, features, labels) -> float:

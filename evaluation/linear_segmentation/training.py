@@ -259,7 +259,10 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
 
     cache_root = Path(config.feature_cache_dir) if config.feature_cache_dir else output_dir / "feature_cache"
     splits, skipped = {}, {}
-    for split, max_samples in ((config.train_split, config.max_train_samples), (config.val_split, config.max_eval_samples)):
+    for split, max_samples in (
+        (config.train_split, config.max_train_samples),
+        (config.val_split, config.max_eval_samples),
+    ):
         images = build_split(config, split, max_samples, mean, std)
         record = cache_root / split / "image_check.json" if config.cache_features else None
         splits[split], skipped[split] = drop_unusable_images(
