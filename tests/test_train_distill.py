@@ -155,7 +155,8 @@ def test_loss_falls_and_the_saved_model_reloads_with_identical_outputs(teacher_f
     assert {"probe/r2_lr_ud", "probe/patch_cosine", "probe/teacher_r2_lr_ud", "train/epoch_loss"} <= tags
     assert [event.step for event in events.Scalars("train/loss")] == [3, 6, 9, 12, 15, 18]
     assert [event.step for event in events.Scalars("probe/r2_lr_ud")] == [0, 6, 12, 18]
-    # The held-out patch cosine to the teacher improves on the initial student (teacher weights, no position embedding).
+    # The held-out patch cosine to the teacher improves on the initial student (teacher weights, no position
+    # embedding).
     cosines = [event.value for event in events.Scalars("probe/patch_cosine")]
     assert cosines[-1] > cosines[0]
 
@@ -541,7 +542,8 @@ def test_loss_is_one_minus_cosine_per_token_and_ignores_unreadable_images():
 EVERY_FLAG = [
     "--teacher", "--variant", "--init_from", "--train_dir", "--dataset_name", "--dataset_config_name",
     "--train_split", "--image_column", "--streaming", "--max_train_samples", "--image_size",
-    "--dataloader_num_workers", "--strict", "--blank_channels", "--loss", "--random_roll", "--cache_teacher_embeddings",
+    "--dataloader_num_workers", "--strict", "--blank_channels", "--loss", "--random_roll",
+    "--cache_teacher_embeddings",
     "--per_device_train_batch_size", "--gradient_accumulation_steps", "--num_train_epochs", "--max_train_steps",
     "--learning_rate", "--weight_decay", "--lr_scheduler", "--num_warmup_steps", "--mixed_precision", "--seed",
     "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--report_to",
@@ -571,7 +573,10 @@ def test_help_documents_every_flag(capsys):
         (["--blank_channels", "47", "x"], "--blank_channels takes channel indices, `auto` or `none`"),
         (["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or `epoch`"),
         (["--image_size", "0"], "--image_size must be a positive integer"),
-        (["--dataset_name", "someone/images"], "exactly one of --train_dir FOLDER or --dataset_name HUB_DATASET (both"),
+        (
+            ["--dataset_name", "someone/images"],
+            "exactly one of --train_dir FOLDER or --dataset_name HUB_DATASET (both",
+        ),
         (["--num_probe_images", "0", "--blank_channels", "auto"], "--blank_channels auto ranks channels on held-out"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "is not a folder (or use `latest`)"),
     ],
@@ -643,7 +648,9 @@ def test_shipped_stage_configs_follow_the_reference_recipe():
     assert stage2.init_from == stage1.output_dir and stage1.init_from is None
 
 
-def test_push_to_hub_uploads_the_final_folder_privately_when_asked(teacher_folder, image_folder, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_final_folder_privately_when_asked(
+    teacher_folder, image_folder, tmp_path, monkeypatch
+):
     from alibi_dinov2.training import distillation
 
     pushed = []
@@ -653,3 +660,13 @@ def test_push_to_hub_uploads_the_final_folder_privately_when_asked(teacher_folde
     result = train_distill.main(flags(teacher_folder, image_folder, output, "--max_train_steps", 1,
                                       "--num_probe_images", 0, "--push_to_hub", "--hub_private_repo"))
     assert pushed == [(output, "alibi-run", True)] and (result.output_dir / "config.json").is_file()
+
+
+def test_a_run_with_probe_images_needs_a_monitor_before_any_model_loads(image_folder, tmp_path):
+    from alibi_dinov2.training import distillation
+
+    # The teacher does not exist: the missing monitor is reported first, before any loading.
+    arguments = train_distill.parse_args(flags(tmp_path / "no_such_teacher", image_folder, tmp_path / "out"))
+    with pytest.raises(ValueError, match="needs a monitor"):
+        distillation.train(arguments)
+    assert not (tmp_path / "out").exists()

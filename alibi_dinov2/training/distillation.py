@@ -252,6 +252,11 @@ def _setup_logging(accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def holds_out_probe_images(args: RunArguments) -> bool:
+    """Whether the run probes held-out images (`--probe_dir`, or `--num_probe_images` > 0)."""
+    return bool(args.probe_dir or args.num_probe_images)
+
+
 def load_models(args: RunArguments, accelerator, monitor: PositionalMonitor | None = None):
     """`(teacher on the device, student, patch size)`. The sources are checked first; the first process
     downloads, the others read its cache."""
@@ -261,7 +266,7 @@ def load_models(args: RunArguments, accelerator, monitor: PositionalMonitor | No
         teacher = load_teacher(teacher_source)
         student = build_student(teacher_source, args.variant, init_from)
     patch_size = check_models(teacher, student, args)
-    if monitor is not None and accelerator.is_main_process and (args.probe_dir or args.num_probe_images):
+    if holds_out_probe_images(args) and accelerator.is_main_process:
         monitor.check_grid(args.probe_image_size, patch_size)
     return teacher.to(accelerator.device), student, patch_size
 
@@ -336,11 +341,13 @@ def prepare_run(args: RunArguments, monitor: PositionalMonitor | None = None) ->
     reference numbers: everything the training loop needs. `monitor` scores the held-out images; a run with probe
     images needs one."""
     started = time.perf_counter()
+    if holds_out_probe_images(args) and monitor is None:
+        raise ValueError(
+            "A run with probe images needs a monitor, e.g. evaluation.distillation_probe.DistillationProbe()"
+        )
     accelerator = setup_accelerator(args)
     teacher, student, patch_size = load_models(args, accelerator, monitor)
     train_dataset, probe = load_data(args, accelerator, patch_size)
-    if len(probe) and monitor is None:
-        raise ValueError("A run with probe images needs a monitor, e.g. evaluation.distillation_probe.DistillationProbe()")
     dataloader = build_dataloader(args, train_dataset, accelerator)
     max_train_steps, num_train_epochs = training_length(args, dataloader, accelerator.num_processes)
     optimizer, lr_scheduler = build_optimizer(args, student, max_train_steps, accelerator.num_processes)
@@ -579,7 +586,9 @@ def run_probe(run: DistillationRun) -> None:
     """Probe the student on the held-out images (main process), log and record the scores; every process waits."""
     progress, step = run.progress, run.progress.global_step
     if len(run.probe) and run.accelerator.is_main_process:
-        results = evaluate_student(run.accelerator.unwrap_model(run.student), run.probe, run.probe_targets, run.monitor)
+        results = evaluate_student(
+            run.accelerator.unwrap_model(run.student), run.probe, run.probe_targets, run.monitor
+        )
         progress.last_probe = {"step": step, **results}
         progress.evaluations.append(progress.last_probe)
         run.accelerator.log(
