@@ -21,7 +21,7 @@ Images are pictures dropped on the page, or files (PNG, JPEG, TIFF of 8 or 16 bi
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -35,10 +35,11 @@ from alibi_dinov2.features.visualisation import kmeans_map, labels_to_rgb, pca_r
 from alibi_dinov2.io.images import load_image, to_rgb01
 from alibi_dinov2.names import short_names
 from demo import segmentation_view as segmentation
-from evaluation.positional_probe import MIN_PROBE_SAMPLES, R2_MEANING, PositionalProbe, describe_r2, n_random_samples
+from evaluation.positional_probe import PROBE_PROTOCOL, R2_MEANING, describe_r2
 
 
-PROBE_STEP = 6  # the paper's sampling: about one patch in 36 fits the probe, the others score it
+# The project's probe protocol on one sampling: about one patch in 36 fits the probe, the others score it.
+DEMO_PROBE = replace(PROBE_PROTOCOL, holdout=True, repeats=1)
 DEFAULT_FEATURE_CACHE_MB = 8192  # a 4096 x 4096 image's classical stack (3.9 GB) and two models' ViT channels
 
 
@@ -63,10 +64,10 @@ def prepare_image(image, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
 
 def position_r2(features: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Held-out R^2 of a linear probe from `(h, w, C)` features to the patch column (`x`) and row (`y`)."""
-    height, width = features.shape[:2]
-    if n_random_samples(height, width, PROBE_STEP) < MIN_PROBE_SAMPLES:
+    protocol = replace(DEMO_PROBE, seed=seed)
+    if not protocol.can_probe(*features.shape[:2]):
         return {"x": float("nan"), "y": float("nan")}
-    probe = PositionalProbe(ramp="lr+ud", step=PROBE_STEP, holdout=True, seed=seed).fit(features)
+    probe = protocol.estimator("lr+ud").fit(features)
     x_r2, y_r2 = probe.score_per_ramp(features)
     return {"x": float(x_r2), "y": float(y_r2)}
 
@@ -128,7 +129,9 @@ def render_comparison(
         analysis = analyse_image(model, rgb, n_clusters=n_clusters, image_statistics=statistics, seed=seed)
         height, width = analysis.clusters.shape
         if index == 0:
-            gallery.append((to_uint8(rgb[: height * patch_size, : width * patch_size]), "input, cropped to whole patches"))
+            gallery.append(
+                (to_uint8(rgb[: height * patch_size, : width * patch_size]), "input, cropped to whole patches")
+            )
         pca_caption = f"{name}: PCA colours (gradients across the frame = position)"
         gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), pca_caption))
         segmentation = labels_to_rgb(analysis.clusters)
@@ -291,8 +294,10 @@ class DemoArguments:
     names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
                                                                   "part of each path or Hub id)"})
     device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})
-    max_side: int = field(default=DEFAULT_MAX_SIDE, metadata={"help": "features tab: shrink images to this longer side "
-                                                                      "(pixels); segmentation runs at full size"})
+    max_side: int = field(
+        default=DEFAULT_MAX_SIDE,
+        metadata={"help": "features tab: shrink images to this longer side (pixels); segmentation runs at full size"},
+    )
     feature_cache_mb: int = field(default=DEFAULT_FEATURE_CACHE_MB, metadata={"help": "memory kept for the features "
                                                                               "of recent images (MiB)"})
     port: int = field(default=7860, metadata={"help": "port of the page on 127.0.0.1"})
@@ -308,7 +313,9 @@ class DemoArguments:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
-    (args,) = ArgumentParser(DemoArguments, prog="python -m demo.app", description=__doc__.split("\n\n")[0]).parse(argv)
+    (args,) = ArgumentParser(
+        DemoArguments, prog="python -m demo.app", description=__doc__.split("\n\n")[0]
+    ).parse(argv)
     return args
 
 

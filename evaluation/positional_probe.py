@@ -13,6 +13,8 @@ Everything is closed-form numpy in float64 and matches a scikit-learn ``Standard
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence, Union
 
 import numpy as np
@@ -29,6 +31,96 @@ SeedLike = Union[None, int, np.random.Generator]
 # Extra entropy word that separates the stream of the "random" ramp from the sampling stream, so that
 # one integer seed gives independent sample positions and random targets.
 _RAMP_STREAM = 0x52414D50
+
+
+# Fewer sampled patches than this leave the Ridge fit underdetermined: the R^2 is noise (-3 +- 13 on small grids).
+MIN_PROBE_SAMPLES = 10
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """How every positional R^2 of the project is measured: one object, so that the R^2 a distillation run logs,
+    the one `alibi-probe` prints and the ones of reports and model cards are the same number.
+
+    Attributes:
+        step: about one patch in ``step**2`` is sampled for the fit (6 in the paper).
+        sampling: ``"random"`` (the paper's) or ``"grid"`` (every ``step``-th row and column).
+        alpha: Ridge penalty.
+        holdout: score the patches left out of the fit only (default: all patches, the paper's R^2).
+        repeats: samplings per image; the R^2 of an image set is the mean over images x repeats.
+        seed: base seed of the samplings; image `i`'s repeat `r` uses :meth:`sampling_seed`, which depends on
+            neither the model nor the other images, so that every model is probed on the same positions.
+        min_samples: images whose grid gives fewer sampled patches are left out (their R^2 would be noise).
+    """
+
+    step: int = 6
+    sampling: str = "random"
+    alpha: float = 1.0
+    holdout: bool = False
+    repeats: int = 6
+    seed: int = 0
+    min_samples: int = MIN_PROBE_SAMPLES
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        for name, low in (("step", 1), ("repeats", 1), ("min_samples", 1), ("alpha", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+    def sampling_seed(self, image_index: int, repeat: int) -> int:
+        """Seed of the `repeat`-th sampling of the `image_index`-th image of a set."""
+        return int(np.random.SeedSequence([self.seed, image_index, repeat]).generate_state(1)[0])
+
+    def n_samples(self, h: int, w: int) -> int:
+        """Patches sampled from an ``h x w`` grid."""
+        return n_samples(h, w, self.step, self.sampling)
+
+    def can_probe(self, h: int, w: int) -> bool:
+        """Whether an ``h x w`` grid gives at least :attr:`min_samples` sampled patches."""
+        return self.n_samples(h, w) >= self.min_samples
+
+    def min_grid_side(self) -> int:
+        """Side of the smallest square grid that :meth:`can_probe`."""
+        if self.sampling == "grid":
+            return math.isqrt(self.min_samples - 1) * self.step + 1
+        return math.isqrt(self.min_samples * self.step**2 - 1) + 1
+
+    @property
+    def score_name(self) -> str:
+        return "R^2 over held-out patches" if self.holdout else "R^2 over all patches"
+
+    def estimator(self, ramp: str, image_index: int = 0, repeat: int = 0) -> "PositionalProbe":
+        """An unfitted :class:`PositionalProbe` of `ramp` for one sampling of the protocol."""
+        seed = self.sampling_seed(image_index, repeat)
+        return PositionalProbe(ramp, self.step, self.sampling, self.alpha, self.holdout, seed)
+
+    def linear_probe(self, features: np.ndarray, ramp: str, image_index: int, repeat: int) -> float:
+        """:func:`linear_probe` of one image's (h, w, C) features for one sampling of the protocol."""
+        seed = self.sampling_seed(image_index, repeat)
+        return linear_probe(features, ramp, self.step, self.sampling, self.alpha, self.holdout, seed)
+
+    def per_channel_probe(self, features: np.ndarray, ramp: str, image_index: int, repeat: int) -> np.ndarray:
+        """:func:`per_channel_probe` of one image's (h, w, C) features for one sampling of the protocol, (C,)."""
+        seed = self.sampling_seed(image_index, repeat)
+        return per_channel_probe(features, ramp, self.step, self.sampling, self.alpha, self.holdout, seed)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (what results files record as their ``protocol``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ProbeProtocol":
+        """The protocol a results file recorded (keys that are not fields, such as ``ramps``, are ignored)."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+
+# The project's protocol: paper Tables 1-2 with 6 fixed samplings per image.
+PROBE_PROTOCOL = ProbeProtocol()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,10 +203,6 @@ def ramp_targets(ramps: Union[str, Sequence[str]], h: int, w: int, seed: SeedLik
     return np.stack(columns, axis=1)
 
 
-# Fewer sampled patches than this leave the Ridge fit underdetermined: the R^2 is noise (-3 +- 13 on small grids).
-MIN_PROBE_SAMPLES = 10
-
-
 # What an R^2 of the positional probe says, in the words every report and page uses.
 R2_MEANING = (
     "R^2 of a linear probe that predicts each patch's position from its features: 1 = position fully "
@@ -136,14 +224,16 @@ def n_random_samples(h: int, w: int, step: int) -> int:
     return (h * w) // (step * step)
 
 
-def n_samples(h: int, w: int, step: int = 6, sampling: str = "random") -> int:
+def n_samples(h: int, w: int, step: int = PROBE_PROTOCOL.step, sampling: str = PROBE_PROTOCOL.sampling) -> int:
     """Number of patches the probe fits on for an ``h x w`` grid (see :func:`sample_positions`)."""
     if sampling == "grid":
         return -(-h // step) * -(-w // step)
     return n_random_samples(h, w, step)
 
 
-def sample_positions(h: int, w: int, step: int = 6, sampling: str = "random", seed: SeedLike = None) -> np.ndarray:
+def sample_positions(
+    h: int, w: int, step: int = PROBE_PROTOCOL.step, sampling: str = PROBE_PROTOCOL.sampling, seed: SeedLike = None
+) -> np.ndarray:
     """Flat (row-major) indices of the patches used to fit the probe.
 
     Args:
@@ -201,7 +291,9 @@ def standardisation(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def ridge_fit(design: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def ridge_fit(
+    design: np.ndarray, targets: np.ndarray, alpha: float = PROBE_PROTOCOL.alpha
+) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression with an (unpenalised) intercept, closed form.
 
     Args:
@@ -285,7 +377,15 @@ class PositionalProbe(BaseEstimator):
         >>> PositionalProbe("lr+ud", step=6).fit(features).score(features)  # features (h, w, C)
     """
 
-    def __init__(self, ramp="lr+ud", step=6, sampling="random", alpha=1.0, holdout=False, seed=None):
+    def __init__(
+        self,
+        ramp="lr+ud",
+        step=PROBE_PROTOCOL.step,
+        sampling=PROBE_PROTOCOL.sampling,
+        alpha=PROBE_PROTOCOL.alpha,
+        holdout=PROBE_PROTOCOL.holdout,
+        seed=None,
+    ):
         self.ramp = ramp
         self.step = step
         self.sampling = sampling
@@ -348,10 +448,10 @@ class PositionalProbe(BaseEstimator):
 def linear_probe(
     features: np.ndarray,
     ramp: str = "lr+ud",
-    step: int = 6,
-    sampling: str = "random",
-    alpha: float = 1.0,
-    holdout: bool = False,
+    step: int = PROBE_PROTOCOL.step,
+    sampling: str = PROBE_PROTOCOL.sampling,
+    alpha: float = PROBE_PROTOCOL.alpha,
+    holdout: bool = PROBE_PROTOCOL.holdout,
     seed: SeedLike = None,
 ) -> float:
     """Positional R^2 of an (h, w, C) feature grid (the paper's table number for one sampling).
@@ -365,10 +465,10 @@ def linear_probe(
 def stack_probe(
     features: np.ndarray,
     ramps: Sequence[str] = ("lr", "ud"),
-    step: int = 6,
-    sampling: str = "random",
-    alpha: float = 1.0,
-    holdout: bool = False,
+    step: int = PROBE_PROTOCOL.step,
+    sampling: str = PROBE_PROTOCOL.sampling,
+    alpha: float = PROBE_PROTOCOL.alpha,
+    holdout: bool = PROBE_PROTOCOL.holdout,
     seed: SeedLike = None,
 ) -> dict[str, float]:
     """Multi-output probe: one Ridge fitted to several ramps at once on the same sampled patches.
@@ -386,10 +486,10 @@ def stack_probe(
 def per_channel_probe(
     features: np.ndarray,
     ramp: str = "lr",
-    step: int = 6,
-    sampling: str = "random",
-    alpha: float = 1.0,
-    holdout: bool = False,
+    step: int = PROBE_PROTOCOL.step,
+    sampling: str = PROBE_PROTOCOL.sampling,
+    alpha: float = PROBE_PROTOCOL.alpha,
+    holdout: bool = PROBE_PROTOCOL.holdout,
     seed: SeedLike = None,
 ) -> np.ndarray:
     """R^2 of the probe fitted on each channel alone, all channels at once.
@@ -484,10 +584,10 @@ def _one_feature_r2(
 def layer_fingerprint(
     layer_features: Union[np.ndarray, Sequence[np.ndarray]],
     ramp: str = "lr",
-    step: int = 6,
-    sampling: str = "random",
-    alpha: float = 1.0,
-    holdout: bool = False,
+    step: int = PROBE_PROTOCOL.step,
+    sampling: str = PROBE_PROTOCOL.sampling,
+    alpha: float = PROBE_PROTOCOL.alpha,
+    holdout: bool = PROBE_PROTOCOL.holdout,
     seed: SeedLike = None,
 ) -> np.ndarray:
     """Per-channel R^2 of every layer: the channels x layers fingerprint of a model.
@@ -531,10 +631,12 @@ __all__ = [
     "COMPOUND_RAMPS",
     "RAMPS",
     "MIN_PROBE_SAMPLES",
+    "PROBE_PROTOCOL",
     "R2_MEANING",
     "SAMPLINGS",
     "SINGLE_RAMPS",
     "PositionalProbe",
+    "ProbeProtocol",
     "describe_r2",
     "expand_ramps",
     "layer_fingerprint",

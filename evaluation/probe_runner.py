@@ -3,8 +3,8 @@
 Image sources (``--images``):
 
 * ``textures``: scikit-image's bundled homogeneous textures (brick, grass, gravel; 512 x 512).
-* ``micro``: synthetic homogeneous microstructures from :func:`alibi_dinov2.synthetic.microstructures.generate_microstructure`
-  (15 images of 518 x 518 by default).
+* ``micro``: synthetic homogeneous microstructures from
+  :func:`alibi_dinov2.synthetic.microstructures.generate_microstructure` (15 images of 518 x 518 by default).
 * ``noise``: uniform RGB noise (60 images of 518 x 518 by default).
 * ``NAME:COUNT`` for any of the three above picks the number of images (``noise:10``).
 * a folder of image files (PNG, JPEG, TIFF, ...), read at native size by :mod:`alibi_dinov2.io.images`'s one policy;
@@ -44,39 +44,10 @@ from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.image_sets import NamedImage, load_image_source
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs
-from evaluation.positional_probe import MIN_PROBE_SAMPLES, expand_ramps, linear_probe, n_samples, per_channel_probe
+from evaluation.positional_probe import PROBE_PROTOCOL, ProbeProtocol, expand_ramps
 
 
 logger = logging.getLogger(__name__)
-
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Image sources
-# --------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------------
-
-
-def probe_seed(base_seed: int, image_index: int, repeat: int) -> int:
-    """Seed of one sampling; independent of the model so that all models share sample positions."""
-    return int(np.random.SeedSequence([base_seed, image_index, repeat]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,12 +78,7 @@ def run_probe(
     models: Mapping[str, object],
     sources: Mapping[str, Sequence[NamedImage]],
     ramps: Sequence[str] = ("lr+ud", "random"),
-    step: int = 6,
-    sampling: str = "random",
-    alpha: float = 1.0,
-    holdout: bool = False,
-    repeats: int = 6,
-    seed: int = 0,
+    protocol: ProbeProtocol = PROBE_PROTOCOL,
     per_channel: bool = False,
     image_processors: Mapping[str, object] | None = None,
     progress: bool = True,
@@ -124,7 +90,8 @@ def run_probe(
         models: {name: transformers model}.
         sources: {source name: [(image name, image array), ...]}.
         ramps: ramp names (see :data:`evaluation.positional_probe.RAMPS`).
-        repeats: samplings per image (for ``sampling="grid"`` only the ``random`` ramp changes).
+        protocol: step, sampling, penalty, repeats (for ``sampling="grid"`` only the ``random`` ramp changes
+            between them), seeds and minimum sample count of every fit.
         per_channel: also store the per-channel R^2 (mean over images x repeats) of each ramp.
         image_processors: {model name: processor or dict with image_mean / image_std}.
         skipped: where images a model cannot take (smaller than its patch) are recorded; by default they are
@@ -132,27 +99,19 @@ def run_probe(
 
     Returns:
         JSON-ready dict: ``protocol``, ``models`` (descriptions), ``sources`` (image names and sizes),
-        ``grids[model][source]`` (patch grid of each image), ``scores[model][source][ramp] = {mean, std, n, per_image}`` and, with ``per_channel``,
+        ``grids[model][source]`` (patch grid of each image),
+        ``scores[model][source][ramp] = {mean, std, n, per_image}`` and, with ``per_channel``,
         ``per_channel[model][source][ramp] = [C values]``, ``skipped`` (name and reason of each input left
         out, including unreadable files recorded in `skipped` before the call) and ``warnings``: images whose
-        grid gives fewer than :data:`~evaluation.positional_probe.MIN_PROBE_SAMPLES` sampled patches, left out of
-        the means (their R^2 would be noise).
+        grid gives fewer than the protocol's ``min_samples`` sampled patches, left out of the means (their R^2
+        would be noise).
     """
     skipped = SkippedInputs() if skipped is None else skipped
     for ramp in ramps:
         expand_ramps(ramp)  # fail on a bad name before any model runs
     image_processors = dict(image_processors or {})
     results: dict = {
-        "protocol": {
-            "ramps": list(ramps),
-            "step": step,
-            "sampling": sampling,
-            "alpha": alpha,
-            "holdout": holdout,
-            "repeats": repeats,
-            "seed": seed,
-            "score": "R^2 over held-out patches" if holdout else "R^2 over all patches",
-        },
+        "protocol": {"ramps": list(ramps), **protocol.to_dict(), "score": protocol.score_name},
         "models": {name: _model_description(model) for name, model in models.items()},
         "sources": {},
         "grids": {name: {} for name in models},
@@ -161,7 +120,6 @@ def run_probe(
     }
     if per_channel:
         results["per_channel"] = {name: {} for name in models}
-    protocol = dict(step=step, sampling=sampling, alpha=alpha, holdout=holdout, repeats=repeats, seed=seed)
     total = len(models) * sum(len(images) for images in sources.values())
     bar = tqdm(total=total, desc="positional probe", disable=not progress, file=sys.stderr)
     for model_name, model in models.items():
@@ -182,9 +140,9 @@ def run_probe(
                 grid = [int(features.shape[0]), int(features.shape[1])]
                 described.append({"name": image_name, "shape": list(np.shape(image)[:2]), "grid": grid})
                 channel_count = int(features.shape[-1])
-                sampled = n_samples(*grid, step, sampling)
-                if sampled < MIN_PROBE_SAMPLES:
-                    results["warnings"].append(_small_grid_warning(model_name, source_name, image_name, grid, sampled, step))
+                if not protocol.can_probe(*grid):
+                    warning = _small_grid_warning(model_name, source_name, image_name, grid, protocol)
+                    results["warnings"].append(warning)
                     continue
                 probed += 1
                 image_scores, image_channels = _probe_image(features, ramps, protocol, image_index, per_channel)
@@ -200,7 +158,7 @@ def run_probe(
             results["grids"][model_name][source_name] = [item["grid"] for item in described]
             results["scores"][model_name][source_name] = {ramp: _summary(scores[ramp]) for ramp in ramps}
             if per_channel:
-                n_fits = probed * repeats
+                n_fits = probed * protocol.repeats
                 results["per_channel"][model_name][source_name] = {
                     ramp: (channel_sums[ramp] / n_fits).tolist() if n_fits else [float("nan")] * channel_count
                     for ramp in ramps
@@ -210,25 +168,27 @@ def run_probe(
     return results
 
 
-def _probe_image(features: np.ndarray, ramps: Sequence[str], protocol: dict, image_index: int, per_channel: bool):
+def _probe_image(
+    features: np.ndarray, ramps: Sequence[str], protocol: ProbeProtocol, image_index: int, per_channel: bool
+):
     """Every ramp's R^2 over the protocol's repeats on one image, and (with `per_channel`) the sum over repeats of
     the per-channel R^2: `({ramp: [R^2 per repeat]}, {ramp: (C,) sum})`."""
-    step, sampling, alpha, holdout = (protocol[key] for key in ("step", "sampling", "alpha", "holdout"))
     scores, channels = {ramp: [] for ramp in ramps}, {}
-    for repeat in range(protocol["repeats"]):
-        repeat_seed = probe_seed(protocol["seed"], image_index, repeat)
+    for repeat in range(protocol.repeats):
         for ramp in ramps:
-            scores[ramp].append(linear_probe(features, ramp, step, sampling, alpha, holdout, seed=repeat_seed))
+            scores[ramp].append(protocol.linear_probe(features, ramp, image_index, repeat))
             if per_channel:
-                channel_r2 = per_channel_probe(features, ramp, step, sampling, alpha, holdout, repeat_seed)
+                channel_r2 = protocol.per_channel_probe(features, ramp, image_index, repeat)
                 channels[ramp] = channels.get(ramp, 0.0) + channel_r2
     return scores, channels
 
 
-def _small_grid_warning(model: str, source: str, image: str, grid: list[int], sampled: int, step: int) -> dict:
+def _small_grid_warning(model: str, source: str, image: str, grid: list[int], protocol: ProbeProtocol) -> dict:
+    sampled = protocol.n_samples(*grid)
     message = (
-        f"{source}/{image}: a {grid[0]} x {grid[1]} patch grid gives {sampled} sampled patches at step {step} "
-        f"(fewer than {MIN_PROBE_SAMPLES}): left out of {model}'s means; use larger images or a smaller --step"
+        f"{source}/{image}: a {grid[0]} x {grid[1]} patch grid gives {sampled} sampled patches at step "
+        f"{protocol.step} (fewer than {protocol.min_samples}): left out of {model}'s means; use larger images or a "
+        "smaller --step"
     )
     logger.warning(message)
     return {"model": model, "source": source, "image": image, "grid": grid, "samples": sampled, "message": message}
@@ -281,12 +241,16 @@ class ProbeArguments:
 
     models: list[str] = field(metadata={"help": "Hub ids or local folders (AutoModel, trust_remote_code)"})
     ramps: list[str] = field(default_factory=lambda: ["lr+ud", "random"], metadata={"help": "ramps to probe"})
-    step: int = field(default=6, metadata={"help": "sampling step of the probe (about one patch in step^2)"})
-    sampling: Literal["random", "grid"] = field(default="random", metadata={"help": "how patches are sampled"})
-    alpha: float = field(default=1.0, metadata={"help": "ridge penalty"})
-    holdout: bool = field(default=False, metadata={"help": "score held-out patches only"})
-    repeats: int = field(default=6, metadata={"help": "samplings per image"})
-    seed: int = field(default=0, metadata={"help": "seed of the samplings and generated sets"})
+    step: int = field(
+        default=PROBE_PROTOCOL.step, metadata={"help": "sampling step of the probe (about one patch in step^2)"}
+    )
+    sampling: Literal["random", "grid"] = field(
+        default=PROBE_PROTOCOL.sampling, metadata={"help": "how patches are sampled"}
+    )
+    alpha: float = field(default=PROBE_PROTOCOL.alpha, metadata={"help": "ridge penalty"})
+    holdout: bool = field(default=PROBE_PROTOCOL.holdout, metadata={"help": "score held-out patches only"})
+    repeats: int = field(default=PROBE_PROTOCOL.repeats, metadata={"help": "samplings per image"})
+    seed: int = field(default=PROBE_PROTOCOL.seed, metadata={"help": "seed of the samplings and generated sets"})
     per_channel: bool = field(default=False, metadata={"help": "also store per-channel R^2"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: CPU)"})
     output: str | None = field(default=None, metadata={"help": "JSON file to write"})
@@ -295,6 +259,12 @@ class ProbeArguments:
     def __post_init__(self):
         for ramp in self.ramps:
             expand_ramps(ramp)
+        self.protocol()  # a bad step, penalty or repeat count fails here, before any model loads
+
+    def protocol(self) -> ProbeProtocol:
+        """The probe protocol these options give (the minimum sample count is the project's)."""
+        return ProbeProtocol(step=self.step, sampling=self.sampling, alpha=self.alpha, holdout=self.holdout,
+                             repeats=self.repeats, seed=self.seed)  # fmt: skip
 
 
 def load_image_sets(arguments: ImageSetArguments, seed: int = 0) -> tuple[dict[str, list[NamedImage]], SkippedInputs]:
@@ -324,12 +294,7 @@ def main(argv: Iterable[str] | None = None) -> dict:
         models,
         sources,
         ramps=probe_args.ramps,
-        step=probe_args.step,
-        sampling=probe_args.sampling,
-        alpha=probe_args.alpha,
-        holdout=probe_args.holdout,
-        repeats=probe_args.repeats,
-        seed=probe_args.seed,
+        protocol=probe_args.protocol(),
         per_channel=probe_args.per_channel,
         image_processors=processors,
         progress=not probe_args.no_progress,

@@ -26,7 +26,7 @@ import json
 import re
 import shlex
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -40,6 +40,7 @@ from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
 from alibi_dinov2.io.image_sets import NamedImage
 from alibi_dinov2.io.images import SkippedInputs
+from evaluation.positional_probe import PROBE_PROTOCOL
 from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
 from evaluation.transform_check import transform_check
 
@@ -67,8 +68,8 @@ def evaluate_models(
     models: Mapping[str, tuple[object, object]],
     sources: Mapping[str, Sequence[NamedImage]],
     ramps: Sequence[str] = DEFAULT_RAMPS,
-    repeats: int = 6,
-    seed: int = 0,
+    repeats: int = PROBE_PROTOCOL.repeats,
+    seed: int = PROBE_PROTOCOL.seed,
     roll_images: int = 2,
     progress: bool = False,
     skipped: SkippedInputs | None = None,
@@ -89,8 +90,7 @@ def evaluate_models(
         {name: model for name, (model, _) in models.items()},
         sources,
         ramps=ramps,
-        repeats=repeats,
-        seed=seed,
+        protocol=replace(PROBE_PROTOCOL, repeats=repeats, seed=seed),
         image_processors={name: statistics for name, (_, statistics) in models.items()},
         progress=progress,
         skipped=skipped,
@@ -416,9 +416,9 @@ class PublishArguments:
         default=None, metadata={"help": "where to write the Space; FOLDER-space when not given"}
     )
     ramps: list[str] = field(default_factory=lambda: list(DEFAULT_RAMPS), metadata={"help": "probe ramps"})
-    repeats: int = field(default=6, metadata={"help": "probe samplings per image"})
+    repeats: int = field(default=PROBE_PROTOCOL.repeats, metadata={"help": "probe samplings per image"})
     roll_images: int = field(default=2, metadata={"help": "images per set of the roll check"})
-    seed: int = field(default=0, metadata={"help": "seed of the samplings and generated image sets"})
+    seed: int = field(default=PROBE_PROTOCOL.seed, metadata={"help": "seed of the samplings and generated image sets"})
     max_side: int = field(
         default=DEFAULT_MAX_SIDE, metadata={"help": "the demo shrinks images to this longer side (pixels)"}
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,7 +34,7 @@ from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
 from alibi_dinov2.io.image_sets import NamedImage
 from alibi_dinov2.io.images import SkippedInputs
 from alibi_dinov2.names import short_names
-from evaluation.positional_probe import R2_MEANING, describe_r2, layer_fingerprint
+from evaluation.positional_probe import PROBE_PROTOCOL, R2_MEANING, ProbeProtocol, describe_r2, layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
 from evaluation.transform_check import transform_check
 
@@ -100,16 +100,21 @@ def fingerprints(
     models: Mapping[str, object],
     images: Sequence[NamedImage],
     ramp: str = "lr",
-    seed: int = 0,
+    protocol: ProbeProtocol = PROBE_PROTOCOL,
     image_processors: Mapping[str, object] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Channels x layers per-channel R^2 of every model, averaged over the images: {model: (C, L)}."""
+    """Channels x layers per-channel R^2 of every model, averaged over the images, one sampling of `protocol` per
+    image (every layer sees the same positions): {model: (C, L)}."""
     image_processors = dict(image_processors or {})
     return {
         name: layer_fingerprint(
             [extract_patch_features(model, image, image_processors.get(name), layers="all") for _, image in images],
             ramp=ramp,
-            seed=seed,
+            step=protocol.step,
+            sampling=protocol.sampling,
+            alpha=protocol.alpha,
+            holdout=protocol.holdout,
+            seed=protocol.seed,
         )
         for name, model in models.items()
     }
@@ -120,9 +125,9 @@ def build_report(
     sources: Mapping[str, Sequence[NamedImage]],
     output_dir,
     ramps: Sequence[str] = DEFAULT_RAMPS,
-    repeats: int = 6,
+    repeats: int = PROBE_PROTOCOL.repeats,
     picture_images: int = 3,
-    seed: int = 0,
+    seed: int = PROBE_PROTOCOL.seed,
     image_processors: Mapping[str, object] | None = None,
     title: str = "Positional-bias report",
     notes: Sequence[str] = (),
@@ -151,7 +156,8 @@ def build_report(
         raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    probe = run_probe(models, sources, ramps=ramps, repeats=repeats, seed=seed, per_channel=True,
+    protocol = replace(PROBE_PROTOCOL, repeats=repeats, seed=seed)
+    probe = run_probe(models, sources, ramps=ramps, protocol=protocol, per_channel=True,
                       image_processors=image_processors, progress=progress, skipped=skipped)
     shown = [item for images in sources.values() for item in images[: max(1, picture_images // len(sources))]]
     shown = shown[:picture_images] or [next(iter(sources.values()))[0]]
@@ -167,7 +173,7 @@ def build_report(
         output_dir / "channels.png",
     )
     figures["fingerprint"] = _save(
-        plot_layer_fingerprint(fingerprints(models, shown, seed=seed, image_processors=image_processors),
+        plot_layer_fingerprint(fingerprints(models, shown, protocol=protocol, image_processors=image_processors),
                                title="per-channel R^2 against the lr ramp, every layer"),
         output_dir / "fingerprint.png",
     )
@@ -207,7 +213,9 @@ def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def headline(summary: dict, transform_errors: dict, cosines: Mapping[str, float | None], reference: str | None) -> dict:
+def headline(
+    summary: dict, transform_errors: dict, cosines: Mapping[str, float | None], reference: str | None
+) -> dict:
     """One sentence per model: its positional R^2 (clipped at 0, raw beside it), the content it kept (patch cosine
     to the reference model) and its roll-equivariance error. Returns {model: {numbers..., "sentence": str}}."""
     lines = {}
@@ -297,7 +305,8 @@ patch sits; the <code>random</code> column is the control; n/a: every image of t
 <h2>Transformation check (relative L2 error: features of the transformed image vs transformed features)</h2>
 <p>0 means the features move exactly with the image. Wrapped ALiBi is exactly equivariant to rolls by whole
 patches; a learned position embedding is not.</p>
-<div class=scroll><table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>{transform_rows}</table></div>
+<div class=scroll><table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>\
+{transform_rows}</table></div>
 <h2>Pictures</h2>
 {figure_html}
 </body></html>
@@ -312,9 +321,9 @@ class ReportArguments:
     names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
                                                                   "part of each path or Hub id)"})
     ramps: list[str] = field(default_factory=lambda: list(DEFAULT_RAMPS), metadata={"help": "ramps to probe"})
-    repeats: int = field(default=6, metadata={"help": "random samplings per image"})
+    repeats: int = field(default=PROBE_PROTOCOL.repeats, metadata={"help": "random samplings per image"})
     picture_images: int = field(default=3, metadata={"help": "images shown in the pictures"})
-    seed: int = field(default=0, metadata={"help": "seed of the samplings and generated sets"})
+    seed: int = field(default=PROBE_PROTOCOL.seed, metadata={"help": "seed of the samplings and generated sets"})
     reference: str | None = field(default=None, metadata={"help": "name (or source) of the model the others should "
                                                                   "keep the content of, e.g. the teacher"})
     device: str | None = field(default=None, metadata={"help": "e.g. cuda; default: CPU"})

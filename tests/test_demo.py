@@ -12,11 +12,13 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from demo.app import (
+    DEMO_PROBE,
     analyse_features,
     analyse_image,
     build_demo,
     parse_args,
     patches_to_pixels,
+    position_r2,
     prepare_image,
     render_comparison,
 )
@@ -62,7 +64,10 @@ def test_probe_reports_x_and_y_separately():
     noise = rng.normal(size=(height, width, 16))
     column_only = np.concatenate([columns[..., None], noise], axis=-1)
     r2 = analyse_features(column_only, n_clusters=2).position_r2
-    assert r2["x"] > 0.9 and r2["y"] < 0.2
+    assert r2["x"] > 0.8 and r2["y"] < 0.2  # one sampling of 20 patches: x is 0.75 to 0.97 over seeds 0-9
+    assert np.median([position_r2(column_only, seed=seed)["x"] for seed in range(10)]) > 0.9
+    # The demo's number is the project's probe protocol, scored on the held-out patches of one sampling.
+    assert r2["x"] == DEMO_PROBE.estimator("lr+ud").fit(column_only).score_per_ramp(column_only)[0]
     assert max(analyse_features(noise, n_clusters=2).position_r2.values()) < 0.2
     assert all(np.isnan(value) for value in analyse_features(noise[:6, :6], n_clusters=2).position_r2.values())
 

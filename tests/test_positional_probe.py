@@ -1,4 +1,7 @@
-"""Positional linear probe: ramp definitions, sampling, and agreement with scikit-learn."""
+"""Positional linear probe: ramp definitions, sampling, the one protocol, and agreement with scikit-learn."""
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -8,13 +11,18 @@ from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 
 from evaluation.positional_probe import (
+    MIN_PROBE_SAMPLES,
+    PROBE_PROTOCOL,
+    SAMPLINGS,
     PositionalProbe,
+    ProbeProtocol,
     expand_ramps,
     layer_fingerprint,
     linear_probe,
     make_ramp,
     most_positional_channels,
     n_random_samples,
+    n_samples,
     per_channel_probe,
     r2_scores,
     ramp_targets,
@@ -248,3 +256,58 @@ def test_layer_fingerprint_shape_and_values():
     assert np.unravel_index(np.argmax(fingerprint), fingerprint.shape) == (4, 2)
     averaged = layer_fingerprint([layers, layers], ramp="lr", step=4, seed=1)
     np.testing.assert_allclose(averaged, fingerprint)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one protocol
+# --------------------------------------------------------------------------------------------------
+def test_the_project_protocol_is_the_papers_and_frozen():
+    assert PROBE_PROTOCOL.to_dict() == {"step": 6, "sampling": "random", "alpha": 1.0, "holdout": False,
+                                        "repeats": 6, "seed": 0, "min_samples": MIN_PROBE_SAMPLES}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PROBE_PROTOCOL.step = 3
+    restored = ProbeProtocol.from_dict(json.loads(json.dumps({"ramps": ["lr"], **PROBE_PROTOCOL.to_dict()})))
+    assert restored == PROBE_PROTOCOL and hash(restored) == hash(PROBE_PROTOCOL)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"step": 0}, "step must be >= 1"), ({"repeats": 0}, "repeats must be >= 1"), ({"alpha": -1.0}, "alpha must"),
+     ({"sampling": "every"}, "sampling must be one of"), ({"min_samples": 0}, "min_samples must be >= 1")],
+)
+def test_a_bad_protocol_is_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(PROBE_PROTOCOL, **change)
+
+
+def test_sampling_seeds_depend_on_the_base_seed_image_and_repeat_only():
+    protocol = ProbeProtocol()
+    seeds = {protocol.sampling_seed(image, repeat) for image in range(4) for repeat in range(6)}
+    assert len(seeds) == 24
+    assert protocol.sampling_seed(1, 2) == ProbeProtocol(step=3, alpha=0.5).sampling_seed(1, 2)
+    assert protocol.sampling_seed(1, 2) != ProbeProtocol(seed=1).sampling_seed(1, 2)
+    # Image 1's samplings do not move when image 0 leaves the set.
+    assert protocol.sampling_seed(1, 0) == int(np.random.SeedSequence([0, 1, 0]).generate_state(1)[0])
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("step, min_samples", [(6, 10), (3, 16), (1, 1), (5, 7)])
+def test_min_grid_side_is_the_smallest_square_grid_the_protocol_probes(sampling, step, min_samples):
+    protocol = ProbeProtocol(step=step, sampling=sampling, min_samples=min_samples)
+    side = protocol.min_grid_side()
+    assert protocol.n_samples(side, side) == n_samples(side, side, step, sampling) >= min_samples
+    assert protocol.can_probe(side, side) and not protocol.can_probe(side - 1, side - 1)
+
+
+def test_a_protocol_sampling_is_the_functional_probe_with_that_seed():
+    features = noise_features(19, 23, 12, seed=3)
+    features[..., 0] += np.linspace(0, 1, 23)[None, :]
+    protocol = ProbeProtocol(holdout=True, seed=7)
+    seed = protocol.sampling_seed(2, 3)
+    assert protocol.linear_probe(features, "lr+ud", 2, 3) == linear_probe(features, "lr+ud", 6, "random", 1.0,
+                                                                           True, seed)
+    assert protocol.estimator("lr+ud", 2, 3).fit(features).score(features) == protocol.linear_probe(
+        features, "lr+ud", 2, 3
+    )
+    np.testing.assert_array_equal(protocol.per_channel_probe(features, "lr", 2, 3),
+                                  per_channel_probe(features, "lr", 6, "random", 1.0, True, seed))

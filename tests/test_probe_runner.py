@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
+from alibi_dinov2.features.extraction import extract_patch_features
 from alibi_dinov2.features.preprocessing import image_statistics, load_image_processor
 from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.image_sets import load_image_source, noise_images, texture_images
-from evaluation.positional_probe import make_ramp
-from evaluation.probe_runner import format_table, main, probe_seed, run_probe
+from evaluation.distillation_probe import DistillationProbe
+from evaluation.positional_probe import PROBE_PROTOCOL, ProbeProtocol, make_ramp
+from evaluation.probe_runner import format_table, main, run_probe
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14)
@@ -78,26 +80,51 @@ def test_folder_and_saved_dataset_sources(tmp_path):
     assert images[0][1].shape == (30, 40, 3) and images[1][1].shape == (28, 28, 3)
     np.testing.assert_allclose(images[0][1], 7 / 255)
     alpha = 9 / 255
-    np.testing.assert_allclose(images[1][1][0, 0], alpha * 9 / 255 + (1 - alpha) * np.array([0.485, 0.456, 0.406]), rtol=1e-5)
+    np.testing.assert_allclose(
+        images[1][1][0, 0], alpha * 9 / 255 + (1 - alpha) * np.array([0.485, 0.456, 0.406]), rtol=1e-5
+    )
 
     datasets = pytest.importorskip("datasets")
     pictures = [Image.fromarray(np.full((20, 24), value, dtype=np.uint8)) for value in (1, 2, 3)]
-    dataset = datasets.Dataset.from_dict({"picture": pictures}, features=datasets.Features({"picture": datasets.Image()}))
+    dataset = datasets.Dataset.from_dict(
+        {"picture": pictures}, features=datasets.Features({"picture": datasets.Image()})
+    )
     dataset.save_to_disk(str(tmp_path / "saved"))
     loaded = load_image_source(str(tmp_path / "saved"), limit=2)
     assert len(loaded) == 2 and loaded[1][1].shape == (20, 24, 3)
     np.testing.assert_allclose(loaded[1][1], 2 / 255)
 
 
-def test_probe_seeds_depend_on_image_and_repeat_only():
-    assert probe_seed(0, 1, 2) == probe_seed(0, 1, 2)
-    assert len({probe_seed(0, image, repeat) for image in range(3) for repeat in range(3)}) == 9
+def test_each_score_is_the_protocols_sampling_of_that_image_and_repeat():
+    model = positional_model()
+    images = noise_images(3, size=(168, 140))
+    protocol = ProbeProtocol(step=3, repeats=2, seed=4)
+    results = run_probe({"m": model}, {"noise": images}, ramps=("lr+ud",), protocol=protocol, progress=False)
+    expected = [[protocol.linear_probe(extract_patch_features(model, image), "lr+ud", index, repeat)
+                 for repeat in range(2)] for index, (_, image) in enumerate(images)]
+    np.testing.assert_allclose(results["scores"]["m"]["noise"]["lr+ud"]["per_image"], expected, rtol=1e-12)
+    assert ProbeProtocol.from_dict(results["protocol"]) == protocol
+    assert results["protocol"]["ramps"] == ["lr+ud"] and results["protocol"]["score"] == "R^2 over all patches"
+
+
+def test_the_r2_a_distillation_run_logs_is_the_one_alibi_probe_computes():
+    """Same images, same model: the distillation monitor's R^2 equals the probe runner's lr+ud mean."""
+    model = positional_model()
+    images = noise_images(2, size=(266, 266))  # 19 x 19 patches: 10 samples at step 6, the protocol's minimum
+    results = run_probe({"m": model}, {"noise": images}, ramps=("lr+ud",), progress=False)
+    assert results["scores"]["m"]["noise"]["lr+ud"]["n"] == 2 * PROBE_PROTOCOL.repeats
+    logged = DistillationProbe().r2(model, [image for _, image in images])
+    assert logged == pytest.approx(results["scores"]["m"]["noise"]["lr+ud"]["mean"], rel=1e-12, abs=1e-12)
+    assert logged > 0.3  # about 0.48: the planted 12 x 12 positions, interpolated to 19 x 19
 
 
 def test_run_probe_finds_planted_positions_and_random_control_is_zero():
     models = {"positional": positional_model(), "alibi": alibi_model()}
     sources = {"noise": noise_images(2, size=(168, 168))}
-    results = run_probe(models, sources, ramps=("lr+ud", "random"), step=2, repeats=2, per_channel=True, progress=False)
+    results = run_probe(
+        models, sources, ramps=("lr+ud", "random"), protocol=ProbeProtocol(step=2, repeats=2), per_channel=True,
+        progress=False,
+    )
     scores = results["scores"]
     assert scores["positional"]["noise"]["lr+ud"]["mean"] > 0.85
     # Wrapped ALiBi is equivariant to whole-patch rolls: nothing in its features marks absolute position.
@@ -144,17 +171,22 @@ def test_small_grids_are_left_out_of_the_means_with_a_warning(caplog):
     models = {"positional": positional_model()}
     large = noise_images(2, size=(168, 168))  # 12 x 12 patches: 16 samples at step 3
     small = [("small", np.random.default_rng(1).random((56, 56, 3), dtype=np.float32))]  # 4 x 4: 1 sample
-    mixed = run_probe(models, {"mixed": large + small}, ramps=("lr+ud",), step=3, repeats=2, per_channel=True,
-                      progress=False)
-    alone = run_probe(models, {"mixed": large}, ramps=("lr+ud",), step=3, repeats=2, per_channel=True, progress=False)
-    assert mixed["scores"]["positional"]["mixed"]["lr+ud"]["mean"] == alone["scores"]["positional"]["mixed"]["lr+ud"]["mean"]
+    mixed = run_probe(models, {"mixed": large + small}, ramps=("lr+ud",), protocol=ProbeProtocol(step=3, repeats=2),
+                      per_channel=True, progress=False)
+    alone = run_probe(models, {"mixed": large}, ramps=("lr+ud",), protocol=ProbeProtocol(step=3, repeats=2),
+                      per_channel=True, progress=False)
+    assert (
+        mixed["scores"]["positional"]["mixed"]["lr+ud"]["mean"]
+        == alone["scores"]["positional"]["mixed"]["lr+ud"]["mean"]
+    )
     assert mixed["scores"]["positional"]["mixed"]["lr+ud"]["n"] == 4
     np.testing.assert_array_equal(mixed["per_channel"]["positional"]["mixed"]["lr+ud"],
                                   alone["per_channel"]["positional"]["mixed"]["lr+ud"])
     (warning,) = mixed["warnings"]
     assert warning["image"] == "small" and warning["samples"] == 1 and "left out" in warning["message"]
     assert "mixed/small" in caplog.text and alone["warnings"] == []
-    only_small = run_probe(models, {"small": small}, ramps=("lr+ud",), step=3, repeats=1, progress=False)
+    only_small = run_probe(models, {"small": small}, ramps=("lr+ud",), protocol=ProbeProtocol(step=3, repeats=1),
+                           progress=False)
     assert np.isnan(only_small["scores"]["positional"]["small"]["lr+ud"]["mean"])
 
 
@@ -177,7 +209,9 @@ def test_dinov3_folders_load_and_are_probed(tmp_path):
     torch.manual_seed(0)
     DINOv3ViTModel(DINOv3ViTConfig(**TINY_DINOV3, num_register_tokens=4)).save_pretrained(tmp_path / "dinov3")
     (tmp_path / "dinov3" / "preprocessor_config.json").write_text(json.dumps(DINOV3_PREPROCESSOR))
-    (alibi, alibi_stats), (stock, stock_stats) = (load_model(str(tmp_path / name)) for name in ("alibi-dinov3", "dinov3"))
+    (alibi, alibi_stats), (stock, stock_stats) = (
+        load_model(str(tmp_path / name)) for name in ("alibi-dinov3", "dinov3")
+    )
     assert type(alibi).__name__ == "AlibiDinov3Model" and type(stock) is DINOv3ViTModel
     assert alibi_stats is None  # no processor stored: ImageNet statistics
     np.testing.assert_allclose(stock_stats["image_mean"], DINOV3_PREPROCESSOR["image_mean"], rtol=1e-6)
@@ -187,7 +221,8 @@ def test_dinov3_folders_load_and_are_probed(tmp_path):
         np.testing.assert_allclose(mean, stats.get("image_mean", (0.485, 0.456, 0.406)), rtol=1e-6)
         np.testing.assert_allclose(std, stats.get("image_std", (0.229, 0.224, 0.225)), rtol=1e-6)
     results = run_probe({"alibi": alibi, "stock": stock}, {"noise": noise_images(2, size=(192, 200))},
-                        ramps=("lr+ud", "random"), step=2, repeats=2, image_processors={"stock": stock_stats},
+                        ramps=("lr+ud", "random"), protocol=ProbeProtocol(step=2, repeats=2),
+                        image_processors={"stock": stock_stats},
                         progress=False)
     for name in ("alibi", "stock"):
         assert results["models"][name]["patch_size"] == 16 and results["models"][name]["prefix_tokens"] == 5

@@ -31,7 +31,10 @@ def report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("report")
     torch.manual_seed(0)
     models = {"positional": positional_model(), "alibi": AlibiDinov2Model(AlibiDinov2Config(**TINY)).eval()}
-    sources = {"noise": load_image_source("noise:2", size=(518, 518)), "micro": load_image_source("micro:1", size=(252, 294))}
+    sources = {
+        "noise": load_image_source("noise:2", size=(518, 518)),
+        "micro": load_image_source("micro:1", size=(252, 294)),
+    }
     return build_report(models, sources, tmp_path, repeats=2, picture_images=2, progress=False,
                         notes=["synthetic models"]), tmp_path
 

@@ -42,7 +42,7 @@ from modeling_alibi_dinov2 import AlibiDinov2Model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 18 x 18 patches: the sparse probe (step 6) then samples 9 of them.
-PROBE_SIZE = "252"
+PROBE_SIZE = "266"  # 19 x 19 patches: the 10 samples the probe protocol needs at step 6
 
 
 def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
