@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from transformers import HfArgumentParser
 
@@ -76,6 +76,21 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def option_hint(name: str, choices, renamed: Mapping[str, str] | None = None, prefix: str = "") -> str:
+    """What to tell a user who typed the unknown option `name`: `' (renamed '--new')'` for an old name in `renamed`
+    ({old: new}), else the closest of `choices` (or the new name of the closest old one) as :func:`did_you_mean`
+    does, else ''. `prefix` (`"--"`) is the one `name` is written with and that the answer carries."""
+    renamed = dict(renamed or {})
+    bare = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    bare = bare.replace("-", "_")
+    if bare in renamed:
+        return f" (renamed {prefix + renamed[bare]!r})"
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    if not close:
+        close = [prefix + renamed[old] for old in difflib.get_close_matches(bare, list(renamed), n=1)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 # --------------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------------
@@ -107,13 +122,21 @@ class ArgumentParser(HfArgumentParser):
         >>> (arguments,) = parser.parse(["config.yaml", "--seed", "3"])
     """
 
-    def __init__(self, dataclass_types, positionals: Sequence[str] = (), **kwargs) -> None:
+    def __init__(
+        self,
+        dataclass_types,
+        positionals: Sequence[str] = (),
+        renamed: Mapping[str, str] | None = None,
+        **kwargs,
+    ) -> None:
         """`positionals`: option names that may also be given, in this order, as the leading bare words of the
-        command line (`convert_checkpoint.py SOURCE OUTPUT_DIR` is `--source SOURCE --output_dir OUTPUT_DIR`)."""
+        command line (`convert_checkpoint.py SOURCE OUTPUT_DIR` is `--source SOURCE --output_dir OUTPUT_DIR`).
+        `renamed`: {old option name: new name}; an old name, typed or in a config file, is refused naming the new."""
         kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(dataclass_types, **kwargs)
         self.positionals = tuple(positionals)
+        self.renamed = dict(renamed or {})
         if self.usage is None:
             shown = " ".join(name.upper() for name in self.positionals)
             self.usage = f"%(prog)s [CONFIG_FILE] {f'[{shown}] ' if shown else ''}[--option VALUE ...]"
@@ -128,7 +151,7 @@ class ArgumentParser(HfArgumentParser):
         actions = self._option_actions()
         unknown = [key for key in values if key not in actions]
         if unknown:
-            hints = [repr(key) + did_you_mean(key, actions) for key in unknown]
+            hints = [repr(key) + option_hint(key, actions, self.renamed) for key in unknown]
             self.error(f"unknown option(s) in {source}: {', '.join(hints)}")
         for key, value in values.items():
             action = actions[key]
@@ -165,12 +188,14 @@ class ArgumentParser(HfArgumentParser):
         return tuple(parsed)
 
     def unknown_arguments_message(self, remaining: Sequence[str]) -> str:
-        """'unknown option '--epoch' (did you mean '--epochs'?)', naming the first unknown option."""
+        """'unknown option '--epoch' (did you mean '--epochs'?)', naming the first unknown option (or
+        '... (renamed '--num_train_epochs')' for a renamed one)."""
         options = [option for action in self._actions for option in action.option_strings]
         for token in remaining:
             if token.startswith("-"):
                 flag = token.split("=")[0]
-                return f"unknown option {flag!r}{did_you_mean(flag, options)}; --help lists the options"
+                hint = option_hint(flag, options, self.renamed, prefix="--")
+                return f"unknown option {flag!r}{hint}; --help lists the options"
         return f"unrecognised arguments: {' '.join(remaining)}"
 
 

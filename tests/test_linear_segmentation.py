@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from alibi_dinov2.cli import load_config_file
 from alibi_dinov2.hub import push
 from alibi_dinov2.training import runs as training_runs
 from configuration_alibi_dinov2 import AlibiDinov2Config
@@ -81,10 +82,10 @@ def run_settings(workspace: Path, output_dir: Path, **overrides) -> dict:
         val_split="val",
         num_classes=3,
         image_size=112,
-        epochs=10,
-        batch_size=8,
-        eval_batch_size=8,
-        num_workers=0,
+        num_train_epochs=10,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        dataloader_num_workers=0,
         output_dir=str(output_dir),
         disable_progress_bars=True,
     )
@@ -176,6 +177,23 @@ def test_saved_probe_reproduces_the_reported_scores(trained_run):
     scores = probe.evaluate(features, labels)
     assert scores["miou"] == pytest.approx(results["validation"]["miou"], abs=1e-12)
     assert scores["pixel_accuracy"] == pytest.approx(results["validation"]["pixel_accuracy"], abs=1e-12)
+    # The saved probe records the run's settings under the estimator's names, and its loss curve.
+    params = probe.get_params()
+    assert (params["epochs"], params["batch_size"], params["learning_rate"], params["seed"]) == (10, 8, 1e-3, 0)
+    assert probe.loss_curve_ == pytest.approx(results["training"]["loss_per_epoch"])
+
+
+def test_a_trained_head_becomes_a_fitted_probe():
+    head = linseg.make_segmentation_head(4, 3, seed=0).eval()
+    probe = linseg.LinearSegmentationProbe.from_head(head, [0.5, 0.25], learning_rate=0.1)
+    assert probe.head_ is head and probe.in_channels_ == 4 and probe.loss_curve_ == [0.5, 0.25]
+    assert probe.num_classes == 3 and probe.learning_rate == 0.1
+    features = np.random.default_rng(0).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = head(torch.from_numpy(features)).argmax(dim=1).numpy()
+    np.testing.assert_array_equal(probe.predict(features), expected)
+    with pytest.raises(ValueError, match="num_classes=5 for a head with 3 outputs"):
+        linseg.LinearSegmentationProbe.from_head(head, num_classes=5)
 
 
 def test_roll_by_whole_patches_leaves_miou_unchanged_with_wrapped_alibi(trained_run):
@@ -210,14 +228,15 @@ def test_cached_features_equal_live_features_up_to_float16(trained_run, workspac
 def test_resume_after_a_stop_gives_the_same_weights(workspace, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(image_size=56, epochs=3, batch_size=3, max_train_samples=8, max_eval_samples=2, num_example_images=0,
+    common = dict(image_size=56, num_train_epochs=3, per_device_train_batch_size=3, max_train_samples=8,
+                  max_eval_samples=2, num_example_images=0,
                   feature_cache_dir=str(tmp_path / "cache"))
     straight = linseg.make_config(run_settings(workspace, tmp_path / "straight", **common))
     linseg.run_linear_segmentation(straight)
 
     # 3 steps per epoch: stop in the middle of the second epoch, then resume from the newest checkpoint.
     stopped = linseg.run_linear_segmentation(
-        linseg.make_config(run_settings(workspace, tmp_path / "resumed", max_steps=4, **common))
+        linseg.make_config(run_settings(workspace, tmp_path / "resumed", max_train_steps=4, **common))
     )
     assert stopped["training"]["global_step"] == 4 and stopped["training"]["stopped_at_max_steps"]
     assert [path.name for path in training_runs.list_checkpoints(tmp_path / "resumed")] == [
@@ -236,6 +255,25 @@ def test_resume_after_a_stop_gives_the_same_weights(workspace, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
     straight_losses = json.loads((tmp_path / "straight" / "results.json").read_text())["training"]["loss_per_epoch"]
     assert resumed["training"]["loss_per_epoch"] == pytest.approx(straight_losses, rel=1e-6)
+
+
+def test_checkpoints_every_n_steps_and_the_loss_in_tensorboard(workspace, tmp_path):
+    settings = run_settings(workspace, tmp_path / "every2", image_size=56, num_train_epochs=2,
+                            per_device_train_batch_size=3, max_train_samples=9, max_eval_samples=2,
+                            num_example_images=0, checkpointing_steps="2", checkpoints_total_limit=None,
+                            feature_cache_dir=str(tmp_path / "cache"), report_to="tensorboard", logging_steps=2)
+    results = linseg.run_linear_segmentation(linseg.make_config(settings))
+    assert results["training"]["global_step"] == 6  # 3 steps per epoch
+    assert [path.name for path in training_runs.list_checkpoints(tmp_path / "every2")] == [
+        "checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"
+    ]
+    # The shared tracking options reach this job too: the loss every --logging_steps, the epoch loss per epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "every2" / training_runs.LOGS_FOLDER / "linear_segmentation")).Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 4, 6]
+    epoch_losses = [event.value for event in events.Scalars("train/epoch_loss")]
+    assert epoch_losses == pytest.approx(results["training"]["loss_per_epoch"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,9 +297,9 @@ def test_undoing_a_transform_on_features_restores_the_grid(transform):
 @pytest.mark.parametrize("name, epochs, classes", [("voc2007", 75, 21), ("voc2012", 50, 21), ("ade20k", 50, 150)])
 def test_configs_follow_the_paper(name, epochs, classes):
     path = Path(__file__).resolve().parents[1] / "configs" / f"linear_seg_{name}.json"
-    config = linseg.make_config(linseg.load_config_file(path), {"model": "any"})
+    config = linseg.make_config(load_config_file(path), {"model": "any"})
     assert (config.image_size, config.learning_rate, config.weight_decay) == (518, 1e-3, 0.01)
-    assert config.epochs == epochs and config.num_classes == classes and len(config.class_names) == classes
+    assert config.num_train_epochs == epochs and config.num_classes == classes and len(config.class_names) == classes
     assert config.ignore_index == 255 and config.reduce_labels == (name == "ade20k")
 
 
@@ -273,16 +311,38 @@ def test_help_documents_every_setting():
 
 def test_unknown_option_message(capsys):
     with pytest.raises(SystemExit):
-        linseg.parse_args(["--model", "m", "--data_dir", "d", "--num_classes", "3", "--epoch", "3"])
+        linseg.parse_args(["--model", "m", "--data_dir", "d", "--num_classes", "3", "--learning_rat", "3"])
     error = capsys.readouterr().err
-    assert "unknown option '--epoch'" in error and "did you mean '--epochs'" in error
+    assert "unknown option '--learning_rat'" in error and "did you mean '--learning_rate'" in error
 
 
-def test_unknown_config_key_and_missing_data_source(tmp_path):
+@pytest.mark.parametrize("old, new", sorted(linseg.RENAMED_SETTINGS.items()))
+def test_an_old_option_name_is_refused_naming_the_shared_one(old, new, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        linseg.parse_args(["--model", "m", "--data_dir", "d", "--num_classes", "3", f"--{old}", "3"])
+    assert f"unknown option '--{old}' (renamed '--{new}')" in capsys.readouterr().err
+    config_file = tmp_path / "old.json"
+    config_file.write_text(json.dumps({"num_classes": 3, old: 3}))
+    with pytest.raises(SystemExit):
+        linseg.parse_args([str(config_file), "--model", "m", "--data_dir", "d"])
+    assert f"'{old}' (renamed '{new}')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"Unknown key '{old}' \\(renamed '{new}'\\)"):
+        linseg.make_config({"model": "m", "num_classes": 3, "data_dir": "d", old: 3})
+
+
+def test_the_probe_takes_one_optimiser_step_per_batch():
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps: the linear probe takes one optimiser step"):
+        linseg.make_config({"model": "m", "num_classes": 3, "data_dir": "d", "gradient_accumulation_steps": 2})
+
+
+def test_unknown_config_key_and_missing_data_source(tmp_path, capsys):
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps({"num_classes": 3, "learning_rat": 0.1}))
+    with pytest.raises(SystemExit):
+        linseg.parse_args([str(config_file), "--model", "m"])
+    assert "unknown option(s) in" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown key 'learning_rat'.*'learning_rate'"):
-        linseg.load_config_file(config_file)
+        linseg.make_config(load_config_file(config_file))
     with pytest.raises(ValueError, match="No data source"):
         linseg.make_config({"model": "m", "num_classes": 3})
     with pytest.raises(ValueError, match="ignore_index 2 is a class index"):
@@ -401,13 +461,13 @@ def test_colour_masks_are_refused(tmp_path):
 
 
 def test_image_size_must_be_a_multiple_of_the_patch(workspace, tmp_path):
-    config = linseg.make_config(run_settings(workspace, tmp_path / "out", image_size=60, epochs=1))
+    config = linseg.make_config(run_settings(workspace, tmp_path / "out", image_size=60, num_train_epochs=1))
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         linseg.run_linear_segmentation(config)
 
 
 def test_feature_cache_built_from_other_settings_is_refused(workspace, tmp_path):
-    common = dict(epochs=1, image_size=56, max_train_samples=2, max_eval_samples=2, num_example_images=0,
+    common = dict(num_train_epochs=1, image_size=56, max_train_samples=2, max_eval_samples=2, num_example_images=0,
                   feature_cache_dir=str(tmp_path / "cache"))
     linseg.run_linear_segmentation(linseg.make_config(run_settings(workspace, tmp_path / "a", **common)))
     other = dict(common, image_size=70)
@@ -450,7 +510,8 @@ def test_two_processes_share_the_work_without_double_counting(workspace, tmp_pat
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu"]
     command += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--main_process_port", str(port), "-m", "evaluation.linear_segmentation"]
-    settings = run_settings(workspace, output_dir, image_size=56, epochs=1, batch_size=4, num_example_images=0)
+    settings = run_settings(workspace, output_dir, image_size=56, num_train_epochs=1, per_device_train_batch_size=4,
+                            num_example_images=0)
     for key, value in settings.items():
         command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(repo_root))
@@ -482,8 +543,8 @@ def write_split_with_bad_images(root: Path) -> None:
 
 def test_unreadable_and_too_small_images_are_skipped_and_named(workspace, tmp_path, caplog):
     write_split_with_bad_images(tmp_path / "data")
-    settings = run_settings(workspace, tmp_path / "out", data_dir=str(tmp_path / "data"), image_size=56, epochs=1,
-                            num_example_images=0)
+    settings = run_settings(workspace, tmp_path / "out", data_dir=str(tmp_path / "data"), image_size=56,
+                            num_train_epochs=1, num_example_images=0)
     with caplog.at_level("WARNING", logger="alibi_dinov2.io.images"):
         results = linseg.run_linear_segmentation(linseg.make_config(settings))
     assert results["num_train_samples"] == 4 and results["num_val_samples"] == 2
@@ -506,8 +567,8 @@ def test_a_rerun_on_the_cache_reads_the_image_check_instead_of_decoding_again(
     from evaluation.linear_segmentation import data
 
     write_split_with_bad_images(tmp_path / "data")
-    settings = run_settings(workspace, tmp_path / "first", data_dir=str(tmp_path / "data"), image_size=56, epochs=1,
-                            num_example_images=0, feature_cache_dir=str(tmp_path / "cache"))
+    settings = run_settings(workspace, tmp_path / "first", data_dir=str(tmp_path / "data"), image_size=56,
+                            num_train_epochs=1, num_example_images=0, feature_cache_dir=str(tmp_path / "cache"))
     first = linseg.run_linear_segmentation(linseg.make_config(settings))
     checked = []
     check = data._ImageCheck.__getitem__
@@ -543,9 +604,9 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 def test_yaml_config_file_first_and_flags_win(tmp_path):
     config_file = tmp_path / "probe.yaml"
-    config_file.write_text("num_classes: 4\nepochs: 7\ndata_dir: d\nrobustness_transforms: [roll]\n")
-    config = linseg.parse_args([str(config_file), "--model", "m", "--epochs", "2", "--push_to_hub"])
-    assert (config.num_classes, config.epochs, config.robustness_transforms) == (4, 2, ["roll"])
+    config_file.write_text("num_classes: 4\nnum_train_epochs: 7\ndata_dir: d\nrobustness_transforms: [roll]\n")
+    config = linseg.parse_args([str(config_file), "--model", "m", "--num_train_epochs", "2", "--push_to_hub"])
+    assert (config.num_classes, config.num_train_epochs, config.robustness_transforms) == (4, 2, ["roll"])
     assert config.push_to_hub is True and config.data_dir == "d"
     help_text = linseg.build_parser().format_help()
     assert "--output_dir" in help_text and "--output-dir" not in help_text and "--push_to_hub" in help_text
@@ -555,7 +616,7 @@ def test_push_to_hub_uploads_the_run_without_cache_or_checkpoints(workspace, tmp
     calls = []
     monkeypatch.setattr(push, "push_to_hub", lambda folder, repo_id, **options: calls.append(
         (Path(folder), repo_id, options)) or f"https://huggingface.co/{repo_id}")
-    settings = run_settings(workspace, tmp_path / "pushed", image_size=56, epochs=1, max_train_samples=4,
+    settings = run_settings(workspace, tmp_path / "pushed", image_size=56, num_train_epochs=1, max_train_samples=4,
                             max_eval_samples=2, num_example_images=0, push_to_hub=True, hub_model_id="me/probe")
     linseg.run_linear_segmentation(linseg.make_config(settings))
     ((folder, repo_id, options),) = calls

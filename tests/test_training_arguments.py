@@ -26,6 +26,7 @@ def test_checkpointing_steps_take_a_positive_number_or_epoch():
         ({"weight_decay": -0.1}, "--weight_decay must be >= 0"),
         ({"dataloader_num_workers": -1}, "--dataloader_num_workers must be >= 0"),
         ({"learning_rate": 0.0}, "--learning_rate must be positive"),
+        ({"mixed_precision": "fp8"}, "--mixed_precision must be no, fp16 or bf16 (or unset)"),
         ({"resume_from_checkpoint": "/no/such/checkpoint"}, "is not a folder (or use `latest`)"),
     ],
 )
@@ -52,6 +53,20 @@ def test_the_distillation_options_are_the_shared_ones_plus_its_own():
     assert issubclass(train_distill.DistillationArguments, RunArguments)
     assert {name: options[name] for name in shared} == shared  # same names and defaults
     assert {"teacher", "variant", "blank_channels", "probe_image_size"} <= set(options) - set(shared)
+
+
+def test_the_linear_segmentation_options_are_the_shared_ones_with_the_probes_defaults():
+    from evaluation.linear_segmentation import LinearSegmentationConfig
+
+    shared = {f.name: f.default for f in dataclasses.fields(RunArguments)}
+    options = {f.name: f.default for f in dataclasses.fields(LinearSegmentationConfig)}
+    assert issubclass(LinearSegmentationConfig, RunArguments)
+    changed = {name: options[name] for name in shared if options[name] != shared[name]}
+    assert changed == {
+        "output_dir": "outputs/linseg", "seed": 0, "per_device_train_batch_size": 16, "num_train_epochs": 50,
+        "learning_rate": 1e-3, "checkpointing_steps": "epoch", "checkpoints_total_limit": 2, "report_to": "none",
+    }
+    assert {"model", "num_classes", "per_device_eval_batch_size", "robustness"} <= set(options) - set(shared)
 
 
 def test_cpu_and_private_repo_reach_the_accelerator_and_the_hub(tmp_path, monkeypatch):

@@ -107,6 +107,8 @@ class RunArguments:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InputError(f"--{name} must be >= 0; got {value}")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise InputError(f"--mixed_precision must be no, fp16 or bf16 (or unset); got {self.mixed_precision!r}")
         if not self.learning_rate > 0:
             raise InputError(f"--learning_rate must be positive; got {self.learning_rate}")
         resume = self.resume_from_checkpoint

@@ -9,12 +9,13 @@ classes 0 .. K-1).
 
 Modules:
 
-* :mod:`.config`: :class:`LinearSegmentationConfig`, every setting (the config-file keys and the options);
+* :mod:`.config`: :class:`LinearSegmentationConfig`, every setting (the config-file keys and the options): the
+  shared run options (:class:`alibi_dinov2.training.arguments.RunArguments`) with the probe's defaults, and its own;
 * :mod:`.data`: backbone features, image splits (unreadable images skipped), the feature cache, the data order and
   the robustness transforms;
 * :mod:`.head`: the head and its loss;
 * :mod:`.estimator`: :class:`LinearSegmentationProbe`, a scikit-learn estimator on feature arrays;
-* :mod:`.training`: training and evaluation under Accelerate, and a full run;
+* :mod:`.training`: training and evaluation under Accelerate, and a full run in steps;
 * :mod:`.figures`: the examples figure;
 * :mod:`.cli`: the command line (``python -m evaluation.linear_segmentation``).
 
@@ -25,14 +26,16 @@ Command line::
 
 Every configuration key is also an option (``--help`` lists them); options typed after the config file override
 it. Training runs under Accelerate (``accelerate launch -m evaluation.linear_segmentation ...`` for several GPUs;
-``--mixed_precision bf16``) through the run layer :mod:`alibi_dinov2.training.runs`. Outputs in ``--output_dir``:
+``--mixed_precision bf16``; unset, accelerate's own setting applies) through the run layer
+:mod:`alibi_dinov2.training.runs`. Outputs in ``--output_dir``:
 
 * ``results.json``: validation mIoU (classes present in the ground truth or the prediction), per-class IoU,
   pixel accuracy, training losses, the skipped images and, with ``--robustness``, the mIoU per input transform;
 * ``examples.png``: validation images | ground truth | prediction;
 * ``probe/``: the trained head (``head.safetensors`` + ``probe_config.json``), see :class:`LinearSegmentationProbe`;
-* ``checkpoints/checkpoint_<step:08d>``: ``accelerator.save_state`` folders, complete or absent, the last
-  ``checkpoints_total_limit`` kept;
+* ``checkpoints/checkpoint_<step:08d>``: ``accelerator.save_state`` folders, complete or absent, at the end of
+  every epoch (``--checkpointing_steps epoch``, the default) or every N steps, the last ``checkpoints_total_limit``
+  kept;
 * ``feature_cache/<split>``: backbone features in float16, computed once and reused across epochs and runs.
 
 Data sources (see :mod:`evaluation.linear_segmentation.datasets`): a Hub dataset name or ``save_to_disk`` folder
@@ -50,10 +53,9 @@ wrap-around distances is exactly equivariant to rolls by whole patches, so its `
 from evaluation.linear_segmentation.cli import build_parser, main, parse_args
 from evaluation.linear_segmentation.config import (
     FIELD_HELP,
-    MIXED_PRECISION_CHOICES,
+    RENAMED_SETTINGS,
     TRANSFORMS,
     LinearSegmentationConfig,
-    load_config_file,
     make_config,
     validate_config,
 )
@@ -81,7 +83,7 @@ from evaluation.linear_segmentation.training import (
 
 __all__ = [
     "FIELD_HELP",
-    "MIXED_PRECISION_CHOICES",
+    "RENAMED_SETTINGS",
     "TRANSFORMS",
     "CachedFeatureDataset",
     "EpochShuffleSampler",
@@ -97,7 +99,6 @@ __all__ = [
     "format_summary",
     "label_palette",
     "load_backbone",
-    "load_config_file",
     "main",
     "make_config",
     "make_segmentation_head",

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from alibi_dinov2.cli import ArgumentParser
 from alibi_dinov2.errors import InputError
-from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
+from evaluation.linear_segmentation.config import RENAMED_SETTINGS, LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.training import run_linear_segmentation
 
 
@@ -18,12 +18,15 @@ def build_parser() -> ArgumentParser:
     """One option per configuration key (help text from the dataclass fields), an optional leading config file."""
     return ArgumentParser(
         LinearSegmentationConfig,
+        renamed=RENAMED_SETTINGS,
         prog=PROG,
         usage=f"{PROG} [CONFIG.json|.yaml] --model NAME [--output_dir DIR] [--robustness] "
         "[--resume_from_checkpoint latest] [options]",
         description="Semantic-segmentation linear probe on a frozen ViT backbone (BatchNorm + 1x1 linear head). "
         "A JSON or YAML config file given first sets any of the options below; options typed after it win "
-        "(--data_dir or --dataset_name typed here replaces the file's data source).",
+        "(--data_dir or --dataset_name typed here replaces the file's data source). The run options "
+        "(--per_device_train_batch_size, --num_train_epochs, --max_train_steps, --checkpointing_steps, "
+        "--mixed_precision, --push_to_hub, ...) are those of every Accelerate job of the project.",
         epilog=f"Example: {PROG} configs/linear_seg_voc2012.json --model facebook/dinov2-with-registers-small "
         "--output_dir outputs/linseg --robustness",
         allow_abbrev=False,

@@ -1,4 +1,11 @@
-"""Every setting of a linear-probe run: the keys of the JSON / YAML configs and the command-line options."""
+"""Every setting of a linear-probe run: the keys of the JSON / YAML configs and the command-line options.
+
+:class:`LinearSegmentationConfig` is the project's shared :class:`~alibi_dinov2.training.arguments.RunArguments`
+(``--output_dir``, ``--seed``, ``--per_device_train_batch_size``, ``--num_train_epochs``, ``--max_train_steps``,
+``--learning_rate``, ``--mixed_precision``, ``--checkpointing_steps``, ``--push_to_hub``, ...) with the probe's own
+defaults (50 epochs at lr 1e-3, 16 images per device, a checkpoint at the end of every epoch) and its own settings
+(the backbone, the data source, the classes, the feature cache, the robustness mode).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,22 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alibi_dinov2.cli import did_you_mean
-from alibi_dinov2.cli import load_config_file as read_config_file
+from alibi_dinov2.cli import did_you_mean, option_hint
 from alibi_dinov2.errors import InputError
+from alibi_dinov2.training.arguments import RunArguments
 from evaluation.linear_segmentation.datasets import RESIZE_MODES
 
 
 TRANSFORMS: tuple[str, ...] = ("none", "flip_ud", "roll", "rot90")
-MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+# Settings renamed to the shared run options (RunArguments); the old names are refused with the new one.
+RENAMED_SETTINGS: dict[str, str] = {
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "max_steps": "max_train_steps",
+    "checkpoint_every_steps": "checkpointing_steps",
+    "num_workers": "dataloader_num_workers",
+    "eval_batch_size": "per_device_eval_batch_size",
+}
 
 
 def _setting(default: Any, help: str):
@@ -24,9 +39,28 @@ def _setting(default: Any, help: str):
 
 
 @dataclass
-class LinearSegmentationConfig:
+class LinearSegmentationConfig(RunArguments):
     """Every setting of a linear-probe run; the keys of the JSON configs and the command-line options."""
 
+    # Shared run options with the probe's defaults (the other shared ones keep RunArguments' defaults).
+    output_dir: str = _setting(
+        "outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache"
+    )
+    seed: int = _setting(0, "seed of the head initialisation and of the data order")
+    per_device_train_batch_size: int = _setting(16, "training images per device and optimiser step")
+    num_train_epochs: int = _setting(50, "training epochs")
+    learning_rate: float = _setting(1e-3, "AdamW learning rate")
+    checkpointing_steps: str | None = _setting(
+        "epoch",
+        "save the training state at the end of every `epoch`, or every N optimiser steps, into "
+        "OUTPUT_DIR/checkpoints/checkpoint_<step> (either way also where --max_train_steps stops; null: never)",
+    )
+    checkpoints_total_limit: int | None = _setting(2, "keep only the newest N checkpoints (null: all)")
+    report_to: str = _setting(
+        "none",
+        "accelerate tracker(s) of the training loss (logs in OUTPUT_DIR/logs): tensorboard, wandb, all, or none",
+    )
+    # The backbone and the data
     model: str | None = _setting(
         None, "Hub id or local folder of the frozen backbone (AutoModel, trust_remote_code=True)"
     )
@@ -56,31 +90,13 @@ class LinearSegmentationConfig:
     resize_mode: Literal["resize", "center_crop"] = _setting(
         "resize", "'resize' squashes to the square, 'center_crop' resizes the shorter side and crops the centre"
     )
-    epochs: int = _setting(50, "training epochs")
-    batch_size: int = _setting(16, "training images per device and step")
-    eval_batch_size: int = _setting(16, "images per device in evaluation and feature caching")
-    learning_rate: float = _setting(1e-3, "AdamW learning rate")
-    weight_decay: float = _setting(0.01, "AdamW weight decay")
-    seed: int = _setting(0, "seed of the head initialisation and of the data order")
+    # Evaluation and the feature cache
+    per_device_eval_batch_size: int = _setting(16, "images per device in evaluation and feature caching")
     cache_features: bool = _setting(
         True, "compute backbone features once (float16 on disk) and reuse them every epoch"
     )
     feature_cache_dir: str | None = _setting(None, "folder of the feature cache (default OUTPUT_DIR/feature_cache)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _setting("no", "Accelerate mixed precision: no, fp16 or bf16")
-    cpu: bool = _setting(False, "run on the CPU even when a GPU is available")
-    num_workers: int | None = _setting(
-        None, "DataLoader worker processes per process (default 4, capped by the CPUs available to each process)"
-    )
-    checkpoint_every_steps: int | None = _setting(
-        None, "also checkpoint every this many optimiser steps (a checkpoint ends every epoch)"
-    )
-    checkpoints_total_limit: int = _setting(2, "keep this many checkpoints (0 keeps all)")
-    max_steps: int | None = _setting(
-        None, "stop training after this many optimiser steps in total (resume later to continue)"
-    )
-    max_train_samples: int | None = _setting(None, "use only the first N training samples (quick runs)")
     max_eval_samples: int | None = _setting(None, "use only the first N validation samples (quick runs)")
-    strict: bool = _setting(False, "fail on the first unreadable or too-small image instead of skipping it")
     robustness: bool = _setting(
         False, "also score the probe on transformed inputs (flip_ud, roll, rot90) with the transform undone"
     )
@@ -91,19 +107,33 @@ class LinearSegmentationConfig:
         None, "roll distance in whole patches along both axes (default: half the patch grid)"
     )
     num_example_images: int = _setting(4, "validation images in examples.png (0 for no figure)")
-    output_dir: str = _setting(
-        "outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache"
-    )
-    resume_from_checkpoint: str | None = _setting(
-        None, "'latest' (newest checkpoint in OUTPUT_DIR/checkpoints, if any) or a checkpoint folder"
-    )
-    push_to_hub: bool = _setting(
-        False, "upload OUTPUT_DIR (without checkpoints/, logs/ and the feature cache) to the Hub"
-    )
-    hub_model_id: str | None = _setting(None, "Hub repository of --push_to_hub (default: the name of OUTPUT_DIR)")
-    hub_private_repo: bool = _setting(False, "create the --push_to_hub repository as private")
     disable_progress_bars: bool = _setting(False, "no tqdm progress bars")
     description: str | None = _setting(None, "free text kept with the results")
+
+    def __post_init__(self) -> None:
+        """The shared checks (RunArguments), then the probe's own values; see :func:`validate_config` for the
+        settings a run needs (backbone, data source, classes)."""
+        super().__post_init__()
+        if self.gradient_accumulation_steps != 1:
+            raise InputError(
+                "--gradient_accumulation_steps: the linear probe takes one optimiser step per batch; raise "
+                f"--per_device_train_batch_size instead (got {self.gradient_accumulation_steps})."
+            )
+        for name in ("image_size", "per_device_eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name} must be >= 1; got {getattr(self, name)}.")
+        if self.max_eval_samples is not None and int(self.max_eval_samples) < 1:
+            raise InputError(f"--max_eval_samples must be >= 1 when set; got {self.max_eval_samples}.")
+        if self.num_example_images < 0:
+            raise InputError(f"--num_example_images must be >= 0; got {self.num_example_images}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise InputError(f"--resize_mode must be one of {RESIZE_MODES}; got {self.resize_mode!r}.")
+        for name in self.robustness_transforms:
+            if name not in TRANSFORMS[1:]:
+                raise InputError(
+                    f"Unknown robustness transform {name!r}; choose from {TRANSFORMS[1:]}"
+                    f"{did_you_mean(name, TRANSFORMS)}."
+                )
 
 
 FIELD_HELP: dict[str, str] = {
@@ -112,7 +142,8 @@ FIELD_HELP: dict[str, str] = {
 
 
 def validate_config(config: LinearSegmentationConfig, require_model: bool = True) -> LinearSegmentationConfig:
-    """Check a configuration; raises InputError (a ValueError) naming the problem and the fix."""
+    """Check that a configuration describes a run (a backbone, one data source, the classes); raises InputError
+    (a ValueError) naming the problem and the fix. Single values are checked when the config is made."""
     if require_model and not config.model:
         raise InputError("No backbone: set --model to a Hub id or a local model folder.")
     if config.dataset_name is None and config.data_dir is None:
@@ -127,57 +158,28 @@ def validate_config(config: LinearSegmentationConfig, require_model: bool = True
         raise InputError(f"--num_classes must be an integer >= 2; got {config.num_classes!r}.")
     if config.class_names is not None and len(config.class_names) != config.num_classes:
         raise InputError(
-            f"{len(config.class_names)} class_names given for num_classes={config.num_classes}; "
-            "give one name per class."
+            f"{len(config.class_names)} class_names given for num_classes={config.num_classes}; give one name per "
+            "class."
         )
     if 0 <= config.ignore_index < config.num_classes:
         raise InputError(
             f"ignore_index {config.ignore_index} is a class index (num_classes={config.num_classes}); use a value "
             "outside 0 .. num_classes - 1, e.g. 255."
         )
-    for name in ("image_size", "epochs", "batch_size", "eval_batch_size"):
-        if int(getattr(config, name)) < 1:
-            raise InputError(f"--{name} must be >= 1; got {getattr(config, name)}.")
-    for name in ("max_steps", "checkpoint_every_steps", "max_train_samples", "max_eval_samples"):
-        value = getattr(config, name)
-        if value is not None and int(value) < 1:
-            raise InputError(f"--{name} must be >= 1 when set; got {value}.")
-    if config.learning_rate <= 0 or config.weight_decay < 0:
-        raise InputError("--learning_rate must be > 0 and --weight_decay >= 0.")
-    if config.resize_mode not in RESIZE_MODES:
-        raise InputError(f"--resize_mode must be one of {RESIZE_MODES}; got {config.resize_mode!r}.")
-    if config.mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise InputError(
-            f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}; got {config.mixed_precision!r}."
-        )
-    for name in config.robustness_transforms:
-        if name not in TRANSFORMS[1:]:
-            raise InputError(
-                f"Unknown robustness transform {name!r}; choose from {TRANSFORMS[1:]}{did_you_mean(name, TRANSFORMS)}."
-            )
-    if (config.num_workers or 0) < 0 or config.num_example_images < 0 or config.checkpoints_total_limit < 0:
-        raise InputError("--num_workers, --num_example_images and --checkpoints_total_limit must be >= 0.")
     return config
 
 
-def load_config_file(path) -> dict:
-    """Settings from a JSON or YAML config file; raises InputError for unknown keys (with the closest known key)."""
-    values = read_config_file(path)
-    known = FIELD_HELP.keys()
-    for key in values:
-        if key not in known:
-            raise InputError(
-                f"Unknown key {key!r} in {path}{did_you_mean(key, known)}. Known keys: {', '.join(known)}."
-            )
-    return values
-
-
 def make_config(*sources: dict) -> LinearSegmentationConfig:
-    """Defaults, updated by each mapping in turn (config file, then command line), validated."""
+    """Defaults, updated by each mapping in turn (config file, then command line), validated.
+
+    Raises:
+        InputError: a key that is no setting (named, with the closest setting), or a bad value.
+    """
     values: dict[str, Any] = {}
     for source in sources:
         values.update(source)
-    unknown = [key for key in values if key not in FIELD_HELP]
-    if unknown:
-        raise InputError(f"Unknown settings {unknown}{did_you_mean(unknown[0], FIELD_HELP)}.")
+    for key in values:
+        if key not in FIELD_HELP:
+            hint = option_hint(key, FIELD_HELP, RENAMED_SETTINGS)
+            raise InputError(f"Unknown key {key!r}{hint}; `--help` lists the settings.")
     return validate_config(LinearSegmentationConfig(**values))

@@ -22,7 +22,8 @@ from evaluation.metrics import segmentation_scores
 PathLike = Union[str, os.PathLike]
 
 # The constructor parameters written to probe_config.json (the device and verbosity belong to the session); all
-# are also settings of a command-line run.
+# are also settings of a command-line run (`epochs` and `batch_size` as --num_train_epochs and
+# --per_device_train_batch_size).
 SAVED_PARAMS = ("num_classes", "ignore_index", "learning_rate", "weight_decay", "epochs", "batch_size", "seed",
                  "class_names")
 
@@ -116,7 +117,8 @@ class LinearSegmentationProbe(BaseEstimator):
                 optimizer.step()
                 losses.append(float(loss.detach()))
             loss_curve.append(float(np.mean(losses)))
-        return self._set_head(head, loss_curve)
+        self.head_, self.in_channels_, self.loss_curve_ = head.eval(), int(features.shape[1]), loss_curve
+        return self
 
     def _batched_logits(self, features, output_size: tuple[int, int] | None):
         """Logits of `batch_size` samples at a time, so that full-resolution logits never exist for all at once."""
@@ -180,15 +182,34 @@ class LinearSegmentationProbe(BaseEstimator):
             raise FileNotFoundError(f"{folder} holds no saved probe (probe_config.json + head.safetensors).")
         settings = json.loads(config_path.read_text())
         in_channels, loss_curve = settings.pop("in_channels"), settings.pop("loss_curve", None)
-        probe = cls(**settings, device=device)
-        head = LinearSegmentationHead(in_channels, int(probe.num_classes))
+        head = LinearSegmentationHead(in_channels, int(settings["num_classes"]))
         head.load_state_dict(load_file(str(weights_path)))
-        return probe._set_head(head.to(probe._torch_device()), loss_curve)
+        probe = cls.from_head(head, loss_curve, **settings, device=device)
+        probe.head_.to(probe._torch_device())
+        return probe
 
-    def _set_head(self, head: LinearSegmentationHead, loss_curve: list | None = None) -> "LinearSegmentationProbe":
-        """Make a trained head this probe's fitted state."""
-        self.head_ = head.eval()
-        self.in_channels_ = int(head.norm.num_features)
+    @classmethod
+    def from_head(
+        cls, head: LinearSegmentationHead, loss_curve: Sequence[float] | None = None, **params
+    ) -> "LinearSegmentationProbe":
+        """A fitted probe around an already trained head (the command-line run trains one under Accelerate).
+
+        Args:
+            head: the trained :class:`LinearSegmentationHead`; kept as it is (in eval mode), not copied.
+            loss_curve: its mean training loss per epoch, kept as ``loss_curve_`` when given.
+            params: constructor parameters (learning rate, epochs, class names, ...) recorded with the probe;
+                `num_classes` defaults to the head's number of outputs and must match it.
+
+        Raises:
+            ValueError: `num_classes` differs from the head's number of outputs.
+        """
+        outputs = int(head.classifier.out_channels)
+        params.setdefault("num_classes", outputs)
+        if int(params["num_classes"]) != outputs:
+            raise ValueError(f"num_classes={params['num_classes']} for a head with {outputs} outputs.")
+        probe = cls(**params)
+        probe.head_, probe.in_channels_ = head.eval(), int(head.norm.num_features)
         if loss_curve is not None:
-            self.loss_curve_ = list(loss_curve)
-        return self
+            probe.loss_curve_ = list(loss_curve)
+        return probe
+

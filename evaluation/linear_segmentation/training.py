@@ -2,7 +2,10 @@
 
 The run layer (:mod:`alibi_dinov2.training.runs`) gives the accelerator, the checkpoints
 (``OUTPUT_DIR/checkpoints/checkpoint_<step:08d>``, complete or absent), the resume, the teardown after a run and
-the Hub push; this module only says what to train and score.
+the Hub push; this module only says what to train and score. A run is :func:`run_linear_segmentation`:
+:func:`prepare_run` (accelerator, output folder), :func:`load_frozen_backbone`, :func:`load_image_splits`,
+:func:`training_and_validation_data` (the feature caches), :func:`train_head`, :func:`score_probe` and
+:func:`write_outputs`, each given what it needs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, den
 from alibi_dinov2.hub import push
 from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import write_json_atomic
+from alibi_dinov2.io.images import SkippedInputs
 from alibi_dinov2.training import runs
 from evaluation.linear_segmentation.config import LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.data import (
@@ -39,7 +43,7 @@ from evaluation.linear_segmentation.data import (
     undo_transform_on_features,
 )
 from evaluation.linear_segmentation.datasets import SegmentationDataset
-from evaluation.linear_segmentation.estimator import SAVED_PARAMS, LinearSegmentationProbe
+from evaluation.linear_segmentation.estimator import LinearSegmentationProbe
 from evaluation.linear_segmentation.figures import plot_example_predictions
 from evaluation.linear_segmentation.head import LinearSegmentationHead, make_segmentation_head, segmentation_loss
 from evaluation.metrics import confusion_counts, scores_from_confusion
@@ -69,6 +73,20 @@ class TrainingProgress(runs.StateDictDataclass):
 # --------------------------------------------------------------------------------------------------
 # Training and evaluation under Accelerate
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class HeadTraining:
+    """The prepared objects of one training of the head, handed to its step functions."""
+
+    head: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    progress: TrainingProgress
+    config: LinearSegmentationConfig
+    accelerator: object
+    backbone: nn.Module | None = None
+    show: bool = False
+
+
 def train_head(
     head: LinearSegmentationHead,
     train_dataset: torch.utils.data.Dataset,
@@ -77,14 +95,15 @@ def train_head(
     backbone: nn.Module | None = None,
     num_workers: int = 0,
 ) -> tuple[LinearSegmentationHead, TrainingProgress]:
-    """Train the head for ``config.epochs`` (or until ``config.max_steps``), checkpointing as it goes.
+    """Train the head for ``config.num_train_epochs`` (or until ``config.max_train_steps``), checkpointing as
+    ``config.checkpointing_steps`` says, after resuming from ``config.resume_from_checkpoint``.
 
     `train_dataset` yields ``features`` (cached) or ``pixel_values`` (then `backbone` computes the features) and
     ``labels``. Returns the unwrapped head (eval mode) and the training progress.
     """
     sampler = EpochShuffleSampler(len(train_dataset), config.seed)
     loader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=config.batch_size, sampler=sampler, num_workers=num_workers
+        train_dataset, batch_size=config.per_device_train_batch_size, sampler=sampler, num_workers=num_workers
     )
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # Statistics over the global batch, as on one device (SyncBatchNorm needs GPUs; CPU groups keep local ones).
@@ -93,7 +112,17 @@ def train_head(
     head, optimizer, loader = accelerator.prepare(head, optimizer, loader)
     progress = TrainingProgress(steps_per_epoch=len(loader))
     accelerator.register_for_checkpointing(progress)
+    resume_training(accelerator, config)
 
+    show = not config.disable_progress_bars and accelerator.is_local_main_process
+    training = HeadTraining(head, optimizer, loader, progress, config, accelerator, backbone, show)
+    while progress.epoch < config.num_train_epochs and steps_left(config, progress):
+        train_one_epoch(training)
+    return accelerator.unwrap_model(head).eval(), progress
+
+
+def resume_training(accelerator, config: LinearSegmentationConfig) -> None:
+    """Load ``--resume_from_checkpoint`` into the prepared and registered objects (`latest` with none: nothing)."""
     checkpoint = runs.resolve_resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
@@ -101,53 +130,92 @@ def train_head(
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"No checkpoint in {runs.checkpoints_root(config.output_dir)} yet: training from the start.")
 
-    def budget_left() -> bool:
-        return config.max_steps is None or progress.global_step < config.max_steps
 
-    def checkpoint_now() -> None:
-        runs.save_checkpoint(accelerator, config.output_dir, progress.global_step, config.checkpoints_total_limit)
+def steps_left(config: LinearSegmentationConfig, progress: TrainingProgress) -> bool:
+    """Whether ``--max_train_steps`` (if set) allows another optimiser step."""
+    return config.max_train_steps is None or progress.global_step < config.max_train_steps
 
-    show = not config.disable_progress_bars and accelerator.is_local_main_process
-    while progress.epoch < config.epochs and budget_left():
-        batches = runs.epoch_batches(accelerator, loader, progress.epoch, progress.step_in_epoch)
-        head.train()
-        bar = tqdm(
-            batches,
-            total=progress.steps_per_epoch,
-            initial=progress.step_in_epoch,
-            desc=f"epoch {progress.epoch + 1}/{config.epochs}",
-            disable=not show,
-        )
-        for batch in bar:
-            with accelerator.autocast():
-                features, labels = features_and_labels(batch, backbone, accelerator.device)
-                logits = head(features, output_size=labels.shape[-2:])
-                loss = segmentation_loss(logits, labels, config.ignore_index)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            progress.epoch_loss_sum += float(loss.detach())
-            progress.epoch_loss_count += 1
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            stop = not budget_left()
-            every = config.checkpoint_every_steps
-            mid_epoch = progress.step_in_epoch < progress.steps_per_epoch  # the end of an epoch checkpoints below
-            if mid_epoch and (stop or (every and progress.global_step % every == 0)):
-                checkpoint_now()
-            if stop:
-                break
-        bar.close()
-        if progress.step_in_epoch >= progress.steps_per_epoch:
-            totals = accelerator.reduce(
-                torch.tensor([progress.epoch_loss_sum, progress.epoch_loss_count], device=accelerator.device), "sum"
-            )
-            progress.loss_per_epoch.append(float(totals[0] / max(float(totals[1]), 1.0)))
-            progress.epoch += 1
-            progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_loss_count = 0, 0.0, 0
-            checkpoint_now()
-    return accelerator.unwrap_model(head).eval(), progress
+
+def checkpoint_due(config: LinearSegmentationConfig, global_step: int, stopping: bool) -> bool:
+    """A checkpoint after this step, apart from the end of an epoch: every N steps (``--checkpointing_steps N``)
+    and, with any ``--checkpointing_steps``, where ``--max_train_steps`` stops the training."""
+    every = config.checkpointing_steps
+    if every is None:
+        return False
+    return stopping or (isinstance(every, int) and global_step % every == 0)
+
+
+def train_one_epoch(training: HeadTraining) -> None:
+    """The rest of the current epoch (from the step a resumed run stopped at), or up to ``--max_train_steps``."""
+    config, progress = training.config, training.progress
+    batches = runs.epoch_batches(training.accelerator, training.loader, progress.epoch, progress.step_in_epoch)
+    training.head.train()
+    bar = tqdm(
+        batches,
+        total=progress.steps_per_epoch,
+        initial=progress.step_in_epoch,
+        desc=f"epoch {progress.epoch + 1}/{config.num_train_epochs}",
+        disable=not training.show,
+    )
+    for batch in bar:
+        loss = training_step(training, batch)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        stopping = not steps_left(config, progress)
+        mid_epoch = progress.step_in_epoch < progress.steps_per_epoch  # the end of an epoch is handled below
+        if mid_epoch and checkpoint_due(config, progress.global_step, stopping):
+            save_training_checkpoint(training)
+        if stopping:
+            break
+    bar.close()
+    if progress.step_in_epoch >= progress.steps_per_epoch:
+        finish_epoch(training)
+
+
+def training_step(training: HeadTraining, batch: dict) -> float:
+    """One optimiser step on a batch; counts it and logs the loss every ``--logging_steps`` to the trackers."""
+    accelerator, progress, config = training.accelerator, training.progress, training.config
+    with accelerator.autocast():
+        features, labels = features_and_labels(batch, training.backbone, accelerator.device)
+        logits = training.head(features, output_size=labels.shape[-2:])
+        loss = segmentation_loss(logits, labels, config.ignore_index)
+    training.optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    training.optimizer.step()
+    value = float(loss.detach())
+    progress.step_in_epoch += 1
+    progress.global_step += 1
+    progress.epoch_loss_sum += value
+    progress.epoch_loss_count += 1
+    if config.trackers and progress.global_step % config.logging_steps == 0:
+        learning_rate = training.optimizer.param_groups[0]["lr"]
+        accelerator.log({"train/loss": value, "train/learning_rate": learning_rate}, step=progress.global_step)
+    return value
+
+
+def finish_epoch(training: HeadTraining) -> None:
+    """Record the epoch's mean loss over every process, move on to the next epoch and checkpoint it when due
+    (``--checkpointing_steps epoch``, a multiple of N steps, or the stop at ``--max_train_steps``)."""
+    accelerator, progress, config = training.accelerator, training.progress, training.config
+    totals = accelerator.reduce(
+        torch.tensor([progress.epoch_loss_sum, progress.epoch_loss_count], device=accelerator.device), "sum"
+    )
+    epoch_loss = float(totals[0] / max(float(totals[1]), 1.0))
+    progress.loss_per_epoch.append(epoch_loss)
+    progress.epoch += 1
+    progress.step_in_epoch, progress.epoch_loss_sum, progress.epoch_loss_count = 0, 0.0, 0
+    if config.trackers:
+        accelerator.log({"train/epoch_loss": epoch_loss}, step=progress.global_step)
+    stopping = not steps_left(config, progress)
+    if config.checkpointing_steps == "epoch" or checkpoint_due(config, progress.global_step, stopping):
+        save_training_checkpoint(training)
+
+
+def save_training_checkpoint(training: HeadTraining) -> Path:
+    """``OUTPUT_DIR/checkpoints/checkpoint_<global step>`` (every process calls it)."""
+    config = training.config
+    return runs.save_checkpoint(
+        training.accelerator, config.output_dir, training.progress.global_step, config.checkpoints_total_limit
+    )
 
 
 def evaluate_head(
@@ -212,6 +280,38 @@ def _example_predictions(head, backbone, dataset: SegmentationDataset, count: in
 # --------------------------------------------------------------------------------------------------
 # A full run
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ProbeRun:
+    """What every step of a run shares: the settings, the accelerator and the output folder."""
+
+    config: LinearSegmentationConfig
+    accelerator: object
+    output_dir: Path
+    num_workers: int
+    show: bool  # progress bars on this process
+    started: float
+
+
+@dataclasses.dataclass
+class FrozenBackbone:
+    """The backbone on the run's device, without gradients, and what the run reads from it."""
+
+    module: nn.Module
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    patch_size: int
+    hidden_size: int
+
+
+@dataclasses.dataclass
+class ImageSplits:
+    """The usable images of both splits and the skipped ones, by split name."""
+
+    train: SegmentationDataset
+    val: SegmentationDataset
+    skipped: dict[str, SkippedInputs]
+
+
 def run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module | None = None) -> dict:
     """Train and score a linear probe as `config` says; writes results.json, examples.png and probe/.
 
@@ -223,23 +323,50 @@ def run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module |
         the results dict also written to ``OUTPUT_DIR/results.json`` (identical on every process).
     """
     try:
-        return _run_linear_segmentation(config, model)
+        run = prepare_run(config, require_model=model is None)
+        backbone = load_frozen_backbone(run, model)
+        images = load_image_splits(run, backbone)
+        train_data, val_data = training_and_validation_data(run, backbone, images)
+        head = make_segmentation_head(backbone.hidden_size, config.num_classes, config.seed)
+        head, progress = train_head(
+            head, train_data, config, run.accelerator, backbone=backbone.module, num_workers=run.num_workers
+        )
+        validation, robustness = score_probe(run, backbone, head, val_data, images.val)
+        results = collect_results(run, backbone, images, progress, validation, robustness)
+        write_outputs(run, backbone, head, progress, images.val, results)
+        return results
     finally:
         runs.release_accelerator()
 
 
-def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module | None) -> dict:
-    validate_config(config, require_model=model is None)
-    if model is None:
+def prepare_run(config: LinearSegmentationConfig, require_model: bool = True) -> ProbeRun:
+    """Check the settings and the model source, make the accelerator (trackers started) and clean the folder."""
+    validate_config(config, require_model=require_model)
+    if require_model:
         check_model_source(config.model)
     output_dir = Path(config.output_dir)
-    accelerator = runs.make_accelerator(output_dir, mixed_precision=config.mixed_precision, cpu=config.cpu)
+    accelerator = runs.make_accelerator(
+        output_dir, mixed_precision=config.mixed_precision, log_with=config.trackers, cpu=config.cpu
+    )
     if accelerator.is_main_process:
         runs.remove_incomplete_checkpoints(output_dir)
-    show = not config.disable_progress_bars and accelerator.is_local_main_process
-    num_workers = default_num_workers(config.num_workers, accelerator.num_processes)
-    started = time.time()
+    if config.trackers:
+        scalars = {key: value for key, value in dataclasses.asdict(config).items()
+                   if isinstance(value, (bool, int, float, str))}
+        accelerator.init_trackers("linear_segmentation", config=scalars)
+    return ProbeRun(
+        config=config,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        num_workers=default_num_workers(config.dataloader_num_workers, accelerator.num_processes),
+        show=not config.disable_progress_bars and accelerator.is_local_main_process,
+        started=time.time(),
+    )
 
+
+def load_frozen_backbone(run: ProbeRun, model: nn.Module | None = None) -> FrozenBackbone:
+    """``config.model`` (or `model`) frozen on the run's device; checks ``--image_size`` against its patch."""
+    config, accelerator = run.config, run.accelerator
     if model is None:
         with accelerator.main_process_first():  # the first process downloads, the others read its cache
             backbone, mean, std = load_backbone(config.model)
@@ -254,90 +381,143 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
             f"--image_size {config.image_size} is not a multiple of the patch size {patch_size}; use e.g. "
             f"{max(1, round(config.image_size / patch_size)) * patch_size}."
         )
-    grid = config.image_size // patch_size
-    hidden_size = int(backbone.config.hidden_size)
+    return FrozenBackbone(backbone, mean, std, patch_size, int(backbone.config.hidden_size))
 
-    cache_root = Path(config.feature_cache_dir) if config.feature_cache_dir else output_dir / "feature_cache"
-    splits, skipped = {}, {}
-    for split, max_samples in (
-        (config.train_split, config.max_train_samples),
-        (config.val_split, config.max_eval_samples),
-    ):
-        images = build_split(config, split, max_samples, mean, std)
-        record = cache_root / split / "image_check.json" if config.cache_features else None
-        splits[split], skipped[split] = drop_unusable_images(
-            images, patch_size, config.strict, accelerator, num_workers,
-            record=record, identity=image_check_key(config, split, max_samples),
+
+def feature_cache_root(run: ProbeRun) -> Path:
+    """``--feature_cache_dir``, or OUTPUT_DIR/feature_cache."""
+    directory = run.config.feature_cache_dir
+    return Path(directory) if directory else run.output_dir / "feature_cache"
+
+
+def load_image_splits(run: ProbeRun, backbone: FrozenBackbone) -> ImageSplits:
+    """The training and validation images without the unreadable or too-small ones (recorded with the cache)."""
+    config = run.config
+    usable, skipped = {}, {}
+    limits = ((config.train_split, config.max_train_samples), (config.val_split, config.max_eval_samples))
+    for split, max_samples in limits:
+        images = build_split(config, split, max_samples, backbone.image_mean, backbone.image_std)
+        record = feature_cache_root(run) / split / "image_check.json" if config.cache_features else None
+        usable[split], skipped[split] = drop_unusable_images(
+            images,
+            backbone.patch_size,
+            config.strict,
+            run.accelerator,
+            run.num_workers,
+            record=record,
+            identity=image_check_key(config, split, max_samples),
         )
-    train_images, val_images = splits[config.train_split], splits[config.val_split]
+    return ImageSplits(usable[config.train_split], usable[config.val_split], skipped)
 
-    if config.cache_features:
-        caches = {
-            split: build_feature_cache(
-                backbone,
-                dataset,
-                cache_root / split,
-                cache_key(config, split, hidden_size, skipped[split]),
-                batch_size=config.eval_batch_size,
-                num_workers=num_workers,
-                accelerator=accelerator,
-                progress=show,
-            )
-            for split, dataset in splits.items()
-        }
-        train_data, val_data = caches[config.train_split], caches[config.val_split]
-    else:
-        train_data, val_data = train_images, val_images
 
-    head = make_segmentation_head(hidden_size, config.num_classes, config.seed)
-    head, progress = train_head(head, train_data, config, accelerator, backbone=backbone, num_workers=num_workers)
+def training_and_validation_data(run: ProbeRun, backbone: FrozenBackbone, images: ImageSplits) -> tuple:
+    """The cached features of both splits (built when missing), or the images themselves without the cache."""
+    config = run.config
+    if not config.cache_features:
+        return images.train, images.val
+    return tuple(
+        build_feature_cache(
+            backbone.module,
+            dataset,
+            feature_cache_root(run) / split,
+            cache_key(config, split, backbone.hidden_size, images.skipped[split]),
+            batch_size=config.per_device_eval_batch_size,
+            num_workers=run.num_workers,
+            accelerator=run.accelerator,
+            progress=run.show,
+        )
+        for split, dataset in ((config.train_split, images.train), (config.val_split, images.val))
+    )
 
+
+def roll_shift(config: LinearSegmentationConfig, backbone: FrozenBackbone) -> int:
+    """``--roll_shift_patches``, or half the patch grid."""
+    if config.roll_shift_patches is not None:
+        return config.roll_shift_patches
+    return config.image_size // backbone.patch_size // 2
+
+
+def score_probe(run: ProbeRun, backbone: FrozenBackbone, head, val_data, val_images) -> tuple[dict, dict | None]:
+    """Validation scores, and with ``--robustness`` the scores per input transform (None without)."""
+    config = run.config
     evaluation = dict(
         num_classes=config.num_classes,
         ignore_index=config.ignore_index,
-        backbone=backbone,
-        batch_size=config.eval_batch_size,
-        num_workers=num_workers,
-        accelerator=accelerator,
-        progress=show,
+        backbone=backbone.module,
+        batch_size=config.per_device_eval_batch_size,
+        num_workers=run.num_workers,
+        accelerator=run.accelerator,
+        progress=run.show,
     )
     validation = scores_from_confusion(evaluate_head(head, val_data, **evaluation), config.class_names)
+    if not config.robustness:
+        return validation, None
+    robustness, shift = {}, roll_shift(config, backbone)
+    for transform in ("none", *config.robustness_transforms):
+        confusion = evaluate_head(head, val_images, transform=transform, shift_patches=shift, **evaluation)
+        robustness[transform] = scores_from_confusion(confusion, config.class_names)
+    return validation, robustness
 
-    robustness = None
-    shift = config.roll_shift_patches if config.roll_shift_patches is not None else grid // 2
-    if config.robustness:
-        robustness = {}
-        for transform in ("none", *config.robustness_transforms):
-            confusion = evaluate_head(head, val_images, transform=transform, shift_patches=shift, **evaluation)
-            robustness[transform] = scores_from_confusion(confusion, config.class_names)
 
-    results = {
+def collect_results(
+    run: ProbeRun,
+    backbone: FrozenBackbone,
+    images: ImageSplits,
+    progress: TrainingProgress,
+    validation: dict,
+    robustness: dict | None,
+) -> dict:
+    """The contents of results.json."""
+    config = run.config
+    return {
         "model": config.model,
-        "model_type": backbone.config.model_type,
-        "hidden_size": hidden_size,
-        "patch_size": patch_size,
-        "num_train_samples": len(train_images),
-        "num_val_samples": len(val_images),
-        "skipped_inputs": {split: items.as_dict() for split, items in skipped.items()},
+        "model_type": backbone.module.config.model_type,
+        "hidden_size": backbone.hidden_size,
+        "patch_size": backbone.patch_size,
+        "num_train_samples": len(images.train),
+        "num_val_samples": len(images.val),
+        "skipped_inputs": {split: items.as_dict() for split, items in images.skipped.items()},
         "training": {
             "global_step": progress.global_step,
             "epochs_completed": progress.epoch,
             "steps_per_epoch": progress.steps_per_epoch,
             "loss_per_epoch": list(progress.loss_per_epoch),
-            "stopped_at_max_steps": progress.epoch < config.epochs,
+            "stopped_at_max_steps": progress.epoch < config.num_train_epochs,
         },
         "validation": validation,
         "robustness": robustness,
-        "roll_shift_patches": shift if config.robustness else None,
-        "seconds": time.time() - started,
+        "roll_shift_patches": roll_shift(config, backbone) if config.robustness else None,
+        "seconds": time.time() - run.started,
         "config": dataclasses.asdict(config),
     }
+
+
+def trained_probe(config: LinearSegmentationConfig, head, progress: TrainingProgress) -> LinearSegmentationProbe:
+    """The trained head as a fitted :class:`LinearSegmentationProbe` with the run's settings."""
+    return LinearSegmentationProbe.from_head(
+        head,
+        progress.loss_per_epoch,
+        num_classes=config.num_classes,
+        ignore_index=config.ignore_index,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        epochs=config.num_train_epochs,
+        batch_size=config.per_device_train_batch_size,
+        seed=config.seed,
+        class_names=config.class_names,
+    )
+
+
+def write_outputs(run: ProbeRun, backbone: FrozenBackbone, head, progress, val_images, results: dict) -> None:
+    """On the main process: probe/, examples.png, results.json, the summary and the upload; then every process
+    waits for them and ends its trackers."""
+    config, accelerator, output_dir = run.config, run.accelerator, run.output_dir
     if accelerator.is_main_process:
-        probe = LinearSegmentationProbe(**{name: getattr(config, name) for name in SAVED_PARAMS})
-        probe._set_head(head, progress.loss_per_epoch)
-        probe.save(output_dir / "probe")
+        trained_probe(config, head, progress).save(output_dir / "probe")
         if config.num_example_images:
-            examples = _example_predictions(head, backbone, val_images, config.num_example_images, accelerator.device)
+            examples = _example_predictions(
+                head, backbone.module, val_images, config.num_example_images, accelerator.device
+            )
             plot_example_predictions(*examples, config.num_classes, output_dir / "examples.png", config.ignore_index)
         write_json_atomic(output_dir / "results.json", results)
         accelerator.print(format_summary(results))
@@ -352,7 +532,8 @@ def _run_linear_segmentation(config: LinearSegmentationConfig, model: nn.Module 
             )
             accelerator.print(f"Pushed {output_dir} to {url}")
     accelerator.wait_for_everyone()
-    return results
+    if config.trackers:
+        accelerator.end_training()
 
 
 def format_summary(results: dict) -> str:
