@@ -124,48 +124,74 @@ def run_probe(
     bar = tqdm(total=total, desc="positional probe", disable=not progress, file=sys.stderr)
     for model_name, model in models.items():
         for source_name, images in sources.items():
-            scores = {ramp: [] for ramp in ramps}
-            channel_sums: dict[str, np.ndarray] = {}
-            probed, channel_count = 0, 0
-            described = []
-            for image_index, (image_name, image) in enumerate(images):
-                bar.set_postfix_str(f"{model_name} / {image_name}", refresh=False)
-                bar.update(1)
-                try:
-                    features = extract_patch_features(model, image, image_processors.get(model_name))
-                except ImageReadError as error:
-                    if f"{source_name}/{image_name}" not in skipped.names:
-                        skipped.add(f"{source_name}/{image_name}", error)
-                    continue
-                grid = [int(features.shape[0]), int(features.shape[1])]
-                described.append({"name": image_name, "shape": list(np.shape(image)[:2]), "grid": grid})
-                channel_count = int(features.shape[-1])
-                if not protocol.can_probe(*grid):
-                    warning = _small_grid_warning(model_name, source_name, image_name, grid, protocol)
-                    results["warnings"].append(warning)
-                    continue
-                probed += 1
-                image_scores, image_channels = _probe_image(features, ramps, protocol, image_index, per_channel)
-                for ramp in ramps:
-                    scores[ramp].append(image_scores[ramp])
-                    if per_channel:
-                        channel_sums[ramp] = channel_sums.get(ramp, 0.0) + image_channels[ramp]
-            if not described:
-                raise InputError(f"no usable image in {source_name} for {model_name} (all skipped)")
-            results["sources"][source_name] = [
-                {"name": item["name"], "shape": item["shape"]} for item in described
-            ]
-            results["grids"][model_name][source_name] = [item["grid"] for item in described]
-            results["scores"][model_name][source_name] = {ramp: _summary(scores[ramp]) for ramp in ramps}
+            probed = _probe_source(
+                (model_name, model, image_processors.get(model_name)), (source_name, images), ramps, protocol,
+                per_channel, skipped, bar,
+            )
+            results["warnings"].extend(probed.warnings)
+            shapes = [{"name": item["name"], "shape": item["shape"]} for item in probed.images]
+            results["sources"][source_name] = shapes
+            results["grids"][model_name][source_name] = [item["grid"] for item in probed.images]
+            results["scores"][model_name][source_name] = {ramp: _summary(probed.scores[ramp]) for ramp in ramps}
             if per_channel:
-                n_fits = probed * protocol.repeats
-                results["per_channel"][model_name][source_name] = {
-                    ramp: (channel_sums[ramp] / n_fits).tolist() if n_fits else [float("nan")] * channel_count
-                    for ramp in ramps
-                }
+                results["per_channel"][model_name][source_name] = probed.channel_means
     bar.close()
     results["skipped"] = skipped.as_dict()
     return results
+
+
+@dataclass
+class _SourceProbe:
+    """One model on one image set: the images it took (name, shape, grid), each probed image's R^2 per repeat by
+    ramp, the per-channel R^2 averaged over images x repeats by ramp, and the small-grid warnings."""
+
+    images: list[dict] = field(default_factory=list)
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    channel_means: dict[str, list[float]] = field(default_factory=dict)
+    warnings: list[dict] = field(default_factory=list)
+
+
+def _probe_source(model_item, source_item, ramps, protocol: ProbeProtocol, per_channel: bool, skipped, bar):
+    """Probe `model_item = (name, model, image processor)` on `source_item = (name, [(image name, image)])`.
+
+    Raises:
+        InputError: no image of the set could be read.
+    """
+    model_name, model, processor = model_item
+    source_name, images = source_item
+    probed = _SourceProbe(scores={ramp: [] for ramp in ramps})
+    channel_sums: dict[str, np.ndarray] = {}
+    n_images, channel_count = 0, 0
+    for image_index, (image_name, image) in enumerate(images):
+        bar.set_postfix_str(f"{model_name} / {image_name}", refresh=False)
+        bar.update(1)
+        try:
+            features = extract_patch_features(model, image, processor)
+        except ImageReadError as error:
+            if f"{source_name}/{image_name}" not in skipped.names:
+                skipped.add(f"{source_name}/{image_name}", error)
+            continue
+        grid = [int(features.shape[0]), int(features.shape[1])]
+        probed.images.append({"name": image_name, "shape": list(np.shape(image)[:2]), "grid": grid})
+        channel_count = int(features.shape[-1])
+        if not protocol.can_probe(*grid):
+            probed.warnings.append(_small_grid_warning(model_name, source_name, image_name, grid, protocol))
+            continue
+        n_images += 1
+        image_scores, image_channels = _probe_image(features, ramps, protocol, image_index, per_channel)
+        for ramp in ramps:
+            probed.scores[ramp].append(image_scores[ramp])
+            if per_channel:
+                channel_sums[ramp] = channel_sums.get(ramp, 0.0) + image_channels[ramp]
+    if not probed.images:
+        raise InputError(f"no usable image in {source_name} for {model_name} (all skipped)")
+    if per_channel:
+        n_fits = n_images * protocol.repeats
+        probed.channel_means = {
+            ramp: (channel_sums[ramp] / n_fits).tolist() if n_fits else [float("nan")] * channel_count
+            for ramp in ramps
+        }
+    return probed
 
 
 def _probe_image(
