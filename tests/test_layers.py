@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from alibi_dinov2.commands import COMMANDS
+from conftest import REPO_ROOT
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 REMOTE_CODE = ("alibi_attention", "configuration_alibi_dinov2", "configuration_alibi_dinov3", "modeling_alibi_dinov2",
                "modeling_alibi_dinov3")
 SCRIPTS = ("convert_checkpoint", "train_distill", "quickstart", "benchmarks")

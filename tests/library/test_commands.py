@@ -14,9 +14,7 @@ import pytest
 from alibi_dinov2.cli import run_command
 from alibi_dinov2.commands import COMMANDS, console_scripts
 from alibi_dinov2.hub.sources import check_model_source
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
 
 
 def model_options(command: str, missing: str, folder: Path) -> list[str]:

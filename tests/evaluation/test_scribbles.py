@@ -1,4 +1,4 @@
-"""Scribble generation and the scribble benchmark end to end (its metric: tests/test_metrics.py)."""
+"""Scribble generation and the scribble benchmark end to end (its metric: tests/evaluation/test_metrics.py)."""
 
 import json
 import shutil

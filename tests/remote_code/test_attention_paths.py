@@ -387,9 +387,8 @@ def test_compiled_chunked_path_compiles_once_per_doubling_of_the_tokens(model_ty
     """Every size on `alibi_chunked` (16 queries per block), one image at a time as large images go: the unrolled
     block loop makes a graph per power-of-two block count, not per image size (beyond the two that dynamo's automatic
     dynamic shapes always start with), and the outputs equal eager."""
-    from test_modeling import COMPILE_SIZES
-
     from compile_counting import compiled_graph_count
+    from test_modeling import COMPILE_SIZES
 
     model = tiny_alibi_model(model_type, model_options=dict(alibi_dense_max_tokens=0, alibi_query_chunk_size=16))
     patch = model.config.patch_size

@@ -1,7 +1,6 @@
 """Every entry point that reads images reads the same awkward files the same way, and skips the same bad ones."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from alibi_dinov2.io.images import (
     unsigned_range,
 )
 from awkward_images import CORRUPT, READABLE, SIZE, TINY, write_awkward_images
+from conftest import REPO_ROOT
 from demo.app import prepare_image, read_upload
 from evaluation import probe_runner, report, scribble_benchmark
 
@@ -223,7 +223,7 @@ def test_readme_usage_snippet_reads_a_16_bit_micrograph(tmp_path, tiny_kwargs):
     from configuration_alibi_dinov2 import AlibiDinov2Config
     from modeling_alibi_dinov2 import AlibiDinov2Model
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     usage = readme[readme.index("## Use") :]
     snippet = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
     torch.manual_seed(0)

@@ -21,12 +21,12 @@ from alibi_dinov2.cli import run_command
 from alibi_dinov2.conversion.convert import convert
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file, parse_remote_file, url_cache_path
+from conftest import REPO_ROOT
 from hub_cache import put_in_hub_cache
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from test_convert_checkpoint import VITS14, hf_model, pixels, reference_vit_forward, timm_checkpoint, to_vit_keys
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RELEASE_REPO = "rmdocherty/dino-saw"
 ALIBI_COCO = "alibi_coco_dv2_vits14_reg4.pth"
 META_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"
@@ -243,9 +243,8 @@ VITS16_PLUS = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12
 def test_released_alibi_dinov3_converts_offline_from_the_hub_cache_at_full_size(tmp_path, hub_cache):
     """A full-size ViT-S+/16-reg4 in the reference ALiBi-DINOv3 layout (Meta's dinov3 keys, no RoPE, 211 keys) with
     random weights, from the Hub cache by its `hf://` name, against the eager reference to 1e-4."""
-    from test_convert_dinov3 import hf_dinov3, reference_dinov3_forward, to_meta_dinov3_keys
-
     from modeling_alibi_dinov3 import AlibiDinov3Model
+    from test_convert_dinov3 import hf_dinov3, reference_dinov3_forward, to_meta_dinov3_keys
 
     state_dict = to_meta_dinov3_keys(hf_dinov3(gated=True, **VITS16_PLUS), rope=False)
     assert len(state_dict) == 211 and "rope_embed.periods" not in state_dict
@@ -274,10 +273,9 @@ def test_released_alibi_dinov3_converts_offline_from_the_hub_cache_at_full_size(
 @pytest.mark.parametrize("hub_id, gated", [("facebook/dinov3-vits16-pretrain-lvd1689m", False),
                                            ("facebook/dinov3-vits16plus-pretrain-lvd1689m", True)])
 def test_dinov3_hub_ids_convert_offline_from_the_hub_cache(tmp_path, hub_cache, hub_id, gated):
-    from test_convert_dinov3 import hf_dinov3
-
     from hub_cache import put_folder_in_hub_cache
     from modeling_alibi_dinov3 import AlibiDinov3Model
+    from test_convert_dinov3 import hf_dinov3
 
     source = hf_dinov3(gated=gated)
     source.save_pretrained(tmp_path / "source")

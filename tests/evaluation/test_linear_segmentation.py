@@ -16,6 +16,7 @@ from alibi_dinov2.cli import load_config_file
 from alibi_dinov2.hub import push
 from alibi_dinov2.training import runs as training_runs
 from configuration_alibi_dinov2 import AlibiDinov2Config
+from conftest import REPO_ROOT
 from evaluation import linear_segmentation as linseg
 from evaluation.linear_segmentation.datasets import SegmentationDataset, load_segmentation_split, prepare_labels
 from modeling_alibi_dinov2 import AlibiDinov2Model
@@ -296,7 +297,7 @@ def test_undoing_a_transform_on_features_restores_the_grid(transform):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, epochs, classes", [("voc2007", 75, 21), ("voc2012", 50, 21), ("ade20k", 50, 150)])
 def test_configs_follow_the_paper(name, epochs, classes):
-    path = Path(__file__).resolve().parents[1] / "configs" / f"linear_seg_{name}.json"
+    path = REPO_ROOT / "configs" / f"linear_seg_{name}.json"
     config = linseg.make_config(load_config_file(path), {"model": "any"})
     assert (config.image_size, config.learning_rate, config.weight_decay) == (518, 1e-3, 0.01)
     assert config.num_train_epochs == epochs and config.num_classes == classes and len(config.class_names) == classes
@@ -505,7 +506,6 @@ def test_two_processes_share_the_work_without_double_counting(workspace, tmp_pat
     with socket.socket() as probe:  # a free port: the default one may be taken by another group on this machine
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    repo_root = Path(__file__).resolve().parents[1]
     output_dir = tmp_path / "two"
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu"]
     command += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -514,7 +514,7 @@ def test_two_processes_share_the_work_without_double_counting(workspace, tmp_pat
                             num_example_images=0)
     for key, value in settings.items():
         command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(repo_root))
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
 

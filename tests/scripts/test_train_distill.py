@@ -35,12 +35,12 @@ from alibi_dinov2.training.objective import distillation_loss, random_patch_shif
 from alibi_dinov2.training.students import build_student
 from alibi_dinov2.training.targets import TeacherTargetCache, batch_targets, teacher_fingerprint
 from configuration_alibi_dinov2 import AlibiDinov2Config
+from conftest import REPO_ROOT
 from evaluation.distillation_probe import DistillationProbe
 from evaluation.positional_probe import most_positional_channels
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # 18 x 18 patches: the sparse probe (step 6) then samples 9 of them.
 PROBE_SIZE = "266"  # 19 x 19 patches: the 10 samples the probe protocol needs at step 6
 
