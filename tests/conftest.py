@@ -57,6 +57,16 @@ def bias_module(model):
     return encoder.alibi
 
 
+def assert_same_outputs(actual, expected, num_hidden_states: int, atol: float = 1e-5) -> None:
+    """Two models' outputs (run with `output_hidden_states=True`) agree: last hidden state, pooler output and every
+    hidden state, within `atol`."""
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=atol, rtol=0)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=atol, rtol=0)
+    assert len(actual.hidden_states) == len(expected.hidden_states) == num_hidden_states
+    for ours, theirs in zip(actual.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+
+
 # Run first in an isolated child: the project's model modules become unimportable, whatever sys.path holds.
 PROJECT_MODULES = (
     "alibi_attention",

@@ -15,7 +15,7 @@ from transformers import (
 
 from compile_counting import compiled_graph_count
 from configuration_alibi_dinov2 import AlibiDinov2Config
-from conftest import TINY_DINOV2
+from conftest import TINY_DINOV2, assert_same_outputs
 from modeling_alibi_dinov2 import AlibiDinov2Backbone, AlibiDinov2Model
 
 
@@ -46,11 +46,7 @@ def test_stock_mode_equals_dinov2_with_registers(tiny_kwargs, size):
     with torch.no_grad():
         expected = reference(pixel_values, output_hidden_states=True)
         actual = model(pixel_values, output_hidden_states=True)
-    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
-    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=0)
-    assert len(actual.hidden_states) == len(expected.hidden_states) == 3
-    for ours, theirs in zip(actual.hidden_states, expected.hidden_states):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert_same_outputs(actual, expected, num_hidden_states=3)
 
 
 @pytest.mark.parametrize("size", [(56, 56), (70, 42)])

@@ -14,7 +14,7 @@ from alibi_attention import AlibiPositionBias
 from compile_counting import compiled_graph_count
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from configuration_alibi_dinov3 import AlibiDinov3Config
-from conftest import TINY_DINOV3, tiny_alibi_model
+from conftest import TINY_DINOV3, assert_same_outputs, tiny_alibi_model
 from modeling_alibi_dinov2 import AlibiDinov2Model
 from modeling_alibi_dinov3 import AlibiDinov3Backbone, AlibiDinov3Model
 
@@ -52,11 +52,7 @@ def test_stock_mode_equals_dinov3_vit(size, num_register_tokens, mlp):
     with torch.no_grad():
         expected = reference(pixel_values, output_hidden_states=True)
         actual = model(pixel_values, output_hidden_states=True)
-    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
-    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=0)
-    assert len(actual.hidden_states) == len(expected.hidden_states) == 3
-    for ours, theirs in zip(actual.hidden_states, expected.hidden_states):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert_same_outputs(actual, expected, num_hidden_states=3)
 
 
 def test_stock_mode_equals_dinov3_vit_with_masked_patches_and_eager_attention():
