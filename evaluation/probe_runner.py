@@ -285,7 +285,10 @@ class ProbeArguments:
     def __post_init__(self):
         for ramp in self.ramps:
             expand_ramps(ramp)
-        self.protocol()  # a bad step, penalty or repeat count fails here, before any model loads
+        try:
+            self.protocol()  # a bad step, penalty or repeat count fails here, before any model loads
+        except ValueError as error:
+            raise ValueError(f"--{error}") from error  # the messages start with the field's name
 
     def protocol(self) -> ProbeProtocol:
         """The probe protocol these options give (the minimum sample count is the project's)."""

@@ -229,3 +229,9 @@ def test_dinov3_folders_load_and_are_probed(tmp_path):
         assert results["grids"][name]["noise"] == [[12, 12], [12, 12]]
     # Wrapped ALiBi without RoPE is equivariant to whole-patch rolls: nothing marks absolute position.
     assert results["scores"]["alibi"]["noise"]["lr+ud"]["mean"] < 0.1
+
+
+def test_a_bad_protocol_option_is_refused_naming_it_before_any_model_loads(capsys):
+    with pytest.raises(SystemExit):
+        main(["--models", "no/such-model", "--step", "0"])
+    assert "error: --step must be >= 1, got 0" in capsys.readouterr().err
