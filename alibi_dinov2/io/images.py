@@ -78,17 +78,28 @@ def _is_tiff(path: Path) -> bool:
     return magic in _TIFF_MAGIC
 
 
+def _tiff_page_array(page) -> np.ndarray:
+    """One TIFF page, channels last: a page stored as separate colour planes, `(S, H, W)`, becomes `(H, W, S)` as
+    a page of interleaved samples is, so that both layouts read the same through every route."""
+    array = np.asarray(page.asarray())
+    samples = int(getattr(page, "samplesperpixel", 1))
+    separate = int(getattr(page, "planarconfig", 1)) == 2
+    if separate and samples > 1 and array.ndim == 3 and array.shape[0] == samples:
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
 def _read_tiff_pages(path) -> list[np.ndarray]:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            pages = [page.asarray() for page in tif.pages]
+            pages = [_tiff_page_array(page) for page in tif.pages]
     except Exception as error:  # tifffile raises many error types for damaged files
         raise ImageReadError(f"{path}: not a readable TIFF ({error})") from error
     if not pages:
         raise ImageReadError(f"TIFF file {path} contains no pages")
-    return [np.asarray(page) for page in pages]
+    return pages
 
 
 def _pil_frame_to_array(frame, palette: str = "colours") -> np.ndarray:
@@ -149,7 +160,7 @@ def _read_tiff_page(source, page: int | None, name, single: bool) -> np.ndarray:
             raise ImageReadError(f"TIFF file {name} contains no pages")
         index = _page_index(count, page, name, single)
         try:
-            return np.asarray(tif.pages[index].asarray())
+            return _tiff_page_array(tif.pages[index])
         except Exception as error:
             raise ImageReadError(f"{name}: not a readable TIFF ({error})") from error
 
@@ -213,6 +224,28 @@ def read_image(path: PathLike, page: int | None = None, palette: str = "colours"
     return _read_page(path, page, palette, path, _is_tiff(path), single=True)
 
 
+def count_pages(path: PathLike) -> int:
+    """How many pages (frames) an image file holds, without decoding them.
+
+    Raises:
+        FileNotFoundError: no such file; ImageReadError: not a readable image.
+    """
+    path = Path(path)
+    _check_exists(path)
+    try:
+        if _is_tiff(path):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return len(tif.pages)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return int(getattr(image, "n_frames", 1))
+    except Exception as error:  # tifffile and PIL raise many error types for damaged files
+        raise ImageReadError(f"{path}: not a readable image ({error})") from error
+
+
 def _rgb_labels_to_indices(rgb: np.ndarray) -> np.ndarray:
     """Map each distinct colour to a consecutive integer; black becomes 0 (unlabelled)."""
     flat = rgb.reshape(-1, rgb.shape[-1])
@@ -271,11 +304,13 @@ def _write_pil(path: Path, array: np.ndarray) -> None:
     image.save(path)
 
 
-def write_image(path: PathLike, image: Union[np.ndarray, Sequence[np.ndarray]]) -> None:
+def write_image(path: PathLike, image: Union[np.ndarray, Sequence[np.ndarray]], metadata=None) -> None:
     """Write an image (or a list of pages) keeping its dtype.
 
-    TIFF accepts any dtype and a list of pages (a multi-page file). PNG accepts uint8 (gray, RGB,
-    RGBA) and uint16 grayscale; JPEG accepts uint8 only (lossy: not for masks).
+    TIFF accepts any dtype and a list of pages: pages of one shape and dtype are one stack (one series, see
+    :func:`alibi_dinov2.io.tiff_stacks.write_stack`, with `metadata`, a
+    :class:`~alibi_dinov2.io.tiff_stacks.StackMetadata`); pages that differ are one series each. PNG accepts uint8
+    (gray, RGB, RGBA) and uint16 grayscale; JPEG accepts uint8 only (lossy: not for masks).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -283,13 +318,7 @@ def write_image(path: PathLike, image: Union[np.ndarray, Sequence[np.ndarray]]) 
     if not pages:
         raise ValueError("Nothing to write: empty list of pages")
     if suffix in TIFF_SUFFIXES:
-        import tifffile
-
-        with tifffile.TiffWriter(path) as tif:
-            for page in pages:
-                page = np.asarray(page)
-                photometric = "rgb" if page.ndim == 3 and page.shape[-1] in (3, 4) else "minisblack"
-                tif.write(page, photometric=photometric)
+        _write_tiff(path, [np.asarray(page) for page in pages], metadata)
         return
     if suffix not in PIL_SUFFIXES:
         raise ValueError(f"Unsupported image suffix {suffix!r} for {path}; use one of {IMAGE_SUFFIXES}")
@@ -306,12 +335,27 @@ def write_image(path: PathLike, image: Union[np.ndarray, Sequence[np.ndarray]]) 
     _write_pil(path, array)
 
 
-def write_mask(path: PathLike, mask: np.ndarray) -> None:
+def _write_tiff(path: Path, pages: list[np.ndarray], metadata) -> None:
+    import tifffile
+
+    from alibi_dinov2.io.tiff_stacks import write_stack
+
+    if len({(page.shape, page.dtype) for page in pages}) == 1:
+        write_stack(path, pages, metadata)
+        return
+    with tifffile.TiffWriter(path) as tif:
+        for page in pages:
+            photometric = "rgb" if page.ndim == 3 and page.shape[-1] in (3, 4) else "minisblack"
+            tif.write(page, photometric=photometric)
+
+
+def write_mask(path: PathLike, mask: np.ndarray, metadata=None) -> None:
     """Write an integer mask losslessly: uint8 when max <= 255, else uint16 (PNG or TIFF).
 
     Args:
         path: ``.png`` or ``.tif``/``.tiff`` (JPEG is refused: lossy compression corrupts labels).
         mask: integer (or boolean) array (H, W) with values in [0, 65535].
+        metadata: for a TIFF, the pixel size and info to record (see :func:`write_image`).
     """
     path = Path(path)
     mask = np.asarray(mask)
@@ -327,7 +371,7 @@ def write_mask(path: PathLike, mask: np.ndarray) -> None:
     if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint16).max):
         raise ValueError("Mask values must lie in [0, 65535]")
     dtype = np.uint8 if mask.size == 0 or mask.max() <= np.iinfo(np.uint8).max else np.uint16
-    write_image(path, mask.astype(dtype))
+    write_image(path, mask.astype(dtype), metadata if path.suffix.lower() in TIFF_SUFFIXES else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,13 +5,21 @@ a folder or a multi-page TIFF stack.
         --output segmenter.zip [--model ID_OR_FOLDER] [--features classical|classical+vit]
     python -m alibi_dinov2.segmentation.command apply --segmenter segmenter.zip --input stack.tif --output masks.tif
 
-Label images: 0 = unlabelled, 1..K = classes. `apply` writes one TIFF stack for a stack (or any single file) and
-one mask per image, mirroring the folder, for a folder. Outputs are written atomically; a re-run skips outputs
-that exist, and a killed run over a stack resumes from the pages it had finished.
+    python -m alibi_dinov2.segmentation.command train --images stack.tif --labels stack_labels.tif --pages 0,3,7
+
+Label images: 0 = unlabelled, 1..K = classes. `train` takes images and label files, stacks and label stacks (or
+one label file per page; `--pages` picks pages), and folders of images and labels paired by name (see
+:mod:`alibi_dinov2.segmentation.pairs`). `apply` writes one TIFF stack (one series, the source's pixel size kept)
+for a stack or any single file, and one mask per image, mirroring the folder, for a folder. Every output records
+the segmenter that made it (file name and SHA-256, in ImageJ's Info): a re-run with the same segmenter skips it,
+another segmenter is refused unless `--overwrite`. Outputs are written atomically, and a killed run over a stack
+resumes from the pages it had finished.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -28,13 +36,14 @@ from alibi_dinov2.io.files import atomic_path, save_array_atomic
 from alibi_dinov2.io.images import (
     ImageReadError,
     SkippedInputs,
+    count_pages,
     list_image_files,
     read_image,
-    read_labels,
-    read_pages,
     write_image,
     write_mask,
 )
+from alibi_dinov2.io.tiff_stacks import StackMetadata, read_stack_metadata
+from alibi_dinov2.segmentation.pairs import parse_pages, training_pairs
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
 
@@ -47,9 +56,16 @@ USAGE = (
 
 @dataclass
 class TrainArguments:
-    images: list[str] = field(default_factory=list, metadata={"help": "Training images (PNG/JPEG/TIFF)."})
+    images: list[str] = field(
+        default_factory=list, metadata={"help": "Training images (PNG/JPEG/TIFF), TIFF stacks or folders of images."}
+    )
     labels: list[str] = field(
-        default_factory=list, metadata={"help": "Scribble label images, one per image (0 = unlabelled, 1..K)."}
+        default_factory=list,
+        metadata={"help": "Scribble labels (0 = unlabelled, 1..K): one file per image, a label stack per stack (or "
+                          "one file per selected page), a folder of labels (same names) per folder."},
+    )
+    pages: Optional[str] = field(
+        default=None, metadata={"help": "Pages of the stacks to train on, like 0,3,7 or 2-5 (default: all)."}
     )
     output: str = field(default="segmenter.zip", metadata={"help": "The segmenter file to write."})
     model: Optional[str] = field(default=None, metadata={"help": "Hub id or folder of the ViT (classical+vit)."})
@@ -59,6 +75,7 @@ class TrainArguments:
 
     def __post_init__(self):
         self.images, self.labels = _as_list(self.images), _as_list(self.labels)
+        parse_pages(self.pages)  # a bad --pages fails before anything is read
         if self.features not in ("classical", "classical+vit"):
             raise ValueError(f"--features must be classical or classical+vit, not {self.features!r}")
 
@@ -73,6 +90,9 @@ class ApplyArguments:
     model: Optional[str] = field(default=None, metadata={"help": "ViT to use instead of the one the file names."})
     strict: bool = field(
         default=False, metadata={"help": "Fail on the first unreadable image instead of skipping it."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Redo outputs another segmenter made (those of this one are still skipped)."}
     )
 
 
@@ -96,12 +116,8 @@ def train(arguments: TrainArguments) -> Path:
         check_model_source(arguments.model)
     if arguments.features == "classical+vit" and arguments.model is None:
         raise InputError("--features classical+vit needs --model ID_OR_FOLDER")
-    if not arguments.images or len(arguments.images) != len(arguments.labels):
-        raise InputError(
-            f"Give one --labels file per --images file (got {len(arguments.images)} and {len(arguments.labels)})"
-        )
-    images = [read_image(path) for path in arguments.images]
-    labels = [read_labels(path) for path in arguments.labels]
+    pairs = training_pairs(arguments.images, arguments.labels, arguments.pages)
+    print(f"Training on {len(pairs)} scribbled image(s) or page(s)")
     model, statistics = _load_vit(arguments.model if arguments.features != "classical" else None)
     segmenter = TrainableSegmenter(
         features=arguments.features,
@@ -111,7 +127,7 @@ def train(arguments: TrainArguments) -> Path:
         max_side=arguments.max_side,
     )
     try:
-        segmenter.fit(images, labels)
+        segmenter.fit([pair.image for pair in pairs], [pair.labels for pair in pairs])
     except ValueError as error:
         raise InputError(str(error)) from error
     segmenter.save(arguments.output)
@@ -142,36 +158,116 @@ def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name) -> np.ndarr
         raise InputError(f"{name}: {error}") from error
 
 
-def apply_to_stack(segmenter: TrainableSegmenter, source: Path, output: Path) -> bool:
-    """Segment every page of `source` into the TIFF stack `output`; False when `output` already exists.
+@dataclass(frozen=True)
+class Provenance:
+    """Which segmenter file (name and SHA-256 of its bytes) makes the outputs of an `apply`."""
 
-    Finished pages are kept beside the output (`.NAME.pages/`) until the stack is written, so a killed run resumes.
+    segmenter: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path) -> "Provenance":
+        return cls(Path(path).name, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+
+    def info(self, source) -> str:
+        """The text recorded in every output (ImageJ's "Info")."""
+        record = {"made_by": "alibi-segment apply", "segmenter": self.segmenter, "segmenter_sha256": self.sha256,
+                  "source": str(source)}  # fmt: skip
+        return json.dumps(record)
+
+
+def recorded_segmenter(output: Path) -> str | None:
+    """The segmenter SHA-256 an output of `apply` records, None when it records none."""
+    try:
+        return json.loads(read_stack_metadata(output).info or "{}").get("segmenter_sha256")
+    except (OSError, ValueError, AttributeError):  # not a TIFF, not our record
+        return None
+
+
+def _is_done(output: Path, provenance: Provenance, overwrite: bool) -> bool:
+    """True when `output` exists and this segmenter made it; False when it is to be (re)made.
+
+    Raises:
+        InputError: `output` was made by another segmenter (or by something else) and `overwrite` is off.
     """
-    if output.exists():
+    if not output.exists():
         return False
-    pages = read_pages(source)
+    recorded = recorded_segmenter(output)
+    if recorded == provenance.sha256:
+        return True
+    if overwrite:
+        return False
+    made_by = f"another segmenter (sha256 {recorded[:12]}...)" if recorded else "no recorded segmenter"
+    raise InputError(
+        f"{output} exists and was made by {made_by}, not {provenance.segmenter} (sha256 {provenance.sha256[:12]}...): "
+        "pass --overwrite to redo it, or choose another --output"
+    )
+
+
+def _source_metadata(source: Path) -> StackMetadata:
+    try:
+        return read_stack_metadata(source)
+    except Exception:  # not a TIFF (PNG, JPEG...): no pixel size to keep
+        return StackMetadata()
+
+
+def _pages_done_folder(output: Path, provenance: Provenance) -> Path:
+    """`.NAME.pages/` beside `output`, holding the finished pages of this segmenter (another one's are discarded)."""
     done = output.with_name(f".{output.name}.pages")
+    record = done / "segmenter.sha256"
+    if done.exists() and (not record.is_file() or record.read_text().strip() != provenance.sha256):
+        print(f"{output}: discarding the finished pages of another segmenter")
+        shutil.rmtree(done)
     done.mkdir(parents=True, exist_ok=True)
-    masks = []
-    for index, page in enumerate(tqdm(pages, desc=source.name, unit="page")):
+    record.write_text(provenance.sha256)
+    return done
+
+
+def apply_to_stack(
+    segmenter: TrainableSegmenter, source: Path, output: Path, provenance: Provenance, overwrite: bool = False
+) -> bool:
+    """Segment every page of `source` into the TIFF stack `output` (one series, the source's page axis and pixel
+    size, the segmenter recorded); False when this segmenter already made `output`.
+
+    Pages are read one at a time; finished pages are kept beside the output (`.NAME.pages/`) until the stack is
+    written, so a killed run resumes where it stopped.
+    """
+    if _is_done(output, provenance, overwrite):
+        return False
+    count = count_pages(source)
+    done = _pages_done_folder(output, provenance)
+    finished = sum((done / f"page_{index:05d}.npy").exists() for index in range(count))
+    if finished:
+        print(f"{output}: resuming at page {finished} of {count}")
+    for index in tqdm(range(count), desc=source.name, unit="page"):
         saved = done / f"page_{index:05d}.npy"
         if not saved.exists():
-            save_array_atomic(saved, _segment(segmenter, page, f"{source} page {index}"))
-        masks.append(np.load(saved))
+            mask = _segment(segmenter, read_image(source, page=index), f"{source} page {index}")
+            save_array_atomic(saved, mask)
+    masks = [np.load(done / f"page_{index:05d}.npy") for index in range(count)]
+    dtype = np.uint8 if max(int(mask.max()) for mask in masks) <= 255 else np.uint16
+    metadata = _source_metadata(source).with_info(provenance.info(source))
     with atomic_path(output) as temporary:
-        write_image(temporary, [mask.astype(np.uint8 if mask.max() <= 255 else np.uint16) for mask in masks])
+        write_image(temporary, [mask.astype(dtype) for mask in masks], metadata)
     shutil.rmtree(done)
     return True
 
 
-def apply_to_folder(segmenter: TrainableSegmenter, folder: Path, output: Path, strict: bool = False) -> int:
+def apply_to_folder(
+    segmenter: TrainableSegmenter,
+    folder: Path,
+    output: Path,
+    provenance: Provenance,
+    strict: bool = False,
+    overwrite: bool = False,
+) -> int:
     """One mask (`NAME.tif`, the folder's layout mirrored) per image of `folder`; returns how many were written."""
     files = list_image_files(folder)
     skipped = SkippedInputs(strict=strict)
     written = 0
     for path in tqdm(files, desc=folder.name, unit="image"):
         target = (output / path.relative_to(folder)).with_suffix(".tif")
-        if target.exists():
+        if _is_done(target, provenance, overwrite):
             continue
         try:
             mask = _segment(segmenter, read_image(path), path)
@@ -179,26 +275,30 @@ def apply_to_folder(segmenter: TrainableSegmenter, folder: Path, output: Path, s
             skipped.add(path, error)
             continue
         with atomic_path(target) as temporary:
-            write_mask(temporary, mask)
+            write_mask(temporary, mask, _source_metadata(path).with_info(provenance.info(path)))
         written += 1
     skipped.summarise(total=len(files))
     return written
 
 
 def apply(arguments: ApplyArguments) -> int:
-    """Segment the input; returns the number of outputs written (0 when all were complete)."""
+    """Segment the input; returns the number of outputs written (0 when this segmenter had made them all)."""
     source = Path(arguments.input)
     if not source.exists():
         raise InputError(f"not found: {source} (no such file or folder)")
     if not arguments.output:
         raise InputError("--output PATH is required")
     segmenter = load_segmenter(arguments.segmenter, arguments.model)
+    provenance = Provenance.of(arguments.segmenter)
     output = Path(arguments.output)
     if source.is_dir():
-        written = apply_to_folder(segmenter, source, output, arguments.strict)
+        written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite)
     else:
-        written = int(apply_to_stack(segmenter, source, output))
-    print(f"Wrote {written} mask file(s) to {output}" if written else f"{output}: complete, nothing to do")
+        written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite))
+    if written:
+        print(f"Wrote {written} mask file(s) to {output}")
+    else:
+        print(f"{output}: complete, made by this segmenter ({provenance.segmenter}); nothing to do")
     return written
 
 

@@ -1,11 +1,19 @@
 """The batch segmentation command: train from scribbles, apply to stacks and folders, skip and resume."""
 
+import hashlib
+import shutil
+
 import numpy as np
 import pytest
+import skimage.io
+import tifffile
 
 from alibi_dinov2.cli import run_command
-from alibi_dinov2.io.images import read_pages, write_image, write_mask
+from alibi_dinov2.errors import InputError
+from alibi_dinov2.io.images import read_labels, read_pages, write_image, write_mask
+from alibi_dinov2.io.tiff_stacks import StackMetadata, read_stack_metadata
 from alibi_dinov2.segmentation import command as segment
+from alibi_dinov2.segmentation.pairs import parse_pages, training_pairs
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
 from evaluation.metrics import segmentation_scores
@@ -171,3 +179,144 @@ def test_vit_features_use_the_model_folders_own_image_statistics(material, tmp_p
         vit_channels, vit_feature_channels(model, page, 3, image_processor=statistics), atol=1e-5
     )
     assert not np.allclose(vit_channels, vit_feature_channels(model, page, 3), atol=1e-3)  # ImageNet's differ
+
+
+# --------------------------------------------------------------------------------------------------
+# Stacks as other tools read them, and the segmenter that made each output
+# --------------------------------------------------------------------------------------------------
+def five_page_stack(material, folder):
+    """The material's 3 pages and 2 more, as a 5-page stack with a pixel size (skimage reads 3 or 4 pages as RGB)."""
+    source, _, _ = material
+    pages = read_pages(source / "stack.tif")
+    pages = pages + pages[:2]
+    write_image(folder / "five.tif", pages, StackMetadata(resolution=(5.0, 5.0), unit="um"))
+    return folder / "five.tif", np.stack(pages)
+
+
+def test_a_mask_stack_is_one_series_with_the_sources_pixel_size_and_its_segmenter(material, tmp_path):
+    _, segmenter, truths = material
+    source, pages = five_page_stack(material, tmp_path)
+    assert apply(segmenter, source, tmp_path / "masks.tif") == 1
+    masks = tifffile.imread(tmp_path / "masks.tif")
+    assert masks.shape == pages.shape and masks.dtype == np.uint8
+    np.testing.assert_array_equal(skimage.io.imread(tmp_path / "masks.tif"), masks)
+    for mask, truth in zip(masks, truths):
+        assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.8
+    metadata = read_stack_metadata(tmp_path / "masks.tif")
+    assert (metadata.resolution, metadata.unit) == ((5.0, 5.0), "um")
+    assert segment.recorded_segmenter(tmp_path / "masks.tif") == hashlib.sha256(segmenter.read_bytes()).hexdigest()
+
+
+def test_another_segmenter_is_refused_unless_overwrite_and_the_same_one_skips(material, tmp_path, capsys):
+    folder, segmenter, _ = material
+    output = tmp_path / "masks.tif"
+    apply(segmenter, folder / "stack.tif", output)
+    other = tmp_path / "other.zip"
+    scribbles = read_labels(folder / "scribbles.png")
+    write_mask(tmp_path / "fewer.png", np.where(np.arange(scribbles.shape[1]) < 64, scribbles, 0))
+    segment.main(["train", "--images", str(folder / "train.tif"), "--labels", str(tmp_path / "fewer.png"),
+                  "--output", str(other)])
+    before = output.read_bytes()
+    with pytest.raises(SystemExit):
+        run_command(segment.main, ["apply", "--segmenter", str(other), "--input", str(folder / "stack.tif"),
+                                   "--output", str(output)], prog="alibi-segment")
+    error = capsys.readouterr().err
+    assert "masks.tif exists and was made by another segmenter" in error and "pass --overwrite" in error
+    assert output.read_bytes() == before
+    assert segment.main(["apply", "--segmenter", str(other), "--input", str(folder / "stack.tif"), "--output",
+                         str(output), "--overwrite"]) == 1
+    assert segment.recorded_segmenter(output) == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert segment.main(["apply", "--segmenter", str(other), "--input", str(folder / "stack.tif"), "--output",
+                         str(output), "--overwrite"]) == 0  # the same segmenter still skips
+    assert "complete, made by this segmenter (other.zip)" in capsys.readouterr().out
+
+
+def test_a_resumed_run_says_where_it_resumes(material, tmp_path, monkeypatch, capsys):
+    folder, segmenter, _ = material
+    predict, calls = TrainableSegmenter.predict, []
+
+    def killed_on_the_third_page(self, image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict(self, image)
+
+    monkeypatch.setattr(TrainableSegmenter, "predict", killed_on_the_third_page)
+    with pytest.raises(KeyboardInterrupt):
+        apply(segmenter, folder / "stack.tif", tmp_path / "masks.tif")
+    monkeypatch.setattr(TrainableSegmenter, "predict", predict)
+    capsys.readouterr()
+    assert apply(segmenter, folder / "stack.tif", tmp_path / "masks.tif") == 1
+    assert "masks.tif: resuming at page 2 of 3" in capsys.readouterr().out
+
+
+def stack_with_scribbled_pages(material, folder, scribbled=(0, 2)):
+    """A 3-page stack of the material's images and a label stack scribbling only `scribbled` pages."""
+    pairs = generate_microstructure_dataset(3, size=(128, 128), n_phases=2, seed=5)
+    write_image(folder / "train_stack.tif", [as_uint16(image) for image, _ in pairs])
+    rounds = simulate_scribble_rounds([truth for _, truth in pairs], n_rounds=3, seed=0)[-1]
+    labels = [rounds[index] if index in scribbled else np.zeros_like(rounds[index]) for index in range(3)]
+    write_image(folder / "train_labels.tif", [label.astype(np.uint8) for label in labels])
+    return folder / "train_stack.tif", folder / "train_labels.tif", labels
+
+
+def test_training_takes_the_scribbled_pages_of_a_stack(material, tmp_path, caplog, capsys):
+    _, _, truths = material
+    stack, label_stack, labels = stack_with_scribbled_pages(material, tmp_path)
+    with caplog.at_level("WARNING", logger="alibi_dinov2.segmentation.pairs"):
+        segment.main(["train", "--images", str(stack), "--labels", str(label_stack), "--output",
+                      str(tmp_path / "s.zip")])
+    assert "Training on 2 scribbled image(s) or page(s)" in capsys.readouterr().out
+    assert "train_stack.tif page 1: no scribble, left out" in caplog.text
+    apply(tmp_path / "s.zip", material[0] / "stack.tif", tmp_path / "masks.tif")
+    for mask, truth in zip(read_pages(tmp_path / "masks.tif"), truths):
+        assert segmentation_scores(mask, truth, 2, ignore_index=0, first_class=1)["miou"] >= 0.8
+    # The same pages picked with --pages and given one label file each make the same segmenter.
+    for page in (0, 2):
+        write_mask(tmp_path / f"page_{page}.png", labels[page])
+    segment.main(["train", "--images", str(stack), "--labels", str(tmp_path / "page_0.png"),
+                  str(tmp_path / "page_2.png"), "--pages", "0,2", "--output", str(tmp_path / "p.zip")])
+    apply(tmp_path / "p.zip", material[0] / "stack.tif", tmp_path / "p.tif")
+    np.testing.assert_array_equal(read_pages(tmp_path / "p.tif"), read_pages(tmp_path / "masks.tif"))
+
+
+def test_training_takes_folders_of_images_and_labels_paired_by_name(material, tmp_path, caplog):
+    folder, _, _ = material
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    (images / "a").mkdir(parents=True)
+    (labels / "a").mkdir(parents=True)
+    shutil.copy(folder / "train.tif", images / "a" / "grain.tif")
+    shutil.copy(folder / "scribbles.png", labels / "a" / "grain.png")
+    shutil.copy(folder / "train.tif", images / "unlabelled.tif")
+    with caplog.at_level("WARNING", logger="alibi_dinov2.segmentation.pairs"):
+        pairs = training_pairs([str(images)], [str(labels)])
+    assert [pair.name for pair in pairs] == [str(images / "a" / "grain.tif")]
+    assert "1 of 2 images in" in caplog.text and "unlabelled.tif" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda f, d: ([f / "train.tif"], [d / "small.png"]), "small.png is 64 x 64 px but .*train.tif is 128 x 128"),
+        (lambda f, d: ([f / "stack.tif"], [f / "scribbles.png"]), "holds 1 page\\(s\\) for the 3 of .*stack.tif"),
+        (lambda f, d: ([f / "stack.tif"], [f / "scribbles.png", f / "scribbles.png"]), "2 label files for the 3"),
+        (lambda f, d: ([f / "train.tif"], [d / "empty.png"]), "No scribble in any of the 1 label image"),
+        (lambda f, d: ([f / "train.tif", f / "train.tif"], [f / "scribbles.png"]), "one --labels file or folder"),
+    ],
+)
+def test_pairs_that_do_not_fit_are_named(material, tmp_path, make, message):
+    folder, _, _ = material
+    write_mask(tmp_path / "small.png", np.ones((64, 64), np.uint8))
+    write_mask(tmp_path / "empty.png", np.zeros((128, 128), np.uint8))
+    images, labels = make(folder, tmp_path)
+    with pytest.raises(InputError, match=message):
+        training_pairs([str(path) for path in images], [str(path) for path in labels])
+
+
+def test_pages_take_lists_and_ranges(material):
+    assert parse_pages("0,3,7") == [0, 3, 7] and parse_pages("2-4,0") == [0, 2, 3, 4] and parse_pages(None) is None
+    for bad in ("a", "3-1", "-2"):
+        with pytest.raises(InputError, match="--pages takes page indices from 0"):
+            parse_pages(bad)
+    with pytest.raises(InputError, match="--pages 5: .*stack.tif holds 3 page"):
+        training_pairs([str(material[0] / "stack.tif")], [str(material[0] / "stack.tif")], pages="0,5")
