@@ -36,6 +36,8 @@ EXTRAS = {
         "tifffile>=2023.1",
         "xgboost>=2.0",
         "skops>=0.10",
+        # Block-wise segmentation of images larger than memory.
+        "dask[array]>=2024.1",
     ],
     "demo": ["gradio>=4.0"],
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from alibi_dinov2.cli import ArgumentParser, load_config_file
+from alibi_dinov2.cli import ArgumentParser, available_cpus, load_config_file
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import atomic_path, save_array_atomic
@@ -94,6 +94,15 @@ class ApplyArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Redo outputs another segmenter made (those of this one are still skipped)."}
     )
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Segment each image in blocks of this many pixels a side, through dask (classical features "
+                          "only): memory bounded by one block's features per thread, the mask equal to the "
+                          "whole-image one. Default: whole images."},
+    )
+    num_workers: Optional[int] = field(
+        default=None, metadata={"help": "dask threads for --block_size (default: the CPUs)."}
+    )
 
 
 def _as_list(value) -> list[str]:
@@ -151,9 +160,16 @@ def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter
     return TrainableSegmenter.load(path, model=_load_vit(name)[0] if uses_vit else None)
 
 
-def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name) -> np.ndarray:
+def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name, blocks: Optional[tuple] = None) -> np.ndarray:
+    """The mask of one image: whole, or with `blocks = (block_size, num_workers)` block by block through dask."""
     try:
-        return segmenter.predict(image)
+        if blocks is None:
+            return segmenter.predict(image)
+        from alibi_dinov2.segmentation.blocks import segment_in_blocks
+
+        block_size, num_workers = blocks
+        lazy = segment_in_blocks(segmenter, image, block_size=block_size)
+        return lazy.compute(scheduler="threads", num_workers=num_workers or available_cpus())
     except ValueError as error:
         raise InputError(f"{name}: {error}") from error
 
@@ -224,7 +240,12 @@ def _pages_done_folder(output: Path, provenance: Provenance) -> Path:
 
 
 def apply_to_stack(
-    segmenter: TrainableSegmenter, source: Path, output: Path, provenance: Provenance, overwrite: bool = False
+    segmenter: TrainableSegmenter,
+    source: Path,
+    output: Path,
+    provenance: Provenance,
+    overwrite: bool = False,
+    blocks: Optional[tuple] = None,
 ) -> bool:
     """Segment every page of `source` into the TIFF stack `output` (one series, the source's page axis and pixel
     size, the segmenter recorded); False when this segmenter already made `output`.
@@ -242,7 +263,7 @@ def apply_to_stack(
     for index in tqdm(range(count), desc=source.name, unit="page"):
         saved = done / f"page_{index:05d}.npy"
         if not saved.exists():
-            mask = _segment(segmenter, read_image(source, page=index), f"{source} page {index}")
+            mask = _segment(segmenter, read_image(source, page=index), f"{source} page {index}", blocks)
             save_array_atomic(saved, mask)
     masks = [np.load(done / f"page_{index:05d}.npy") for index in range(count)]
     dtype = np.uint8 if max(int(mask.max()) for mask in masks) <= 255 else np.uint16
@@ -260,6 +281,7 @@ def apply_to_folder(
     provenance: Provenance,
     strict: bool = False,
     overwrite: bool = False,
+    blocks: Optional[tuple] = None,
 ) -> int:
     """One mask (`NAME.tif`, the folder's layout mirrored) per image of `folder`; returns how many were written."""
     files = list_image_files(folder)
@@ -270,7 +292,7 @@ def apply_to_folder(
         if _is_done(target, provenance, overwrite):
             continue
         try:
-            mask = _segment(segmenter, read_image(path), path)
+            mask = _segment(segmenter, read_image(path), path, blocks)
         except (ImageReadError, ValueError) as error:
             skipped.add(path, error)
             continue
@@ -291,10 +313,11 @@ def apply(arguments: ApplyArguments) -> int:
     segmenter = load_segmenter(arguments.segmenter, arguments.model)
     provenance = Provenance.of(arguments.segmenter)
     output = Path(arguments.output)
+    blocks = (arguments.block_size, arguments.num_workers) if arguments.block_size else None
     if source.is_dir():
-        written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite)
+        written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite, blocks)
     else:
-        written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite))
+        written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))
     if written:
         print(f"Wrote {written} mask file(s) to {output}")
     else:

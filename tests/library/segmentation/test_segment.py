@@ -320,3 +320,11 @@ def test_pages_take_lists_and_ranges(material):
             parse_pages(bad)
     with pytest.raises(InputError, match="--pages 5: .*stack.tif holds 3 page"):
         training_pairs([str(material[0] / "stack.tif")], [str(material[0] / "stack.tif")], pages="0,5")
+
+
+def test_apply_in_blocks_writes_the_whole_image_masks(material, tmp_path):
+    folder, segmenter, _ = material
+    apply(segmenter, folder / "stack.tif", tmp_path / "whole.tif")
+    assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"), "--output",
+                         str(tmp_path / "blocks.tif"), "--block_size", "96", "--num_workers", "2"]) == 1
+    np.testing.assert_array_equal(read_pages(tmp_path / "blocks.tif"), read_pages(tmp_path / "whole.tif"))

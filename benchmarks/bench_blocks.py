@@ -1,0 +1,115 @@
+"""Peak memory and speed of block-wise classical segmentation (`alibi_dinov2.segmentation.blocks`) against
+segmenting the whole image at once.
+
+A classical-feature segmenter (58 channels) is trained on the scribbles of a generated two-phase micrograph, then
+segments a generated 16-bit image of `--size` px a side: whole (where `--size <= --whole_max_size`; the feature
+stack alone is 232 bytes a pixel) and in blocks of `--block_size` px with 1 and 2 dask threads. Each run is a fresh
+process whose peak resident growth (ru_maxrss) is reported with its pixels per second. On `--compare_size` px,
+where both fit, the block-wise mask is compared with the whole-image one. Target: 8192 x 8192 px with a peak of at
+most 4 GiB. JSON on disk.
+
+    python benchmarks/bench_blocks.py                               # 8192 px in blocks, 2048 px compared
+    python benchmarks/bench_blocks.py --size 4096 --block_size 1024 --workers 1 2
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import parse, write_results  # noqa: E402
+
+
+GIB = 2**30
+
+
+@dataclass
+class BlockArguments:
+    size: int = field(default=8192, metadata={"help": "side of the segmented image (px)"})
+    block_size: int = field(default=1024, metadata={"help": "block side (px)"})
+    workers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "dask thread counts"})
+    compare_size: int = field(default=2048, metadata={"help": "side where whole and block-wise masks are compared"})
+    whole_max_size: int = field(default=4096, metadata={"help": "largest side segmented whole"})
+    output: str | None = field(default=None, metadata={"help": "JSON file (default benchmarks/results/)"})
+
+
+def _segmenter():
+    from alibi_dinov2.segmentation.trainable import TrainableSegmenter
+    from alibi_dinov2.synthetic.microstructures import generate_microstructure_dataset
+    from evaluation.scribble_benchmark import simulate_scribble_rounds
+
+    ((image, truth),) = generate_microstructure_dataset(1, size=(256, 256), n_phases=2, seed=0)
+    scribbles = simulate_scribble_rounds([truth], n_rounds=3, seed=0)[-1][0]
+    return TrainableSegmenter(feature_backend="numpy").fit(np.round(image * 65535).astype(np.uint16), scribbles)
+
+
+def _image(size: int) -> np.ndarray:
+    """A 16-bit two-phase texture of `size` px: smooth noise thresholded, plus noise (fast at any size)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(size)
+    coarse = ndimage.zoom(rng.random((size // 32 + 1, size // 32 + 1)), 32, order=1)[:size, :size]
+    image = np.where(coarse > 0.5, 0.7, 0.3) + 0.05 * rng.standard_normal((size, size))
+    return np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+
+
+def _run(mode: str, size: int, block_size: int, workers: int, queue) -> None:
+    """In a fresh process: segment, and report (seconds, peak resident growth, mask digest or mask)."""
+    segmenter, image = _segmenter(), _image(size)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    if mode == "whole":
+        mask = segmenter.predict(image)
+    else:
+        from alibi_dinov2.segmentation.blocks import segment_in_blocks
+
+        mask = segment_in_blocks(segmenter, image, block_size).compute(scheduler="threads", num_workers=workers)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    queue.put((seconds, peak, mask.astype(np.uint8) if size <= 4096 else None))
+
+
+def measure(mode: str, size: int, block_size: int = 0, workers: int = 1) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run, args=(mode, size, block_size, workers, queue))
+    process.start()
+    seconds, peak, mask = queue.get()
+    process.join()
+    row = {"mode": mode, "size": size, "block_size": block_size or None, "workers": workers, "seconds": seconds,
+           "peak_growth_gib": peak / GIB, "megapixels_per_second": size * size / seconds / 1e6}  # fmt: skip
+    print(f"{mode:6s} {size:6d} px  block {block_size or '-':>5}  threads {workers}  {seconds:8.1f} s  "
+          f"{row['megapixels_per_second']:6.2f} Mpx/s  peak +{row['peak_growth_gib']:.2f} GiB")
+    return row | {"mask": mask}
+
+
+def main(argv=None) -> dict:
+    (args,) = parse(BlockArguments, argv, __doc__.split("\n\n")[0], "python benchmarks/bench_blocks.py")
+    rows = []
+    whole = measure("whole", args.compare_size)
+    blocks = measure("blocks", args.compare_size, args.block_size, max(args.workers))
+    agreement = float((whole.pop("mask") == blocks.pop("mask")).mean())
+    print(f"{args.compare_size} px: block-wise and whole-image masks agree on {agreement:.6%} of the pixels")
+    rows += [whole, blocks]
+    if args.size <= args.whole_max_size and args.size != args.compare_size:
+        rows.append(measure("whole", args.size))
+    for workers in args.workers:
+        rows.append(measure("blocks", args.size, args.block_size, workers))
+    for row in rows:
+        row.pop("mask", None)
+    results = {"rows": rows, "mask_agreement": agreement, "compare_size": args.compare_size}
+    write_results(results, args.output, "bench_blocks.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
