@@ -38,6 +38,7 @@ EXTRAS = {
         "skops>=0.10",
         # Block-wise segmentation of images larger than memory.
         "dask[array]>=2024.1",
+        "zarr>=2.18",
     ],
     "demo": ["gradio>=4.0"],
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).

@@ -83,7 +83,11 @@ class TrainArguments:
 @dataclass
 class ApplyArguments:
     segmenter: str = field(default="segmenter.zip", metadata={"help": "A file written by `train`."})
-    input: str = field(default="", metadata={"help": "An image, a multi-page TIFF stack or a folder of images."})
+    input: str = field(
+        default="",
+        metadata={"help": "An image, a multi-page TIFF stack, a folder of images, or a zarr / OME-Zarr image (read "
+                          "lazily, segmented in blocks into a zarr --output)."},
+    )
     output: str = field(
         default="", metadata={"help": "Mask file (a TIFF stack for a stack) or, for a folder, a folder."}
     )
@@ -193,11 +197,20 @@ class Provenance:
 
 
 def recorded_segmenter(output: Path) -> str | None:
-    """The segmenter SHA-256 an output of `apply` records, None when it records none."""
+    """The segmenter SHA-256 an output of `apply` (a TIFF, or a zarr array's attributes) records, None when it
+    records none."""
     try:
+        if _is_zarr(output):
+            import zarr
+
+            return zarr.open(str(output), mode="r").attrs.get("segmenter_sha256")
         return json.loads(read_stack_metadata(output).info or "{}").get("segmenter_sha256")
-    except (OSError, ValueError, AttributeError):  # not a TIFF, not our record
+    except Exception:  # not a TIFF or zarr array, not our record
         return None
+
+
+def _is_zarr(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".zarr"
 
 
 def _is_done(output: Path, provenance: Provenance, overwrite: bool) -> bool:
@@ -303,6 +316,64 @@ def apply_to_folder(
     return written
 
 
+def _zarr_image(source: Path):
+    """A zarr array, or the full-resolution level of an OME-Zarr image, as a lazy dask array `(H, W[, C])`."""
+    import dask.array as da
+    import zarr
+
+    node = zarr.open(str(source), mode="r")
+    component = None
+    if isinstance(node, zarr.Group):
+        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
+        if not multiscales:
+            raise InputError(f"{source} is a zarr group without OME-Zarr multiscales: give the path of its array")
+        component = multiscales[0]["datasets"][0]["path"]
+    image = da.from_zarr(str(source), component=component)
+    while image.ndim > 2 and image.shape[0] == 1:  # OME-Zarr's singleton t, c, z axes
+        image = image[0]
+    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+        raise InputError(f"{source} holds an array of shape {image.shape}: block-wise segmentation takes one 2-D "
+                         "plane (H, W) or (H, W, 1|3|4)")  # fmt: skip
+    return image
+
+
+def apply_to_zarr(
+    segmenter: TrainableSegmenter,
+    source: Path,
+    output: Path,
+    provenance: Provenance,
+    overwrite: bool = False,
+    blocks: Optional[tuple] = None,
+) -> bool:
+    """Segment a zarr (or OME-Zarr) image, read lazily, into the zarr array `output`, written block by block
+    (through a temporary folder beside it, so that a killed run leaves no output); False when this segmenter
+    already made `output`."""
+    import dask.array as da
+    import zarr
+
+    from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, segment_in_blocks
+
+    if not _is_zarr(output):
+        raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')}")
+    if _is_done(output, provenance, overwrite):
+        return False
+    block_size, num_workers = blocks or (DEFAULT_BLOCK_SIZE, None)
+    try:
+        mask = segment_in_blocks(segmenter, _zarr_image(source), block_size=block_size)
+    except ValueError as error:
+        raise InputError(f"{source}: {error}") from error
+    dtype = np.uint8 if int(np.max(segmenter.classes_)) <= 255 else np.uint16
+    temporary = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    da.to_zarr(mask.astype(dtype), str(temporary), compute=False).compute(
+        scheduler="threads", num_workers=num_workers or available_cpus()
+    )
+    zarr.open(str(temporary), mode="r+").attrs.update(json.loads(provenance.info(source)))
+    shutil.rmtree(output, ignore_errors=True)
+    temporary.rename(output)
+    return True
+
+
 def apply(arguments: ApplyArguments) -> int:
     """Segment the input; returns the number of outputs written (0 when this segmenter had made them all)."""
     source = Path(arguments.input)
@@ -314,7 +385,9 @@ def apply(arguments: ApplyArguments) -> int:
     provenance = Provenance.of(arguments.segmenter)
     output = Path(arguments.output)
     blocks = (arguments.block_size, arguments.num_workers) if arguments.block_size else None
-    if source.is_dir():
+    if _is_zarr(source):
+        written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
+    elif source.is_dir():
         written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite, blocks)
     else:
         written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))

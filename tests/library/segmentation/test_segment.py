@@ -328,3 +328,31 @@ def test_apply_in_blocks_writes_the_whole_image_masks(material, tmp_path):
     assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"), "--output",
                          str(tmp_path / "blocks.tif"), "--block_size", "96", "--num_workers", "2"]) == 1
     np.testing.assert_array_equal(read_pages(tmp_path / "blocks.tif"), read_pages(tmp_path / "whole.tif"))
+
+
+def test_a_zarr_image_is_read_lazily_and_segmented_into_a_zarr_mask(material, tmp_path, capsys):
+    import dask.array as da
+    import zarr
+
+    folder, segmenter, _ = material
+    page = read_pages(folder / "stack.tif")[0]
+    da.from_array(page, chunks=64).to_zarr(str(tmp_path / "image.zarr"))
+    arguments = ["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "image.zarr"), "--output",
+                 str(tmp_path / "mask.zarr"), "--block_size", "96"]
+    assert segment.main(arguments) == 1
+    mask = zarr.open(str(tmp_path / "mask.zarr"), mode="r")
+    assert mask.dtype == np.uint8
+    assert mask.attrs["segmenter_sha256"] == hashlib.sha256(segmenter.read_bytes()).hexdigest()
+    np.testing.assert_array_equal(mask[:], TrainableSegmenter.load(segmenter).predict(page))
+    assert segment.main(arguments) == 0  # made by this segmenter: skipped
+    assert not list(tmp_path.glob(".*tmp"))
+    # An OME-Zarr image (a group with multiscales, singleton t, c, z axes) reads its full-resolution level.
+    group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+    da.from_array(page[None, None, None], chunks=64).to_zarr(str(tmp_path / "ome.zarr"), component="0")
+    segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "ome.zarr"), "--output",
+                  str(tmp_path / "ome_mask.zarr")])
+    np.testing.assert_array_equal(zarr.open(str(tmp_path / "ome_mask.zarr"), mode="r")[:], mask[:])
+    with pytest.raises(InputError, match="a zarr input gives a zarr output: --output .*wrong.zarr"):
+        segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "image.zarr"), "--output",
+                      str(tmp_path / "wrong.tif")])
