@@ -390,7 +390,7 @@ def unsigned_range(image: np.ndarray) -> int:
     return int(np.iinfo(image.dtype).max)
 
 
-def to_float01(image: np.ndarray, method: str = "range") -> np.ndarray:
+def to_float01(image: np.ndarray, method: str = "range", extremes: tuple[float, float] | None = None) -> np.ndarray:
     """Scale an image to float32 in [0, 1].
 
     Args:
@@ -400,6 +400,8 @@ def to_float01(image: np.ndarray, method: str = "range") -> np.ndarray:
             booleans to {0, 1}, keeps floats already in [0, 1] and min-max scales any other float or signed-integer
             image. ``"dtype"`` divides unsigned integers by their dtype maximum instead (uint16 / 65535).
             ``"minmax"`` always min-max scales. A constant image becomes all zeros under min-max.
+        extremes: `(min, max)` of the whole image when `image` is one block of it, so that every block is scaled as
+            the whole is (the bit depth of unsigned data is then read from the max).
 
     Returns:
         float32 array of the same shape.
@@ -410,7 +412,8 @@ def to_float01(image: np.ndarray, method: str = "range") -> np.ndarray:
     if image.dtype == bool:
         return image.astype(np.float32)
     if method != "minmax" and np.issubdtype(image.dtype, np.unsignedinteger):
-        scale = unsigned_range(image) if method == "range" else np.iinfo(image.dtype).max
+        peak = image if extremes is None else np.array([extremes[1]], dtype=image.dtype)
+        scale = unsigned_range(peak) if method == "range" else np.iinfo(image.dtype).max
         return (image.astype(np.float64) / scale).astype(np.float32)
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise TypeError(f"Cannot convert an image of dtype {image.dtype} to float")
@@ -419,7 +422,7 @@ def to_float01(image: np.ndarray, method: str = "range") -> np.ndarray:
         return values
     if not np.all(np.isfinite(values)):
         raise ValueError("Image contains NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
+    low, high = (float(values.min()), float(values.max())) if extremes is None else map(float, extremes)
     if method != "minmax" and np.issubdtype(image.dtype, np.floating) and low >= 0.0 and high <= 1.0:
         return values
     if high == low:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from alibi_dinov2.features.classical import GAUSSIAN_TRUNCATE, MEMBRANE_KERNEL_SIZE
-from alibi_dinov2.io.images import to_grayscale, unsigned_range
+from alibi_dinov2.io.images import to_float01, to_grayscale
 
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -36,20 +36,8 @@ def scaled_gray(image):
     import dask.array as da
 
     image = da.asarray(image)
-    if image.dtype == bool:
-        values = image.astype(np.float32)
-    elif np.issubdtype(image.dtype, np.unsignedinteger):
-        peak = int(image.max().compute())
-        scale = unsigned_range(np.array([peak], dtype=image.dtype))
-        values = (image.astype(np.float64) / scale).astype(np.float32)
-    else:
-        values = image.astype(np.float32)
-        low, high = (float(value) for value in da.compute(values.min(), values.max()))
-        if not (np.isfinite(low) and np.isfinite(high)):
-            raise ValueError("Image contains NaN or infinite values")
-        in_unit_range = np.issubdtype(image.dtype, np.floating) and low >= 0.0 and high <= 1.0
-        if not in_unit_range:
-            values = values * 0.0 if high == low else ((values - low) / (high - low)).astype(np.float32)
+    extremes = tuple(float(value) for value in da.compute(image.min(), image.max()))
+    values = image.map_blocks(to_float01, extremes=extremes, dtype=np.float32)
     if values.ndim == 3:
         values = values.rechunk({2: -1}).map_blocks(to_grayscale, drop_axis=2, dtype=np.float32)
     return values
