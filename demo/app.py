@@ -150,8 +150,8 @@ def input_caption(size: tuple[int, int], kept: tuple[int, int]) -> str:
     (short: the gallery shows captions on one line)."""
     (height, width), (kept_h, kept_w) = size, kept
     if (kept_h, kept_w) == (height, width):
-        return f"input, {width} x {height} px"
-    return f"input, {kept_w} x {kept_h} of {width} x {height} px"
+        return f"input {width}x{height} px"
+    return f"input {kept_w}x{kept_h} of {width}x{height} px"
 
 
 # What the features tab's pictures show; their captions stay short.
@@ -250,9 +250,10 @@ def build_demo(
                         examples = [[image] for image in samples.values()]
                         gr.Examples(examples=examples, inputs=[picture], label="examples")
                     with gr.Column(scale=2):
-                        gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
                         table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
                         gr.Markdown(f"{R2_SCALE}.")
+                # The pictures across the page's width: large enough to judge, their captions on one line.
+                gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
                 button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
             with gr.Tab("Segmentation"):
                 segmentation_tab(gr, models, FeatureCache(feature_cache_mb << 20), download_root)

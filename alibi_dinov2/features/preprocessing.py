@@ -34,14 +34,19 @@ RESIZE_MODES = ("patch_grid", "center_crop", "resize")
 
 
 class PatchGridCropWarning(UserWarning):
-    """An image cropped to the patch grid: its last rows or columns (less than one patch) get no features."""
+    """An image cropped to the patch grid: the model does not see its last rows or columns (less than a patch)."""
+
+
+# (height, width, patch size) of the crops announced so far: each is said once per process, whatever the warning
+# filters (libraries that reset them, as scikit-learn's `catch_warnings` does, would repeat it for every image).
+ANNOUNCED_CROPS: set[tuple[int, int, int]] = set()
 
 
 def crop_to_patch_grid(image, patch_size: int, name: str = "image"):
     """Crop an (H, W[, ...]) array or tensor to (H // p * p, W // p * p), keeping the top-left corner: the one place
     images are cropped to the patch grid. A crop is announced by a :class:`PatchGridCropWarning` naming the size,
-    the crop and how to avoid it; its text depends on the size only, so Python's default warning filter shows it once
-    per size however many images have that size.
+    the crop and how to avoid it, once per size and process (:data:`ANNOUNCED_CROPS`) however many images have
+    that size.
 
     Raises:
         ImageTooSmallError: the image is smaller than one patch along some side (the message names `name`).
@@ -49,11 +54,12 @@ def crop_to_patch_grid(image, patch_size: int, name: str = "image"):
     check_image_size(image, patch_size, name)
     height, width = image.shape[:2]
     kept_h, kept_w = height // patch_size * patch_size, width // patch_size * patch_size
-    if (kept_h, kept_w) != (height, width):
+    if (kept_h, kept_w) != (height, width) and (height, width, patch_size) not in ANNOUNCED_CROPS:
+        ANNOUNCED_CROPS.add((height, width, patch_size))
         warnings.warn(
             f"images of {height} x {width} px are cropped to {kept_h} x {kept_w} px, the {patch_size} px patch grid "
-            f"({kept_h // patch_size} x {kept_w // patch_size} patches): the last {height - kept_h} row(s) and "
-            f"{width - kept_w} column(s) get no features; pad or resize to a multiple of {patch_size} px "
+            f"({kept_h // patch_size} x {kept_w // patch_size} patches): the model does not see the last "
+            f"{height - kept_h} row(s) and {width - kept_w} column(s); pad or resize to a multiple of {patch_size} px "
             f"(e.g. {-(-height // patch_size) * patch_size} x {-(-width // patch_size) * patch_size}) to keep them",
             PatchGridCropWarning,
             stacklevel=2,

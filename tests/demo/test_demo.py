@@ -106,11 +106,11 @@ def test_render_comparison_gives_aligned_pictures_and_one_row_per_model(tiny_mod
     assert [row[:2] for row in table] == [["ALiBi", "10 x 10"], ["DINOv2", "10 x 10"]]
     # Short captions (the gallery shows one line each): 150 px shrunk, 140 px of whole patches kept.
     assert [caption for _, caption in gallery][:3] == [
-        "input, 140 x 140 of 150 x 150 px",
+        "input 140x140 of 150x150 px",
         "ALiBi: PCA",
         "ALiBi: k-means, k = 3",
     ]
-    assert max(len(caption) for _, caption in gallery) <= 32
+    assert max(len(caption) for _, caption in gallery) <= 28
     assert all(row[4].startswith("its features ") for row in table)
 
 
@@ -128,8 +128,8 @@ def test_command_line_errors():
 
 
 def test_input_caption_names_the_crop_only_when_there_is_one():
-    assert input_caption((300, 451), (294, 448)) == "input, 448 x 294 of 451 x 300 px"
-    assert input_caption((294, 448), (294, 448)) == "input, 448 x 294 px"
+    assert input_caption((300, 451), (294, 448)) == "input 448x294 of 451x300 px"
+    assert input_caption((294, 448), (294, 448)) == "input 448x294 px"
 
 
 def test_the_console_names_the_share_flag_of_this_command():
