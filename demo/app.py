@@ -173,7 +173,7 @@ def launch_message(local_url: str, share_url: str | None, share: bool) -> str:
     """What the command prints once the page is served (Gradio's own lines are silenced: they speak of
     `launch(share=True)`, where this command has `--share`)."""
     if share_url:
-        return f"Running on {local_url} and at the public link {share_url} (for 1 week)"
+        return f"Running on {local_url} and at the public link {share_url} (temporary: up to 1 week)"
     if share:
         return f"Running on {local_url}; no public link could be made (see above)"
     return f"Running on {local_url} (add --share for a public link)"

@@ -25,7 +25,7 @@ ALIBI_NAME_SETTINGS = {
 
 # Name tokens about the position scheme, which the keys decide (a non-zero embedding, RoPE periods, slopes); the name
 # only tells NoPE from constant-slope ALiBi when the keys hold none of them.
-SCHEME_NAME_TOKENS = {"nope": "nope", "learned": "alibi with learned slopes"}
+SCHEME_NAME_TOKENS = ("nope", "learned")
 
 
 # Negated words of the reference names that describe training only (`no_cb`: trained without channel blanking,
