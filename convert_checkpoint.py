@@ -27,7 +27,10 @@ own position scheme, reproducing its outputs: for parity checks).
     python convert_checkpoint.py facebook/dinov3-vits16plus-pretrain-lvd1689m out/alibi-dinov3-small-plus
     python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv3_vits16_plus_reg4.pth out/alibi-dinov3-coco
 
-`.pth` files are read with `torch.load(..., weights_only=True)` only and never modified.
+`.pth` files are read with `torch.load(..., weights_only=True)` only and never modified. Settings the reference
+ALiBi files record in their names only (`nope`, `no_norm`, `no_wrap`) are read from the name
+(`alibi_dinov2.conversion.file_names`); the training-only `local_cls_norm.*` of Meta's dinov3 ViT-7B/16 and SAT-493M
+ViT-L/16 is dropped. A refusal is one line naming the file, the problem and the fix.
 """
 
 import json

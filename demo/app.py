@@ -20,6 +20,7 @@ Images are pictures dropped on the page, or files (PNG, JPEG, TIFF of 8 or 16 bi
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,11 +36,15 @@ from alibi_dinov2.features.visualisation import kmeans_map, labels_to_rgb, pca_r
 from alibi_dinov2.io.images import load_image, to_rgb01
 from alibi_dinov2.names import short_names
 from demo import segmentation_view as segmentation
-from evaluation.positional_probe import PROBE_PROTOCOL, R2_MEANING, describe_r2
+from evaluation.positional_probe import PROBE_PROTOCOL, R2_SCALE, describe_r2
+
+
+logger = logging.getLogger("demo.app")
 
 
 # The project's probe protocol on one sampling: about one patch in 36 fits the probe, the others score it.
 DEMO_PROBE = replace(PROBE_PROTOCOL, holdout=True, repeats=1)
+EDITOR_HEIGHT = 720  # px: the scribble editor spans the page's width
 DEFAULT_FEATURE_CACHE_MB = 8192  # a 4096 x 4096 image's classical stack (3.9 GB) and two models' ViT channels
 
 
@@ -129,18 +134,49 @@ def render_comparison(
         analysis = analyse_image(model, rgb, n_clusters=n_clusters, image_statistics=statistics, seed=seed)
         height, width = analysis.clusters.shape
         if index == 0:
-            gallery.append(
-                (to_uint8(rgb[: height * patch_size, : width * patch_size]), "input, cropped to whole patches")
-            )
-        pca_caption = f"{name}: PCA colours (gradients across the frame = position)"
-        gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), pca_caption))
+            gallery.append((to_uint8(rgb[: height * patch_size, : width * patch_size]),
+                            input_caption(rgb.shape[:2], (height * patch_size, width * patch_size))))
+        gallery.append((to_uint8(patches_to_pixels(analysis.pca_rgb, patch_size)), f"{name}: PCA"))
         segmentation = labels_to_rgb(analysis.clusters)
-        kmeans_caption = f"{name}: k-means, k = {n_clusters} (bands or rings = position)"
-        gallery.append((to_uint8(patches_to_pixels(segmentation, patch_size)), kmeans_caption))
+        gallery.append((to_uint8(patches_to_pixels(segmentation, patch_size)), f"{name}: k-means, k = {n_clusters}"))
         r2 = analysis.position_r2
         verdict = f"its features {describe_r2((r2['x'] + r2['y']) / 2)}"
         table.append([name, f"{height} x {width}", round(r2["x"], 3), round(r2["y"], 3), verdict])
     return gallery, table
+
+
+def input_caption(size: tuple[int, int], kept: tuple[int, int]) -> str:
+    """The input picture's caption: its size as the models saw it, and what the crop to whole patches left out
+    (short: the gallery shows captions on one line)."""
+    (height, width), (kept_h, kept_w) = size, kept
+    if (kept_h, kept_w) == (height, width):
+        return f"input {width}x{height} px"
+    return f"input {kept_w}x{kept_h} of {width}x{height} px"
+
+
+# What the features tab's pictures show; their captions stay short.
+FEATURES_NOTE = (
+    "Per model: the first three principal components of its patch features as colours (**PCA**) and a **k-means** "
+    "clustering of them; colour gradients across the frame, bands or rings show position, not material. The input "
+    "is cropped to whole patches (its caption gives the size kept, width x height)."
+)
+
+
+def user_error(gr, message: str):
+    """A user's mistake (an unreadable file, a missing image, too few scribbles): one line in the server log and the
+    message on the page, without a traceback."""
+    logger.warning("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def launch_message(local_url: str, share_url: str | None, share: bool) -> str:
+    """What the command prints once the page is served (Gradio's own lines are silenced: they speak of
+    `launch(share=True)`, where this command has `--share`)."""
+    if share_url:
+        return f"Running on {local_url} and at the public link {share_url} (temporary: up to 1 week)"
+    if share:
+        return f"Running on {local_url}; no public link could be made (see above)"
+    return f"Running on {local_url} (add --share for a public link)"
 
 
 def read_upload(path: str) -> np.ndarray:
@@ -185,11 +221,11 @@ def build_demo(
         if upload is not None:
             picture = read_chosen_file(gr, upload)
         if picture is None:
-            raise gr.Error("Drop an image on the page, choose a file, or pick one of the examples.")
+            raise user_error(gr, "Drop an image on the page, choose a file, or pick one of the examples.")
         try:
             return render_comparison(models, picture, int(n_clusters), max_side)
         except (OSError, ValueError) as error:  # ImageReadError / ImageTooSmallError name the problem
-            raise gr.Error(str(error)) from error
+            raise user_error(gr, str(error)) from None
 
     with gr.Blocks(title="ALiBi-DINOv2: features without position", delete_cache=(3600, 86400)) as page:
         gr.Markdown(
@@ -202,7 +238,8 @@ def build_demo(
                 gr.Markdown(
                     "PCA colours and k-means clusters of each model's patch features, and how well a linear probe "
                     "recovers a patch's position (x, y) from them: near 0 means the features describe what a patch "
-                    f"shows, not where it sits. Images are shrunk to {max_side} px on their longer side."
+                    f"shows, not where it sits. Images are shrunk to {max_side} px on their longer side.\n\n"
+                    + FEATURES_NOTE
                 )
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -213,9 +250,10 @@ def build_demo(
                         examples = [[image] for image in samples.values()]
                         gr.Examples(examples=examples, inputs=[picture], label="examples")
                     with gr.Column(scale=2):
-                        gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
                         table = gr.Dataframe(headers=TABLE_HEADERS, label="positional probe", interactive=False)
-                        gr.Markdown(R2_MEANING)
+                        gr.Markdown(f"{R2_SCALE}.")
+                # The pictures across the page's width: large enough to judge, their captions on one line.
+                gallery = gr.Gallery(label="features", columns=2 * len(models) + 1, object_fit="contain")
                 button.click(run, inputs=[picture, upload, n_clusters], outputs=[gallery, table])
             with gr.Tab("Segmentation"):
                 segmentation_tab(gr, models, FeatureCache(feature_cache_mb << 20), download_root)
@@ -228,7 +266,7 @@ def read_chosen_file(gr, path: str | None):
     try:
         return None if path is None else read_upload(path)
     except (OSError, ValueError) as error:
-        raise gr.Error(f"Could not read {path}: {error}") from error
+        raise user_error(gr, f"Could not read {path}: {error}") from None
 
 
 def segmentation_tab(
@@ -251,22 +289,25 @@ def segmentation_tab(
                 lambda fraction, text: progress(fraction, desc=text),
             )
         except (OSError, ValueError) as error:  # what is wrong with the image or the scribbles, and what to do
-            raise gr.Error(str(error)) from error
+            raise user_error(gr, str(error)) from None
         return gallery, {"headers": headers, "data": rows}, [str(path) for path in files]
 
     gr.Markdown(
         "Draw scribbles on the micrograph with the brush, in 2 to 8 colours, one colour per class; each model's "
         "features train a classifier (XGBoost) on the scribbled pixels, which labels every pixel of the full-size "
         "image. Features are computed once per image, model and feature set, so adding scribbles and running again "
-        f"is quick. {segmentation.colour_legend()}"
+        "is quick. The brush's colours, in the palette's order, are the classes:"
+    )
+    gr.HTML(segmentation.legend_html())
+    editor = gr.ImageEditor(
+        label="image and scribbles", type="numpy", image_mode="RGBA", format="png", transforms=(),
+        sources=("upload", "clipboard"), layers=False, eraser=gr.Eraser(default_size=segmentation.BRUSH_SIZE * 3),
+        brush=gr.Brush(default_size=segmentation.BRUSH_SIZE, colors=segmentation.hex_colours(),
+                       default_color=segmentation.hex_colours()[0], color_mode="fixed"),
+        height=EDITOR_HEIGHT, canvas_size=(segmentation.EDITOR_MAX_SIDE, segmentation.EDITOR_MAX_SIDE),
     )
     with gr.Row():
         with gr.Column(scale=1):
-            editor = gr.ImageEditor(
-                label="image and scribbles", type="numpy", image_mode="RGBA", format="png", transforms=(),
-                sources=("upload", "clipboard"), layers=False, eraser=gr.Eraser(),
-                brush=gr.Brush(colors=segmentation.hex_colours(), color_mode="fixed"),
-            )
             upload = gr.File(label="or a file, segmented in full precision (PNG, JPEG, 8/16-bit TIFF)",
                              type="filepath")
             chosen = gr.CheckboxGroup(list(models), value=list(models), label="models")
@@ -325,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     names = args.names or short_names(args.models)
     models = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
-    build_demo(models, args.max_side, args.feature_cache_mb).launch(server_port=args.port, share=args.share)
+    page = build_demo(models, args.max_side, args.feature_cache_mb)
+    page.launch(server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True)
+    print(launch_message(page.local_url, page.share_url, args.share), flush=True)
+    page.block_thread()
 
 
 if __name__ == "__main__":

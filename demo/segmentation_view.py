@@ -14,6 +14,7 @@ Features are computed at full size, in one pass (no tiles), once per image, mode
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ MAX_COLOUR_DISTANCE = 64.0  # RGB levels; the palette's two closest colours (blu
 MIN_SIDE = 16
 KEPT_RUNS = 8  # download folders of recent runs kept on disk
 CLASSICAL_ONLY = "classical features"  # the one result of the classical set, the same for every model
+FEATURE_SET_TITLES = {"classical": "classical features", "classical+vit": "classical + ViT features"}
+BRUSH_SIZE = 6  # px on the editor's picture: thin scribbles, as trainable segmentation wants them
 
 Progress = Callable[[float, str], None]
 
@@ -58,11 +61,24 @@ def hex_colours() -> list[str]:
     return ["#{:02x}{:02x}{:02x}".format(*rgb) for _, rgb in CLASS_COLOURS]
 
 
-def colour_legend() -> str:
-    """The colour -> class mapping, as the page states it."""
-    classes = ", ".join(f"{index} = {name} ({code})" for index, ((name, _), code) in
-                        enumerate(zip(CLASS_COLOURS, hex_colours()), start=1))
-    return f"Brush colour k is class k: {classes}."
+def legend_html() -> str:
+    """The palette as numbered swatches, class 1 to 8, for the page beside the editor (whose brush colours carry no
+    labels)."""
+    swatches = "".join(
+        f'<span style="display:inline-flex;align-items:center;margin:0 14px 4px 0;white-space:nowrap">'
+        f'<span style="display:inline-block;min-width:22px;height:22px;line-height:22px;border-radius:4px;'
+        f'background:{code};color:#fff;font-weight:700;text-align:center;margin-right:5px">{index}</span>'
+        f"class {index} ({html.escape(name)})</span>"
+        for index, ((name, _), code) in enumerate(zip(CLASS_COLOURS, hex_colours()), start=1)
+    )
+    return f'<div class="class-legend">{swatches}</div>'
+
+
+def result_caption(result: "Segmentation") -> str:
+    """A result's caption on the page: the model and its features, or the classical features alone (one result,
+    whatever the models)."""
+    title = FEATURE_SET_TITLES[result.segmenter.features]
+    return f"{title} (no model)" if result.name == CLASSICAL_ONLY else f"{result.name}: {title}"
 
 
 def editor_picture(image: np.ndarray, max_side: int = EDITOR_MAX_SIDE) -> np.ndarray:
@@ -286,8 +302,7 @@ def render_segmentations(
     gallery, rows = [], []
     for result in results:
         shown = resize_nearest(result.mask, picture.shape[:2])
-        features = result.segmenter.features
-        gallery.append((to_uint8(overlay_labels(picture, shown)), f"{result.name}: {features} features"))
+        gallery.append((to_uint8(overlay_labels(picture, shown)), result_caption(result)))
         rows.append([result.name] + [round(value, 4) for value in area_fractions(result.mask, classes)])
     return gallery, table_headers(classes), rows
 

@@ -204,10 +204,13 @@ def ramp_targets(ramps: Union[str, Sequence[str]], h: int, w: int, seed: SeedLik
 
 
 # What an R^2 of the positional probe says, in the words every report and page uses.
-R2_MEANING = (
+R2_SCALE = (
     "R^2 of a linear probe that predicts each patch's position from its features: 1 = position fully "
-    "recoverable, 0 = no better than always guessing the mean position, below 0 = worse than that (shown as 0 in "
-    "headlines, raw value beside it). The random ramp is a control that every model scores at or below about 0."
+    "recoverable, 0 = no better than always guessing the mean position, below 0 = worse than that"
+)
+R2_MEANING = (
+    f"{R2_SCALE} (shown as 0 in headlines, raw value beside it). The random ramp is a control that every model "
+    "scores at or below about 0."
 )
 
 
@@ -633,6 +636,7 @@ __all__ = [
     "MIN_PROBE_SAMPLES",
     "PROBE_PROTOCOL",
     "R2_MEANING",
+    "R2_SCALE",
     "SAMPLINGS",
     "SINGLE_RAMPS",
     "PositionalProbe",

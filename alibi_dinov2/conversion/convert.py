@@ -10,7 +10,8 @@ import torch
 from alibi_dinov2.conversion.families import ALIBI_FIELDS, FAMILIES, family_of
 from alibi_dinov2.conversion.model_card import build_model_card
 from alibi_dinov2.conversion.sources import DEFAULT_SOURCE, SourceCheckpoint, check_choice, read_source
-from alibi_dinov2.conversion.state_dicts import CheckpointKeyError
+from alibi_dinov2.conversion.state_dicts import CheckpointKeyError, key_list
+from alibi_dinov2.errors import InputError
 from alibi_dinov2.features.preprocessing import dinov2_image_processor
 from alibi_dinov2.hub.push import push_to_hub as push_folder
 from alibi_dinov2.hub.sources import check_model_source
@@ -31,17 +32,20 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
     check_choice("variant", variant, VARIANTS)
     unknown = set(alibi_options) - set(ALIBI_FIELDS)
     if unknown:
-        raise ValueError(f"Unknown ALiBi option(s) {sorted(unknown)}; allowed: {', '.join(ALIBI_FIELDS)}.")
+        raise InputError(f"unknown ALiBi option(s) {sorted(unknown)}; allowed: {', '.join(ALIBI_FIELDS)}")
     family = FAMILIES[checkpoint.family]
     parts = (checkpoint.position_scheme if variant == "keep-pe" else variant).split("+")
     options = dict(checkpoint.alibi_options) if "alibi" in checkpoint.position_scheme.split("+") else {}
     options.update({k: v for k, v in alibi_options.items() if v is not None})
-    config = family.config_class(
-        **checkpoint.architecture,
-        use_alibi="alibi" in parts,
-        **{family.kept_flag: family.kept_scheme in parts},
-        **options,
-    )
+    try:
+        config = family.config_class(
+            **checkpoint.architecture,
+            use_alibi="alibi" in parts,
+            **{family.kept_flag: family.kept_scheme in parts},
+            **options,
+        )
+    except ValueError as error:  # an option out of range, such as a negative jitter
+        raise InputError(f"{checkpoint.name}: {error}") from None
     state_dict = dict(checkpoint.state_dict)
     if family.kept_scheme not in parts:
         for key in family.position_keys:
@@ -57,8 +61,8 @@ def build_model(checkpoint: SourceCheckpoint, variant: str = "alibi", **alibi_op
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointKeyError(
-            f"The checkpoint does not fit the model. Missing: {', '.join(result.missing_keys) or 'none'}. "
-            f"Unexpected: {', '.join(result.unexpected_keys) or 'none'}."
+            f"{checkpoint.name} does not fit the model. Missing: {key_list(result.missing_keys) or 'none'}. "
+            f"Unexpected: {key_list(result.unexpected_keys) or 'none'}. Check --source_format and --num_heads."
         )
     model.config.name_or_path = checkpoint.name
     return model.eval()

@@ -4,8 +4,8 @@ classes, the architecture fields read from a source, and how a source's position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from alibi_dinov2.conversion.file_names import read_name_settings
 from alibi_dinov2.errors import InputError
 from configuration_alibi_dinov2 import AlibiDinov2Config
 from configuration_alibi_dinov3 import AlibiDinov3Config
@@ -32,7 +32,7 @@ def position_scheme(kept: bool, has_slopes: bool, name: str, requested: str, fam
     if parts:
         return "+".join(parts)
     # No position embedding, no RoPE and no slopes: the reference releases name their NoPE files "nope_...".
-    return "nope" if "nope" in Path(name).name.lower() else "alibi"
+    return "nope" if "nope" in read_name_settings(name).scheme_tokens else "alibi"
 
 
 def scheme_of_config(config, family: "ModelFamily") -> str:

@@ -16,14 +16,18 @@ from alibi_dinov2.conversion.families import (
     position_scheme,
     scheme_of_config,
 )
+from alibi_dinov2.conversion.file_names import alibi_options_of_name
 from alibi_dinov2.conversion.state_dicts import (
     SOURCE_FORMATS,
+    CheckpointKeyError,
     convert_dinov3_state_dict,
     convert_vit_state_dict,
     detect_format,
     is_checkpoint_file,
+    named_file,
     read_state_dict_file,
 )
+from alibi_dinov2.errors import InputError, SourceNotFoundError
 from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file
 
 
@@ -65,7 +69,14 @@ def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
     of this project's models."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # a folder without config.json, an unknown model type
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(
+            f"{source}: not a transformers model ({reason}): give a model folder with config.json, a Hub id, or a "
+            ".pth / .safetensors state dict"
+        ) from None
     own = {family.model_type: family for family in FAMILIES.values()}
     if config.model_type in own:
         family = own[config.model_type]
@@ -79,7 +90,7 @@ def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
         )
     if config.model_type not in STOCK_HF_MODELS:
         readable = ", ".join(f"`{name}`" for name in (*STOCK_HF_MODELS, *own))
-        raise ValueError(f"{source} is a `{config.model_type}` model; the converter reads {readable} models.")
+        raise InputError(f"{source} is a `{config.model_type}` model; the converter reads {readable} models")
     family_name, class_name = STOCK_HF_MODELS[config.model_type]
     family = FAMILIES[family_name]
     state_dict = getattr(transformers, class_name).from_pretrained(source, revision=revision).state_dict()
@@ -102,14 +113,19 @@ def read_state_dict_source(path, name: str, source_format: str, num_heads: int |
     raw_state_dict = read_state_dict_file(path)
     if source_format == "auto":
         source_format = detect_format(name, raw_state_dict)
-    if source_format == "dinov3":
-        family = FAMILIES["dinov3"]
-        read_rope = source_position in ("auto", "rope")
-        state_dict, architecture = convert_dinov3_state_dict(raw_state_dict, num_heads, read_rope)
+    try:
+        if source_format == "dinov3":
+            family = FAMILIES["dinov3"]
+            read_rope = source_position in ("auto", "rope")
+            state_dict, architecture = convert_dinov3_state_dict(raw_state_dict, num_heads, read_rope)
+        else:
+            family = FAMILIES["dinov2"]
+            state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
+    except CheckpointKeyError as error:
+        raise named_file(error, name) from None
+    if family.name == "dinov3":
         kept = "rope_theta" in architecture
     else:
-        family = FAMILIES["dinov2"]
-        state_dict, architecture = convert_vit_state_dict(raw_state_dict, source_format, num_heads)
         position = state_dict.get("embeddings.position_embeddings")
         kept = position is not None and position.count_nonzero() > 0
         # Resizing a learned embedding: timm antialiases; Meta's hub code does for its register models only (its
@@ -118,6 +134,7 @@ def read_state_dict_source(path, name: str, source_format: str, num_heads: int |
     has_slopes = family.slopes_key in state_dict
     scheme = position_scheme(kept, has_slopes, name, source_position, family)
     alibi_options = dict(REFERENCE_ALIBI_OPTIONS, **({"alibi_slopes": "learned"} if has_slopes else {}))
+    alibi_options.update(alibi_options_of_name(name, scheme, has_slopes))
     return SourceCheckpoint(state_dict, architecture, source_format, scheme, name, alibi_options, family.name)
 
 
@@ -143,12 +160,12 @@ def read_source(
     if source_format == "hf" or (source_format == "auto" and not remote and not is_checkpoint_file(source)):
         return read_hf_source(source, revision=revision)
     if not Path(str(source)).is_file():
-        raise FileNotFoundError(f"No checkpoint file at {source}.")
+        raise SourceNotFoundError(f"not found: no checkpoint file at {source}")
     return read_state_dict_source(source, name, source_format, num_heads, source_position)
 
 
 
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+        raise InputError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 

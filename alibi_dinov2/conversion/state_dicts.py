@@ -4,11 +4,17 @@ ViTs (`convert_vit_state_dict`) and Meta's dinov3 layout (`convert_dinov3_state_
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
 
 import torch
+
+from alibi_dinov2.errors import InputError
+
+
+logger = logging.getLogger(__name__)
 
 
 SOURCE_FORMATS = ("auto", "hf", "meta", "timm", "dinov3")
@@ -19,8 +25,8 @@ KEY_PREFIXES = ("model.", "vit.", "backbone.")
 
 
 
-class CheckpointKeyError(ValueError):
-    """A state dict whose keys do not fit the expected layout."""
+class CheckpointKeyError(InputError):
+    """A state dict whose keys do not fit the expected layout (the reader names the file: see `named_file`)."""
 
 
 
@@ -36,21 +42,28 @@ def read_state_dict_file(path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state_dict = load_file(str(path))
+        try:
+            state_dict = load_file(str(path))
+        except Exception as error:  # a truncated or foreign file
+            raise InputError(f"cannot read {path} as a safetensors file ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}): give an intact file") from None
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a pickle with code, a truncated file, not a checkpoint at all
-            raise ValueError(
-                f"Cannot read {path} as a weights-only PyTorch checkpoint ({type(error).__name__}: {error}). "
-                "Only plain state dicts of tensors are accepted."
-            ) from error
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise InputError(
+                f"cannot read {path} as a weights-only PyTorch checkpoint ({type(error).__name__}: {reason}): only "
+                "plain state dicts of tensors are read; save the model's state_dict() alone"
+            ) from None
     for wrapper in ("model", "state_dict", "teacher", "student"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors.")
+        raise InputError(
+            f"{path} does not hold a state dict of tensors: save the model's state_dict() (a dict of tensors) alone"
+        )
     return state_dict
 
 
@@ -76,7 +89,10 @@ def detect_format(source, state_dict: dict | None = None) -> str:
         return "hf"
     keys = set(strip_prefix(state_dict if state_dict is not None else read_state_dict_file(source)))
     if "blocks.0.attn.qkv.weight" not in keys:
-        raise ValueError(f"{source} is not a DINOv2 or DINOv3 ViT state dict (no `blocks.0.attn.qkv.weight`).")
+        raise InputError(
+            f"{source} is not a DINOv2 or DINOv3 ViT state dict (no `blocks.0.attn.qkv.weight`): give the "
+            "backbone's weights (Meta, timm or dinov3 layout) or a transformers model folder"
+        )
     if DINOV3_ONLY_KEYS & keys or ("mask_token" in keys and "pos_embed" not in keys):
         return "dinov3"
     if "reg_token" in keys or "mask_token" not in keys:
@@ -116,10 +132,26 @@ def _finish_mapping(converted: dict, unexpected: list, slopes: dict, layout: str
     `{block: (heads,)}` become one `(layers, heads)` tensor at `slopes_key`."""
     if unexpected:
         raise CheckpointKeyError(
-            f"{len(unexpected)} unexpected key(s) in the {layout} state dict: {', '.join(sorted(unexpected))}"
+            f"{len(unexpected)} unexpected key(s) in the {layout} state dict: {key_list(unexpected)} (not part of a "
+            f"{layout} ViT backbone: if the layout was detected wrongly, give --source_format; else save the "
+            "backbone's weights alone)"
         )
     if slopes:
         converted[slopes_key] = torch.stack([slopes[i] for i in range(len(slopes))])
+
+
+
+def key_list(keys, shown: int = 8) -> str:
+    """`keys` sorted and joined for a one-line message, the first `shown` of them and how many more."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+
+def named_file(error: CheckpointKeyError, name) -> CheckpointKeyError:
+    """`error` with the checkpoint's file name in front, for the one line a command prints."""
+    return CheckpointKeyError(f"{name}: {error}")
 
 
 
@@ -294,12 +326,13 @@ def convert_dinov3_state_dict(
 
     Returns:
         `(state_dict, architecture)`; `architecture["rope_theta"]` only when the source has RoPE periods and
-        `read_rope` (False: the RoPE is left out unread). Unmapped source keys raise `CheckpointKeyError` naming them.
+        `read_rope` (False: the RoPE is left out unread). Unmapped source keys raise `CheckpointKeyError` naming them;
+        the training-only `local_cls_norm.*` is dropped with a logged warning naming its keys.
     """
     state_dict = strip_prefix(dict(state_dict))
     architecture = _dinov3_architecture(state_dict, num_heads, read_rope)
     hidden_size = architecture["hidden_size"]
-    converted, unexpected, slopes = {}, [], {}
+    converted, unexpected, slopes, dropped = {}, [], {}, []
     for key, tensor in state_dict.items():
         block = re.match(r"blocks\.(\d+)\.(attn\.qkv\.(?:weight|bias|bias_mask)|attn\.m)$", key)
         renamed = next((re.sub(f"^{a}$", b, key) for a, b in DINOV3_RENAMES if re.fullmatch(a, key)), None)
@@ -309,6 +342,8 @@ def convert_dinov3_state_dict(
             converted["embeddings.mask_token"] = tensor.reshape(1, 1, hidden_size).clone()
         elif key == "rope_embed.periods":
             pass  # recomputed from `rope_theta`, checked against these periods
+        elif key in DINOV3_TRAINING_ONLY_KEYS:
+            dropped.append(key)
         elif block and block.group(2) == "attn.m":
             slopes[int(block.group(1))] = tensor.reshape(-1).clone()
         elif block:
@@ -317,6 +352,12 @@ def convert_dinov3_state_dict(
         else:
             unexpected.append(key)
     _finish_mapping(converted, unexpected, slopes, "dinov3", "model.alibi.slopes")
+    if dropped:
+        logger.warning(
+            "Dropped %s: Meta's dinov3 uses this norm only on the CLS token of local crops in training; the model "
+            "does not use it.",
+            key_list(dropped),
+        )
     converted.setdefault("embeddings.register_tokens", torch.zeros(1, 0, hidden_size))
     converted.setdefault("embeddings.mask_token", torch.zeros(1, 1, hidden_size))
     return converted, architecture
@@ -330,6 +371,11 @@ DINOV2_HEAD_DIM = 64
 # Keys only Meta's dinov3 layout has; a dinov3 state dict without any of them (an ALiBi file with no registers and a
 # plain MLP) still differs from a DINOv2 one by its mask token without a position embedding.
 DINOV3_ONLY_KEYS = {"storage_tokens", "rope_embed.periods", "blocks.0.attn.qkv.bias_mask", "blocks.0.mlp.w1.weight"}
+
+
+# Keys of Meta's dinov3 models trained with `untie_global_and_local_cls_norm` (ViT-7B/16, the SAT-493M ViT-L/16): a
+# norm applied to the local crops' CLS token in training only, never at inference.
+DINOV3_TRAINING_ONLY_KEYS = {"local_cls_norm.weight", "local_cls_norm.bias"}
 
 
 # Meta dinov3 names -> transformers `DINOv3ViTModel` names, for tensors copied as they are.

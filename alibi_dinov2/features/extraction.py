@@ -13,7 +13,8 @@ Supported ``config.model_type`` values (see :data:`SUPPORTED_MODEL_TYPES`): ``al
 
 Images are any source :mod:`alibi_dinov2.io.images` reads (a path, PIL image, numpy array or tensor), made RGB by
 its one policy, and cropped (top-left anchored, never resized) to a multiple of the patch size, which is what a
-stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p`` (:mod:`alibi_dinov2.features.preprocessing`).
+stride-p patch convolution sees anyway: ``h = H // p``, ``w = W // p`` (:func:`alibi_dinov2.features.preprocessing.
+crop_to_patch_grid`, which warns once per image size that is not a multiple of the patch size).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
-from alibi_dinov2.io.images import check_image_size, describe_source, to_rgb01
+from alibi_dinov2.features.preprocessing import IMAGENET_MEAN, IMAGENET_STD, crop_to_patch_grid, to_pixel_values
+from alibi_dinov2.io.images import describe_source, to_rgb01
 
 
 LayerSelection = Union[str, int, Sequence[int]]
@@ -181,17 +182,6 @@ def _final_norm(backbone) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Image preparation
 # --------------------------------------------------------------------------------------------------
-def crop_to_patch_grid(image: np.ndarray, patch_size: int) -> np.ndarray:
-    """Crop (H, W[, ...]) to (H // p * p, W // p * p), keeping the top-left corner.
-
-    Raises:
-        ImageTooSmallError: the image is smaller than one patch along some side.
-    """
-    check_image_size(image, patch_size)
-    height, width = image.shape[:2]
-    return image[: height // patch_size * patch_size, : width // patch_size * patch_size]
-
-
 def image_to_pixel_values(image, patch_size: int, image_processor=None) -> torch.Tensor:
     """Any image source -> normalised (1, 3, H', W') float32 tensor cropped to the patch grid.
 

@@ -5,7 +5,10 @@ The statistics come from the image processor that every saved model folder carri
 bilinear, antialiased), so that 16-bit precision survives, which the processor's 8-bit PIL path would lose:
 
 * ``"patch_grid"``: no resize; crop (top-left anchored) to a multiple of the patch size, what a stride-p patch
-  convolution sees anyway (dense features of a whole micrograph);
+  convolution sees anyway (dense features of a whole micrograph): a 300 x 451 px image at patch 14 loses its last
+  6 rows and 3 columns (294 x 448 px, a 21 x 32 grid). :func:`crop_to_patch_grid` does it, and says so with one
+  :class:`PatchGridCropWarning` per image size (`warnings.filterwarnings("ignore", category=PatchGridCropWarning)`
+  silences it; pad or resize the image to a multiple of the patch size to keep every pixel);
 * ``"center_crop"``: shortest side to `size`, then the central `size x size` square (distillation, DINOv2's recipe);
 * ``"resize"``: squash to `size x size` (segmentation probes).
 
@@ -14,6 +17,7 @@ bilinear, antialiased), so that 16-bit precision survives, which the processor's
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,6 +31,40 @@ from alibi_dinov2.io.images import check_image_size
 IMAGENET_MEAN: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
 RESIZE_MODES = ("patch_grid", "center_crop", "resize")
+
+
+class PatchGridCropWarning(UserWarning):
+    """An image cropped to the patch grid: the model does not see its last rows or columns (less than a patch)."""
+
+
+# (height, width, patch size) of the crops announced so far: each is said once per process, whatever the warning
+# filters (libraries that reset them, as scikit-learn's `catch_warnings` does, would repeat it for every image).
+ANNOUNCED_CROPS: set[tuple[int, int, int]] = set()
+
+
+def crop_to_patch_grid(image, patch_size: int, name: str = "image"):
+    """Crop an (H, W[, ...]) array or tensor to (H // p * p, W // p * p), keeping the top-left corner: the one place
+    images are cropped to the patch grid. A crop is announced by a :class:`PatchGridCropWarning` naming the size,
+    the crop and how to avoid it, once per size and process (:data:`ANNOUNCED_CROPS`) however many images have
+    that size.
+
+    Raises:
+        ImageTooSmallError: the image is smaller than one patch along some side (the message names `name`).
+    """
+    check_image_size(image, patch_size, name)
+    height, width = image.shape[:2]
+    kept_h, kept_w = height // patch_size * patch_size, width // patch_size * patch_size
+    if (kept_h, kept_w) != (height, width) and (height, width, patch_size) not in ANNOUNCED_CROPS:
+        ANNOUNCED_CROPS.add((height, width, patch_size))
+        warnings.warn(
+            f"images of {height} x {width} px are cropped to {kept_h} x {kept_w} px, the {patch_size} px patch grid "
+            f"({kept_h // patch_size} x {kept_w // patch_size} patches): the model does not see the last "
+            f"{height - kept_h} row(s) and {width - kept_w} column(s); pad or resize to a multiple of {patch_size} px "
+            f"(e.g. {-(-height // patch_size) * patch_size} x {-(-width // patch_size) * patch_size}) to keep them",
+            PatchGridCropWarning,
+            stacklevel=2,
+        )
+    return image[:kept_h, :kept_w]
 
 
 def dinov2_image_processor():
@@ -119,8 +157,7 @@ def resize_and_crop(rgb01, size: int | None = None, mode: str = "center_crop", p
     image = _as_chw_tensor(rgb01)
     height, width = image.shape[-2:]
     if mode == "patch_grid":
-        check_image_size(image.permute(1, 2, 0), patch_size, name)
-        return image[:, : height // patch_size * patch_size, : width // patch_size * patch_size].contiguous()
+        return crop_to_patch_grid(image.permute(1, 2, 0), patch_size, name).permute(2, 0, 1).contiguous()
     if size is None:
         raise ValueError(f"mode {mode!r} needs a size")
     if mode == "resize":
@@ -191,7 +228,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RESIZE_MODES",
+    "PatchGridCropWarning",
     "center_crop_box",
+    "crop_to_patch_grid",
     "denormalize",
     "dinov2_image_processor",
     "image_statistics",

@@ -16,11 +16,14 @@ from demo.app import (
     analyse_features,
     analyse_image,
     build_demo,
+    input_caption,
+    launch_message,
     parse_args,
     patches_to_pixels,
     position_r2,
     prepare_image,
     render_comparison,
+    user_error,
 )
 from modeling_alibi_dinov2 import AlibiDinov2Model
 
@@ -101,10 +104,13 @@ def test_render_comparison_gives_aligned_pictures_and_one_row_per_model(tiny_mod
     for picture, caption in gallery:
         assert picture.dtype == np.uint8 and picture.shape == (140, 140, 3), caption
     assert [row[:2] for row in table] == [["ALiBi", "10 x 10"], ["DINOv2", "10 x 10"]]
-    assert [caption for _, caption in gallery][1:3] == [
-        "ALiBi: PCA colours (gradients across the frame = position)",
-        "ALiBi: k-means, k = 3 (bands or rings = position)",
+    # Short captions (the gallery shows one line each): 150 px shrunk, 140 px of whole patches kept.
+    assert [caption for _, caption in gallery][:3] == [
+        "input 140x140 of 150x150 px",
+        "ALiBi: PCA",
+        "ALiBi: k-means, k = 3",
     ]
+    assert max(len(caption) for _, caption in gallery) <= 28
     assert all(row[4].startswith("its features ") for row in table)
 
 
@@ -119,6 +125,44 @@ def test_command_line_errors():
     with pytest.raises(SystemExit):
         parse_args(["--models", "a", "--max-side", "0"])
     assert parse_args(["--models", "a"]).max_side == 896
+
+
+def test_input_caption_names_the_crop_only_when_there_is_one():
+    assert input_caption((300, 451), (294, 448)) == "input 448x294 of 451x300 px"
+    assert input_caption((294, 448), (294, 448)) == "input 448x294 px"
+
+
+def test_the_console_names_the_share_flag_of_this_command():
+    assert launch_message("http://127.0.0.1:7860/", None, False) == (
+        "Running on http://127.0.0.1:7860/ (add --share for a public link)")
+    assert "share=True" not in launch_message("http://127.0.0.1:7860/", None, True)
+    assert "https://x.gradio.live" in launch_message("http://127.0.0.1:7860/", "https://x.gradio.live", True)
+
+
+def test_a_user_mistake_is_one_line_in_the_server_log(caplog):
+    gradio = pytest.importorskip("gradio")
+    with caplog.at_level("WARNING", logger="demo.app"):
+        error = user_error(gradio, "No scribbles: draw on the image with the brush")
+    assert isinstance(error, gradio.Error) and not error.print_exception  # Gradio prints no traceback
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused: No scribbles: draw on the image with the brush"]
+
+
+def test_the_editor_spans_the_page_with_a_thin_brush_in_the_class_colours(tiny_models):
+    gradio = pytest.importorskip("gradio")
+    from demo import segmentation_view as view
+
+    page = build_demo(tiny_models)
+    (editor,) = [block for block in page.blocks.values() if isinstance(block, gradio.ImageEditor)]
+    assert editor.brush.default_size == view.BRUSH_SIZE <= 8
+    assert editor.brush.colors == view.hex_colours() and editor.brush.default_color == view.hex_colours()[0]
+    ancestors, parent = [], editor.parent
+    while parent is not None:
+        ancestors.append(parent)
+        parent = parent.parent
+    assert not any(isinstance(block, gradio.Row) for block in ancestors)  # not squeezed into a column beside others
+    assert "random ramp" not in "".join(
+        block.value for block in page.blocks.values() if isinstance(block, gradio.Markdown) and block.value)
 
 
 def test_build_demo_without_gradio_says_how_to_install_it(tiny_models, monkeypatch):
@@ -202,7 +246,8 @@ def test_a_script_gets_a_mask_of_the_image_whose_scribbles_keep_their_classes(se
     gallery, table, files = served_page.predict(
         editor_payload(folder / "micrograph.png", folder / "scribbles.png"), None, ["ALiBi", "DINOv2"],
         "classical+vit", "PNG", api_name="/segment")
-    assert [item["caption"] for item in gallery] == ["ALiBi: classical+vit features", "DINOv2: classical+vit features"]
+    assert [item["caption"] for item in gallery] == ["ALiBi: classical + ViT features",
+                                                     "DINOv2: classical + ViT features"]
     assert table["headers"] == ["model", "class 1 (blue) area", "class 2 (orange) area"]
     assert [row[0] for row in table["data"]] == ["ALiBi", "DINOv2"]
     names = [Path(path).name for path in files]

@@ -2,6 +2,7 @@
 area fractions and the files to download."""
 
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -66,8 +67,12 @@ def test_a_layer_pixel_takes_the_nearest_class_colour_when_half_opaque():
 
 def test_the_palette_and_the_legend_name_eight_classes():
     assert len(view.hex_colours()) == 8 and view.hex_colours()[0] == "#1f77b4"
-    legend = view.colour_legend()
-    assert "1 = blue (#1f77b4)" in legend and "8 = cyan (#17becf)" in legend
+    legend = view.legend_html()
+    # Numbered swatches in the brush's colours, class 1 to 8 in the palette's order.
+    swatches = re.findall(r"background:(#[0-9a-f]{6});[^>]*>(\d)</span>class (\d) \((\w+)\)", legend)
+    assert [code for code, *_ in swatches] == view.hex_colours()
+    assert [(int(a), int(b)) for _, a, b, _ in swatches] == [(k, k) for k in range(1, 9)]
+    assert swatches[0][3] == "blue" and swatches[-1][3] == "cyan"
     labels = np.arange(9).reshape(3, 3)
     np.testing.assert_array_equal(view.layer_classes(view.scribble_layer(labels)), labels)
 
@@ -156,6 +161,8 @@ def test_classical_features_give_one_result_whatever_the_models(material, models
     (result,) = view.segment_image(image, scribbles, models, "classical")
     assert result.name == view.CLASSICAL_ONLY and result.segmenter.model is None
     assert mean_iou(result.mask, truth) >= 0.8
+    # Its caption says what it is once ("classical features: classical features" said it twice).
+    assert view.result_caption(result) == "classical features (no model)"
     with pytest.raises(ValueError, match="Pick at least one model"):
         view.segment_image(image, scribbles, {}, "classical+vit")
     with pytest.raises(ValueError, match="feature set must be one of classical, classical\\+vit"):
@@ -169,7 +176,8 @@ def test_the_view_shows_overlays_and_area_fractions_and_writes_the_files(materia
     )
     assert headers == ["model", "class 1 (blue) area", "class 2 (orange) area"]
     (picture, caption), = gallery
-    assert picture.shape == (112, 140, 3) and picture.dtype == np.uint8 and caption == "ALiBi: classical+vit features"
+    assert picture.shape == (112, 140, 3) and picture.dtype == np.uint8
+    assert caption == "ALiBi: classical + ViT features"
     assert [path.name for path in files] == ["ALiBi-segmenter.zip", "ALiBi-mask.tif"]
     mask = read_labels(files[1])
     (name, *fractions), = rows

@@ -12,6 +12,7 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, D
 
 import convert_checkpoint
 from alibi_dinov2.conversion.convert import build_model, convert, save_model_folder
+from alibi_dinov2.conversion.file_names import name_tokens, read_name_settings
 from alibi_dinov2.conversion.model_card import _comparison_model, update_model_card_evaluation
 from alibi_dinov2.conversion.sources import SourceCheckpoint
 from alibi_dinov2.conversion.state_dicts import CheckpointKeyError, convert_vit_state_dict, detect_format, strip_prefix
@@ -80,8 +81,9 @@ def to_vit_keys(model, layout):
     return {key: value.clone() for key, value in out.items()}
 
 
-def loop_distance_matrix(height, width, num_prefix, wrap=True):
-    """`(N, N)` normalised Euclidean distances between patch positions by explicit loops, 0 for prefix tokens."""
+def loop_distance_matrix(height, width, num_prefix, wrap=True, normalize=True):
+    """`(N, N)` Euclidean distances between patch positions by explicit loops (divided by the largest when
+    `normalize`), 0 for prefix tokens."""
     num_tokens = num_prefix + height * width
     distance = torch.zeros(num_tokens, num_tokens)
     cells = [(y, x) for y in range(height) for x in range(width)]
@@ -91,7 +93,7 @@ def loop_distance_matrix(height, width, num_prefix, wrap=True):
             if wrap:
                 dy, dx = min(dy, height - dy), min(dx, width - dx)
             distance[num_prefix + i, num_prefix + j] = math.sqrt(dy * dy + dx * dx)
-    if distance.max() > 0:
+    if normalize and distance.max() > 0:
         distance /= distance.max()
     return distance
 
@@ -106,7 +108,7 @@ def attention_residual(x, q, k, v, p, bias=None):
     return x + p("ls1.gamma") * (attended @ p("attn.proj.weight").T + p("attn.proj.bias"))
 
 
-def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap=True, eps=1e-6):
+def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap=True, eps=1e-6, normalize=True):
     """An eager ViT written from a timm-layout state dict: position embedding on patch tokens only (timm's
     no_embed_class), CLS then registers, and with `slopes` (layers x heads) a 2D ALiBi bias from explicit loops."""
     weight = state_dict["patch_embed.proj.weight"]
@@ -120,7 +122,7 @@ def reference_vit_forward(state_dict, pixel_values, num_heads, slopes=None, wrap
         prefix.append(state_dict["reg_token"].expand(batch, -1, -1))
     x = torch.cat(prefix + [x], dim=1)
     num_prefix, num_tokens = x.shape[1] - height * width, x.shape[1]
-    distance = loop_distance_matrix(height, width, num_prefix, wrap)
+    distance = loop_distance_matrix(height, width, num_prefix, wrap, normalize)
     head_dim = channels // num_heads
     layers = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     for layer in range(layers):
@@ -394,6 +396,66 @@ def test_timm_nope_and_learned_embedding_checkpoints(tmp_path, tiny_kwargs):
     converted = convert(tmp_path / "timm_pe.pth", variant="keep-pe", num_heads=2)
     assert converted.config.use_absolute_position_embeddings
     assert_same_outputs(converted, lambda x: reference_vit_forward(learned, x, 2), [(56, 56)])
+
+
+@pytest.mark.parametrize(
+    "name, wrap, normalize",
+    [("alibi_dv2_no_norm_no_wrap_nocb.pth", False, False), ("alibi_dv3_plus_no_norm_wrap_cb_ms.pth", True, False),
+     ("alibi_dv2_vits14-noWrap.pth", False, True)],
+)
+def test_reference_ablation_settings_are_read_from_the_file_name(tmp_path, tiny_kwargs, caplog, name, wrap,
+                                                                 normalize):
+    """The reference's ablation files record `no_norm` / `no_wrap` in their names only: the converted model takes
+    them (one note says so) and reproduces an eager ALiBi with those distances."""
+    state_dict = timm_checkpoint(tiny_kwargs)
+    torch.save(state_dict, tmp_path / name)
+    with caplog.at_level("WARNING", logger="alibi_dinov2.conversion"):
+        converted = convert(tmp_path / name, variant="keep-pe", num_heads=2)
+    assert (converted.config.alibi_wrap, converted.config.alibi_normalize) == (wrap, normalize)
+    notes = [record.getMessage() for record in caplog.records]
+    assert len(notes) == 1 and notes[0].startswith(f"{name}: read from the name: ") and "alibi_wrap" in notes[0]
+    constant = torch.ones(2, 2)
+    reference = lambda x: reference_vit_forward(state_dict, x, 2, constant, wrap=wrap, normalize=normalize)  # noqa: E731
+    assert_same_outputs(converted, reference, [(42, 70)])
+    # An explicit option still wins over the name.
+    assert convert(tmp_path / name, num_heads=2, alibi_wrap=True).config.alibi_wrap
+
+
+def test_name_words_that_are_not_applied_or_not_known_are_warned_once(tmp_path, tiny_kwargs, caplog):
+    timm = timm_checkpoint(tiny_kwargs)
+    learned_pe = timm_checkpoint(tiny_kwargs, positional="learned")
+    cases = {
+        # an unknown negated word: converted with the defaults, and said so
+        "alibi_dv2_no_cls_reg4.pth": (timm, "'no_cls' looks like a setting but is not read"),
+        # ALiBi words on a file with a learned embedding and no ALiBi
+        "dinov2_no_wrap.pth": (learned_pe, "not applied: 'no_wrap' (the source is read as a learned model"),
+        # 'learned' slopes named, none stored
+        "alibi_learned_dv2.pth": (timm, "not applied: 'learned'"),
+    }
+    for name, (state_dict, expected) in cases.items():
+        torch.save(state_dict, tmp_path / name)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alibi_dinov2.conversion"):
+            model = convert(tmp_path / name, variant="keep-pe", num_heads=2)
+        notes = [record.getMessage() for record in caplog.records]
+        assert len(notes) == 1 and expected in notes[0], notes
+        assert model.config.alibi_wrap and model.config.alibi_normalize  # the defaults, untouched
+    # Words that describe training only (COCO, channel blanking, multi-scale) and the released names say nothing.
+    for name in ("alibi_coco_dv2_vits14_reg4.pth", "dinov2_vits14_reg4_pretrain.pth", "alibi_dv2_nocb_no_ms.pth"):
+        torch.save(timm, tmp_path / name)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alibi_dinov2.conversion"):
+            convert(tmp_path / name, num_heads=2)
+        assert not caplog.records, name
+
+
+def test_name_tokens_join_negations_and_later_words_win():
+    assert name_tokens("hf://o/r/Alibi_DV2_no-norm_noWrap_nocb.pth") == ["alibi", "dv2", "no_norm", "no_wrap", "no_cb"]
+    assert name_tokens("https://h/x/nope_coco_dv2_vits14_reg4.pth?download=1") == [
+        "nope", "coco", "dv2", "vits14", "reg4"]
+    settings = read_name_settings("alibi_no_wrap_wrap_no_norm_no_bias_nope.pth")
+    assert settings.alibi_options == {"alibi_wrap": True, "alibi_normalize": False}
+    assert settings.scheme_tokens == ("nope",) and settings.unknown == ("no_bias",)
 
 
 # --- the released layouts at full size ----------------------------------------------------------------------------

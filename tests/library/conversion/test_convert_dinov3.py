@@ -225,9 +225,13 @@ def test_unexpected_dinov3_keys_and_a_bad_bias_mask_are_named():
 # --- the released layouts at full size ----------------------------------------------------------------------------
 
 
-def released_dinov3_layout(hidden, layers, registers, gated, mlp, rope=True, patch=16):
+def released_dinov3_layout(
+    hidden, layers, registers, gated, mlp, rope=True, patch=16, head_dim=64, qkv_bias=True, local_cls_norm=False
+):
     """Key -> shape of a state dict in Meta's dinov3 layout, written from the published layout (not from a model
-    class); `rope=False`: the reference ALiBi-DINOv3 (`rope_embed` removed)."""
+    class); `rope=False`: the reference ALiBi-DINOv3 (`rope_embed` removed); `qkv_bias=False`: no qkv bias nor its
+    mask (ViT-7B/16); `local_cls_norm`: the training-only norm of the models trained with untied global and local
+    CLS norms (ViT-7B/16, the SAT-493M ViT-L/16)."""
     shapes = {
         "cls_token": (1, 1, hidden),
         "mask_token": (1, hidden),
@@ -239,7 +243,9 @@ def released_dinov3_layout(hidden, layers, registers, gated, mlp, rope=True, pat
     if registers:
         shapes["storage_tokens"] = (1, registers, hidden)
     if rope:
-        shapes["rope_embed.periods"] = (64 // 4,)
+        shapes["rope_embed.periods"] = (head_dim // 4,)
+    if local_cls_norm:
+        shapes["local_cls_norm.weight"] = shapes["local_cls_norm.bias"] = (hidden,)
     for index in range(layers):
         block = f"blocks.{index}."
         for name, shape in {
@@ -248,7 +254,8 @@ def released_dinov3_layout(hidden, layers, registers, gated, mlp, rope=True, pat
             "attn.qkv.bias_mask": (3 * hidden,), "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
             "ls1.gamma": (hidden,), "ls2.gamma": (hidden,),
         }.items():
-            shapes[block + name] = shape
+            if qkv_bias or not name.startswith("attn.qkv.bias"):
+                shapes[block + name] = shape
         names = {"w1": (mlp, hidden), "w2": (mlp, hidden), "w3": (hidden, mlp)} if gated else {
             "fc1": (mlp, hidden), "fc2": (hidden, mlp)}
         for name, shape in names.items():
@@ -266,7 +273,7 @@ def full_size_state_dict(shapes):
         if key.endswith("bias_mask"):
             state_dict[key] = torch.cat([torch.ones(hidden), torch.zeros(hidden), torch.ones(hidden)])
     if "rope_embed.periods" in shapes:
-        state_dict["rope_embed.periods"] = meta_periods(64)
+        state_dict["rope_embed.periods"] = meta_periods(4 * shapes["rope_embed.periods"][0])
     return state_dict
 
 
@@ -295,6 +302,65 @@ def test_every_dinov3_size_converts_with_its_released_shapes(hidden, layers, gat
     masked_key_bias = layers * hidden
     total = sum(math.prod(shape) for key, shape in shapes.items() if not key.endswith(("bias_mask", "periods")))
     assert sum(p.numel() for p in model.state_dict().values()) == total - masked_key_bias
+
+
+@pytest.mark.parametrize(
+    "hidden, layers, gated, mlp, head_dim, qkv_bias",
+    [(4096, 40, True, 8192, 128, False), (1024, 24, False, 4096, 64, True)],
+    ids=["7B", "L-SAT493M"],
+)
+def test_the_training_only_local_cls_norm_is_dropped_with_one_note(caplog, hidden, layers, gated, mlp, head_dim,
+                                                                    qkv_bias):
+    """Meta's ViT-7B/16 and SAT-493M ViT-L/16 carry `local_cls_norm.*` (used on local crops in training only): it is
+    dropped with one warning naming both keys, the rest maps strictly onto transformers' DINOv3ViTModel, and any
+    other extra key is still refused."""
+    shapes = released_dinov3_layout(hidden, layers, 4, gated, mlp, head_dim=head_dim, qkv_bias=qkv_bias,
+                                    local_cls_norm=True)
+    with caplog.at_level("WARNING", logger="alibi_dinov2.conversion"):
+        converted, architecture = convert_dinov3_state_dict(full_size_state_dict(shapes))
+    notes = [record.getMessage() for record in caplog.records if "local_cls_norm" in record.getMessage()]
+    assert len(notes) == 1 and "local_cls_norm.bias, local_cls_norm.weight" in notes[0] and "\n" not in notes[0]
+    assert architecture["num_attention_heads"] == hidden // head_dim
+    assert (architecture["query_bias"], architecture["key_bias"]) == (qkv_bias, False)
+    with torch.device("meta"):
+        model = DINOv3ViTModel(DINOv3ViTConfig(**architecture))
+    assert shapes_of(model.state_dict()) == shapes_of(converted)
+    assert not any("local_cls_norm" in key for key in converted)
+
+    with_head = dict(full_size_state_dict(shapes), **{"head.weight": torch.empty(3, hidden, device="meta")})
+    with pytest.raises(CheckpointKeyError, match=r"1 unexpected key\(s\) in the dinov3 state dict: head\.weight \("):
+        convert_dinov3_state_dict(with_head)
+
+
+def test_refusals_name_the_file_on_one_line_without_a_traceback(tmp_path, capsys):
+    """Every refusal of the command is one line on stderr naming the file, with exit status 2."""
+    import convert_checkpoint
+
+    meta = to_meta_dinov3_keys(hf_dinov3())
+    save_meta(tmp_path, dict(meta, **{"head.weight": torch.zeros(2, 32)}), "with_head.pth")
+    torch.save({"cls_token": torch.zeros(1)}, tmp_path / "not_a_vit.pth")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "empty_folder").mkdir()
+    cases = {
+        "with_head.pth": ["--num_heads", "2"],
+        "not_a_vit.pth": [],
+        "broken.safetensors": [],
+        "empty_folder": [],
+        "missing.pth": [],
+    }
+    for name, options in cases.items():
+        with pytest.raises(SystemExit) as stop:
+            convert_checkpoint.run_command(convert_checkpoint.main, [str(tmp_path / name), str(tmp_path / "out"),
+                                                                     *options])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert ": error: " in err and name in err, err
+    save_meta(tmp_path, meta, "good.pth")
+    with pytest.raises(SystemExit):
+        convert_checkpoint.run_command(convert_checkpoint.main, [str(tmp_path / "good.pth"), str(tmp_path / "out"),
+                                                                 "--alibi_jitter", "-1"])
+    err = capsys.readouterr().err
+    assert "good.pth" in err and "alibi_jitter" in err and err.count("\n") == 1
 
 
 # --- ALiBi-DINOv3 models -------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Patch-feature extraction: grid shapes, prefix stripping, normalisation and errors on tiny models."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -21,12 +23,14 @@ from transformers import (
 from alibi_dinov2.features.extraction import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    crop_to_patch_grid,
     extract_patch_features,
     extract_patch_features_batch,
     image_to_pixel_values,
     patch_size_of,
     prefix_token_count,
 )
+from alibi_dinov2.features.preprocessing import PatchGridCropWarning
 from alibi_dinov2.io.images import ImageReadError, ImageTooSmallError, to_rgb01
 
 
@@ -263,3 +267,33 @@ def test_dinov3_layers_are_final_normed_block_outputs(model_type):
         hidden = model(pixel_values=image_to_pixel_values(picture, 16), output_hidden_states=True).hidden_states
         first_block = model.norm(hidden[1])[0, 5:].reshape(3, 5, -1).numpy()
     np.testing.assert_allclose(layers[1], first_block, atol=1e-5)
+
+
+def test_a_crop_to_the_patch_grid_is_said_once_per_size(monkeypatch):
+    """300 x 451 px at patch 14: 294 x 448 px are kept (6 rows, 3 columns dropped); the warning names that, comes
+    once however many images share the size (even under filters that show every warning), again for another size,
+    and never for a multiple of the patch."""
+    from alibi_dinov2.features import preprocessing
+
+    monkeypatch.setattr(preprocessing, "ANNOUNCED_CROPS", set())
+    model = tiny_alibi()
+    images = {size: np.random.default_rng(0).random((*size, 3), dtype=np.float32)
+              for size in [(300, 451), (70, 98), (60, 75)]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # what a library resetting the filters amounts to
+        for _ in range(3):
+            grid = extract_patch_features(model, images[300, 451])
+            extract_patch_features(model, images[70, 98])
+        extract_patch_features(model, images[60, 75])
+    notes = [str(w.message) for w in caught if issubclass(w.category, PatchGridCropWarning)]
+    assert grid.shape[:2] == (21, 32)
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("images of 300 x 451 px are cropped to 294 x 448 px, the 14 px patch grid (21 x 32")
+    assert "does not see the last 6 row(s) and 3 column(s)" in notes[0] and "308 x 462" in notes[0]
+    assert notes[1].startswith("images of 60 x 75 px are cropped to 56 x 70 px")
+    # The numpy crop used elsewhere is the same function, and a size already announced is not announced again.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert crop_to_patch_grid(images[300, 451], 14).shape == (294, 448, 3)
+        assert crop_to_patch_grid(images[300, 451][:, :, 0], 16).shape == (288, 448)
+    assert [str(w.message)[:40] for w in caught] == ["images of 300 x 451 px are cropped to 28"]
