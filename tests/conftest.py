@@ -97,3 +97,27 @@ def run_isolated(tmp_path):
         return result
 
     return run
+
+
+# The napari plugin's tests (tests/napari_alibi_dinov2/) run without a display. pytest-xvfb starts an Xvfb server
+# (and sets DISPLAY) where the `xvfb` package is installed: napari's canvas then gets the OpenGL context (Mesa
+# llvmpipe) that `viewer.screenshot` needs. Without one, Qt's offscreen platform runs the widgets but has no OpenGL.
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+NAPARI_MANIFEST = REPO_ROOT / "napari_alibi_dinov2" / "napari.yaml"
+
+
+@pytest.fixture
+def napari_plugin(npe2pm):
+    """npe2's test plugin manager with the project's napari manifest registered (installed or not)."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(NAPARI_MANIFEST)
+    npe2pm.register(manifest)
+    return manifest
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, napari_plugin):
+    """A napari viewer (not shown) that knows the project's plugin."""
+    return make_napari_viewer()
