@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import napari
 import numpy as np
 import torch
 from napari_convpaint.convpaint_model import ConvpaintModel
+from napari_convpaint.convpaint_widget import ConvpaintWidget
 from napari_convpaint.feature_extractor import FeatureExtractor
 from napari_convpaint.param import Param
 
@@ -111,14 +113,15 @@ def models_from_environment(value: str | None = None) -> dict[str, str]:
     return models
 
 
-def convpaint_widget(napari_viewer):
+class ConvpaintWithAlibiModels(ConvpaintWidget):
     """Convpaint's own widget, with the models of :data:`MODELS_VARIABLE` among its feature extractors."""
-    from napari.utils.notifications import show_info
-    from napari_convpaint.convpaint_widget import ConvpaintWidget
 
-    models = models_from_environment()
-    register_models(models)
-    if not models:
-        show_info(f"No ALiBi models listed: set {MODELS_VARIABLE}=NAME=FOLDER_OR_HUB_ID before starting napari, or "
-                  "call napari_alibi_dinov2.convpaint.register_models in napari's console")
-    return ConvpaintWidget(napari_viewer)
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent=None):
+        from napari.utils.notifications import show_info
+
+        models = models_from_environment()
+        register_models(models)
+        if not models:
+            show_info(f"No ALiBi models listed: set {MODELS_VARIABLE}=NAME=FOLDER_OR_HUB_ID before starting napari, "
+                      "or call napari_alibi_dinov2.convpaint.register_models in napari's console")
+        super().__init__(napari_viewer, parent=parent)

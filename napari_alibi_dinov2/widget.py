@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 from napari.layers import Image, Labels
@@ -69,7 +70,7 @@ class SegmentationWidget(Container):
         feature_cache: where each page's features are kept (a new 4 GiB cache by default).
     """
 
-    def __init__(self, napari_viewer, feature_cache: Optional[FeatureCache] = None):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, feature_cache: Optional[FeatureCache] = None):
         self.viewer = napari_viewer
         self.feature_cache = FeatureCache() if feature_cache is None else feature_cache
         self.segmenter: Optional[TrainableSegmenter] = None
