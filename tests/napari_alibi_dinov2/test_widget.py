@@ -113,10 +113,11 @@ def test_a_segmenter_is_saved_by_the_writer_and_opens_back_through_the_reader(sc
     assert get_reader(str(other)) is None and get_reader(str(tmp_path / "image.tif")) is None
 
 
-def test_vit_features_from_a_model_folder_round_trip_through_the_file(viewer, material, qtbot, tmp_path):
+@pytest.mark.parametrize("model_type", ["alibi_dinov2", "alibi_dinov3"])
+def test_vit_features_from_a_model_folder_round_trip_through_the_file(viewer, material, qtbot, tmp_path, model_type):
     from conftest import tiny_alibi_model
 
-    tiny_alibi_model("alibi_dinov2").save_pretrained(tmp_path / "alibi")
+    tiny_alibi_model(model_type).save_pretrained(tmp_path / "alibi")
     image, truth, first, _ = material
     viewer.add_image(image[0], name="page")
     scribbles = viewer.add_labels(np.zeros(image.shape[1:], np.int32), name="scribbles")
