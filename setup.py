@@ -50,8 +50,9 @@ CONSOLE_SCRIPTS = [
                  "publish")
 ]
 # The napari plugin (napari_alibi_dinov2: the dock widget, the segmenter file's reader and writer, Convpaint
-# extractors) with a Qt binding. Convpaint itself is optional: `pip install napari-convpaint`.
-EXTRAS["napari"] = ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy>=2.0", "PyQt5>=5.15"]
+# extractors) with a Qt binding (PyQt6: napari 0.9 deprecates PyQt5). Convpaint is optional: `pip install
+# napari-convpaint`.
+EXTRAS["napari"] = ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy>=2.0", "PyQt6>=6.5"]
 # ONNX export tests: both exporters (`dynamo=True` needs onnxscript) and onnxruntime to run the files.
 EXTRAS["onnx"] = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 EXTRAS["dev"] = sorted(
@@ -86,7 +87,7 @@ setup(
     # napari finds the plugin (its dock widget, reader and writer) through its npe2 manifest.
     entry_points={
         "console_scripts": CONSOLE_SCRIPTS,
-        "napari.manifest": ["napari-alibi-dinov2 = napari_alibi_dinov2:napari.yaml"],
+        "napari.manifest": ["alibi-dinov2 = napari_alibi_dinov2:napari.yaml"],
     },
     extras_require=EXTRAS,
     classifiers=[

@@ -11,7 +11,7 @@ from alibi_dinov2.errors import InputError
 from alibi_dinov2.segmentation.segmenter_file import read_segmenter
 
 
-PLUGIN = "napari-alibi-dinov2"
+PLUGIN = "alibi-dinov2"  # npe2 names a plugin after its distribution
 WIDGET = "Scribble segmentation"
 
 

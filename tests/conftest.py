@@ -102,8 +102,12 @@ def run_isolated(tmp_path):
 # The napari plugin's tests (tests/napari_alibi_dinov2/) run without a display. pytest-xvfb starts an Xvfb server
 # (and sets DISPLAY) where the `xvfb` package is installed: napari's canvas then gets the OpenGL context (Mesa
 # llvmpipe) that `viewer.screenshot` needs. Without one, Qt's offscreen platform runs the widgets but has no OpenGL.
-if not os.environ.get("DISPLAY"):
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+@pytest.hookimpl(trylast=True)  # after pytest-xvfb's pytest_configure, which starts the server
+def pytest_configure(config):
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
 NAPARI_MANIFEST = REPO_ROOT / "napari_alibi_dinov2" / "napari.yaml"
 
 

@@ -77,7 +77,7 @@ def test_unregistered_names_and_the_environment_variable():
 
 def test_the_plugin_opens_convpaint_with_the_models_of_the_environment(viewer, folders, monkeypatch):
     monkeypatch.setenv("ALIBI_DINOV2_CONVPAINT_MODELS", f"alibi-from-env={folders['alibi_dinov3']}")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-alibi-dinov2", "Convpaint with ALiBi models")
+    _, widget = viewer.window.add_plugin_dock_widget("alibi-dinov2", "Convpaint with ALiBi models")
     # Convpaint sets its widget up when shown, with its default VGG16 extractor (torchvision, not installed here):
     # this ALiBi model stands in as the default
     defaults = ConvpaintModel.get_default_params()

@@ -54,7 +54,7 @@ def build_scene(viewer, material):
     viewer.add_image(image, name="micrograph")
     scribbles = viewer.add_labels(np.zeros(image.shape, np.int32), name="scribbles")
     paint(scribbles, 0, first)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-alibi-dinov2", "Scribble segmentation")  # Plugins menu
+    _, widget = viewer.window.add_plugin_dock_widget("alibi-dinov2", "Scribble segmentation")  # Plugins menu
     assert isinstance(widget, SegmentationWidget)
     return viewer, widget
 
@@ -101,11 +101,11 @@ def test_a_segmenter_is_saved_by_the_writer_and_opens_back_through_the_reader(sc
     path = tmp_path / "segmenter.zip"
     result = viewer.layers["micrograph" + RESULT_SUFFIX]
     viewer.layers.selection = {result}
-    assert viewer.layers.save(str(path), selected=True, plugin="napari-alibi-dinov2") == [str(path)]
+    assert viewer.layers.save(str(path), selected=True, plugin="alibi-dinov2") == [str(path)]
 
     widget.segmenter = None
     layers = len(viewer.layers)
-    viewer.open(str(path), plugin="napari-alibi-dinov2")
+    viewer.open(str(path), plugin="alibi-dinov2")
     assert len(viewer.layers) == layers and widget.segmenter is not None  # loaded into the docked widget
     np.testing.assert_array_equal(widget.segmenter.predict(image[1]), expected)
     other = tmp_path / "other.zip"
@@ -180,20 +180,24 @@ def test_mistakes_are_said_in_the_notification_area_and_lose_nothing(viewer, mat
     assert errors_since(start) == ["No segmenter yet: paint scribbles and train, or load a segmenter file"]
 
 
-def test_a_screenshot_shows_the_image_and_its_segmentation(scene, qtbot, tmp_path):
-    from PIL import Image
-    from qtpy.QtCore import QPoint
+def test_a_screenshot_shows_the_image_and_its_segmentation(make_napari_viewer, napari_plugin, material, qtbot,
+                                                           tmp_path):
+    import os
 
-    viewer, widget = scene
+    from PIL import Image
+
+    assert os.environ.get("DISPLAY"), ("napari's canvas needs OpenGL: install the xvfb package (apt-get install xvfb) "
+                                       "so that pytest-xvfb starts an X server")
+    viewer, widget = build_scene(make_napari_viewer(show=True), material)  # Xvfb's window: the canvas is drawn
     viewer.window._qt_window.resize(1100, 640)
     run(widget, qtbot, widget.train)
     viewer.layers["scribbles"].visible = False
     viewer.reset_view()
+    qtbot.wait(100)
+    canvas = viewer.screenshot(path=str(tmp_path / "canvas.png"), canvas_only=True, flash=False)
     window = viewer.screenshot(path=str(tmp_path / "window.png"), canvas_only=False, flash=False)
-    assert Image.open(tmp_path / "window.png").size == window.shape[1::-1] == (1100, 640)
-    canvas_widget = viewer.window._qt_viewer.canvas.native
-    corner = canvas_widget.mapTo(viewer.window._qt_window, QPoint(0, 0))
-    canvas = window[corner.y(): corner.y() + canvas_widget.height(), corner.x(): corner.x() + canvas_widget.width()]
+    assert Image.open(tmp_path / "canvas.png").size == canvas.shape[1::-1]
+    assert window.shape[:2] == (640, 1100) and window.shape[1] > canvas.shape[1]  # the dock widget beside the canvas
     rgb = canvas[..., :3].astype(int)
     image_pixels = rgb.max(axis=-1) > 30  # the micrograph, not the black background
     assert 0.2 < image_pixels.mean() < 0.95
