@@ -99,9 +99,10 @@ def run_isolated(tmp_path):
     return run
 
 
-# The napari plugin's tests (tests/napari_alibi_dinov2/) run without a display. pytest-xvfb starts an Xvfb server
-# (and sets DISPLAY) where the `xvfb` package is installed: napari's canvas then gets the OpenGL context (Mesa
-# llvmpipe) that `viewer.screenshot` needs. Without one, Qt's offscreen platform runs the widgets but has no OpenGL.
+# The napari plugin's tests (tests/napari_alibi_dinov2/) run without a display: pytest-xvfb starts an Xvfb server (and
+# sets DISPLAY) where the `xvfb` package is installed, and napari's canvas gets its OpenGL context there (Mesa
+# llvmpipe). Qt's offscreen platform has no OpenGL under Qt 6, so napari's viewer cannot run on it; it is set only so
+# that Qt, finding no display, fails those tests instead of aborting the whole run.
 @pytest.hookimpl(trylast=True)  # after pytest-xvfb's pytest_configure, which starts the server
 def pytest_configure(config):
     if not os.environ.get("DISPLAY"):
@@ -115,6 +116,10 @@ NAPARI_MANIFEST = REPO_ROOT / "napari_alibi_dinov2" / "napari.yaml"
 def napari_plugin(npe2pm):
     """npe2's test plugin manager with the project's napari manifest registered (installed or not)."""
     from npe2 import PluginManifest
+
+    if not os.environ.get("DISPLAY"):
+        pytest.fail("napari's canvas needs OpenGL and an X server: install the xvfb package (apt-get install xvfb), "
+                    "which pytest-xvfb starts")
 
     manifest = PluginManifest.from_file(NAPARI_MANIFEST)
     npe2pm.register(manifest)
