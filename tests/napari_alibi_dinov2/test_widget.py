@@ -98,11 +98,13 @@ def test_the_widget_trains_on_painted_scribbles_and_segments_every_page(scene, m
 
 def test_a_segmenter_is_saved_by_the_writer_and_opens_back_through_the_reader(scene, qtbot, tmp_path, material):
     viewer, widget = scene
-    image = material[0]
+    image, truth = material[:2]
+    viewer.dims.set_current_step(0, 1)  # the second page in view: trained on the first, segments the second
     run(widget, qtbot, widget.train)
+    result = viewer.layers["micrograph" + RESULT_SUFFIX]
+    assert not result.data[0].any() and mean_iou(result.data[1], truth[1]) >= 0.8
     expected = widget.segmenter.predict(image[1])
     path = tmp_path / "segmenter.zip"
-    result = viewer.layers["micrograph" + RESULT_SUFFIX]
     viewer.layers.selection = {result}
     assert viewer.layers.save(str(path), selected=True, plugin="alibi-dinov2") == [str(path)]
 
@@ -136,6 +138,18 @@ def test_vit_features_from_a_model_folder_round_trip_through_the_file(viewer, ma
     loaded = again.load_segmenter(tmp_path / "vit.zip")  # the model named in the file
     assert again.model.value == str(tmp_path / "alibi") and again.features.value == "classical+vit"
     np.testing.assert_array_equal(loaded.predict(image[0]), mask)
+
+
+def test_an_rgb_image_is_segmented_from_labels_of_its_height_and_width(viewer, material, qtbot):
+    image, truth, first, _ = material
+    rgb = np.stack([image[0] // 257] * 3, axis=-1).astype(np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    viewer.add_labels(first.copy(), name="scribbles")
+    widget = SegmentationWidget(viewer)
+    run(widget, qtbot, widget.train)
+    result = viewer.layers["colour" + RESULT_SUFFIX]
+    assert result.data.shape == truth[0].shape and mean_iou(result.data, truth[0]) >= 0.8
+    assert widget.segmenter.n_image_channels_ == 3
 
 
 @pytest.mark.parametrize(
