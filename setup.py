@@ -49,10 +49,15 @@ CONSOLE_SCRIPTS = [
     for name in ("convert", "distill", "quickstart", "probe", "report", "scribbles", "linear_seg", "segment", "demo",
                  "publish")
 ]
+# The napari plugin (napari_alibi_dinov2: the dock widget, the segmenter file's reader and writer, Convpaint
+# extractors) with a Qt binding (PyQt6: napari 0.9 deprecates PyQt5). Convpaint is optional: `pip install
+# napari-convpaint`.
+EXTRAS["napari"] = ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy>=2.0", "PyQt6>=6.5"]
 # ONNX export tests: both exporters (`dynamo=True` needs onnxscript) and onnxruntime to run the files.
 EXTRAS["onnx"] = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 EXTRAS["dev"] = sorted(
-    {*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], *EXTRAS["onnx"], "pytest>=8.0", "ruff>=0.6"}
+    {*EXTRAS["train"], *EXTRAS["eval"], *EXTRAS["demo"], *EXTRAS["onnx"], *EXTRAS["napari"], "pytest>=8.0",
+     "ruff>=0.6", "pytest-qt>=4.4", "pytest-xvfb>=3.0"}
 )
 
 setup(
@@ -73,14 +78,22 @@ setup(
         "train_distill",
         "quickstart",
     ],
-    packages=find_packages(include=["alibi_dinov2", "alibi_dinov2.*", "evaluation", "evaluation.*", "demo"]),
+    packages=find_packages(
+        include=["alibi_dinov2", "alibi_dinov2.*", "evaluation", "evaluation.*", "demo", "napari_alibi_dinov2"]
+    ),
+    package_data={"napari_alibi_dinov2": ["napari.yaml"]},
     install_requires=INSTALL_REQUIRES,
     # One console command per entry point (`alibi-convert`, `alibi-distill`, ...): see alibi_dinov2/commands.py.
-    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+    # napari finds the plugin (its dock widget, reader and writer) through its npe2 manifest.
+    entry_points={
+        "console_scripts": CONSOLE_SCRIPTS,
+        "napari.manifest": ["alibi-dinov2 = napari_alibi_dinov2:napari.yaml"],
+    },
     extras_require=EXTRAS,
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Image Recognition",
+        "Framework :: napari",
     ],
 )

@@ -25,6 +25,8 @@ import numpy as np
 from alibi_dinov2.features.preprocessing import resize_nearest, shrink_to_max_side, shrunk_size
 from alibi_dinov2.features.visualisation import CLASS_COLOURS, overlay_labels, to_uint8
 from alibi_dinov2.io.images import to_rgb01
+from alibi_dinov2.segmentation import interactive
+from alibi_dinov2.segmentation.interactive import area_fractions
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
 
@@ -184,13 +186,7 @@ def scribble_labels(layers: Sequence[np.ndarray], image_shape: tuple[int, ...],
 
 def check_scribbles(labels: np.ndarray) -> list[int]:
     """The scribbled classes, sorted; a ValueError saying what to draw when fewer than two are scribbled."""
-    classes = [int(value) for value in np.unique(labels) if value > 0]
-    if not classes:
-        raise ValueError("No scribbles: draw on the image with the brush, in at least two class colours")
-    if len(classes) == 1:
-        raise ValueError(f"Only {class_name(classes[0])} is scribbled: draw scribbles of at least one more class "
-                         "(another brush colour)")
-    return classes
+    return interactive.check_scribbles(labels, class_name)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
@@ -245,12 +241,6 @@ def segment_image(
 def table_headers(classes: Sequence[int]) -> list[str]:
     """Headers of the area table: the model, then one column per class."""
     return ["model"] + [f"{class_name(value)} area" for value in classes]
-
-
-def area_fractions(mask: np.ndarray, classes: Sequence[int]) -> list[float]:
-    """Fraction of the mask's pixels in each of `classes`."""
-    counts = np.bincount(np.asarray(mask).ravel(), minlength=max(classes) + 1)
-    return [float(counts[value] / mask.size) for value in classes]
 
 
 def file_stem(name: str) -> str:

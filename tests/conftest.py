@@ -97,3 +97,36 @@ def run_isolated(tmp_path):
         return result
 
     return run
+
+
+# The napari plugin's tests (tests/napari_alibi_dinov2/) run without a display: pytest-xvfb starts an Xvfb server (and
+# sets DISPLAY) where the `xvfb` package is installed, and napari's canvas gets its OpenGL context there (Mesa
+# llvmpipe). Qt's offscreen platform has no OpenGL under Qt 6, so napari's viewer cannot run on it; it is set only so
+# that Qt, finding no display, fails those tests instead of aborting the whole run.
+@pytest.hookimpl(trylast=True)  # after pytest-xvfb's pytest_configure, which starts the server
+def pytest_configure(config):
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+NAPARI_MANIFEST = REPO_ROOT / "napari_alibi_dinov2" / "napari.yaml"
+
+
+@pytest.fixture
+def napari_plugin(npe2pm):
+    """npe2's test plugin manager with the project's napari manifest registered (installed or not)."""
+    from npe2 import PluginManifest
+
+    if not os.environ.get("DISPLAY"):
+        pytest.fail("napari's canvas needs OpenGL and an X server: install the xvfb package (apt-get install xvfb), "
+                    "which pytest-xvfb starts")
+
+    manifest = PluginManifest.from_file(NAPARI_MANIFEST)
+    npe2pm.register(manifest)
+    return manifest
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, napari_plugin):
+    """A napari viewer (not shown) that knows the project's plugin."""
+    return make_napari_viewer()

@@ -15,7 +15,9 @@ REMOTE_CODE = ("alibi_attention", "configuration_alibi_dinov2", "configuration_a
                "modeling_alibi_dinov3")
 SCRIPTS = ("convert_checkpoint", "train_distill", "quickstart", "benchmarks")
 # Bottom to top. Inside the library: its subpackages, bottom to top.
-LAYERS = (REMOTE_CODE, ("alibi_dinov2",), ("evaluation",), ("demo",), SCRIPTS, ("alibi_dinov2.commands",))
+# The user interfaces, the browser demo and the napari plugin, stand side by side: neither imports the other.
+LAYERS = (REMOTE_CODE, ("alibi_dinov2",), ("evaluation",), ("demo", "napari_alibi_dinov2"), SCRIPTS,
+          ("alibi_dinov2.commands",))
 LIBRARY = (
     ("alibi_dinov2.errors", "alibi_dinov2.names", "alibi_dinov2.synthetic"),
     ("alibi_dinov2.io",),
@@ -94,6 +96,33 @@ def test_imports_point_only_downward(graph):
                 if rank(target, LIBRARY) > rank(name, LIBRARY):
                     upward.append(f"{name} -> {target}")
     assert sorted(upward) == []
+
+
+UI_TOOLKITS = ("napari", "napari_convpaint", "magicgui", "qtpy", "superqt", "PyQt5", "PyQt6", "PySide2", "PySide6")
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the modules `path` imports absolutely (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_napari_plugin_imports_napari_or_qt():
+    toolkit_users = sorted(name for name, path in project_modules().items()
+                           if third_party_imports(path) & set(UI_TOOLKITS))
+    assert toolkit_users and all(name.startswith("napari_alibi_dinov2") for name in toolkit_users), toolkit_users
+
+
+def test_the_two_user_interfaces_do_not_import_each_other(graph):
+    crossing = [f"{name} -> {target}" for name, imported in graph.items() for target in imported
+                if {name.split(".")[0], target.split(".")[0]} == {"demo", "napari_alibi_dinov2"}]
+    assert crossing == []
+    assert rank("napari_alibi_dinov2.widget", LAYERS) == rank("demo.segmentation_view", LAYERS)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
