@@ -62,6 +62,16 @@ demo = _entry_point("alibi-demo")
 publish = _entry_point("alibi-publish")
 
 
+def command_parsers(command: str) -> dict:
+    """The `alibi_dinov2.cli.ArgumentParser` of `command` (its module's `build_parser`), by command line:
+    `{"alibi-probe": parser}`, or one per subcommand (`{"alibi-segment train": ..., "alibi-segment apply": ...}`)."""
+    module = importlib.import_module(COMMANDS[command])
+    subcommands = getattr(module, "SUBCOMMANDS", ())
+    if subcommands:
+        return {f"{command} {subcommand}": module.build_parser(subcommand) for subcommand in subcommands}
+    return {command: module.build_parser()}
+
+
 def console_scripts() -> list[str]:
     """The `entry_points["console_scripts"]` lines of `setup.py`."""
     return [f"{command} = alibi_dinov2.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]

@@ -88,7 +88,7 @@ def run_settings(workspace: Path, output_dir: Path, **overrides) -> dict:
         per_device_eval_batch_size=8,
         dataloader_num_workers=0,
         output_dir=str(output_dir),
-        disable_progress_bars=True,
+        no_progress=True,
     )
     settings.update(overrides)
     return settings
