@@ -249,7 +249,8 @@ def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: st
 def run_command(
     main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None
 ):
-    """Run a command's `main(argv)`; a user error ends it with one line on stderr and exit status 2."""
+    """Run a command's `main(argv)`; a user error ends it with one line on stderr (from the first process of a
+    launched group) and exit status 2."""
     from alibi_dinov2.io.images import ImageReadError
 
     prog = prog or Path(sys.argv[0]).name
@@ -257,7 +258,8 @@ def run_command(
         return main(argv)
     except (InputError, ImageReadError, FileNotFoundError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the processes of a launched group share the same mistake
+            print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

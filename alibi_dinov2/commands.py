@@ -21,6 +21,7 @@ layers (above the scripts, which it names) while importing only `alibi_dinov2.cl
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable
 
 from alibi_dinov2.cli import run_command
@@ -75,3 +76,7 @@ def command_parsers(command: str) -> dict:
 def console_scripts() -> list[str]:
     """The `entry_points["console_scripts"]` lines of `setup.py`."""
     return [f"{command} = alibi_dinov2.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]
+
+
+if __name__ == "__main__":  # `python -m alibi_dinov2.commands alibi-distill ARGS`: what a launcher starts per process
+    run_command(importlib.import_module(COMMANDS[sys.argv[1]]).main, sys.argv[2:], prog=sys.argv[1])

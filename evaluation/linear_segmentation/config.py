@@ -38,7 +38,8 @@ class LinearSegmentationConfig(RunArguments):
 
     # Shared run options with the probe's defaults (the other shared ones keep RunArguments' defaults).
     output_dir: str = _setting(
-        "outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache"
+        "outputs/linseg",
+        "folder of results.json, examples.png, probe/ and the feature cache (checkpoints and logs: OUTPUT_DIR-run)",
     )
     seed: int = _setting(0, "seed of the head initialisation and of the data order")
     per_device_train_batch_size: int = _setting(16, "training images per device and optimiser step")
@@ -47,12 +48,11 @@ class LinearSegmentationConfig(RunArguments):
     checkpointing_steps: str | None = _setting(
         "epoch",
         "save the training state at the end of every `epoch`, or every N optimiser steps, into "
-        "OUTPUT_DIR/checkpoints/checkpoint_<step> (either way also where --max_train_steps stops; null: never)",
+        "OUTPUT_DIR-run/checkpoints/checkpoint_<step> (either way also where --max_train_steps stops; null: never)",
     )
-    checkpoints_total_limit: int | None = _setting(2, "keep only the newest N checkpoints (null: all)")
     report_to: str = _setting(
         "none",
-        "accelerate tracker(s) of the training loss (logs in OUTPUT_DIR/logs): tensorboard, wandb, all, or none",
+        "accelerate tracker(s) of the training loss (logs in OUTPUT_DIR-run/logs): tensorboard, wandb, all, or none",
     )
     # The backbone and the data
     model: str | None = _setting(
