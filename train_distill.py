@@ -159,7 +159,8 @@ class DistillationArguments(RunArguments):
 
     def _check_sources(self) -> None:
         if not self.output_dir:
-            raise InputError("--output_dir is required: the folder for the final model, checkpoints and logs")
+            raise InputError("--output_dir is required: the folder of the final model (checkpoints and logs go to "
+                             "OUTPUT_DIR-run beside it)")
         self.dataset_name = self.dataset_name or None  # `--dataset_name ""` undoes a config file's dataset
         self.train_dir = self.train_dir or None
         if bool(self.train_dir) == bool(self.dataset_name):

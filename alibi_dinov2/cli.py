@@ -148,6 +148,17 @@ def _with_options(action: argparse.Action, option_strings: list[str]) -> argpars
     return copy
 
 
+def _shown_prog(prog: str | None) -> str | None:
+    """The name usage lines and errors give the command: under a console script, the script as typed
+    (`alibi-probe` for `python -m evaluation.probe_runner`, `alibi-segment train` for `python -m
+    alibi_dinov2.segmentation.command train`), else `prog`."""
+    script = Path(sys.argv[0]).name
+    if not prog or not script.startswith("alibi-"):
+        return prog
+    words = prog.split()
+    return " ".join([script, *words[3:]]) if words[:2] == ["python", "-m"] else script
+
+
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` over the command's dataclasses, taking an optional leading config file.
 
@@ -169,6 +180,7 @@ class ArgumentParser(HfArgumentParser):
         The spellings of :data:`VOCABULARY` whose option this parser has are refused the same way."""
         kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
+        kwargs["prog"] = _shown_prog(kwargs.get("prog"))
         super().__init__(dataclass_types, **kwargs)
         self.positionals = tuple(positionals)
         options = self._option_actions()
