@@ -23,6 +23,7 @@ from alibi_dinov2.cli import available_cpus
 
 USER_ERROR_STATUS = 2  # what `alibi_dinov2.cli.run_command` exits with after its one line
 
+
 def launched() -> bool:
     """Whether this process is one of a launched group (accelerate launch --multi_gpu, torchrun)."""
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
