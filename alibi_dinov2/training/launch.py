@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from typing import Sequence
@@ -40,12 +41,21 @@ def has_accelerate_config() -> bool:
     return os.path.isfile(default_config_file)
 
 
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now (the group's rendezvous; the default one may be held by
+    another job)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_options(num_processes: int, mixed_precision: str | None) -> list[str]:
     """`accelerate launch` options that leave it nothing to default (and so nothing to warn about)."""
     options = ["--multi_gpu", "--num_processes", str(num_processes)]
     if has_accelerate_config():
         return options + (["--mixed_precision", mixed_precision] if mixed_precision else [])
-    return options + ["--num_machines", "1", "--mixed_precision", mixed_precision or "no", "--dynamo_backend", "no"]
+    return options + ["--num_machines", "1", "--mixed_precision", mixed_precision or "no", "--dynamo_backend", "no",
+                      "--main_process_port", str(free_port())]
 
 
 def _exit_status(error: BaseException) -> int:

@@ -31,7 +31,7 @@ def test_the_launch_settings_leave_accelerate_nothing_to_default(monkeypatch, ca
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert DEFAULTS_WARNING in validated(["--num_processes", "2"], caplog)  # what a bare launch says
     assert DEFAULTS_WARNING not in validated(launch.launch_options(2, None), caplog)
-    assert launch.launch_options(2, "bf16")[-4:] == ["--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    assert launch.launch_options(2, "bf16")[-6:-2] == ["--mixed_precision", "bf16", "--dynamo_backend", "no"]
 
 
 def test_a_launched_process_does_not_launch_again(monkeypatch):
