@@ -22,7 +22,7 @@ own position scheme, reproducing its outputs: for parity checks).
 
     python convert_checkpoint.py facebook/dinov2-with-registers-small out/alibi-dinov2-small
     python convert_checkpoint.py dinov2_vits14_reg4_pretrain.pth out/nope --variant nope
-    python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push_to_hub me/alibi-dinov2-small
+    python convert_checkpoint.py alibi_dv2_vits14_reg4.pth out/alibi --push_to_hub --hub_model_id me/alibi-dinov2-small
     python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv2_vits14_reg4.pth out/alibi-coco
     python convert_checkpoint.py facebook/dinov3-vits16plus-pretrain-lvd1689m out/alibi-dinov3-small-plus
     python convert_checkpoint.py hf://rmdocherty/dino-saw/alibi_coco_dv3_vits16_plus_reg4.pth out/alibi-dinov3-coco
@@ -35,6 +35,7 @@ ViT-L/16 is dropped. A refusal is one line naming the file, the problem and the 
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from alibi_dinov2.cli import ArgumentParser, run_command
@@ -166,14 +167,20 @@ class ConvertArguments:
         default=None, metadata={"help": "head slopes"}
     )
     alibi_jitter: float | None = field(default=None, metadata={"help": "std of Gaussian noise added to the bias"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "upload the folder to this Hub repository id"})
-    private: bool = field(default=False, metadata={"help": "with --push_to_hub: create a private repository"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the folder to the Hub"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "repository id of --push_to_hub (default: the "
+                                                                   "name of OUTPUT_DIR)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "with --push_to_hub: create a private repository"})
+
+
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`ConvertArguments`] (SOURCE and OUTPUT_DIR may come as bare words)."""
+    return ArgumentParser(ConvertArguments, positionals=("source", "output_dir"), prog="convert_checkpoint.py",
+                          description=__doc__.split("\n\n")[0])
 
 
 def parse_args(argv=None) -> ConvertArguments:
-    parser = ArgumentParser(ConvertArguments, positionals=("source", "output_dir"), prog="convert_checkpoint.py",
-                            description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse(argv)
+    (args,) = build_parser().parse(argv)
     return args
 
 
@@ -187,8 +194,8 @@ def main(argv=None):
         source_format=args.source_format,
         num_heads=args.num_heads,
         source_position=args.source_position,
-        push_to_hub=args.push_to_hub,
-        private=args.private,
+        push_to_hub=(args.hub_model_id or Path(args.output_dir).resolve().name) if args.push_to_hub else None,
+        private=args.hub_private_repo,
         revision=args.revision,
         sha256=args.sha256,
         **alibi_options,

@@ -232,9 +232,14 @@ class QuickstartArguments:
     seed: int = field(default=0, metadata={"help": "seed of the synthetic teacher, the images and the training"})
 
 
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`QuickstartArguments`]."""
+    return ArgumentParser(QuickstartArguments, prog="quickstart.py", description=__doc__)
+
+
 def parse_args(argv=None) -> QuickstartArguments:
     """Parse command-line tokens (`None`: `sys.argv[1:]`), a JSON or YAML config file first if given."""
-    (args,) = ArgumentParser(QuickstartArguments, prog="quickstart.py", description=__doc__).parse(argv)
+    (args,) = build_parser().parse(argv)
     return args
 
 

@@ -11,9 +11,9 @@ information at all (`--variant nope`), and learns to reproduce the teacher's fin
 The teacher's most positional output channels can be blanked (set to 0) in the target only (`--blank_channels`),
 so that the student is not asked to re-create the positional ramps it is meant to lose.
 
-    # Stage 1 (224 px) then stage 2 (518 px) of the reference recipe, ViT-S/14 with registers on COCO
-    accelerate launch train_distill.py configs/distill_stage1_224.json
-    accelerate launch train_distill.py configs/distill_stage2_518.json
+    # Stage 1 (224 px) then stage 2 (518 px) of the reference recipe, ViT-S/14 with registers on COCO, 8 GPUs
+    python train_distill.py configs/distill_stage1_224.json --num_processes 8
+    python train_distill.py configs/distill_stage2_518.json --num_processes 8
 
     # Any flag after the config file overrides it
     python train_distill.py configs/distill_stage1_224.json --train_dir /data/coco/train2017 --dataset_name ""
@@ -28,8 +28,8 @@ so that the student is not asked to re-create the positional ramps it is meant t
 
 The final model is written to `--output_dir` as a remote-code folder (`AutoModel.from_pretrained(folder,
 trust_remote_code=True)`) with a model card that records the hyperparameters and the last positional-probe scores,
-next to `train_summary.json`. Checkpoints (`checkpoints/checkpoint_<step>`) and tracker logs (`logs/`) live in the
-same folder.
+next to `train_summary.json`, and nothing else: checkpoints (`OUTPUT_DIR-run/checkpoints/checkpoint_<step>`, the
+newest `--checkpoints_total_limit` kept) and tracker logs (`OUTPUT_DIR-run/logs/`) live in the run folder beside it.
 
 This script holds the options and the entry point; the run lives in `alibi_dinov2.training` (`data`: the images,
 `targets`: the teacher targets and their cache, `objective`: loss and roll, `students`: the two models,
@@ -47,6 +47,7 @@ from alibi_dinov2.io.images import IMAGE_SUFFIXES
 from alibi_dinov2.training import distillation
 from alibi_dinov2.training.arguments import RunArguments
 from alibi_dinov2.training.distillation import AUTO_BLANK_CHANNEL_COUNT, TrainingResult
+from alibi_dinov2.training.launch import launch, needs_launch
 from evaluation.distillation_probe import DistillationProbe
 
 
@@ -158,7 +159,8 @@ class DistillationArguments(RunArguments):
 
     def _check_sources(self) -> None:
         if not self.output_dir:
-            raise InputError("--output_dir is required: the folder for the final model, checkpoints and logs")
+            raise InputError("--output_dir is required: the folder of the final model (checkpoints and logs go to "
+                             "OUTPUT_DIR-run beside it)")
         self.dataset_name = self.dataset_name or None  # `--dataset_name ""` undoes a config file's dataset
         self.train_dir = self.train_dir or None
         if bool(self.train_dir) == bool(self.dataset_name):
@@ -230,9 +232,14 @@ def train(args: DistillationArguments) -> TrainingResult:
     return distillation.train(args, monitor=DistillationProbe())
 
 
-def main(argv=None) -> TrainingResult:
-    """Run the distillation described by the command-line tokens `argv` (`None`: `sys.argv[1:]`)."""
-    return train(parse_args(argv))
+def main(argv=None) -> TrainingResult | None:
+    """Run the distillation described by the command-line tokens `argv` (`None`: `sys.argv[1:]`); with
+    `--num_processes N` above 1, in N processes started here (then None: the results are in `--output_dir`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if needs_launch(args.num_processes):
+        return launch("alibi-distill", argv, args.num_processes, args.mixed_precision)
+    return train(args)
 
 
 if __name__ == "__main__":

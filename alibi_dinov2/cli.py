@@ -8,7 +8,10 @@ with :class:`ArgumentParser`, transformers' `HfArgumentParser` with three additi
 * `--help` lists each option once, in transformers' underscore style (`--output_dir`); the dashed spelling
   (`--output-dir`) is still accepted;
 * user errors (:class:`InputError`: a missing model, image or folder, a bad value) end the command with one line
-  naming the problem and exit status 2, through :func:`run_command`.
+  naming the problem and exit status 2, through :func:`run_command`;
+* one vocabulary (:data:`VOCABULARY`): the same thing has the same option name in every command (`--models`,
+  `--names`, `--output_dir`, `--no_progress`, `--hub_private_repo`, ...); another spelling of one of them is refused
+  with one line naming the project's option.
 
 Model sources are checked before any Hub call by :func:`alibi_dinov2.hub.sources.check_model_source`.
 """
@@ -32,6 +35,37 @@ from alibi_dinov2.errors import InputError, SourceNotFoundError
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+# The options shared by the commands, one name each: {other spelling (other tools', or this project's earlier): the
+# project's option}. A parser refuses such a spelling, naming the option it has (`renamed`); no command may define
+# one (tests/library/test_commands.py walks every parser).
+VOCABULARY: dict[str, str] = {
+    # the models and their display names
+    "model_name_or_path": "model",
+    "model_names": "names",
+    "display_names": "names",
+    # the folder a command writes (transformers' scripts' name)
+    "output_folder": "output_dir",
+    "out_dir": "output_dir",
+    "outdir": "output_dir",
+    "save_dir": "output_dir",
+    # progress bars
+    "disable_progress_bars": "no_progress",
+    "disable_tqdm": "no_progress",
+    # the Hub (transformers' TrainingArguments)
+    "private": "hub_private_repo",
+    "private_repo": "hub_private_repo",
+    # the run options of the Accelerate jobs (transformers' *_no_trainer.py scripts)
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "max_steps": "max_train_steps",
+    "lr": "learning_rate",
+    "checkpoint_every_steps": "checkpointing_steps",
+    "save_total_limit": "checkpoints_total_limit",
+    "resume": "resume_from_checkpoint",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +148,17 @@ def _with_options(action: argparse.Action, option_strings: list[str]) -> argpars
     return copy
 
 
+def _shown_prog(prog: str | None) -> str | None:
+    """The name usage lines and errors give the command: under a console script, the script as typed
+    (`alibi-probe` for `python -m evaluation.probe_runner`, `alibi-segment train` for `python -m
+    alibi_dinov2.segmentation.command train`), else `prog`."""
+    script = Path(sys.argv[0]).name
+    if not prog or not script.startswith("alibi-"):
+        return prog
+    words = prog.split()
+    return " ".join([script, *words[3:]]) if words[:2] == ["python", "-m"] else script
+
+
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` over the command's dataclasses, taking an optional leading config file.
 
@@ -131,12 +176,16 @@ class ArgumentParser(HfArgumentParser):
     ) -> None:
         """`positionals`: option names that may also be given, in this order, as the leading bare words of the
         command line (`convert_checkpoint.py SOURCE OUTPUT_DIR` is `--source SOURCE --output_dir OUTPUT_DIR`).
-        `renamed`: {old option name: new name}; an old name, typed or in a config file, is refused naming the new."""
+        `renamed`: {old option name: new name}; an old name, typed or in a config file, is refused naming the new.
+        The spellings of :data:`VOCABULARY` whose option this parser has are refused the same way."""
         kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
+        kwargs["prog"] = _shown_prog(kwargs.get("prog"))
         super().__init__(dataclass_types, **kwargs)
         self.positionals = tuple(positionals)
-        self.renamed = dict(renamed or {})
+        options = self._option_actions()
+        shared = {old: new for old, new in VOCABULARY.items() if new in options and old not in options}
+        self.renamed = {**shared, **dict(renamed or {})}
         if self.usage is None:
             shown = " ".join(name.upper() for name in self.positionals)
             self.usage = f"%(prog)s [CONFIG_FILE] {f'[{shown}] ' if shown else ''}[--option VALUE ...]"
@@ -212,7 +261,8 @@ def parse_arguments(dataclass_types, argv: Sequence[str] | None = None, prog: st
 def run_command(
     main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, prog: str | None = None
 ):
-    """Run a command's `main(argv)`; a user error ends it with one line on stderr and exit status 2."""
+    """Run a command's `main(argv)`; a user error ends it with one line on stderr (from the first process of a
+    launched group) and exit status 2."""
     from alibi_dinov2.io.images import ImageReadError
 
     prog = prog or Path(sys.argv[0]).name
@@ -220,7 +270,8 @@ def run_command(
         return main(argv)
     except (InputError, ImageReadError, FileNotFoundError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the processes of a launched group share the same mistake
+            print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -21,6 +21,7 @@ layers (above the scripts, which it names) while importing only `alibi_dinov2.cl
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable
 
 from alibi_dinov2.cli import run_command
@@ -62,6 +63,20 @@ demo = _entry_point("alibi-demo")
 publish = _entry_point("alibi-publish")
 
 
+def command_parsers(command: str) -> dict:
+    """The `alibi_dinov2.cli.ArgumentParser` of `command` (its module's `build_parser`), by command line:
+    `{"alibi-probe": parser}`, or one per subcommand (`{"alibi-segment train": ..., "alibi-segment apply": ...}`)."""
+    module = importlib.import_module(COMMANDS[command])
+    subcommands = getattr(module, "SUBCOMMANDS", ())
+    if subcommands:
+        return {f"{command} {subcommand}": module.build_parser(subcommand) for subcommand in subcommands}
+    return {command: module.build_parser()}
+
+
 def console_scripts() -> list[str]:
     """The `entry_points["console_scripts"]` lines of `setup.py`."""
     return [f"{command} = alibi_dinov2.commands:{command[len('alibi-'):].replace('-', '_')}" for command in COMMANDS]
+
+
+if __name__ == "__main__":  # `python -m alibi_dinov2.commands alibi-distill ARGS`: what a launcher starts per process
+    run_command(importlib.import_module(COMMANDS[sys.argv[1]]).main, sys.argv[2:], prog=sys.argv[1])

@@ -40,4 +40,19 @@ def short_names(names: Sequence[str]) -> list[str]:
     return unique
 
 
-__all__ = ["short_names"]
+def display_names(sources: Sequence[str], names: Sequence[str] | None = None) -> list[str]:
+    """The names a command shows for its models (`--names`): `names`, one per source, or :func:`short_names`.
+
+    Raises:
+        ValueError: `names` does not give one name per source (the message names `--names`).
+    """
+    if not names:
+        return short_names(sources)
+    if len(names) != len(sources):
+        raise ValueError(f"--names gives {len(names)} names for {len(sources)} models")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--names must be distinct; got {' '.join(names)}")
+    return list(names)
+
+
+__all__ = ["display_names", "short_names"]

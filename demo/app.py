@@ -353,10 +353,13 @@ class DemoArguments:
             raise ValueError(f"--feature_cache_mb must be 0 or more, got {self.feature_cache_mb}")
 
 
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`DemoArguments`]."""
+    return ArgumentParser(DemoArguments, prog="python -m demo.app", description=__doc__.split("\n\n")[0])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> DemoArguments:
-    (args,) = ArgumentParser(
-        DemoArguments, prog="python -m demo.app", description=__doc__.split("\n\n")[0]
-    ).parse(argv)
+    (args,) = build_parser().parse(argv)
     return args
 
 

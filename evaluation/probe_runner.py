@@ -19,7 +19,7 @@ skipped with a warning that names it and counted in the results (``skipped``); `
 Example::
 
     python -m evaluation.probe_runner --models facebook/dinov2-with-registers-small ./alibi-dinov2-small \\
-        --images textures micro noise:20 --ramps lr+ud random --output results.json
+        --names stock alibi --images textures micro noise:20 --ramps lr+ud random --output_dir outputs/probe
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -44,10 +45,13 @@ from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.image_sets import NamedImage, load_image_source
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs
+from alibi_dinov2.names import display_names
 from evaluation.positional_probe import PROBE_PROTOCOL, ProbeProtocol, expand_ramps
 
 
 logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "probe.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +270,8 @@ class ProbeArguments:
     """Models and probe protocol of ``python -m evaluation.probe_runner``."""
 
     models: list[str] = field(metadata={"help": "Hub ids or local folders (AutoModel, trust_remote_code)"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
+                                                                  "part of each path or Hub id)"})
     ramps: list[str] = field(default_factory=lambda: ["lr+ud", "random"], metadata={"help": "ramps to probe"})
     step: int = field(
         default=PROBE_PROTOCOL.step, metadata={"help": "sampling step of the probe (about one patch in step^2)"}
@@ -279,10 +285,12 @@ class ProbeArguments:
     seed: int = field(default=PROBE_PROTOCOL.seed, metadata={"help": "seed of the samplings and generated sets"})
     per_channel: bool = field(default=False, metadata={"help": "also store per-channel R^2"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: CPU)"})
-    output: str | None = field(default=None, metadata={"help": "JSON file to write"})
+    output_dir: str | None = field(default=None, metadata={"help": f"folder to write {RESULTS_FILE} into (default: "
+                                                                    "print the table only)"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
+        display_names(self.models, self.names)
         for ramp in self.ramps:
             expand_ramps(ramp)
         try:
@@ -308,15 +316,21 @@ def load_image_sets(arguments: ImageSetArguments, seed: int = 0) -> tuple[dict[s
     return sources, skipped
 
 
-def main(argv: Iterable[str] | None = None) -> dict:
-    probe_args, image_args = ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`ProbeArguments`, `ImageSetArguments`]."""
+    return ArgumentParser(
         (ProbeArguments, ImageSetArguments),
+        renamed={"output": "output_dir"},
         prog="python -m evaluation.probe_runner",
         description="Positional linear probe (R^2 of positional ramps predicted from patch features).",
-    ).parse(None if argv is None else list(argv))
+    )
+
+
+def main(argv: Iterable[str] | None = None) -> dict:
+    probe_args, image_args = build_parser().parse(None if argv is None else list(argv))
     models, processors = {}, {}
-    for name in probe_args.models:
-        models[name], processors[name] = load_model(name, device=probe_args.device)
+    for name, source in zip(display_names(probe_args.models, probe_args.names), probe_args.models):
+        models[name], processors[name] = load_model(source, device=probe_args.device)
     sources, skipped = load_image_sets(image_args, seed=probe_args.seed)
     total = sum(len(images) for images in sources.values()) + len(skipped)
     results = run_probe(
@@ -331,8 +345,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
     )
     skipped.summarise(total=total)
     print(format_table(results))
-    if probe_args.output:
-        print(f"wrote {write_json_atomic(probe_args.output, results)}")
+    if probe_args.output_dir:
+        print(f"wrote {write_json_atomic(Path(probe_args.output_dir) / RESULTS_FILE, results)}")
     return results
 
 

@@ -2,7 +2,7 @@
 
     python -m evaluation.publish out/alibi-dinov2-small --base_model facebook/dinov2-with-registers-small
     python -m evaluation.publish out/alibi-dinov2-small --base_model facebook/dinov2-with-registers-small \\
-        --push_to_hub me/alibi-dinov2-small --space_id me/alibi-dinov2-small-demo
+        --push_to_hub --hub_model_id me/alibi-dinov2-small --space_id me/alibi-dinov2-small-demo
 
 1. The positional-bias evaluation on the built-in image sets (`micro`, `textures`, `noise`; any `--images` the probe
    runner takes): the positional linear probe (R^2 of each patch's position predicted from its features, mean +- std
@@ -14,8 +14,9 @@
 3. A Hugging Face Space folder (default `FOLDER-space`, beside the model folder): `app.py` running the project's
    browser demo (`demo/app.py`, copied with the evaluation modules it uses) on the model and its base model,
    `requirements.txt` and a README with the Space metadata naming the model repository.
-4. With `--push_to_hub REPO_ID` both are uploaded (the Space to `--space_id`, default `REPO_ID-demo`;
-   `--private` makes both private). Without it, or with `--dry_run`, nothing is uploaded: the files that would be
+4. With `--push_to_hub` both are uploaded (the model to `--hub_model_id`, default the folder's name in your
+   namespace; the Space to `--space_id`, default `HUB_MODEL_ID-demo`; `--hub_private_repo` makes both
+   private). Without it, or with `--dry_run`, nothing is uploaded: the files that would be
    are listed. Steps 1-3 are pure functions over loaded models and folders; the upload is one function, `upload`.
 """
 
@@ -373,7 +374,7 @@ def format_plan(plan: Sequence[Upload], private: bool = False, uploading: bool =
         target = (
             f"{item.repo_type} repository {item.repo_id}"
             if item.repo_id
-            else f"a {item.repo_type} repository (give --push_to_hub)"
+            else f"a {item.repo_type} repository (give --hub_model_id)"
         )
         verb = "uploading to" if uploading else "would upload to"
         lines.append(f"{verb} {target}{' (private)' if private and item.repo_id else ''}: "
@@ -404,12 +405,15 @@ class PublishArguments:
     folder: str = field(metadata={"help": "converted or distilled model folder (its README.md is updated)"})
     base_model: str | None = field(default=None, metadata={"help": "the stock DINOv2 it came from, evaluated beside "
                                                                    "it and shown in the demo (Hub id or folder)"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "model repository id to upload to (without it: "
-                                                                    "a dry run)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the model and its Space (without it: a dry "
+                                                               "run)"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "model repository id, named in the card and the "
+                                                                   "Space (default with --push_to_hub: the folder's "
+                                                                   "name)"})
     space_id: str | None = field(
-        default=None, metadata={"help": "Space repository id; PUSH_TO_HUB-demo when not given"}
+        default=None, metadata={"help": "Space repository id; HUB_MODEL_ID-demo when not given"}
     )
-    private: bool = field(default=False, metadata={"help": "create private repositories"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "create private repositories"})
     dry_run: bool = field(default=False, metadata={"help": "with --push_to_hub: write everything naming the "
                                                            "repositories, list the upload, send nothing"})
     space_dir: str | None = field(
@@ -455,10 +459,14 @@ def command_line(*arguments) -> str:
     return shlex.join(words)
 
 
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`PublishArguments`, `PublishImageArguments`] (FOLDER may come bare)."""
+    return ArgumentParser((PublishArguments, PublishImageArguments), positionals=("folder",),
+                          prog="python -m evaluation.publish", description=__doc__.split("\n\n")[0])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[PublishArguments, PublishImageArguments]:
-    parser = ArgumentParser((PublishArguments, PublishImageArguments), positionals=("folder",),
-                            prog="python -m evaluation.publish", description=__doc__.split("\n\n")[0])
-    return parser.parse(argv)
+    return build_parser().parse(argv)
 
 
 def publish(args: PublishArguments, image_args: PublishImageArguments | None = None) -> dict:
@@ -470,7 +478,7 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json); publish a folder written by "
                          "convert_checkpoint.py or train_distill.py")
-    repo_id = args.push_to_hub
+    repo_id = args.hub_model_id or (folder.resolve().name if args.push_to_hub else None)
     space_id = args.space_id or (f"{repo_id}-demo" if repo_id else None)
     model_name = repo_id or folder.resolve().name
     models = {model_name: load_model(str(folder), args.device)}
@@ -507,9 +515,9 @@ def publish(args: PublishArguments, image_args: PublishImageArguments | None = N
     write_json_atomic(folder / RESULTS_FILE, evaluation)
 
     plan = upload_plan(folder, space_dir, repo_id, space_id)
-    pushing = bool(repo_id) and not args.dry_run
-    print(format_plan(plan, args.private, uploading=pushing))
-    urls = upload(plan, private=args.private) if pushing else []
+    pushing = args.push_to_hub and not args.dry_run
+    print(format_plan(plan, args.hub_private_repo, uploading=pushing))
+    urls = upload(plan, private=args.hub_private_repo) if pushing else []
     evaluation["timings_s"]["total"] = time.perf_counter() - started
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in evaluation["timings_s"].items())
     print(f"evaluated {', '.join(models)} on {', '.join(sources)}; card {folder / 'README.md'}; Space {space_dir}; "

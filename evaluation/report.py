@@ -33,7 +33,7 @@ from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
 from alibi_dinov2.io.image_sets import NamedImage
 from alibi_dinov2.io.images import SkippedInputs
-from alibi_dinov2.names import short_names
+from alibi_dinov2.names import display_names, short_names
 from evaluation.positional_probe import PROBE_PROTOCOL, R2_MEANING, ProbeProtocol, describe_r2, layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
 from evaluation.transform_check import transform_check
@@ -330,8 +330,7 @@ class ReportArguments:
     output_dir: str = field(default="outputs/report", metadata={"help": "folder of report.html, report.json, PNGs"})
 
     def __post_init__(self):
-        if self.names and len(self.names) != len(self.models):
-            raise ValueError(f"--names gives {len(self.names)} names for {len(self.models)} models")
+        display_names(self.models, self.names)
         if "lr" not in self.ramps:
             self.ramps.append("lr")  # the per-channel plot uses it
 
@@ -344,15 +343,19 @@ class ReportImageArguments(ImageSetArguments):
     )
 
 
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`ReportArguments`, `ReportImageArguments`]."""
+    return ArgumentParser((ReportArguments, ReportImageArguments), prog="python -m evaluation.report",
+                          description=__doc__.split("\n\n")[0])
+
+
 def parse_args(argv=None) -> tuple[ReportArguments, ImageSetArguments]:
-    parser = ArgumentParser((ReportArguments, ReportImageArguments), prog="python -m evaluation.report",
-                            description=__doc__.split("\n\n")[0])
-    return parser.parse(argv)
+    return build_parser().parse(argv)
 
 
 def main(argv=None) -> dict:
     args, image_args = parse_args(argv)
-    names = args.names or short_names(args.models)
+    names = display_names(args.models, args.names)
     models, processors = {}, {}
     for name, source in zip(names, args.models):
         models[name], processors[name] = load_model(source, device=args.device)

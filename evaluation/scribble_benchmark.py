@@ -47,6 +47,7 @@ from alibi_dinov2.errors import InputError, SourceNotFoundError
 from alibi_dinov2.features.cache import FeatureCache
 from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs, list_image_files, read_labels, read_rgb01
+from alibi_dinov2.names import display_names
 from alibi_dinov2.segmentation.extractors import (
     FEATURE_SETS,
     FeatureExtractor,
@@ -480,6 +481,8 @@ class ScribbleBenchmarkArguments:
     """Options of ``python -m evaluation.scribble_benchmark``."""
 
     models: list[str] = field(default_factory=list, metadata={"help": "Hub ids or local model folders"})
+    names: list[str] | None = field(default=None, metadata={"help": "display names, one per model (default: the last "
+                                                                  "part of each path or Hub id)"})
     feature_sets: list[str] | None = field(
         default=None, metadata={"help": f"any of {', '.join(FEATURE_SETS)}; default: classical, plus "
                                         "classical+vit when --models are given"})
@@ -490,7 +493,8 @@ class ScribbleBenchmarkArguments:
     mask_zero_is_class: bool = field(default=False, metadata={"help": "masks use 0..K-1 (shifted to 1..K)"})
     n_train: int = field(default=5, metadata={"help": "training images"})
     n_test: int = field(default=17, metadata={"help": "test images (generated data only)"})
-    size: int = field(default=256, metadata={"help": "generated image side (pixels)"})
+    size: list[int] = field(default_factory=lambda: [256], metadata={"help": "H W of the generated images (one "
+                                                                             "value: square), pixels"})
     n_phases: int = field(default=3, metadata={"help": "phases of the generated data"})
     noise: float = field(default=0.08, metadata={"help": "noise of the generated data"})
     illumination: float = field(default=0.0, metadata={"help": "illumination gradient of the generated data"})
@@ -507,6 +511,9 @@ class ScribbleBenchmarkArguments:
     strict: bool = field(default=False, metadata={"help": "fail on an unreadable pair instead of skipping it"})
 
     def __post_init__(self):
+        display_names(self.models, self.names)
+        if len(self.size) > 2:
+            raise ValueError(f"--size takes H W or one side; got {' '.join(map(str, self.size))}")
         unknown = sorted(set(self.feature_sets or ()) - set(FEATURE_SETS))
         if unknown:
             raise ValueError(f"--feature_sets: unknown {unknown}; choose from {', '.join(FEATURE_SETS)}")
@@ -519,7 +526,7 @@ def _benchmark_data(args: ScribbleBenchmarkArguments, skipped: SkippedInputs) ->
 
     pairs = generate_microstructure_dataset(
         args.n_train + args.n_test,
-        size=(args.size, args.size),
+        size=(args.size[0], args.size[-1]),
         n_phases=args.n_phases,
         seed=args.seed,
         noise=args.noise,
@@ -529,16 +536,22 @@ def _benchmark_data(args: ScribbleBenchmarkArguments, skipped: SkippedInputs) ->
     return pairs[: args.n_train], pairs[args.n_train :]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from alibi_dinov2.hub.models import load_model
-
-    (args,) = ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The command-line parser over [`ScribbleBenchmarkArguments`]."""
+    return ArgumentParser(
         ScribbleBenchmarkArguments,
         prog="python -m evaluation.scribble_benchmark",
         description="Scribble benchmark: mIoU of trainable segmentation against labelling rounds.",
-    ).parse(argv)
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    from alibi_dinov2.hub.models import load_model
+
+    (args,) = build_parser().parse(argv)
     feature_sets = args.feature_sets or (["classical", "classical+vit"] if args.models else ["classical"])
-    loaded = {name: load_model(name, args.device) for name in args.models}
+    names = display_names(args.models, args.names) if args.models else []
+    loaded = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
     models = {name: model for name, (model, _) in loaded.items()}
     skipped = SkippedInputs(strict=args.strict, what="image/mask pair")
     train_pairs, test_pairs = _benchmark_data(args, skipped)

@@ -70,8 +70,12 @@ def crop_to_patch_grid(image, patch_size: int, name: str = "image"):
 def dinov2_image_processor():
     """DINOv2's image processor (shortest side 256, centre crop 224, bicubic, ImageNet statistics): what every
     converted or distilled folder carries. For dense features pass `do_center_crop=False` (and `do_resize=False` to
-    keep the native size)."""
-    from transformers import BitImageProcessor
+    keep the native size). The class is the one that needs no torchvision (transformers' PIL backend, saved under
+    the name `BitImageProcessor`, so the folder loads anywhere)."""
+    try:
+        from transformers import BitImageProcessorPil as BitImageProcessor
+    except ImportError:  # transformers releases whose BitImageProcessor is the PIL one
+        from transformers import BitImageProcessor
 
     return BitImageProcessor(
         do_resize=True,

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from alibi_dinov2.errors import InputError, SourceNotFoundError
-from alibi_dinov2.hub.offline import hub_offline
+from alibi_dinov2.hub.offline import hub_offline, offline_reason, work_offline_if_unreachable
 
 
 HUB_HOSTS = ("huggingface.co", "hf.co")
@@ -145,11 +145,11 @@ def _fetch_hub_file(remote: RemoteFile, revision: str | None, cache_dir) -> Path
                 repo_type=remote.repo_type,
                 revision=revision,
                 cache_dir=cache_dir,
-                local_files_only=hub_offline(),
+                local_files_only=work_offline_if_unreachable(),
             )
         )
     except LocalEntryNotFoundError:
-        reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+        reason = offline_reason() if hub_offline() else "the Hub cannot be reached"
         raise SourceNotFoundError(
             f"not in the cache: {remote.url} ({remote.filename} of {where}; {reason}; "
             f"cache {cache_dir or constants.HF_HUB_CACHE})"
@@ -170,7 +170,7 @@ def _fetch_url(remote: RemoteFile) -> tuple[Path, bool]:
     if path.is_file():
         return path, False
     if hub_offline():
-        raise SourceNotFoundError(f"not in the cache: {remote.url} (HF_HUB_OFFLINE is set; looked for {path})")
+        raise SourceNotFoundError(f"not in the cache: {remote.url} ({offline_reason()}; looked for {path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(remote.url, str(path), progress=True)  # to a temporary file, then renamed

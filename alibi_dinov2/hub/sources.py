@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from alibi_dinov2.errors import SourceNotFoundError
-from alibi_dinov2.hub.offline import hub_offline, in_offline_hub_cache
+from alibi_dinov2.hub.offline import in_offline_hub_cache, offline_reason, work_offline_if_unreachable
 from alibi_dinov2.hub.remote_files import is_remote_file
 
 
@@ -22,8 +22,8 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
     (`hf://OWNER/REPO/FILE`, `https://...`; see `alibi_dinov2.hub.remote_files`).
 
     A name that can only be a path (absolute, `./`, `~`, more than one `/`, a checkpoint suffix) and does not exist,
-    or a Hub id that is not in the local cache while the Hub is offline, raises
-    `SourceNotFoundError("not found: NAME ...")`.
+    or a Hub id that is not in the local cache while the Hub is offline (`HF_HUB_OFFLINE`, or no answer from the Hub:
+    see `alibi_dinov2.hub.offline.work_offline_if_unreachable`), raises `SourceNotFoundError("not found: NAME ...")`.
 
     Returns:
         `name` as a string (with `~` expanded for paths).
@@ -45,9 +45,9 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> str:
     )
     if is_path:
         raise SourceNotFoundError(f"not found: {text} (no such file or folder, and not a Hub id)")
-    if hub_offline() and not in_offline_hub_cache(text):
+    if work_offline_if_unreachable() and not in_offline_hub_cache(text):
         raise SourceNotFoundError(
             f"not found: {text} (no such file or folder, and the Hub id is not in the local cache while "
-            "HF_HUB_OFFLINE is set)"
+            f"{offline_reason()})"
         )
     return text

@@ -268,7 +268,12 @@ def read_labels(path: PathLike, page: int | None = None) -> np.ndarray:
 
     Returns:
         int32 array (H, W).
+
+    Raises:
+        FileNotFoundError: no such file ("Label file not found: PATH").
     """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"Label file not found: {path}")
     labels = read_image(path, page=page, palette="indices")
     if labels.ndim == 3:
         if labels.shape[-1] == 4:

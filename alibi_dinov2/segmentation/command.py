@@ -401,7 +401,8 @@ def apply(arguments: ApplyArguments) -> int:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def _parser(command: str) -> ArgumentParser:
+def build_parser(command: str) -> ArgumentParser:
+    """The command-line parser of the subcommand `command` (`train` or `apply`)."""
     arguments = TrainArguments if command == "train" else ApplyArguments
     return ArgumentParser(arguments, prog=f"python -m alibi_dinov2.segmentation.command {command}")
 
@@ -423,7 +424,7 @@ def _split_command(argv: list[str]) -> tuple[str, list[str], Optional[dict]]:
 
 def main(argv: Sequence[str] | None = None):
     command, rest, config = _split_command(list(sys.argv[1:] if argv is None else argv))
-    parser = _parser(command)
+    parser = build_parser(command)
     if config is not None:
         parser.apply_config(config, "the config file")
     (arguments,) = parser.parse(rest)

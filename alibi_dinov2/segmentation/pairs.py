@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alibi_dinov2.errors import InputError
+from alibi_dinov2.errors import InputError, SourceNotFoundError
 from alibi_dinov2.io.images import count_pages, list_image_files, read_image, read_labels
 
 
@@ -69,9 +69,14 @@ def training_pairs(images: Sequence[str], labels: Sequence[str], pages=None) -> 
     """
     pages = parse_pages(pages)
     images, labels = [Path(path) for path in images], [Path(path) for path in labels]
-    for path in [*images, *labels]:
+    for path in images:
         if not path.exists():
-            raise InputError(f"not found: {path}")
+            raise SourceNotFoundError(f"image file not found: {path}")
+    owners = images * len(labels) if len(images) == 1 else images if len(images) == len(labels) else []
+    for index, path in enumerate(labels):
+        if not path.exists():
+            owner = f" (the labels of {owners[index]})" if owners else ""
+            raise SourceNotFoundError(f"label file not found: {path}{owner}")
     if len(images) == 1 and images[0].is_file() and len(labels) > 1:
         found = list(_stack_with_label_files(images[0], labels, pages))
     elif len(images) != len(labels) or not images:

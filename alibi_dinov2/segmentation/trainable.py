@@ -30,7 +30,9 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from alibi_dinov2.errors import SourceNotFoundError
 from alibi_dinov2.features.classical import DEFAULT_SIGMAS, prepare_image
+from alibi_dinov2.io.images import read_image, read_labels
 from alibi_dinov2.segmentation.extractors import (
     FeatureExtractor,
     build_extractor,
@@ -64,20 +66,46 @@ def _as_image_list(images) -> tuple[list[np.ndarray], bool]:
     return [np.asarray(images)], True
 
 
-def _check_labels(labels: np.ndarray, image_shape: tuple[int, ...], index: int) -> np.ndarray:
+def _is_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike))
+
+
+def _training_inputs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[str, str]]]:
+    """`fit`'s images and label images as arrays, and the (label, image) names its messages use: a file is read (the
+    image by the project's reader, the labels by `read_labels`) and named by its path, an array by its position."""
+    single = not isinstance(images, (list, tuple))
+    image_items, label_items = ([images], [labels]) if single else (list(images), list(labels))
+    if len(label_items) != len(image_items):
+        raise ValueError(f"Got {len(image_items)} image(s) but {len(label_items)} label image(s)")
+    arrays, label_arrays, names = [], [], []
+    for index, (image, label) in enumerate(zip(image_items, label_items)):
+        image_name = str(image) if _is_path(image) else f"image {index}"
+        label_name = str(label) if _is_path(label) else f"label image {index}"
+        if _is_path(label) and not os.path.exists(label):
+            raise SourceNotFoundError(f"label file not found: {label} (the labels of {image_name})")
+        arrays.append(read_image(image) if _is_path(image) else np.asarray(image))
+        label_arrays.append(read_labels(label) if _is_path(label) else np.asarray(label))
+        names.append((label_name, image_name))
+    return arrays, label_arrays, names
+
+
+def _check_labels(labels: np.ndarray, image_shape: tuple[int, ...], names: tuple[str, str]) -> np.ndarray:
+    """`labels` as int64 after checking them against their image; `names`: (label, image) as messages name them."""
+    label_name, image_name = names
     labels = np.asarray(labels)
     if labels.shape != tuple(image_shape[:2]):
         raise ValueError(
-            f"Label image {index} has shape {labels.shape} but its image is {tuple(image_shape[:2])} "
+            f"{label_name} has shape {labels.shape} but {image_name} is {tuple(image_shape[:2])} "
             "(labels must be (H, W) with 0 = unlabelled, 1..K = classes)"
         )
     if labels.dtype == bool:
         labels = labels.astype(np.int32)
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise ValueError(f"Label image {index} holds non-integer values")
+            raise ValueError(f"{label_name} (labels of {image_name}) holds non-integer values")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"Label image {index} holds negative values; use 0 for unlabelled, 1..K for classes")
+        raise ValueError(f"{label_name} (labels of {image_name}) holds negative values; use 0 for unlabelled, 1..K "
+                         "for classes")
     return labels.astype(np.int64)
 
 
@@ -276,18 +304,20 @@ class TrainableSegmenter(BaseEstimator):
         """Train on the labelled pixels of one image or a list of images.
 
         Args:
-            images: image (H, W) / (H, W, 3) or a list of them (sizes may differ).
-            labels: matching label image(s), int (H, W): 0 = unlabelled, 1..K = classes.
+            images: image (H, W) / (H, W, 3), or an image file, or a list of them (sizes may differ).
+            labels: matching label image(s), int (H, W): 0 = unlabelled, 1..K = classes, or label files.
 
         Returns:
             self
+
+        Raises:
+            ValueError: labels that do not match their image (naming the label and image files, or their
+                positions), or no labelled pixels of two classes.
+            FileNotFoundError: a label file that does not exist (named, with its image).
         """
         extractor = self._check_params()
-        image_list, single = _as_image_list(images)
-        label_list = [np.asarray(labels)] if single else list(labels)
-        if len(label_list) != len(image_list):
-            raise ValueError(f"Got {len(image_list)} image(s) but {len(label_list)} label image(s)")
-        checked = [_check_labels(lab, img.shape, i) for i, (img, lab) in enumerate(zip(image_list, label_list))]
+        image_list, label_list, names = _training_inputs(images, labels)
+        checked = [_check_labels(lab, img.shape, name) for img, lab, name in zip(image_list, label_list, names)]
         if not any(np.any(lab > 0) for lab in checked):
             raise ValueError(_NO_LABELS_MESSAGE)
         self._check_class_count(checked)
@@ -315,7 +345,8 @@ class TrainableSegmenter(BaseEstimator):
         extractor = self._check_params()
         if len(feature_maps) != len(labels):
             raise ValueError(f"Got {len(feature_maps)} feature map(s) but {len(labels)} label image(s)")
-        checked = [_check_labels(lab, fm.shape, i) for i, (fm, lab) in enumerate(zip(feature_maps, labels))]
+        checked = [_check_labels(lab, fm.shape, (f"label image {i}", f"feature map {i}"))
+                   for i, (fm, lab) in enumerate(zip(feature_maps, labels))]
         if not any(np.any(lab > 0) for lab in checked):
             raise ValueError(_NO_LABELS_MESSAGE)
         self._check_class_count(checked)

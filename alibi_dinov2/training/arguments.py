@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from alibi_dinov2.errors import InputError
+from alibi_dinov2.training.runs import DEFAULT_CHECKPOINTS_TOTAL_LIMIT
 
 
 def parse_checkpointing_steps(value) -> int | str | None:
@@ -62,6 +63,12 @@ class RunArguments:
         metadata={"help": "accelerate's mixed precision (None: the `accelerate launch` / accelerate config setting)"},
     )
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even when a GPU is available"})
+    num_processes: int | None = field(
+        default=None,
+        metadata={"help": "processes to run (one per GPU; without GPUs, CPU processes in one group): above 1 the "
+                  "command starts them through accelerate's launcher. None: this process alone, or those an "
+                  "`accelerate launch` started"},
+    )
     dataloader_num_workers: int | None = field(
         default=None,
         metadata={"help": "DataLoader worker processes per process (None: 4, capped by the CPUs of each process)"},
@@ -70,14 +77,16 @@ class RunArguments:
     checkpointing_steps: str | None = field(
         default=None,
         metadata={"help": "save the training state every N optimiser steps, or at the end of every `epoch`, into "
-                  "OUTPUT_DIR/checkpoints/checkpoint_<step>"},
+                  "OUTPUT_DIR-run/checkpoints/checkpoint_<step> (beside the output folder, which holds the results "
+                  "only; the tracker logs go to OUTPUT_DIR-run/logs)"},
     )
     checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "keep only the newest N checkpoints (None: all)"}
+        default=DEFAULT_CHECKPOINTS_TOTAL_LIMIT, metadata={"help": "keep only the newest N checkpoints (null in a "
+                                                                   "config file: all)"}
     )
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "continue from a checkpoint folder, or `latest` for the newest one in --output_dir (a "
+        metadata={"help": "continue from a checkpoint folder, or `latest` for the newest one of --output_dir (a "
                   "fresh start when there is none)"},
     )
     # Tracking and the Hub
@@ -99,7 +108,8 @@ class RunArguments:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be a positive integer; got {getattr(self, name)}")
-        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "logging_steps"):
+        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "logging_steps",
+                     "num_processes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name} must be a positive integer (or left unset); got {value}")

@@ -4,9 +4,11 @@ Built from accelerate's own pieces: an `Accelerator` with a `ProjectConfiguratio
 folder, `save_state` / `load_state` for checkpoints, `register_for_checkpointing` for the job's own progress
 (:class:`StateDictDataclass`) and `skip_first_batches` to resume in the middle of an epoch.
 
-One layout for every run::
+One layout for every run: the output folder holds the results only (the model folder that is loaded and pushed),
+and the run's own files lie beside it, in the run folder::
 
-    OUTPUT_DIR/
+    OUTPUT_DIR/                             the results (a distillation's model folder: config, weights, card)
+    OUTPUT_DIR-run/
         checkpoints/checkpoint_00000300/    accelerator.save_state: model, optimizer, RNG of every process,
                                             registered objects (custom_checkpoint_<i>.pkl)
         checkpoints/.tmp_checkpoint_.../    a checkpoint being written (never picked by "latest")
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 CHECKPOINT_PREFIX = "checkpoint_"
+RUN_FOLDER_SUFFIX = "-run"
+DEFAULT_CHECKPOINTS_TOTAL_LIMIT = 2
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _TEMPORARY_PREFIX = ".tmp_"
 _REPLACED_PREFIX = ".old_"
@@ -79,7 +83,8 @@ def make_accelerator(
     seed: int | None = None,
     **accelerator_kwargs,
 ):
-    """An `Accelerator` whose project folder is `output_dir` (tracker logs in `output_dir/logs`).
+    """An `Accelerator` whose project folder is the run folder of `output_dir` (tracker logs in
+    `OUTPUT_DIR-run/logs`).
 
     Args:
         mixed_precision: "no", "fp16" or "bf16".
@@ -96,8 +101,8 @@ def make_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    output_dir = Path(output_dir)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_FOLDER))
+    folder = run_folder(output_dir)
+    project = ProjectConfiguration(project_dir=str(folder), logging_dir=str(folder / LOGS_FOLDER))
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=log_with,
@@ -171,12 +176,21 @@ class StateDictDataclass:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
+def run_folder(output_dir: PathLike) -> Path:
+    """`OUTPUT_DIR-run`: the folder beside the output folder that holds the run's checkpoints and logs."""
+    output_dir = Path(output_dir)
+    if output_dir.name in ("", ".", ".."):
+        output_dir = output_dir.resolve()
+    return output_dir.with_name(output_dir.name + RUN_FOLDER_SUFFIX)
+
+
 def checkpoints_root(output_dir: PathLike) -> Path:
-    return Path(output_dir) / CHECKPOINTS_FOLDER
+    """`OUTPUT_DIR-run/checkpoints`."""
+    return run_folder(output_dir) / CHECKPOINTS_FOLDER
 
 
 def checkpoint_path(output_dir: PathLike, step: int) -> Path:
-    """`OUTPUT_DIR/checkpoints/checkpoint_<step:08d>`."""
+    """`OUTPUT_DIR-run/checkpoints/checkpoint_<step:08d>`."""
     return checkpoints_root(output_dir) / f"{CHECKPOINT_PREFIX}{int(step):08d}"
 
 
@@ -233,10 +247,12 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: PathLike, step: int, total_limit: int | None = 2) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: PathLike, step: int, total_limit: int | None = DEFAULT_CHECKPOINTS_TOTAL_LIMIT
+) -> Path:
     """Save everything accelerate tracks (prepared models, optimizers, schedulers, dataloaders, the RNG states of
     every process, and what was registered with `accelerator.register_for_checkpointing`) as
-    `OUTPUT_DIR/checkpoints/checkpoint_<step:08d>`, complete or not at all; then keep the newest `total_limit`
+    `OUTPUT_DIR-run/checkpoints/checkpoint_<step:08d>`, complete or not at all; then keep the newest `total_limit`
     checkpoints (None or 0 keeps all). Every process must call it.
     """
     final = checkpoint_path(output_dir, step)
@@ -283,7 +299,7 @@ def load_checkpoint(accelerator, checkpoint: PathLike) -> None:
 
 
 def remove_incomplete_checkpoints(output_dir: PathLike) -> None:
-    """Delete the temporary folders a run killed while saving may have left in `OUTPUT_DIR/checkpoints`
+    """Delete the temporary folders a run killed while saving may have left in `OUTPUT_DIR-run/checkpoints`
     (call it on the main process only, before training starts)."""
     root = checkpoints_root(output_dir)
     if root.is_dir():

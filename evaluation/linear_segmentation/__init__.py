@@ -25,7 +25,8 @@ Command line::
         --output_dir outputs/linseg [--robustness] [--resume_from_checkpoint latest] [--push_to_hub]
 
 Every configuration key is also an option (``--help`` lists them); options typed after the config file override
-it. Training runs under Accelerate (``accelerate launch -m evaluation.linear_segmentation ...`` for several GPUs;
+it. Training runs under Accelerate (``--num_processes N`` for several GPUs, or ``accelerate launch -m
+evaluation.linear_segmentation ...``;
 ``--mixed_precision bf16``; unset, accelerate's own setting applies) through the run layer
 :mod:`alibi_dinov2.training.runs`. Outputs in ``--output_dir``:
 
@@ -33,10 +34,11 @@ it. Training runs under Accelerate (``accelerate launch -m evaluation.linear_seg
   pixel accuracy, training losses, the skipped images and, with ``--robustness``, the mIoU per input transform;
 * ``examples.png``: validation images | ground truth | prediction;
 * ``probe/``: the trained head (``head.safetensors`` + ``probe_config.json``), see :class:`LinearSegmentationProbe`;
-* ``checkpoints/checkpoint_<step:08d>``: ``accelerator.save_state`` folders, complete or absent, at the end of
-  every epoch (``--checkpointing_steps epoch``, the default) or every N steps, the last ``checkpoints_total_limit``
-  kept;
 * ``feature_cache/<split>``: backbone features in float16, computed once and reused across epochs and runs.
+
+Beside it, in ``OUTPUT_DIR-run/``: ``checkpoints/checkpoint_<step:08d>`` (``accelerator.save_state`` folders, complete
+or absent, at the end of every epoch (``--checkpointing_steps epoch``, the default) or every N steps, the last
+``checkpoints_total_limit`` kept) and the tracker logs (``logs/``).
 
 Data sources (see :mod:`evaluation.linear_segmentation.datasets`): a Hub dataset name or ``save_to_disk`` folder
 (``--dataset_name``, with ``--image_column`` / ``--mask_column``), or a local folder (``--data_dir``) laid out as

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from alibi_dinov2.cli import ArgumentParser
 from alibi_dinov2.errors import InputError
+from alibi_dinov2.training.launch import launch, needs_launch
 from evaluation.linear_segmentation.config import RENAMED_SETTINGS, LinearSegmentationConfig, validate_config
 from evaluation.linear_segmentation.training import run_linear_segmentation
 
@@ -49,6 +50,11 @@ def parse_args(argv: Sequence[str] | None = None) -> LinearSegmentationConfig:
         parser.error(str(error))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the probe described by the command-line tokens `argv` (`None`: `sys.argv[1:]`); returns the results."""
-    return run_linear_segmentation(parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Run the probe described by the command-line tokens `argv` (`None`: `sys.argv[1:]`); returns the results
+    (None when `--num_processes` above 1 started the processes here: the results are in `--output_dir`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = parse_args(argv)
+    if needs_launch(config.num_processes):
+        return launch("alibi-linear-seg", argv, config.num_processes, config.mixed_precision)
+    return run_linear_segmentation(config)

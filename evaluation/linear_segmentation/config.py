@@ -13,22 +13,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alibi_dinov2.cli import did_you_mean, option_hint
+from alibi_dinov2.cli import VOCABULARY, did_you_mean, option_hint
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.training.arguments import RunArguments
 from evaluation.linear_segmentation.datasets import RESIZE_MODES
 
 
 TRANSFORMS: tuple[str, ...] = ("none", "flip_ud", "roll", "rot90")
-# Settings renamed to the shared run options (RunArguments); the old names are refused with the new one.
-RENAMED_SETTINGS: dict[str, str] = {
-    "epochs": "num_train_epochs",
-    "batch_size": "per_device_train_batch_size",
-    "max_steps": "max_train_steps",
-    "checkpoint_every_steps": "checkpointing_steps",
-    "num_workers": "dataloader_num_workers",
-    "eval_batch_size": "per_device_eval_batch_size",
-}
+# This command's earlier names of the shared run options (RunArguments); refused, naming the new one, like the other
+# spellings of the project's vocabulary (completed below, once the settings are known).
+RENAMED_SETTINGS: dict[str, str] = {"num_workers": "dataloader_num_workers"}
 
 
 def _setting(default: Any, help: str):
@@ -44,7 +38,8 @@ class LinearSegmentationConfig(RunArguments):
 
     # Shared run options with the probe's defaults (the other shared ones keep RunArguments' defaults).
     output_dir: str = _setting(
-        "outputs/linseg", "folder of results.json, examples.png, probe/, checkpoints/ and the feature cache"
+        "outputs/linseg",
+        "folder of results.json, examples.png, probe/ and the feature cache (checkpoints and logs: OUTPUT_DIR-run)",
     )
     seed: int = _setting(0, "seed of the head initialisation and of the data order")
     per_device_train_batch_size: int = _setting(16, "training images per device and optimiser step")
@@ -53,12 +48,11 @@ class LinearSegmentationConfig(RunArguments):
     checkpointing_steps: str | None = _setting(
         "epoch",
         "save the training state at the end of every `epoch`, or every N optimiser steps, into "
-        "OUTPUT_DIR/checkpoints/checkpoint_<step> (either way also where --max_train_steps stops; null: never)",
+        "OUTPUT_DIR-run/checkpoints/checkpoint_<step> (either way also where --max_train_steps stops; null: never)",
     )
-    checkpoints_total_limit: int | None = _setting(2, "keep only the newest N checkpoints (null: all)")
     report_to: str = _setting(
         "none",
-        "accelerate tracker(s) of the training loss (logs in OUTPUT_DIR/logs): tensorboard, wandb, all, or none",
+        "accelerate tracker(s) of the training loss (logs in OUTPUT_DIR-run/logs): tensorboard, wandb, all, or none",
     )
     # The backbone and the data
     model: str | None = _setting(
@@ -107,7 +101,7 @@ class LinearSegmentationConfig(RunArguments):
         None, "roll distance in whole patches along both axes (default: half the patch grid)"
     )
     num_example_images: int = _setting(4, "validation images in examples.png (0 for no figure)")
-    disable_progress_bars: bool = _setting(False, "no tqdm progress bars")
+    no_progress: bool = _setting(False, "no progress bar")
     description: str | None = _setting(None, "free text kept with the results")
 
     def __post_init__(self) -> None:
@@ -139,6 +133,7 @@ class LinearSegmentationConfig(RunArguments):
 FIELD_HELP: dict[str, str] = {
     item.name: item.metadata["help"] for item in dataclasses.fields(LinearSegmentationConfig)
 }
+RENAMED_SETTINGS.update({old: new for old, new in VOCABULARY.items() if new in FIELD_HELP and old not in FIELD_HELP})
 
 
 def validate_config(config: LinearSegmentationConfig, require_model: bool = True) -> LinearSegmentationConfig:

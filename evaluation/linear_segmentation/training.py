@@ -114,7 +114,7 @@ def train_head(
     accelerator.register_for_checkpointing(progress)
     resume_training(accelerator, config)
 
-    show = not config.disable_progress_bars and accelerator.is_local_main_process
+    show = not config.no_progress and accelerator.is_local_main_process
     training = HeadTraining(head, optimizer, loader, progress, config, accelerator, backbone, show)
     while progress.epoch < config.num_train_epochs and steps_left(config, progress):
         train_one_epoch(training)
@@ -359,7 +359,7 @@ def prepare_run(config: LinearSegmentationConfig, require_model: bool = True) ->
         accelerator=accelerator,
         output_dir=output_dir,
         num_workers=default_num_workers(config.dataloader_num_workers, accelerator.num_processes),
-        show=not config.disable_progress_bars and accelerator.is_local_main_process,
+        show=not config.no_progress and accelerator.is_local_main_process,
         started=time.time(),
     )
 

@@ -88,7 +88,7 @@ def run_settings(workspace: Path, output_dir: Path, **overrides) -> dict:
         per_device_eval_batch_size=8,
         dataloader_num_workers=0,
         output_dir=str(output_dir),
-        disable_progress_bars=True,
+        no_progress=True,
     )
     settings.update(overrides)
     return settings
@@ -271,7 +271,8 @@ def test_checkpoints_every_n_steps_and_the_loss_in_tensorboard(workspace, tmp_pa
     # The shared tracking options reach this job too: the loss every --logging_steps, the epoch loss per epoch.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "every2" / training_runs.LOGS_FOLDER / "linear_segmentation")).Reload()
+    logs = training_runs.run_folder(tmp_path / "every2") / training_runs.LOGS_FOLDER
+    events = EventAccumulator(str(logs / "linear_segmentation")).Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [2, 4, 6]
     epoch_losses = [event.value for event in events.Scalars("train/epoch_loss")]
     assert epoch_losses == pytest.approx(results["training"]["loss_per_epoch"], rel=1e-6)
@@ -525,7 +526,7 @@ def test_two_processes_share_the_work_without_double_counting(workspace, tmp_pat
     labelled = sum(int((images[index]["labels"] != IGNORE).sum()) for index in range(len(images)))
     assert results["validation"]["num_pixels"] == labelled  # every validation pixel scored exactly once
     assert len(list((output_dir / "feature_cache" / "train" / "features").glob("*.npy"))) == 24
-    assert (output_dir / "checkpoints" / "checkpoint_00000003" / "random_states_1.pkl").is_file()
+    assert (training_runs.checkpoint_path(output_dir, 3) / "random_states_1.pkl").is_file()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_command_line_writes_json(tmp_path, capsys):
     torch.manual_seed(0)
     folder = tmp_path / "tiny-dinov2"
     Dinov2Model(Dinov2Config(**TINY, image_size=56)).save_pretrained(folder)
-    output = tmp_path / "out" / "results.json"
+    output = tmp_path / "out" / "probe.json"
     main(
         [
             "--models", str(folder),
@@ -155,14 +155,15 @@ def test_command_line_writes_json(tmp_path, capsys):
             "--ramps", "lr+ud", "random",
             "--step", "2",
             "--repeats", "3",
-            "--output", str(output),
+            "--names", "tiny",
+            "--output_dir", str(output.parent),
             "--no-progress",
         ]
     )
     written = json.loads(output.read_text())
-    summary = written["scores"][str(folder)]["noise:2"]
+    summary = written["scores"]["tiny"]["noise:2"]
     assert summary["lr+ud"]["n"] == 6 and summary["random"]["n"] == 6
-    assert written["grids"][str(folder)]["noise:2"] == [[6, 7], [6, 7]]
+    assert written["grids"]["tiny"]["noise:2"] == [[6, 7], [6, 7]]
     assert written["protocol"]["step"] == 2
     assert "lr+ud" in capsys.readouterr().out
 

@@ -33,7 +33,7 @@ def published(tmp_path_factory):
     base.save_pretrained(root / "base")
     folder = root / "alibi-tiny"
     convert(str(root / "base"), folder)
-    argv = [str(folder), "--base_model", str(root / "base"), "--push_to_hub", REPO_ID, "--dry_run",
+    argv = [str(folder), "--base_model", str(root / "base"), "--push_to_hub", "--hub_model_id", REPO_ID, "--dry_run",
             "--max_images", "2", "--size", "280", "280", "--no_progress"]
     summary = publish.main(argv)
     return {"root": root, "folder": folder, "base": root / "base", "summary": summary}
@@ -60,7 +60,8 @@ def test_the_card_holds_the_measured_numbers(published):
     text = card.text
     micro = evaluation["scores"][REPO_ID]["micro"]["lr+ud"]
     assert f"| micro (2) | lr+ud R² | {micro['mean']:+.3f} ± {micro['std']:.3f} |" in text
-    assert f"python -m evaluation.publish {folder} --base_model {published['base']} --push_to_hub {REPO_ID}" in text
+    command = f"python -m evaluation.publish {folder} --base_model {published['base']} --push_to_hub"
+    assert f"{command} --hub_model_id {REPO_ID}" in text
     assert "not evaluated yet" not in text and FOLDER_PLACEHOLDER not in text
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert card.data.pipeline_tag == "image-feature-extraction"  # the converter's metadata is kept

@@ -139,11 +139,11 @@ def tiny_dinov2_folder(tmp_path_factory):
 def test_benchmark_cli_with_a_tiny_local_vit(tmp_path, tiny_dinov2_folder):
     output = tmp_path / "vit"
     results = main(
-        ["--models", str(tiny_dinov2_folder), "--feature_sets", "classical", "classical+vit", "--rounds", "2",
-         "--size", "56", "--n_train", "2", "--n_test", "1", "--n_phases", "2", "--device", "cpu",
+        ["--models", str(tiny_dinov2_folder), "--names", "tiny", "--feature_sets", "classical", "classical+vit",
+         "--rounds", "2", "--size", "56", "--n_train", "2", "--n_test", "1", "--n_phases", "2", "--device", "cpu",
          "--output_dir", str(output), "--no_progress"]
     )
-    _check_results(results, 2, ["classical", f"classical+vit [{tiny_dinov2_folder}]"])
+    _check_results(results, 2, ["classical", "classical+vit [tiny]"])
     assert (output / "scribble_benchmark.png").exists()
 
 
@@ -160,10 +160,10 @@ def test_benchmark_normalises_each_model_with_its_stored_statistics(tmp_path, ti
                  "--n_test", "1", "--n_phases", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
                  "--no_progress"]
     results = main(arguments)
-    recorded = results["config"]["image_statistics"][str(folder)]
+    recorded = results["config"]["image_statistics"][folder.name]
     assert recorded == {key: pytest.approx(value) for key, value in statistics.items()}
     saved = json.loads((tmp_path / "out" / "scribble_benchmark.json").read_text())
-    assert saved["config"]["image_statistics"][str(folder)] == recorded
+    assert saved["config"]["image_statistics"][folder.name] == recorded
 
 
 def test_benchmark_with_an_alibi_model_object():

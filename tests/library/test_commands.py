@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alibi_dinov2.cli import run_command
-from alibi_dinov2.commands import COMMANDS, console_scripts
+from alibi_dinov2.cli import VOCABULARY, run_command
+from alibi_dinov2.commands import COMMANDS, command_parsers, console_scripts
+from alibi_dinov2.errors import InputError
 from alibi_dinov2.hub.sources import check_model_source
 from conftest import REPO_ROOT
 
@@ -92,6 +93,77 @@ def test_help_uses_one_flag_style(command, capsys):
     assert not dashed, f"{command} --help shows dashed options {dashed}"
 
 
+def every_parser() -> dict:
+    """{command line: parser} of every command (alibi-segment's subcommands apart)."""
+    return {name: parser for command in COMMANDS for name, parser in command_parsers(command).items()}
+
+
+def option_kind(action) -> tuple:
+    """What an option takes: a flag, one value or a list, and the type of the values."""
+    if action.nargs == 0 or (action.nargs == "?" and action.const is True):
+        return ("flag",)
+    values = "list" if action.nargs in ("+", "*") or isinstance(action.nargs, int) else "one"
+    kind = "choice" if action.choices else getattr(action.type, "__name__", "str").replace("Path", "str")
+    return values, kind
+
+
+def test_shared_options_have_one_name_and_one_kind_across_commands():
+    kinds: dict = {}
+    for name, parser in every_parser().items():
+        options = {action.dest: action for action in parser._actions if action.option_strings}
+        others = sorted(set(options) & set(VOCABULARY))
+        assert not others, f"{name} spells shared options another way: {others} (the project's names: " \
+                           f"{[VOCABULARY[other] for other in others]})"
+        for dest, action in options.items():
+            if dest != "help":
+                kinds.setdefault(dest, {}).setdefault(option_kind(action), []).append(name)
+    mixed = {dest: by_kind for dest, by_kind in kinds.items() if len(by_kind) > 1}
+    assert not mixed, f"one option name, different kinds of value: {mixed}"
+    # The concepts the commands share are spelt alike where they occur.
+    assert {name for name, parser in every_parser().items() if "names" in parser._option_actions()} >= {
+        "alibi-probe", "alibi-report", "alibi-scribbles", "alibi-demo"}
+    assert {name for name, parser in every_parser().items() if "output_dir" in parser._option_actions()} >= {
+        "alibi-probe", "alibi-report", "alibi-scribbles", "alibi-linear-seg", "alibi-distill", "alibi-convert"}
+
+
+def test_other_spellings_are_refused_naming_the_option():
+    checked = 0
+    for name, parser in every_parser().items():
+        options = parser._option_actions()
+        for old, new in VOCABULARY.items():
+            if new in options:
+                message = parser.unknown_arguments_message([f"--{old}", "x"])
+                assert message == f"unknown option '--{old}' (renamed '--{new}'); --help lists the options", name
+                checked += 1
+    assert checked > 40
+
+
+def test_the_probe_refuses_output_naming_output_dir(capsys):
+    module = importlib.import_module(COMMANDS["alibi-probe"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--models", "m", "--output", "results.json"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("error: unknown option '--output' (renamed '--output_dir'); --help lists the options")
+
+
+@pytest.mark.parametrize("command", ["alibi-probe", "alibi-report", "alibi-scribbles"])
+def test_names_must_match_the_models(command, capsys):
+    module = importlib.import_module(COMMANDS[command])
+    with pytest.raises(SystemExit):
+        module.main(["--models", "a", "b", "--names", "only-one"])
+    assert "--names gives 1 names for 2 models" in capsys.readouterr().err
+
+
+def test_linear_segmentation_config_keys_take_the_shared_names():
+    from evaluation.linear_segmentation.config import make_config
+
+    with pytest.raises(InputError, match="Unknown key 'disable_progress_bars' \\(renamed 'no_progress'\\)"):
+        make_config({"disable_progress_bars": True})
+    with pytest.raises(InputError, match="Unknown key 'epochs' \\(renamed 'num_train_epochs'\\)"):
+        make_config({"epochs": 3})
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -127,8 +199,11 @@ def test_every_command_reads_a_config_file_first(command, tmp_path, image_folder
 
 
 def test_hub_ids_pass_and_offline_misses_are_named(monkeypatch):
+    from alibi_dinov2.hub import offline
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(offline, "_reachable", {offline.hub_endpoint(): True})  # as with a network
     assert check_model_source("facebook/dinov2-small") == "facebook/dinov2-small"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not found: someone/not-cached .*not in the local cache"):

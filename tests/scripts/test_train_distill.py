@@ -149,7 +149,8 @@ def test_loss_falls_and_the_saved_model_reloads_with_identical_outputs(teacher_f
     assert f"held-out, {PROBE_SIZE} px (student) | {summary['probe']['probe_r2_lr_ud']:.4g} |" in card
     assert (output / "preprocessor_config.json").is_file()
 
-    events = EventAccumulator(str(output / training_runs.LOGS_FOLDER / TRACKER_PROJECT)).Reload()
+    logs = training_runs.run_folder(output) / training_runs.LOGS_FOLDER
+    events = EventAccumulator(str(logs / TRACKER_PROJECT)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "train/images_per_second", "train/skipped_images"} <= tags
     assert {"probe/r2_lr_ud", "probe/patch_cosine", "probe/teacher_r2_lr_ud", "train/epoch_loss"} <= tags
@@ -253,21 +254,45 @@ def test_streamed_dataset(teacher_folder, image_folder, tmp_path):
     assert summary["teacher_forward_images"] == 10 and summary["cached_target_hits"] == 8
 
 
+MODEL_FILES = {"config.json", "model.safetensors", "README.md", "configuration_alibi_dinov2.py",
+               "modeling_alibi_dinov2.py", "alibi_attention.py", "preprocessor_config.json", "train_summary.json"}
+
+
 @pytest.mark.multiprocess
-def test_two_processes_with_accelerate_launch(teacher_folder, image_folder, tmp_path):
-    """Two CPU processes in one gloo group. accelerate's `--cpu` starts a single process unless given an MPI host
-    file, so the group is launched through torchrun (`--multi_gpu`); the script runs it on the CPU when the machine
-    has no GPU."""
+def test_a_command_line_run_prints_no_warnings_and_keeps_the_model_folder_clean(teacher_folder, image_folder,
+                                                                                 tmp_path):
+    """`alibi-distill` as a user runs it: nothing on stderr says warning; the model folder holds the model files only
+    (checkpoints and logs in OUTPUT_DIR-run) and the default limit keeps the newest two checkpoints."""
+    output = tmp_path / "alibi"
+    command = [sys.executable, "-m", "alibi_dinov2.commands", "alibi-distill"]
+    command += flags(teacher_folder, image_folder, output, "--max_train_steps", 4, "--checkpointing_steps", 1,
+                     "--report_to", "tensorboard")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    warned = [line for line in finished.stderr.splitlines() if "warn" in line.lower()]
+    assert not warned, warned
+    assert {path.name for path in output.iterdir()} == MODEL_FILES
+    assert [path.name for path in training_runs.list_checkpoints(output)] == [
+        "checkpoint_00000003", "checkpoint_00000004"]
+    assert training_runs.checkpoints_root(output).parent == tmp_path / "alibi-run"
+    assert any((tmp_path / "alibi-run" / training_runs.LOGS_FOLDER).rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.multiprocess
+def test_two_processes_with_num_processes(teacher_folder, image_folder, tmp_path):
+    """Two CPU processes in one gloo group, started by the command itself (`--num_processes 2`: accelerate's
+    launcher with `--multi_gpu`, which torchrun runs; the script forms a CPU group when the machine has no GPU),
+    with no launcher warning."""
     output = tmp_path / "two"
-    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu"]
-    command += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(REPO_ROOT / "train_distill.py")]
+    command = [sys.executable, "-m", "alibi_dinov2.commands", "alibi-distill", "--num_processes", "2"]
     command += flags(teacher_folder, image_folder, output, "--per_device_train_batch_size", 2, "--max_train_steps", 4)
     command += ["--checkpointing_steps", "2", "--dataloader_num_workers", "1"]
     command += ["--cache_teacher_embeddings", str(tmp_path / "cache")]
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     finished = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-4000:]
+    assert not [line for line in finished.stderr.splitlines() if "warn" in line.lower()], finished.stderr[-4000:]
 
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["total_batch_size"] == 4
@@ -548,7 +573,7 @@ EVERY_FLAG = [
     "--learning_rate", "--weight_decay", "--lr_scheduler", "--num_warmup_steps", "--mixed_precision", "--seed",
     "--output_dir", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--report_to",
     "--logging_steps", "--push_to_hub", "--hub_model_id", "--probe_dir", "--num_probe_images",
-    "--probe_every_n_steps", "--probe_image_size", "--cpu", "--hub_private_repo",
+    "--probe_every_n_steps", "--probe_image_size", "--cpu", "--hub_private_repo", "--num_processes",
 ]  # fmt: skip
 
 

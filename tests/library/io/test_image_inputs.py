@@ -139,7 +139,7 @@ def test_probe_and_report_commands_skip_and_name_bad_files_or_fail_with_strict(
 ):
     output = tmp_path / "probe.json"
     results = probe_runner.main(["--models", str(tiny_folder), "--images", str(awkward), "--repeats", "1",
-                                 "--step", "2", "--no_progress", "--output", str(output)])
+                                 "--step", "2", "--no_progress", "--output_dir", str(tmp_path)])
     reasons = {entry["name"].split("/")[-1]: entry["reason"] for entry in results["skipped"]}
     assert set(reasons) == {CORRUPT, TINY} and "smaller than one 14 x 14 patch" in reasons[TINY]
     assert [image["name"] for image in results["sources"][str(awkward)]] == sorted(READABLE)

@@ -153,3 +153,10 @@ def test_one_page_of_a_stack_decodes_that_page_only(tmp_path, monkeypatch):
         load_image(tmp_path / "stack.tif", page=5)
     with pytest.raises(ValueError, match="holds 5 pages"):
         read_image(tmp_path / "stack.tif")
+
+
+def test_a_missing_label_file_is_named_as_a_label_file(tmp_path):
+    from alibi_dinov2.io.images import read_labels
+
+    with pytest.raises(FileNotFoundError, match="^Label file not found: .*labels.png$"):
+        read_labels(tmp_path / "labels.png")

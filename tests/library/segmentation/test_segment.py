@@ -302,6 +302,11 @@ def test_training_takes_folders_of_images_and_labels_paired_by_name(material, tm
         (lambda f, d: ([f / "stack.tif"], [f / "scribbles.png", f / "scribbles.png"]), "2 label files for the 3"),
         (lambda f, d: ([f / "train.tif"], [d / "empty.png"]), "No scribble in any of the 1 label image"),
         (lambda f, d: ([f / "train.tif", f / "train.tif"], [f / "scribbles.png"]), "one --labels file or folder"),
+        (lambda f, d: ([f / "train.tif"], [d / "missing.png"]),
+         "label file not found: .*missing.png \\(the labels of .*train.tif\\)"),
+        (lambda f, d: ([f / "stack.tif"], [f / "scribbles.png", d / "missing.png", f / "scribbles.png"]),
+         "label file not found: .*missing.png \\(the labels of .*stack.tif\\)"),
+        (lambda f, d: ([d / "missing.tif"], [f / "scribbles.png"]), "image file not found: .*missing.tif"),
     ],
 )
 def test_pairs_that_do_not_fit_are_named(material, tmp_path, make, message):

@@ -344,3 +344,30 @@ def test_classical_plus_vit_segmenter_with_a_tiny_alibi_dinov3(two_phase):
     prediction = segmenter.predict(test_image)
     assert prediction.shape == test_truth.shape
     assert mean_iou(prediction, test_truth, n_classes=2) >= 0.8
+
+
+def test_files_train_like_arrays_and_label_errors_name_the_files(tmp_path, two_phase):
+    import re
+
+    import tifffile
+    from PIL import Image
+
+    image, _, scribbles, test_image, _ = two_phase
+    image = image.astype(np.float32)
+    tifffile.imwrite(tmp_path / "train.tif", image)
+    Image.fromarray(scribbles.astype(np.uint8)).save(tmp_path / "train_labels.png")
+    settings = {"classifier_params": {"n_estimators": 30}, "n_jobs": 2}
+    from_files = TrainableSegmenter(**settings).fit([str(tmp_path / "train.tif")], [tmp_path / "train_labels.png"])
+    from_arrays = TrainableSegmenter(**settings).fit(image, scribbles)
+    np.testing.assert_array_equal(from_files.predict(test_image), from_arrays.predict(test_image))
+
+    image_file, missing = tmp_path / "train.tif", tmp_path / "train_label.png"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"label file not found: {missing} (the labels of "
+                                                          f"{image_file})")):
+        TrainableSegmenter().fit(image_file, missing)
+    Image.fromarray(scribbles[:-2].astype(np.uint8)).save(tmp_path / "short.png")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'short.png'} has shape (94, 96) but {image_file} is "
+                                                   "(96, 96)")):
+        TrainableSegmenter().fit([image_file], [tmp_path / "short.png"])
+    with pytest.raises(ValueError, match=re.escape("label image 1 has shape (94, 96) but image 1 is (96, 96)")):
+        TrainableSegmenter().fit([image, image], [scribbles, scribbles[:-2]])

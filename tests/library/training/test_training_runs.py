@@ -44,11 +44,14 @@ def test_checkpoint_names_and_layout(job):
     accelerator, model, optimizer, progress, output_dir = job
     train_one_step(model, optimizer, progress)
     saved = runs.save_checkpoint(accelerator, output_dir, 1)
-    assert saved == output_dir / "checkpoints" / "checkpoint_00000001"
+    run_files = output_dir.with_name("run-run")  # beside the output folder, which keeps the results only
+    assert runs.run_folder(output_dir) == run_files and runs.run_folder(f"{output_dir}/") == run_files
+    assert saved == run_files / "checkpoints" / "checkpoint_00000001"
     assert runs.checkpoint_step(saved) == 1
     assert (saved / "custom_checkpoint_0.pkl").is_file() and (saved / "random_states_0.pkl").is_file()
-    assert accelerator.project_configuration.logging_dir == str(output_dir / "logs")
-    assert [path.name for path in (output_dir / "checkpoints").iterdir()] == ["checkpoint_00000001"]
+    assert accelerator.project_configuration.logging_dir == str(run_files / "logs")
+    assert [path.name for path in (run_files / "checkpoints").iterdir()] == ["checkpoint_00000001"]
+    assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
 def test_a_save_killed_midway_leaves_nothing_latest_picks(job, monkeypatch):
@@ -72,15 +75,16 @@ def test_a_save_killed_midway_leaves_nothing_latest_picks(job, monkeypatch):
     monkeypatch.undo()
     assert type(accelerator).save_state is original
 
-    leftovers = sorted(path.name for path in (output_dir / "checkpoints").iterdir())
+    leftovers = sorted(path.name for path in runs.checkpoints_root(output_dir).iterdir())
     assert leftovers == [".tmp_checkpoint_00000002", "checkpoint_00000001"]
     assert runs.list_checkpoints(output_dir) == [first]
     assert runs.resolve_resume_checkpoint("latest", output_dir) == first
     with pytest.raises(SourceNotFoundError, match="not found: .*tmp_checkpoint_00000002"):
-        runs.resolve_resume_checkpoint(str(output_dir / "checkpoints" / ".tmp_checkpoint_00000002"), output_dir)
+        runs.resolve_resume_checkpoint(str(runs.checkpoints_root(output_dir) / ".tmp_checkpoint_00000002"),
+                                       output_dir)
 
     runs.remove_incomplete_checkpoints(output_dir)
-    assert [path.name for path in (output_dir / "checkpoints").iterdir()] == ["checkpoint_00000001"]
+    assert [path.name for path in runs.checkpoints_root(output_dir).iterdir()] == ["checkpoint_00000001"]
 
 
 def test_an_error_while_saving_removes_the_temporary_folder(job, monkeypatch):
@@ -93,7 +97,7 @@ def test_an_error_while_saving_removes_the_temporary_folder(job, monkeypatch):
     monkeypatch.setattr(type(accelerator), "save_state", fails)
     with pytest.raises(OSError, match="disk full"):
         runs.save_checkpoint(accelerator, output_dir, 5)
-    assert list((output_dir / "checkpoints").iterdir()) == []
+    assert list(runs.checkpoints_root(output_dir).iterdir()) == []
     assert runs.resolve_resume_checkpoint("latest", output_dir) is None
 
 
@@ -146,18 +150,19 @@ def test_state_dict_dataclass_ignores_unknown_keys():
 
 
 def test_resolve_resume_checkpoint(tmp_path):
-    assert runs.resolve_resume_checkpoint(None, tmp_path) is None
-    assert runs.resolve_resume_checkpoint("latest", tmp_path) is None  # nothing saved yet
+    output_dir = tmp_path / "out"
+    assert runs.resolve_resume_checkpoint(None, output_dir) is None
+    assert runs.resolve_resume_checkpoint("latest", output_dir) is None  # nothing saved yet
     with pytest.raises(SourceNotFoundError, match="not found: .*nowhere"):
-        runs.resolve_resume_checkpoint(str(tmp_path / "nowhere"), tmp_path)
-    empty = tmp_path / "checkpoints" / "checkpoint_00000004"
+        runs.resolve_resume_checkpoint(str(tmp_path / "nowhere"), output_dir)
+    empty = tmp_path / "out-run" / "checkpoints" / "checkpoint_00000004"
     empty.mkdir(parents=True)  # named like one, but accelerate never finished writing it
-    assert runs.list_checkpoints(tmp_path) == []
+    assert runs.list_checkpoints(output_dir) == []
     with pytest.raises(SourceNotFoundError, match="checkpoint_00000004"):
-        runs.resolve_resume_checkpoint(str(empty), tmp_path)
+        runs.resolve_resume_checkpoint(str(empty), output_dir)
     (empty / "random_states_0.pkl").write_bytes(b"")
-    assert runs.resolve_resume_checkpoint(str(empty), tmp_path) == empty
-    assert runs.resolve_resume_checkpoint("latest", tmp_path) == empty
+    assert runs.resolve_resume_checkpoint(str(empty), output_dir) == empty
+    assert runs.resolve_resume_checkpoint("latest", output_dir) == empty
 
 
 def test_a_second_job_in_the_same_process_may_change_settings(tmp_path):
