@@ -365,8 +365,8 @@ def _skipped_html(skipped: Sequence[Mapping[str, str]]) -> str:
     if not skipped:
         return ""
     escape = html.escape
-    rows = "".join(f"<tr><td class=set>{escape(item['name'])}</td><td class=set>{escape(item['reason'])}</td></tr>"
-                   for item in skipped)
+    rows = "".join(f"<tr><td class=set>{escape(item['name'])}</td><td class=set>"
+                   f"{escape(item['reason'].removeprefix(item['name'] + ': '))}</td></tr>" for item in skipped)
     return (f"<h2>Skipped inputs ({len(skipped)})</h2><p>Left out of every table and picture (pass --strict to "
             f"fail instead):</p><div class=scroll><table><tr><th>input</th><th>reason</th></tr>{rows}</table></div>")
 
