@@ -264,9 +264,14 @@ def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
 
 
 def _content_clause(flagged: Mapping[str, dict]) -> str:
-    """`ramp (its pixels alone give lr R^2 0.34)` for each image set whose content varies with position."""
-    return ", ".join(f"{source} (its pixels alone give {flag['ramp']} R^2 {flag['r2']:.2f})"
-                     for source, flag in flagged.items())
+    """`its pixels alone give lr R^2 0.35` (one image set whose content varies with position) or `their pixels alone
+    give lr R^2 0.35 on A, ud R^2 0.20 on B`."""
+    if len(flagged) == 1:
+        (flag,) = flagged.values()
+        return f"its pixels alone give {flag['ramp']} R^2 {flag['r2']:.2f}"
+    return "their pixels alone give " + ", ".join(
+        f"{flag['ramp']} R^2 {flag['r2']:.2f} on {source}" for source, flag in flagged.items()
+    )
 
 
 def headline(
@@ -289,13 +294,14 @@ def headline(
         r2 = _headline_r2({source: by_source[source] for source in counted or by_source})
         score = f"{model}: positional R^2 {max(r2, 0.0):.2f} (raw {r2:+.2f}) on {', '.join(counted or by_source)}"
         if not counted:
-            parts = [f"{score}, images whose content itself varies with position ({_content_clause(flagged)}): "
-                     "this R^2 can be content and is no evidence for or against positional encoding; probe "
-                     "homogeneous images (e.g. --images micro) to measure it"]
+            parts = [f"{score}, whose content itself varies with position ({_content_clause(flagged)}): this R^2 "
+                     "can be content and is no evidence for or against positional encoding; probe homogeneous images "
+                     "(e.g. --images micro) to measure it"]
         else:
             parts = [f"{score}: its features {describe_r2(r2)}"]
             if flagged:
-                parts.append(f"not counted, as their content varies with position: {_content_clause(flagged)}")
+                parts.append(f"not counted: {', '.join(flagged)}, whose content varies with position "
+                             f"({_content_clause(flagged)})")
         cosine = cosines.get(model)
         if cosine is not None:
             parts.append(f"content kept: patch cosine to {reference} {cosine:.2f} on "
@@ -312,7 +318,7 @@ def headline(
 def describe_cosine_images(cosine_images: Mapping[str, object] | None) -> str:
     """`the 4 images of held-out` (how the patch cosine's image set is named everywhere)."""
     if not cosine_images:
-        return "the pictured images"
+        return "the images"
     count = cosine_images["images"]
     return f"the {count} image{'s' if count != 1 else ''} of {cosine_images['set']}"
 
@@ -336,6 +342,11 @@ TRANSFORM_CAPTION = (
     "not the flipped features even though ALiBi's distances are symmetric. Large errors there are expected for "
     "every model and say nothing about position: read the roll column."
 )
+
+
+def _error_text(error: float) -> str:
+    """4 decimals, or 2 significant digits below 1e-3 (float rounding shows as such, not as 0.0000)."""
+    return f"{error:.4f}" if error >= 1e-3 else f"{error:.1e}"
 
 
 def _probe_rows(report: dict, ramps: Sequence[str]) -> str:
@@ -390,7 +401,7 @@ def render_html(report: dict) -> str:
     transforms = list(next(iter(report["transform_errors"].values())))
     transform_rows = "".join(
         f"<tr><th>{escape(model)}</th>"
-        + "".join(f"<td>{report['transform_errors'][model][t]:.4f}</td>" for t in transforms)
+        + "".join(f"<td>{_error_text(report['transform_errors'][model][t])}</td>" for t in transforms)
         + "</tr>"
         for model in report["transform_errors"]
     )

@@ -107,7 +107,7 @@ def test_a_set_whose_content_varies_with_position_is_named_and_left_out_of_the_v
         assert line["r2_sets"] == ["noise", "micro"] and line["content_flagged"] == ["ramp"]
         counted = [content["summary"][model][source]["lr+ud"]["mean"] for source in ("noise", "micro")]
         assert line["r2"] == pytest.approx(sum(counted) / 2)
-        assert (f"not counted, as their content varies with position: ramp (its pixels alone give "
+        assert (f"not counted: ramp, whose content varies with position (its pixels alone give "
                 f"{flags['ramp']['ramp']} R^2 {flags['ramp']['r2']:.2f})") in line["sentence"]
     assert html.escape(CONTENT_MEANING) in page and "image content<br>(14 px patches)" in page
     assert page.count("class=flagged") == 3 * len(content["summary"]["alibi"]["ramp"])  # 2 models + the baseline
@@ -124,6 +124,8 @@ def test_the_transformation_table_says_what_each_column_measures_and_expects(rep
     assert html.escape(TRANSFORM_CAPTION) in page
     for column in content["transform_errors"]["alibi"]:  # every column measured is explained
         assert f"{column}:" in TRANSFORM_CAPTION or f"{column} " in TRANSFORM_CAPTION
+    roll = content["transform_errors"]["alibi"]["roll"]
+    assert roll < 1e-4 and f"<td>{roll:.1e}</td>" in page  # float rounding, shown as such (not as 0.0000)
 
 
 def test_reference_model_gives_each_model_its_patch_cosine(tmp_path):
