@@ -46,6 +46,7 @@ from alibi_dinov2.io.files import write_json_atomic
 from alibi_dinov2.io.image_sets import NamedImage, load_image_source
 from alibi_dinov2.io.images import ImageReadError, SkippedInputs
 from alibi_dinov2.names import display_names
+from evaluation.content_control import content_flags, patch_pixel_statistics
 from evaluation.positional_probe import PROBE_PROTOCOL, ProbeProtocol, expand_ramps
 
 
@@ -108,7 +109,9 @@ def run_probe(
         ``per_channel[model][source][ramp] = [C values]``, ``skipped`` (name and reason of each input left
         out, including unreadable files recorded in `skipped` before the call) and ``warnings``: images whose
         grid gives fewer than the protocol's ``min_samples`` sampled patches, left out of the means (their R^2
-        would be noise).
+        would be noise); ``content_baseline[patch size][source][ramp] = {mean, std, n, per_image}``: the same probe
+        on the images' own patch pixel statistics (see :mod:`evaluation.content_control`), for each patch size of
+        the models.
     """
     skipped = SkippedInputs() if skipped is None else skipped
     for ramp in ramps:
@@ -140,8 +143,36 @@ def run_probe(
             if per_channel:
                 results["per_channel"][model_name][source_name] = probed.channel_means
     bar.close()
+    patch_sizes = sorted({description["patch_size"] for description in results["models"].values()})
+    results["content_baseline"] = {
+        str(patch_size): {
+            source_name: content_baseline(images, patch_size, ramps, protocol)
+            for source_name, images in sources.items()
+        }
+        for patch_size in patch_sizes
+    }
     results["skipped"] = skipped.as_dict()
     return results
+
+
+def content_baseline(
+    images: Sequence[NamedImage], patch_size: int, ramps: Sequence[str], protocol: ProbeProtocol = PROBE_PROTOCOL
+) -> dict:
+    """The content control of one image set: every ramp's R^2 summary (as in ``scores``) of the probe on each
+    image's patch pixel statistics, with the samplings the models get (same image indices) and the same images left
+    out (unreadable, too small to probe)."""
+    scores = {ramp: [] for ramp in ramps}
+    for image_index, (_, image) in enumerate(images):
+        try:
+            statistics = patch_pixel_statistics(image, patch_size)
+        except ImageReadError:
+            continue  # recorded in `skipped` by the models' pass
+        if not protocol.can_probe(*statistics.shape[:2]):
+            continue
+        image_scores, _ = _probe_image(statistics, ramps, protocol, image_index, per_channel=False)
+        for ramp in ramps:
+            scores[ramp].append(image_scores[ramp])
+    return {ramp: _summary(scores[ramp]) for ramp in ramps}
 
 
 @dataclass
@@ -225,7 +256,8 @@ def _small_grid_warning(model: str, source: str, image: str, grid: list[int], pr
 
 
 def format_table(results: dict) -> str:
-    """Plain-text table: one row per model and source, one ``mean +- std`` column per ramp."""
+    """Plain-text table: one row per model and source, one ``mean +- std`` column per ramp, the content baseline's
+    rows, and a line for each image set whose content predicts position."""
     ramps = results["protocol"]["ramps"]
     header = ["model", "images"] + list(ramps)
     rows = []
@@ -235,9 +267,23 @@ def format_table(results: dict) -> str:
                 [model_name, source_name]
                 + [f"{per_ramp[ramp]['mean']:+.3f} +- {per_ramp[ramp]['std']:.3f}" for ramp in ramps]
             )
+    for patch_size, per_source in results.get("content_baseline", {}).items():
+        for source_name, per_ramp in per_source.items():
+            rows.append(
+                [f"image content ({patch_size} px patches)", source_name]
+                + [f"{per_ramp[ramp]['mean']:+.3f} +- {per_ramp[ramp]['std']:.3f}" for ramp in ramps]
+            )
     widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    for patch_size, per_source in results.get("content_baseline", {}).items():
+        for source_name, flag in content_flags(per_source).items():
+            if flag["flagged"]:
+                lines.append(
+                    f"{source_name}: the images' own pixels ({patch_size} px patches) predict position "
+                    f"({flag['ramp']} R^2 {flag['r2']:+.2f}): the models' R^2 on this set can be content, not "
+                    "positional encoding"
+                )
     return "\n".join(lines)
 
 

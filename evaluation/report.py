@@ -32,8 +32,9 @@ from alibi_dinov2.features.visualisation import (
 from alibi_dinov2.hub.models import load_model
 from alibi_dinov2.io.files import write_json_atomic, write_text_atomic
 from alibi_dinov2.io.image_sets import NamedImage
-from alibi_dinov2.io.images import SkippedInputs
+from alibi_dinov2.io.images import ImageReadError, SkippedInputs
 from alibi_dinov2.names import display_names, short_names
+from evaluation.content_control import CONTENT_MEANING, content_flags
 from evaluation.positional_probe import PROBE_PROTOCOL, R2_MEANING, ProbeProtocol, describe_r2, layer_fingerprint
 from evaluation.probe_runner import ImageSetArguments, load_image_sets, run_probe
 from evaluation.transform_check import transform_check
@@ -73,6 +74,30 @@ def patch_cosines(features: Mapping[str, list[np.ndarray]], reference: str) -> d
         ]
         cosines[name] = float(np.mean(np.concatenate([v.ravel() for v in values])))
     return cosines
+
+
+def reference_cosines(
+    models: Mapping[str, object],
+    images: Sequence[NamedImage],
+    reference: str,
+    image_processors: Mapping[str, object] | None = None,
+) -> tuple[dict[str, float | None], int]:
+    """The report's one patch cosine to the reference model: :func:`patch_cosines` of the last-layer features of
+    every image of one set (at native size, cropped to the patch grid) that every model takes. Returns
+    `({model: cosine}, images used)`."""
+    usable = []
+    features = {name: [] for name in models}
+    for item in images:
+        try:
+            grids = shown_features(models, [item], image_processors)
+        except ImageReadError:
+            continue  # unreadable or too small: named in the probe's skipped inputs
+        usable.append(item)
+        for name in models:
+            features[name].extend(grids[name])
+    if not usable:
+        return {name: None for name in models}, 0
+    return patch_cosines(features, reference), len(usable)
 
 
 def feature_pictures(
@@ -134,6 +159,7 @@ def build_report(
     progress: bool = True,
     skipped: SkippedInputs | None = None,
     reference: str | None = None,
+    cosine_set: str | None = None,
 ) -> dict:
     """Probe, picture and check every model; write `report.json`, `report.html` and PNGs to `output_dir`.
 
@@ -146,14 +172,20 @@ def build_report(
         skipped: inputs left out so far (see `evaluation.probe_runner.run_probe`).
         reference: name of the model whose features the others should keep (the teacher or base model): the
             headline gives each model's patch cosine to it.
+        cosine_set: the image set of that patch cosine, all its images (default: the first set).
 
     Returns:
         The JSON content: `headline` (see :func:`headline`), `probe` (see `evaluation.probe_runner.run_probe`),
-        `summary[model][set][ramp]` (mean, std), `transform_errors[model][transform]`, `cosine_to_reference`,
-        `warnings` (images left out of the means), `figures`.
+        `summary[model][set][ramp]` (mean, std), `content_control[model][set]` (see
+        `evaluation.content_control.content_flags`), `transform_errors[model][transform]`, `cosine_to_reference`
+        and `cosine_images` (`{"set", "images"}` it was measured on), `skipped` (name and reason of each input
+        left out), `warnings` (images left out of the means), `figures`.
     """
     if reference is not None and reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
+    cosine_set = cosine_set or next(iter(sources))
+    if cosine_set not in sources:
+        raise ValueError(f"cosine_set {cosine_set!r} is not one of the image sets {list(sources)}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     protocol = replace(PROBE_PROTOCOL, repeats=repeats, seed=seed)
@@ -164,19 +196,11 @@ def build_report(
     steps = tqdm(total=4, desc="report", disable=not progress, file=sys.stderr)
     features = shown_features(models, shown, image_processors)
     figures = feature_pictures(features, shown, output_dir)
-    cosines = patch_cosines(features, reference) if reference else {}
+    cosines, cosine_count = {}, 0
+    if reference:
+        cosines, cosine_count = reference_cosines(models, sources[cosine_set], reference, image_processors)
     steps.update(1)
-    first_source = next(iter(sources))
-    channel_series = {name: probe["per_channel"][name][first_source]["lr"] for name in models}
-    figures["channels"] = _save(
-        plot_channel_r2(channel_series, kind="line", title=f"per-channel R^2, lr ramp ({first_source})"),
-        output_dir / "channels.png",
-    )
-    figures["fingerprint"] = _save(
-        plot_layer_fingerprint(fingerprints(models, shown, protocol=protocol, image_processors=image_processors),
-                               title="per-channel R^2 against the lr ramp, every layer"),
-        output_dir / "fingerprint.png",
-    )
+    figures.update(probe_figures(models, shown, probe, protocol, output_dir, image_processors))
     steps.update(2)
     errors = transform_check(models, [image for _, image in shown])
     steps.update(1)
@@ -188,14 +212,22 @@ def build_report(
         }
         for model, by_source in probe["scores"].items()
     }
+    content = {
+        model: content_flags(probe["content_baseline"][str(description["patch_size"])])
+        for model, description in probe["models"].items()
+    }
+    cosine_images = {"set": cosine_set, "images": cosine_count} if reference else None
     report = {
         "title": title,
         "notes": list(notes),
-        "headline": headline(summary, errors, cosines, reference),
+        "headline": headline(summary, errors, cosines, reference, cosine_images, content),
         "summary": summary,
+        "content_control": content,
         "transform_errors": errors,
         "cosine_to_reference": cosines,
+        "cosine_images": cosine_images,
         "reference": reference,
+        "skipped": probe["skipped"],
         "warnings": [warning["message"] for warning in probe["warnings"]],
         "figures": figures,
         "probe": probe,
@@ -203,6 +235,24 @@ def build_report(
     write_json_atomic(output_dir / "report.json", report)
     write_text_atomic(output_dir / "report.html", render_html(report))
     return report
+
+
+def probe_figures(models, shown, probe: dict, protocol: ProbeProtocol, output_dir: Path,
+                  image_processors=None) -> dict[str, str]:
+    """The per-channel R^2 plot (lr ramp, first image set) and the layer fingerprint: {kind: file name}."""
+    first_source = next(iter(probe["sources"]))
+    channel_series = {name: probe["per_channel"][name][first_source]["lr"] for name in models}
+    return {
+        "channels": _save(
+            plot_channel_r2(channel_series, kind="line", title=f"per-channel R^2, lr ramp ({first_source})"),
+            output_dir / "channels.png",
+        ),
+        "fingerprint": _save(
+            plot_layer_fingerprint(fingerprints(models, shown, protocol=protocol, image_processors=image_processors),
+                                   title="per-channel R^2 against the lr ramp, every layer"),
+            output_dir / "fingerprint.png",
+        ),
+    }
 
 
 def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
@@ -213,51 +263,145 @@ def _headline_r2(by_source: Mapping[str, Mapping[str, dict]]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _content_clause(flagged: Mapping[str, dict]) -> str:
+    """`its pixels alone give lr R^2 0.35` (one image set whose content varies with position) or `their pixels alone
+    give lr R^2 0.35 on A, ud R^2 0.20 on B`."""
+    if len(flagged) == 1:
+        (flag,) = flagged.values()
+        return f"its pixels alone give {flag['ramp']} R^2 {flag['r2']:.2f}"
+    return "their pixels alone give " + ", ".join(
+        f"{flag['ramp']} R^2 {flag['r2']:.2f} on {source}" for source, flag in flagged.items()
+    )
+
+
 def headline(
-    summary: dict, transform_errors: dict, cosines: Mapping[str, float | None], reference: str | None
+    summary: dict,
+    transform_errors: dict,
+    cosines: Mapping[str, float | None],
+    reference: str | None,
+    cosine_images: Mapping[str, object] | None = None,
+    content: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> dict:
-    """One sentence per model: its positional R^2 (clipped at 0, raw beside it), the content it kept (patch cosine
-    to the reference model) and its roll-equivariance error. Returns {model: {numbers..., "sentence": str}}."""
+    """One sentence per model: its positional R^2 (clipped at 0, raw beside it) on the image sets whose content does
+    not vary with position (`content`, see `evaluation.content_control.content_flags`; no verdict where every set's
+    does), the content it kept (patch cosine to the reference model on `cosine_images`) and its roll-equivariance
+    error. Returns {model: {numbers..., "sentence": str}}."""
     lines = {}
     for model, by_source in summary.items():
-        r2 = _headline_r2(by_source)
-        verdict = describe_r2(r2)
-        roll = transform_errors.get(model, {}).get("roll")
+        flags = (content or {}).get(model, {})
+        flagged = {source: flags[source] for source in by_source if flags.get(source, {}).get("flagged")}
+        counted = [source for source in by_source if source not in flagged]
+        r2 = _headline_r2({source: by_source[source] for source in counted or by_source})
+        score = f"{model}: positional R^2 {max(r2, 0.0):.2f} (raw {r2:+.2f}) on {', '.join(counted or by_source)}"
+        if not counted:
+            parts = [f"{score}, whose content itself varies with position ({_content_clause(flagged)}): this R^2 "
+                     "can be content and is no evidence for or against positional encoding; probe homogeneous images "
+                     "(e.g. --images micro) to measure it"]
+        else:
+            parts = [f"{score}: its features {describe_r2(r2)}"]
+            if flagged:
+                parts.append(f"not counted: {', '.join(flagged)}, whose content varies with position "
+                             f"({_content_clause(flagged)})")
         cosine = cosines.get(model)
-        parts = [f"{model}: positional R^2 {max(r2, 0.0):.2f} (raw {r2:+.2f}): its features {verdict}"]
         if cosine is not None:
-            parts.append(f"content kept: patch cosine to {reference} {cosine:.2f}")
+            parts.append(f"content kept: patch cosine to {reference} {cosine:.2f} on "
+                         f"{describe_cosine_images(cosine_images)}")
+        roll = transform_errors.get(model, {}).get("roll")
         if roll is not None:
             parts.append(f"roll-equivariance error {roll:.1e}")
-        lines[model] = {"r2": r2, "r2_clipped": max(r2, 0.0), "cosine_to_reference": cosine, "roll_error": roll,
-                        "sentence": "; ".join(parts) + "."}
+        lines[model] = {"r2": r2, "r2_clipped": max(r2, 0.0), "r2_sets": counted, "content_flagged": list(flagged),
+                        "cosine_to_reference": cosine, "cosine_images": dict(cosine_images or {}),
+                        "roll_error": roll, "sentence": "; ".join(parts) + "."}
     return lines
 
 
-def _score_cell(score: dict) -> str:
+def describe_cosine_images(cosine_images: Mapping[str, object] | None) -> str:
+    """`the 4 images of held-out` (how the patch cosine's image set is named everywhere)."""
+    if not cosine_images:
+        return "the images"
+    count = cosine_images["images"]
+    return f"the {count} image{'s' if count != 1 else ''} of {cosine_images['set']}"
+
+
+def _score_cell(score: dict, flagged: bool = False) -> str:
     if not np.isfinite(score["mean"]):
         return '<td title="every image of this set was left out: grids too small to probe">n/a</td>'
-    return f"<td>{score['mean']:.3f} &plusmn; {score['std']:.3f}</td>"
+    style = ' class=flagged title="content that varies with position"' if flagged else ""
+    return f"<td{style}>{score['mean']:.3f} &plusmn; {score['std']:.3f}</td>"
+
+
+TRANSFORM_CAPTION = (
+    "Each column transforms the image, extracts its features and compares them with the same transform applied to "
+    "the features of the untransformed image (relative L2 error; 0: the features move exactly with the image). "
+    "flip_lr / flip_ud: mirror left-right / up-down; rot90: a quarter turn counter-clockwise; roll: a cyclic shift "
+    "by half the grid, in whole patches. A wrapped ALiBi model is exactly equivariant to the roll (its bias depends "
+    "only on wrapped distances, which a cyclic shift keeps), so its roll error is float rounding; a learned "
+    "position embedding or RoPE stays with the frame and gives a large one. No model here is expected to be "
+    "equivariant to flips or rot90: they also mirror or turn the pixels inside every patch, and the learned weights "
+    "(patch embedding, attention, MLPs) are not flip- or rotation-invariant, so the features of a flipped image are "
+    "not the flipped features even though ALiBi's distances are symmetric. Large errors there are expected for "
+    "every model and say nothing about position: read the roll column."
+)
+
+
+def _error_text(error: float) -> str:
+    """4 decimals, or 2 significant digits below 1e-3 (float rounding shows as such, not as 0.0000)."""
+    return f"{error:.4f}" if error >= 1e-3 else f"{error:.1e}"
+
+
+def _probe_rows(report: dict, ramps: Sequence[str]) -> str:
+    """The R^2 table's rows: each model on each image set (sets whose content varies with position marked), then
+    the content baseline of each patch size."""
+    escape = html.escape
+    summary, content = report["summary"], report.get("content_control", {})
+    rows = []
+    for model, by_source in summary.items():
+        for index, source in enumerate(by_source):
+            name = f'<th rowspan="{len(by_source)}">{escape(model)}</th>' if index == 0 else ""
+            flagged = content.get(model, {}).get(source, {}).get("flagged", False)
+            cells = "".join(_score_cell(by_source[source][ramp], flagged) for ramp in ramps)
+            rows.append(f"<tr>{name}<td class=set>{escape(source)}</td>{cells}</tr>")
+    for patch_size, by_source in report["probe"].get("content_baseline", {}).items():
+        flags = content_flags(by_source)
+        for index, source in enumerate(by_source):
+            name = (f'<th rowspan="{len(by_source)}" class=control>image content<br>({escape(patch_size)} px patches)'
+                    "</th>") if index == 0 else ""
+            cells = "".join(_score_cell(by_source[source][ramp], flags[source]["flagged"]) for ramp in ramps)
+            rows.append(f"<tr class=control>{name}<td class=set>{escape(source)}</td>{cells}</tr>")
+    return "".join(rows)
+
+
+def _skipped_html(skipped: Sequence[Mapping[str, str]]) -> str:
+    """The inputs left out, each with its reason (nothing when none was)."""
+    if not skipped:
+        return ""
+    escape = html.escape
+    rows = "".join(f"<tr><td class=set>{escape(item['name'])}</td><td class=set>"
+                   f"{escape(item['reason'].removeprefix(item['name'] + ': '))}</td></tr>" for item in skipped)
+    return (f"<h2>Skipped inputs ({len(skipped)})</h2><p>Left out of every table and picture (pass --strict to "
+            f"fail instead):</p><div class=scroll><table><tr><th>input</th><th>reason</th></tr>{rows}</table></div>")
+
+
+def _cosine_html(report: dict) -> str:
+    """What the headline's patch cosine is, and on which images."""
+    if not report.get("reference"):
+        return ""
+    return (f"<p class=meaning>Patch cosine to {html.escape(report['reference'])}: the cosine similarity of each "
+            "model's last-layer patch features to the reference model's at the same patch, averaged over every patch "
+            f"of {html.escape(describe_cosine_images(report.get('cosine_images')))} (native size, cropped to the "
+            "patch grid); 1 = the same features.</p>")
 
 
 def render_html(report: dict) -> str:
     """A self-contained page (pictures referenced beside it) of the report's tables and figures."""
     escape = html.escape
     summary = report["summary"]
-    models = list(summary)
-    sources = list(next(iter(summary.values())))
     ramps = list(next(iter(next(iter(summary.values())).values())))
     header = "".join(f"<th>{escape(ramp)}</th>" for ramp in ramps)
-    rows = []
-    for model in models:
-        for index, source in enumerate(sources):
-            name = f'<th rowspan="{len(sources)}">{escape(model)}</th>' if index == 0 else ""
-            cells = "".join(_score_cell(summary[model][source][ramp]) for ramp in ramps)
-            rows.append(f'<tr>{name}<td class=set>{escape(source)}</td>{cells}</tr>')
     transforms = list(next(iter(report["transform_errors"].values())))
     transform_rows = "".join(
         f"<tr><th>{escape(model)}</th>"
-        + "".join(f"<td>{report['transform_errors'][model][t]:.4f}</td>" for t in transforms)
+        + "".join(f"<td>{_error_text(report['transform_errors'][model][t])}</td>" for t in transforms)
         + "</tr>"
         for model in report["transform_errors"]
     )
@@ -292,21 +436,26 @@ th {{ background: #f4f4f4; }}
 .warning {{ background: #fde8e8; padding: 0.5em 1em; border-left: 4px solid #c03030; }}
 .headline {{ font-size: 1.15em; line-height: 1.5; }} .meaning {{ color: #555; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }} table {{ font-size: 0.9em; }} td.set {{ text-align: left; }}
+tr.control td, th.control {{ color: #555; font-style: italic; }} td.flagged {{ background: #fff0c0; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>{escape(report["title"])}</h1>
 <ul class=headline>{sentences}</ul>
 <p class=meaning>{escape(R2_MEANING)}</p>
+{_cosine_html(report)}
 {notes}{warnings}
 <h2>Positional linear probe (R^2, mean &plusmn; std over images and samplings)</h2>
 <p>One row per model and image set: high values on the lr / ud / radial ramps mean the features encode where a
-patch sits; the <code>random</code> column is the control; n/a: every image of the set was too small to probe.</p>
-<div class=scroll><table><tr><th>model</th><th>image set</th>{header}</tr>{''.join(rows)}</table></div>
+patch sits; the <code>random</code> column is the control; n/a: every image of the set was too small to probe.
+The <i>image content</i> rows are the same probe on the images' own pixels; shaded cells: the set's content varies
+with position.</p>
+<p class=meaning>{escape(CONTENT_MEANING)}</p>
+<div class=scroll><table><tr><th>model</th><th>image set</th>{header}</tr>{_probe_rows(report, ramps)}</table></div>
 <h2>Transformation check (relative L2 error: features of the transformed image vs transformed features)</h2>
-<p>0 means the features move exactly with the image. Wrapped ALiBi is exactly equivariant to rolls by whole
-patches; a learned position embedding is not.</p>
+<p>{escape(TRANSFORM_CAPTION)}</p>
 <div class=scroll><table><tr><th>model</th>{''.join(f'<th>{escape(t)}</th>' for t in transforms)}</tr>\
 {transform_rows}</table></div>
+{_skipped_html(report.get("skipped", []))}
 <h2>Pictures</h2>
 {figure_html}
 </body></html>

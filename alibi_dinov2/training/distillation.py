@@ -729,7 +729,7 @@ def save_model(run: DistillationRun, model) -> None:
         evaluation_results = {
             f"{probe_name} (student)": last_probe["probe_r2_lr_ud"],
             f"{probe_name} (teacher)": run.progress.teacher_probe_r2,
-            "patch cosine to teacher, held-out": last_probe["patch_cosine_to_teacher"],
+            f"patch cosine to teacher target, held-out, {args.image_size} px": last_probe["patch_cosine_to_teacher"],
         }
     save_model_folder(
         model,
@@ -764,6 +764,7 @@ def training_summary(run: DistillationRun, train_seconds: float, images_this_run
         "probe": {
             "images": len(run.probe),
             "image_size": run.args.probe_image_size,
+            "patch_cosine_image_size": run.args.image_size,  # centre crops, against the (blanked) teacher target
             "teacher_probe_r2_lr_ud": progress.teacher_probe_r2,
             **progress.last_probe,
         },

@@ -90,3 +90,20 @@ def test_wrapped_alibi_model_is_roll_equivariant_unlike_learned_positions():
     errors = transform_check({"alibi": alibi, "learned": learned}, images, transforms=("roll",))
     assert errors["alibi"]["roll"] < 1e-5
     assert errors["learned"]["roll"] > 1e-2
+
+
+def test_a_position_free_patch_embedding_follows_rolls_but_not_flips_or_turns(pictures):
+    """What the report's transformation table expects: with no position anywhere, a linear map of each patch's
+    pixels in their order (as a ViT's patch embedding) moves exactly with whole-patch rolls, but a flip or a turn
+    also reorders the pixels inside every patch, so the features of the flipped image are not the flipped features."""
+    projection = np.random.default_rng(1).normal(size=(PATCH * PATCH, 8))
+
+    def patch_embedding(image):
+        h, w = image.shape[0] // PATCH, image.shape[1] // PATCH
+        patches = image[: h * PATCH, : w * PATCH].reshape(h, PATCH, w, PATCH).transpose(0, 2, 1, 3)
+        return patches.reshape(h, w, -1) @ projection
+
+    square = [picture[:24, :24] for picture in pictures]  # rot90 keeps a square grid's shape
+    errors = transform_errors(patch_embedding, square, PATCH)
+    assert errors["roll"] < 1e-12
+    assert min(errors["flip_lr"], errors["flip_ud"], errors["rot90"]) > 0.5

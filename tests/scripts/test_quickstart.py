@@ -124,7 +124,18 @@ def test_reduced_quickstart_shows_the_effect(tmp_path):
     assert on_disk["acceptance"] == report["acceptance"]
     page = (tmp_path / "report.html").read_text()
     assert "SYNTHETIC TEACHER" in page
-    assert f"{cosine['last']:.3f} (ALiBi) vs {nope['last']:.3f} (NoPE)" in page
+    # One patch cosine to the teacher, named by its images, in the headline, the page, the JSON and the checks.
+    assert report["cosine_images"] == {"set": "held-out", "images": 2}
+    for variant in ("alibi", "nope"):
+        quoted = f"patch cosine to teacher {headline[variant]['cosine_to_reference']:.2f} on the 2 images of held-out"
+        assert quoted in headline[variant]["sentence"] and quoted in page
+        assert on_disk["cosine_to_reference"][variant] == headline[variant]["cosine_to_reference"]
+    assert any("on the 2 images of held-out (margin" in check for check in report["acceptance"])
+    assert "compare their patch cosines to the teacher in the headline" in page
+    # The training run's monitor is another measurement: it is named wherever it is quoted.
+    assert "2 held-out images centre-cropped to 112 px" in report["student_cosine_to_teacher_measured_by"]
+    card = (tmp_path / "student-alibi" / "README.md").read_text()
+    assert "patch cosine to teacher target, held-out, 112 px" in card
     assert (tmp_path / "teacher-synthetic" / "README.md").read_text().count("SYNTHETIC") == 1
     assert (tmp_path / "student-alibi" / "model.safetensors").exists()
     assert (tmp_path / "student-nope" / "model.safetensors").exists()
