@@ -38,6 +38,7 @@ EXTRAS = {
         "skops>=0.10",
         # Block-wise segmentation of images larger than memory.
         "dask[array]>=2024.1",
+        "distributed>=2024.1",  # --scheduler: blocks on a dask.distributed cluster
         "zarr>=2.18",
     ],
     "demo": ["gradio>=4.0"],

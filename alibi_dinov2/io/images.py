@@ -525,9 +525,10 @@ def _composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return rgb * alpha[..., None] + background * (1.0 - alpha[..., None])
 
 
-def to_rgb01(image: Any, name: str | None = None) -> np.ndarray:
+def to_rgb01(image: Any, name: str | None = None, extremes: tuple[float, float] | None = None) -> np.ndarray:
     """An image (any source, see :func:`load_image`) -> ``(H, W, 3)`` float32 RGB in [0, 1], by the policy of the
-    module docstring (gray replicated, alpha composited onto the ImageNet mean, high-bit data by its real range)."""
+    module docstring (gray replicated, alpha composited onto the ImageNet mean, high-bit data by its real range);
+    `extremes` as :func:`to_float01`'s, for one block of a larger image."""
     array = np.asarray(image) if isinstance(image, np.ndarray) else load_image(image)
     array = _channels_last(array)
     name = name or describe_source(image)
@@ -538,7 +539,7 @@ def to_rgb01(image: Any, name: str | None = None) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageReadError(f"{name}: empty image of shape {array.shape}")
     try:
-        unit = to_float01(array)
+        unit = to_float01(array, extremes=extremes)
     except (ValueError, TypeError) as error:
         raise ImageReadError(f"{name}: {error}") from error
     if unit.ndim == 2:
@@ -557,7 +558,7 @@ def read_rgb01(source: Any, page: int | None = None) -> np.ndarray:
 
 def check_image_size(image: np.ndarray, patch_size: int, name: str = "image") -> None:
     """Raise :class:`ImageTooSmallError` naming the image when a side is shorter than one patch."""
-    height, width = np.asarray(image).shape[:2]
+    height, width = np.shape(image)[:2]  # the shape alone: a lazy image stays unread
     if height < patch_size or width < patch_size:
         raise ImageTooSmallError(
             f"{name}: image of {height} x {width} px is smaller than one {patch_size} x {patch_size} patch"

@@ -29,8 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from alibi_dinov2.cli import ArgumentParser, available_cpus, load_config_file
+from alibi_dinov2.cli import ArgumentParser, load_config_file
 from alibi_dinov2.errors import InputError
+from alibi_dinov2.features.large_images import VitTiling
 from alibi_dinov2.hub.sources import check_model_source
 from alibi_dinov2.io.files import atomic_path, save_array_atomic
 from alibi_dinov2.io.images import (
@@ -43,6 +44,7 @@ from alibi_dinov2.io.images import (
     write_mask,
 )
 from alibi_dinov2.io.tiff_stacks import StackMetadata, read_stack_metadata
+from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, BlockOptions
 from alibi_dinov2.segmentation.pairs import parse_pages, training_pairs
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
@@ -100,13 +102,40 @@ class ApplyArguments:
     )
     block_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Segment each image in blocks of this many pixels a side, through dask (classical features "
-                          "only): memory bounded by one block's features per thread, the mask equal to the "
-                          "whole-image one. Default: whole images."},
+        metadata={"help": "Segment each image in blocks of this many pixels a side, through dask: memory bounded by "
+                          "one block's features per worker, the mask equal to the whole-image one. Default: whole "
+                          "images (zarr inputs: 2048)."},
     )
     num_workers: Optional[int] = field(
         default=None, metadata={"help": "dask threads for --block_size (default: the CPUs)."}
     )
+    scheduler: Optional[str] = field(
+        default=None,
+        metadata={"help": "Run the blocks on the dask.distributed scheduler at this address (tcp://host:port) "
+                          "instead of local threads; its workers must see the input and output paths."},
+    )
+    vit_max_tokens: int = field(
+        default=VitTiling.max_tokens,
+        metadata={"help": "ViT features in blocks: the whole image in one streamed pass up to this many patches, "
+                          "overlapping tiles beyond."},
+    )
+    vit_tile_patches: int = field(default=VitTiling.tile_patches, metadata={"help": "ViT tile side, in patches."})
+    vit_overlap_patches: int = field(
+        default=VitTiling.overlap_patches, metadata={"help": "Overlap of neighbouring ViT tiles, in patches."}
+    )
+
+    def __post_init__(self):
+        self.vit_tiling()  # bad tiling fails before anything is read
+
+    def vit_tiling(self) -> VitTiling:
+        return VitTiling(self.vit_max_tokens, self.vit_tile_patches, self.vit_overlap_patches)
+
+    def block_options(self) -> Optional[BlockOptions]:
+        """The block settings, None for whole images (a zarr input is always run in blocks)."""
+        tiling = self.vit_tiling()
+        if self.block_size is None and self.scheduler is None:
+            return None
+        return BlockOptions(self.block_size or DEFAULT_BLOCK_SIZE, self.num_workers, self.scheduler, tiling)
 
 
 def _as_list(value) -> list[str]:
@@ -164,16 +193,12 @@ def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter
     return TrainableSegmenter.load(path, model=_load_vit(name)[0] if uses_vit else None)
 
 
-def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name, blocks: Optional[tuple] = None) -> np.ndarray:
-    """The mask of one image: whole, or with `blocks = (block_size, num_workers)` block by block through dask."""
+def _segment(segmenter: TrainableSegmenter, image, name, blocks: Optional[BlockOptions] = None) -> np.ndarray:
+    """The mask of one image: whole, or block by block through dask with `blocks`."""
     try:
         if blocks is None:
             return segmenter.predict(image)
-        from alibi_dinov2.segmentation.blocks import segment_in_blocks
-
-        block_size, num_workers = blocks
-        lazy = segment_in_blocks(segmenter, image, block_size=block_size)
-        return lazy.compute(scheduler="threads", num_workers=num_workers or available_cpus())
+        return blocks.compute(blocks.segment(segmenter, image))
     except ValueError as error:
         raise InputError(f"{name}: {error}") from error
 
@@ -258,7 +283,7 @@ def apply_to_stack(
     output: Path,
     provenance: Provenance,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> bool:
     """Segment every page of `source` into the TIFF stack `output` (one series, the source's page axis and pixel
     size, the segmenter recorded); False when this segmenter already made `output`.
@@ -294,7 +319,7 @@ def apply_to_folder(
     provenance: Provenance,
     strict: bool = False,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> int:
     """One mask (`NAME.tif`, the folder's layout mirrored) per image of `folder`; returns how many were written."""
     files = list_image_files(folder)
@@ -343,7 +368,7 @@ def apply_to_zarr(
     output: Path,
     provenance: Provenance,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> bool:
     """Segment a zarr (or OME-Zarr) image, read lazily, into the zarr array `output`, written block by block
     (through a temporary folder beside it, so that a killed run leaves no output); False when this segmenter
@@ -351,23 +376,19 @@ def apply_to_zarr(
     import dask.array as da
     import zarr
 
-    from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, segment_in_blocks
-
     if not _is_zarr(output):
         raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')}")
     if _is_done(output, provenance, overwrite):
         return False
-    block_size, num_workers = blocks or (DEFAULT_BLOCK_SIZE, None)
+    blocks = blocks or BlockOptions()
     try:
-        mask = segment_in_blocks(segmenter, _zarr_image(source), block_size=block_size)
+        mask = blocks.segment(segmenter, _zarr_image(source))
     except ValueError as error:
         raise InputError(f"{source}: {error}") from error
     dtype = np.uint8 if int(np.max(segmenter.classes_)) <= 255 else np.uint16
     temporary = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    da.to_zarr(mask.astype(dtype), str(temporary), compute=False).compute(
-        scheduler="threads", num_workers=num_workers or available_cpus()
-    )
+    blocks.compute(da.to_zarr(mask.astype(dtype), str(temporary), compute=False))
     zarr.open(str(temporary), mode="r+").attrs.update(json.loads(provenance.info(source)))
     shutil.rmtree(output, ignore_errors=True)
     temporary.rename(output)
@@ -384,7 +405,7 @@ def apply(arguments: ApplyArguments) -> int:
     segmenter = load_segmenter(arguments.segmenter, arguments.model)
     provenance = Provenance.of(arguments.segmenter)
     output = Path(arguments.output)
-    blocks = (arguments.block_size, arguments.num_workers) if arguments.block_size else None
+    blocks = arguments.block_options()
     if _is_zarr(source):
         written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
     elif source.is_dir():

@@ -356,3 +356,22 @@ def test_a_zarr_image_is_read_lazily_and_segmented_into_a_zarr_mask(material, tm
     with pytest.raises(InputError, match="a zarr input gives a zarr output: --output .*wrong.zarr"):
         segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "image.zarr"), "--output",
                       str(tmp_path / "wrong.tif")])
+
+
+def test_blocks_run_on_a_dask_distributed_scheduler_and_a_bad_address_is_named(material, tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    folder, segmenter, _ = material
+    apply(segmenter, folder / "stack.tif", tmp_path / "whole.tif")
+    with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=2, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:  # fmt: skip
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"),
+                             "--output", str(tmp_path / "cluster.tif"), "--block_size", "96",
+                             "--scheduler", cluster.scheduler_address]) == 1  # fmt: skip
+        assert "to_float01" in cluster.scheduler.task_prefixes  # the blocks' graph ran on the cluster
+    np.testing.assert_array_equal(read_pages(tmp_path / "cluster.tif"), read_pages(tmp_path / "whole.tif"))
+    monkeypatch.setattr("alibi_dinov2.segmentation.blocks.SCHEDULER_TIMEOUT_S", 1)
+    with pytest.raises(InputError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9 "):
+        segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"), "--output",
+                      str(tmp_path / "never.tif"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert not (tmp_path / "never.tif").exists()
