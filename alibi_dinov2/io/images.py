@@ -70,7 +70,9 @@ def _check_exists(path: Path) -> None:
         raise ImageReadError(f"Expected an image file but got a directory: {path}")
 
 
-def _is_tiff(path: Path) -> bool:
+def is_tiff(path: Path) -> bool:
+    """Whether `path` is a TIFF, by its suffix or its first bytes."""
+    path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         return True
     with open(path, "rb") as handle:
@@ -202,7 +204,7 @@ def read_pages(path: PathLike, palette: str = "colours") -> list[np.ndarray]:
     """
     path = Path(path)
     _check_exists(path)
-    if _is_tiff(path):
+    if is_tiff(path):
         return _read_tiff_pages(path)
     return _read_pil_pages(path, palette)
 
@@ -221,7 +223,7 @@ def read_image(path: PathLike, page: int | None = None, palette: str = "colours"
     """
     path = Path(path)
     _check_exists(path)
-    return _read_page(path, page, palette, path, _is_tiff(path), single=True)
+    return _read_page(path, page, palette, path, is_tiff(path), single=True)
 
 
 def count_pages(path: PathLike) -> int:
@@ -233,7 +235,7 @@ def count_pages(path: PathLike) -> int:
     path = Path(path)
     _check_exists(path)
     try:
-        if _is_tiff(path):
+        if is_tiff(path):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -502,7 +504,7 @@ def load_image(source: Any, page: int | None = None, palette: str = "colours") -
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             _check_exists(path)
-            return _read_page(path, page, palette, source, _is_tiff(path))
+            return _read_page(path, page, palette, source, is_tiff(path))
         if isinstance(source, (bytes, bytearray, memoryview)):
             return _read_bytes(source, None, page, palette)
         if hasattr(source, "mode") and hasattr(source, "getbands"):  # a PIL image

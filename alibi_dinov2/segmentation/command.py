@@ -33,11 +33,13 @@ from alibi_dinov2.cli import ArgumentParser, load_config_file
 from alibi_dinov2.errors import InputError
 from alibi_dinov2.features.large_images import VitTiling
 from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.chunked_images import create_ome_zarr, read_tiff_page_lazily, read_zarr_image
 from alibi_dinov2.io.files import atomic_path, save_array_atomic
 from alibi_dinov2.io.images import (
     ImageReadError,
     SkippedInputs,
     count_pages,
+    is_tiff,
     list_image_files,
     read_image,
     write_image,
@@ -238,6 +240,17 @@ def _is_zarr(path: Path) -> bool:
     return Path(path).suffix.lower() == ".zarr"
 
 
+def _is_ome_zarr(path: Path) -> bool:
+    return Path(path).name.lower().endswith(".ome.zarr")
+
+
+def zarr_attributes(path: Path):
+    """The attributes of the zarr array or group at `path` (an OME-Zarr image keeps its record in its group's)."""
+    import zarr
+
+    return zarr.open(str(path), mode="r+").attrs
+
+
 def _is_done(output: Path, provenance: Provenance, overwrite: bool) -> bool:
     """True when `output` exists and this segmenter made it; False when it is to be (re)made.
 
@@ -301,7 +314,8 @@ def apply_to_stack(
     for index in tqdm(range(count), desc=source.name, unit="page"):
         saved = done / f"page_{index:05d}.npy"
         if not saved.exists():
-            mask = _segment(segmenter, read_image(source, page=index), f"{source} page {index}", blocks)
+            page = _read_page(source, index, lazy=blocks is not None)
+            mask = _segment(segmenter, page, f"{source} page {index}", blocks)
             save_array_atomic(saved, mask)
     masks = [np.load(done / f"page_{index:05d}.npy") for index in range(count)]
     dtype = np.uint8 if max(int(mask.max()) for mask in masks) <= 255 else np.uint16
@@ -330,7 +344,7 @@ def apply_to_folder(
         if _is_done(target, provenance, overwrite):
             continue
         try:
-            mask = _segment(segmenter, read_image(path), path, blocks)
+            mask = _segment(segmenter, _read_page(path, 0, lazy=blocks is not None), path, blocks)
         except (ImageReadError, ValueError) as error:
             skipped.add(path, error)
             continue
@@ -341,25 +355,24 @@ def apply_to_folder(
     return written
 
 
-def _zarr_image(source: Path):
-    """A zarr array, or the full-resolution level of an OME-Zarr image, as a lazy dask array `(H, W[, C])`."""
-    import dask.array as da
-    import zarr
+def _read_page(source: Path, index: int, lazy: bool):
+    """Page `index` of an image file: read whole, or (`lazy`, a TIFF) as a dask array read by its tiles or strips."""
+    if lazy and is_tiff(source):
+        return read_tiff_page_lazily(source, index)
+    return read_image(source, page=index)
 
-    node = zarr.open(str(source), mode="r")
-    component = None
-    if isinstance(node, zarr.Group):
-        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
-        if not multiscales:
-            raise InputError(f"{source} is a zarr group without OME-Zarr multiscales: give the path of its array")
-        component = multiscales[0]["datasets"][0]["path"]
-    image = da.from_zarr(str(source), component=component)
-    while image.ndim > 2 and image.shape[0] == 1:  # OME-Zarr's singleton t, c, z axes
-        image = image[0]
-    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-        raise InputError(f"{source} holds an array of shape {image.shape}: block-wise segmentation takes one 2-D "
-                         "plane (H, W) or (H, W, 1|3|4)")  # fmt: skip
-    return image
+
+def _lazy_pages(source: Path) -> tuple[list, StackMetadata]:
+    """The pages of a zarr / OME-Zarr image or an image file, lazily where the format allows, and its metadata."""
+    if not _is_zarr(source):
+        return [_read_page(source, index, lazy=True) for index in range(count_pages(source))], _source_metadata(source)
+    image, metadata = read_zarr_image(source)
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+        return [image], metadata
+    if image.ndim == 3:
+        return [image[index] for index in range(image.shape[0])], metadata
+    raise InputError(f"{source} holds an array of shape {image.shape}: block-wise segmentation takes planes (H, W), "
+                     "(H, W, 1|3|4) or a stack of them (pages, H, W)")  # fmt: skip
 
 
 def apply_to_zarr(
@@ -370,26 +383,32 @@ def apply_to_zarr(
     overwrite: bool = False,
     blocks: Optional[BlockOptions] = None,
 ) -> bool:
-    """Segment a zarr (or OME-Zarr) image, read lazily, into the zarr array `output`, written block by block
-    (through a temporary folder beside it, so that a killed run leaves no output); False when this segmenter
-    already made `output`."""
+    """Segment an image (zarr / OME-Zarr read lazily, a TIFF by its tiles or strips, or any image file) in blocks
+    into the zarr `output`: a plain zarr array, or an OME-Zarr image for a name ending in `.ome.zarr` (the source's
+    pixel size kept); `(H, W)`, or `(pages, H, W)` for a stack. Written block by block through a temporary folder
+    beside it, so that a killed run leaves no output; False when this segmenter already made `output`."""
     import dask.array as da
-    import zarr
 
-    if not _is_zarr(output):
-        raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')}")
     if _is_done(output, provenance, overwrite):
         return False
     blocks = blocks or BlockOptions()
     try:
-        mask = blocks.segment(segmenter, _zarr_image(source))
-    except ValueError as error:
+        pages, metadata = _lazy_pages(source)
+        masks = [blocks.segment(segmenter, page) for page in pages]
+    except (ImageReadError, ValueError) as error:
         raise InputError(f"{source}: {error}") from error
     dtype = np.uint8 if int(np.max(segmenter.classes_)) <= 255 else np.uint16
+    mask = (masks[0] if len(masks) == 1 else da.stack(masks)).astype(dtype)
+    mask = mask.rechunk((1,) * (mask.ndim - 2) + (blocks.block_size, blocks.block_size))  # zarr's regular chunks
+    record = json.loads(provenance.info(source))
     temporary = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    blocks.compute(da.to_zarr(mask.astype(dtype), str(temporary), compute=False))
-    zarr.open(str(temporary), mode="r+").attrs.update(json.loads(provenance.info(source)))
+    if _is_ome_zarr(output):
+        level = create_ome_zarr(temporary, mask.shape, dtype, mask.chunksize, metadata, attributes=record)
+        blocks.compute(da.store(mask, level, lock=False, compute=False))
+    else:
+        blocks.compute(da.to_zarr(mask, str(temporary), compute=False))
+        zarr_attributes(temporary).update(record)
     shutil.rmtree(output, ignore_errors=True)
     temporary.rename(output)
     return True
@@ -406,7 +425,11 @@ def apply(arguments: ApplyArguments) -> int:
     provenance = Provenance.of(arguments.segmenter)
     output = Path(arguments.output)
     blocks = arguments.block_options()
-    if _is_zarr(source):
+    if _is_zarr(source) and not _is_zarr(output):
+        raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')} (or .ome.zarr)")
+    if _is_zarr(output) and source.is_dir() and not _is_zarr(source):
+        raise InputError(f"a folder gives a folder of TIFF masks, not a zarr: --output {output.with_suffix('')}")
+    if _is_zarr(output):
         written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
     elif source.is_dir():
         written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite, blocks)
