@@ -170,15 +170,17 @@ def large_image_patch_grid(
     max_side: int | None = None,
     image_processor=None,
     attention_memory_mb: float = 512.0,
+    extremes: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Final-normed patch features `(h, w, C)` of an image of any size, read lazily when it is a dask array.
 
     The whole image in one pass on the streamed attention while it has at most `tiling.max_tokens` patches, else
     blended overlapping tiles (see :class:`VitTiling`). `max_side` (pixels) forces tiles of that side, overlapping
     by :func:`~alibi_dinov2.features.vit.extract_patch_features_tiled`'s default, as a segmenter trained with
-    `max_side` computed them. Intensities are scaled by the whole image's extremes, as the whole image would be.
+    `max_side` computed them. Intensities are scaled by the whole image's `extremes` (measured when not given), as
+    the whole image would be.
     """
-    rgb = lazy_rgb01(image)
+    rgb = lazy_rgb01(image, extremes)
     patch = patch_size_of(model)
     tokens = (rgb.shape[0] // patch) * (rgb.shape[1] // patch)
     extractor = partial(_tile_feature_map, attention_memory_mb=attention_memory_mb)

@@ -140,10 +140,12 @@ def create_ome_zarr(
     chunks: tuple[int, ...],
     metadata: StackMetadata | None = None,
     attributes: dict | None = None,
+    name: str | None = None,
 ):
     """An empty OME-NGFF 0.4 image at `path` (zarr format 2, '/' chunk keys) with one level, `"0"`, of `shape`:
     axes `yx`, or `zyx` (`tyx`, `cyx` by `metadata.page_axis`) for pages; the pixel size of `metadata` as the
-    level's scale, with its unit; `attributes` (e.g. the provenance of a mask) kept in the group's attributes.
+    level's scale, with its unit; `attributes` (e.g. the provenance of a mask) kept in the group's attributes; `name`
+    the image's (default: the folder's).
     Returns the level's zarr array, for the caller to write block by block (`dask.array.store`)."""
     import zarr
 
@@ -162,7 +164,7 @@ def create_ome_zarr(
     group.attrs.update({
         **(attributes or {}),
         "multiscales": [{
-            "version": NGFF_VERSION, "name": Path(path).name, "axes": axes,
+            "version": NGFF_VERSION, "name": name or Path(path).name, "axes": axes,
             "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
         }],
     })  # fmt: skip

@@ -18,8 +18,9 @@ bit depth or range is measured once), not block by block.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -89,8 +90,11 @@ def segment_in_blocks(
     gray = scaled_gray(image, extremes).rechunk((block_size, block_size))
     # Every block at least as large as the halo, so that dask keeps these blocks (their starts locate the ViT window).
     gray = gray.rechunk(tuple(ensure_minimum_chunksize(max(halo, 1), chunks) for chunks in gray.chunks))
+    # Each part as the blocks need it: a classical extractor, or the patch size and reduced grid of a ViT part. The
+    # segmenter and the grids go into the graph once each (for a cluster), not once per block.
+    layout = [part if isinstance(part, ClassicalFeatures) else model_patch_size(part.model) for part in parts]
     reduced = [
-        dask.delayed(_reduced_vit_grid(part, image, vit_tiling, attention_memory_mb), pure=True)
+        dask.delayed(_reduced_vit_grid(part, image, extremes, vit_tiling, attention_memory_mb), pure=True)
         for part in parts if isinstance(part, VitFeatures)
     ]  # fmt: skip
     starts = tuple(np.cumsum((0,) + chunks[:-1]) for chunks in gray.chunks)
@@ -98,20 +102,21 @@ def segment_in_blocks(
     # as on the whole image.
     return gray.map_overlap(
         _segment_block, depth=halo, boundary="none", trim=True, allow_rechunk=False, dtype=np.int32,
-        segmenter=segmenter, parts=parts, reduced=reduced, starts=starts, halo=halo, image_shape=gray.shape,
+        segmenter=dask.delayed(segmenter, pure=False), layout=layout, reduced=reduced, starts=starts, halo=halo,
+        image_shape=gray.shape,
     )  # fmt: skip
 
 
-def _reduced_vit_grid(part: VitFeatures, image, tiling: VitTiling, attention_memory_mb: float) -> np.ndarray:
+def _reduced_vit_grid(part: VitFeatures, image, extremes, tiling: VitTiling, attention_memory_mb: float) -> np.ndarray:
     """The `(h, w, n_components)` PCA of the whole image's patch grid, as the whole-image ViT channels reduce it."""
     grid = large_image_patch_grid(
         part.model, image, tiling, max_side=part.max_side, image_processor=part.image_processor,
-        attention_memory_mb=attention_memory_mb,
+        attention_memory_mb=attention_memory_mb, extremes=extremes,
     )  # fmt: skip
     return pca_reduce_patches(grid, part.n_components)
 
 
-def _segment_block(block, segmenter, parts, reduced, starts, halo, image_shape, block_info=None) -> np.ndarray:
+def _segment_block(block, segmenter, layout, reduced, starts, halo, image_shape, block_info=None) -> np.ndarray:
     """The mask of one block with its halo: classical features of its pixels, ViT channels of its window."""
     block = np.asarray(block, dtype=np.float32)
     row, column = block_info[0]["chunk-location"]
@@ -121,8 +126,8 @@ def _segment_block(block, segmenter, parts, reduced, starts, halo, image_shape, 
     grids = iter(reduced)
     stacks = [
         part.compute(block) if isinstance(part, ClassicalFeatures)
-        else upsample_channels(next(grids), image_shape, model_patch_size(part.model), window)
-        for part in parts
+        else upsample_channels(next(grids), image_shape, part, window)
+        for part in layout
     ]  # fmt: skip
     features = stacks[0] if len(stacks) == 1 else np.concatenate(stacks, axis=-1)
     return segmenter.predict_features(features)
@@ -130,12 +135,12 @@ def _segment_block(block, segmenter, parts, reduced, starts, halo, image_shape, 
 
 @dataclass(frozen=True)
 class BlockOptions:
-    """How `alibi-segment apply` runs an image in blocks: their side, where they run (dask threads, or a
-    `dask.distributed` scheduler's address), and the ViT features' tiling."""
+    """How `alibi-segment apply` runs an image in blocks: their side, where they run (dask threads, or the
+    `dask.distributed.Client` of :func:`scheduler_client`), and the ViT features' tiling."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
     num_workers: Optional[int] = None
-    scheduler: Optional[str] = None
+    client: Any = None
     vit_tiling: VitTiling = VitTiling()
 
     def segment(self, segmenter, image):
@@ -143,29 +148,33 @@ class BlockOptions:
         return segment_in_blocks(segmenter, image, self.block_size, self.vit_tiling)
 
     def compute(self, collection):
-        """:func:`compute_blocks` with these options."""
-        return compute_blocks(collection, self.num_workers, self.scheduler)
+        """Compute a dask collection on the client's cluster, or on `num_workers` dask threads (default: the CPUs)."""
+        if self.client is not None:
+            return collection.compute(scheduler=self.client)
+        return collection.compute(scheduler="threads", num_workers=self.num_workers or available_cpus())
 
 
-def compute_blocks(collection, num_workers: int | None = None, scheduler: str | None = None):
-    """Compute a dask collection: on dask's threads (`num_workers`, default the CPUs), or on the `dask.distributed`
-    scheduler at the address `scheduler` (`tcp://host:port`; the workers must see the input and output paths).
+@contextmanager
+def scheduler_client(address: str | None):
+    """A `dask.distributed.Client` connected to the scheduler at `address` (`tcp://host:port`; its workers must see
+    the input and output paths) for the block of the `with` statement; None when `address` is None (dask threads).
 
     Raises:
-        InputError: `scheduler` cannot be reached, or `distributed` is not installed.
+        InputError: `address` cannot be reached, or `distributed` is not installed.
     """
-    if scheduler is None:
-        return collection.compute(scheduler="threads", num_workers=num_workers or available_cpus())
+    if address is None:
+        yield None
+        return
     try:
         from distributed import Client
     except ImportError as error:
         raise InputError("--scheduler needs dask.distributed: pip install distributed") from error
     try:
-        client = Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s", set_as_default=False)
+        client = Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as error:
         raise InputError(
-            f"cannot reach the dask scheduler at {scheduler} ({type(error).__name__}: {error}); start one "
+            f"cannot reach the dask scheduler at {address} ({type(error).__name__}: {error}); start one "
             "(`dask scheduler`, then `dask worker ADDRESS`) or leave --scheduler out"
         ) from None
     with client:
-        return collection.compute(scheduler=client)
+        yield client

@@ -46,7 +46,7 @@ from alibi_dinov2.io.images import (
     write_mask,
 )
 from alibi_dinov2.io.tiff_stacks import StackMetadata, read_stack_metadata
-from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, BlockOptions
+from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, BlockOptions, scheduler_client
 from alibi_dinov2.segmentation.pairs import parse_pages, training_pairs
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
@@ -132,12 +132,12 @@ class ApplyArguments:
     def vit_tiling(self) -> VitTiling:
         return VitTiling(self.vit_max_tokens, self.vit_tile_patches, self.vit_overlap_patches)
 
-    def block_options(self) -> Optional[BlockOptions]:
-        """The block settings, None for whole images (a zarr input is always run in blocks)."""
-        tiling = self.vit_tiling()
-        if self.block_size is None and self.scheduler is None:
+    def block_options(self, client=None) -> Optional[BlockOptions]:
+        """The block settings (blocks run on `client`, a dask.distributed client, when given), None for whole
+        images (a zarr input or output is always run in blocks)."""
+        if self.block_size is None and client is None:
             return None
-        return BlockOptions(self.block_size or DEFAULT_BLOCK_SIZE, self.num_workers, self.scheduler, tiling)
+        return BlockOptions(self.block_size or DEFAULT_BLOCK_SIZE, self.num_workers, client, self.vit_tiling())
 
 
 def _as_list(value) -> list[str]:
@@ -404,7 +404,7 @@ def apply_to_zarr(
     temporary = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     if _is_ome_zarr(output):
-        level = create_ome_zarr(temporary, mask.shape, dtype, mask.chunksize, metadata, attributes=record)
+        level = create_ome_zarr(temporary, mask.shape, dtype, mask.chunksize, metadata, record, name=output.name)
         blocks.compute(da.store(mask, level, lock=False, compute=False))
     else:
         blocks.compute(da.to_zarr(mask, str(temporary), compute=False))
@@ -416,25 +416,26 @@ def apply_to_zarr(
 
 def apply(arguments: ApplyArguments) -> int:
     """Segment the input; returns the number of outputs written (0 when this segmenter had made them all)."""
-    source = Path(arguments.input)
+    source, output = Path(arguments.input), Path(arguments.output)
     if not source.exists():
         raise InputError(f"not found: {source} (no such file or folder)")
     if not arguments.output:
         raise InputError("--output PATH is required")
-    segmenter = load_segmenter(arguments.segmenter, arguments.model)
-    provenance = Provenance.of(arguments.segmenter)
-    output = Path(arguments.output)
-    blocks = arguments.block_options()
     if _is_zarr(source) and not _is_zarr(output):
         raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')} (or .ome.zarr)")
     if _is_zarr(output) and source.is_dir() and not _is_zarr(source):
         raise InputError(f"a folder gives a folder of TIFF masks, not a zarr: --output {output.with_suffix('')}")
-    if _is_zarr(output):
-        written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
-    elif source.is_dir():
-        written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite, blocks)
-    else:
-        written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))
+    segmenter = load_segmenter(arguments.segmenter, arguments.model)
+    provenance = Provenance.of(arguments.segmenter)
+    with scheduler_client(arguments.scheduler) as client:  # an unreachable scheduler stops the run before any work
+        blocks = arguments.block_options(client)
+        if _is_zarr(output):
+            written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
+        elif source.is_dir():
+            written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite,
+                                      blocks)  # fmt: skip
+        else:
+            written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))
     if written:
         print(f"Wrote {written} mask file(s) to {output}")
     else:
