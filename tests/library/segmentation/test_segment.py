@@ -420,3 +420,24 @@ def test_an_ome_zarr_mask_keeps_the_pixel_size_and_equals_the_tiff_routes(materi
     again, again_metadata = read_zarr_image(tmp_path / "again.ome.zarr")
     assert again.shape == (5, 128, 128) and again_metadata == metadata
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_in_blocks_a_damaged_tiff_of_a_folder_is_skipped_by_name_or_stops_a_strict_run(material, tmp_path, caplog):
+    from alibi_dinov2.io.images import ImageReadError
+
+    folder, segmenter, _ = material
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, page in enumerate(read_pages(folder / "stack.tif")[:2]):
+        tifffile.imwrite(images / f"image_{index}.tif", page, tile=(32, 32), compression="zlib")
+    data = (images / "image_1.tif").read_bytes()
+    (images / "damaged.tif").write_bytes(data[: len(data) - 2000])  # its header is whole, its last tiles cut
+    blocks = ["--block_size", "96"]
+    assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(images), "--output",
+                         str(tmp_path / "masks"), *blocks]) == 2  # fmt: skip
+    assert "Skipped 1 of 3 images: " in caplog.text and "damaged.tif" in caplog.text
+    assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["image_0.tif", "image_1.tif"]
+    with pytest.raises(ImageReadError, match="damaged.tif: page 0 cannot be read"):
+        segment.main(["apply", "--segmenter", str(segmenter), "--input", str(images), "--output",
+                      str(tmp_path / "strict"), "--strict", *blocks])  # fmt: skip
+    assert not (tmp_path / "strict" / "damaged.tif").exists()
