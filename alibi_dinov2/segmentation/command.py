@@ -10,9 +10,13 @@ a folder or a multi-page TIFF stack.
 Label images: 0 = unlabelled, 1..K = classes. `train` takes images and label files, stacks and label stacks (or
 one label file per page; `--pages` picks pages), and folders of images and labels paired by name (see
 :mod:`alibi_dinov2.segmentation.pairs`). `apply` writes one TIFF stack (one series, the source's pixel size kept)
-for a stack or any single file, and one mask per image, mirroring the folder, for a folder. Every output records
-the segmenter that made it (file name and SHA-256, in ImageJ's Info): a re-run with the same segmenter skips it,
-another segmenter is refused unless `--overwrite`. Outputs are written atomically, and a killed run over a stack
+for a stack or any single file, a zarr array or an OME-Zarr image (NGFF 0.4, the source's pixel size kept) for an
+output named `.zarr` or `.ome.zarr`, and one mask per image, mirroring the folder, for a folder. With
+`--block_size` (always, for zarr outputs) images are segmented block by block through dask (see
+:mod:`alibi_dinov2.segmentation.blocks`), TIFF pages and zarr inputs read lazily, on local threads or a
+`dask.distributed` cluster (`--scheduler`). Every output records the segmenter that made it (file name and
+SHA-256, in ImageJ's Info or the zarr's attributes): a re-run with the same segmenter skips it, another segmenter
+is refused unless `--overwrite`. Outputs are written atomically, and a killed run over a stack
 resumes from the pages it had finished.
 """
 
@@ -93,7 +97,9 @@ class ApplyArguments:
                           "lazily, segmented in blocks into a zarr --output)."},
     )
     output: str = field(
-        default="", metadata={"help": "Mask file (a TIFF stack for a stack) or, for a folder, a folder."}
+        default="",
+        metadata={"help": "Mask file (a TIFF stack for a stack), a zarr array (NAME.zarr) or an OME-Zarr image "
+                          "(NAME.ome.zarr, OME-NGFF 0.4), both written block by block, or, for a folder, a folder."},
     )
     model: Optional[str] = field(default=None, metadata={"help": "ViT to use instead of the one the file names."})
     strict: bool = field(

@@ -45,6 +45,18 @@ def test_one_pass_of_a_lazy_image_gives_the_whole_images_features(micrograph, mo
     assert np.abs(large_image_patch_grid(model, lazy, tiles) - expected).max() > 1e-3
 
 
+def test_a_segmenter_trained_on_tiles_gets_the_same_tiles(micrograph):
+    from alibi_dinov2.features.vit import extract_patch_features_tiled
+    from alibi_dinov2.io.images import to_rgb01
+
+    image, _, _ = micrograph
+    model = tiny_alibi_model()
+    expected = extract_patch_features_tiled(model, to_rgb01(image), max_side=140)  # the whole-image route's tiles
+    tiled = large_image_patch_grid(model, da.from_array(image, chunks=64), max_side=140)
+    np.testing.assert_allclose(tiled, expected, atol=1e-4, rtol=0)
+    assert np.abs(tiled - extract_patch_features(model, image)).max() > 1e-3
+
+
 def test_a_window_of_the_upsampled_channels_is_cut_from_the_whole():
     rng = np.random.default_rng(0)
     patches = rng.normal(size=(7, 9, 16)).astype(np.float32)
