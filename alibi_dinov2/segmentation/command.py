@@ -112,7 +112,7 @@ class ApplyArguments:
         default=None,
         metadata={"help": "Segment each image in blocks of this many pixels a side, through dask: memory bounded by "
                           "one block's features per worker, the mask equal to the whole-image one. Default: whole "
-                          "images (zarr inputs: 2048)."},
+                          "images (zarr inputs and outputs: 2048)."},
     )
     num_workers: Optional[int] = field(
         default=None, metadata={"help": "dask threads for --block_size (default: the CPUs)."}
@@ -248,13 +248,6 @@ def _is_zarr(path: Path) -> bool:
 
 def _is_ome_zarr(path: Path) -> bool:
     return Path(path).name.lower().endswith(".ome.zarr")
-
-
-def zarr_attributes(path: Path):
-    """The attributes of the zarr array or group at `path` (an OME-Zarr image keeps its record in its group's)."""
-    import zarr
-
-    return zarr.open(str(path), mode="r+").attrs
 
 
 def _is_done(output: Path, provenance: Provenance, overwrite: bool) -> bool:
@@ -394,6 +387,7 @@ def apply_to_zarr(
     pixel size kept); `(H, W)`, or `(pages, H, W)` for a stack. Written block by block through a temporary folder
     beside it, so that a killed run leaves no output; False when this segmenter already made `output`."""
     import dask.array as da
+    import zarr
 
     if _is_done(output, provenance, overwrite):
         return False
@@ -414,7 +408,7 @@ def apply_to_zarr(
         blocks.compute(da.store(mask, level, lock=False, compute=False))
     else:
         blocks.compute(da.to_zarr(mask, str(temporary), compute=False))
-        zarr_attributes(temporary).update(record)
+        zarr.open(str(temporary), mode="r+").attrs.update(record)
     shutil.rmtree(output, ignore_errors=True)
     temporary.rename(output)
     return True
