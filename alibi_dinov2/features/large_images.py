@@ -120,7 +120,8 @@ class VitTiling:
     extract_patch_features_tiled`): 128 patches (1792 px at patch 14, 16,384 tokens) is 3.5 times the 37-patch grid
     of the models' last training stage, so a patch's neighbourhood lies inside its tile but for the outer 16 patches,
     where the neighbouring tile, whose centre they are nearer, outweighs it. The defaults bound the forward pass to
-    about `max_tokens x hidden_size x 20` bytes (1.3 GB for ViT-S) plus the attention's `attention_memory_mb`.
+    about `max_tokens x hidden_size x 20` bytes (0.5 GB for ViT-S, whose hidden size is 384) plus the attention's
+    `attention_memory_mb`.
     """
 
     max_tokens: int = 65536
