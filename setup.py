@@ -38,7 +38,8 @@ EXTRAS = {
         "skops>=0.10",
         # Block-wise segmentation of images larger than memory.
         "dask[array]>=2024.1",
-        "zarr>=2.18",
+        "distributed>=2024.1",  # --scheduler: blocks on a dask.distributed cluster
+        "zarr>=3.0",  # OME-Zarr (NGFF 0.4) masks are written through its zarr-format-2 groups
     ],
     "demo": ["gradio>=4.0"],
     # Optional dense-CRF post-processing of the trainable segmenter (compiles C++ on install).

@@ -45,27 +45,58 @@ def pca_reduce_patches(patch_features: np.ndarray, n_components: int = DEFAULT_N
     return scale_per_component(projected).astype(np.float32)
 
 
-def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) linear-interpolation weights, pixel-centre aligned (align_corners=False)."""
-    position = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+def _bilinear_matrix(n_out: int, n_in: int, indices: Optional[np.ndarray] = None) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights, pixel-centre aligned (align_corners=False); with `indices`, only
+    those output rows."""
+    indices = np.arange(n_out) if indices is None else np.asarray(indices)
+    position = (indices + 0.5) * (n_in / n_out) - 0.5
     position = np.clip(position, 0, n_in - 1)
     lower = np.floor(position).astype(int)
     upper = np.minimum(lower + 1, n_in - 1)
     weight = position - lower
-    matrix = np.zeros((n_out, n_in))
-    matrix[np.arange(n_out), lower] += 1 - weight
-    matrix[np.arange(n_out), upper] += weight
+    matrix = np.zeros((len(indices), n_in))
+    matrix[np.arange(len(indices)), lower] += 1 - weight
+    matrix[np.arange(len(indices)), upper] += weight
     return matrix
 
 
-def resize_bilinear(grid: np.ndarray, output_shape: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize (h, w, k) to (H, W, k), pixel centres aligned as torch's align_corners=False."""
+def resize_bilinear(grid: np.ndarray, output_shape: tuple[int, int], rows=None, cols=None) -> np.ndarray:
+    """Bilinearly resize (h, w, k) to (H, W, k), pixel centres aligned as torch's align_corners=False.
+
+    `rows` and `cols` (output indices) give only those rows and columns of the result, the values cut from the
+    whole, so that a large image is resized block by block.
+    """
     grid = np.asarray(grid)
     height, width = int(output_shape[0]), int(output_shape[1])
-    rows = _bilinear_matrix(height, grid.shape[0])
-    cols = _bilinear_matrix(width, grid.shape[1])
-    resized = np.einsum("Hh,hwk,Ww->HWk", rows, grid.astype(np.float64), cols, optimize=True)
+    row_weights = _bilinear_matrix(height, grid.shape[0], rows)
+    col_weights = _bilinear_matrix(width, grid.shape[1], cols)
+    resized = np.einsum("Hh,hwk,Ww->HWk", row_weights, grid.astype(np.float64), col_weights, optimize=True)
     return resized.astype(np.float32)
+
+
+def upsample_channels(
+    reduced: np.ndarray, image_shape: tuple[int, ...], patch_size: Optional[int] = None, window=None
+) -> np.ndarray:
+    """Per-pixel channels `(H, W, k)` of a reduced patch grid `(h, w, k)` (:func:`pca_reduce_patches`), clipped to
+    [0, 1]; `window = ((top, bottom), (left, right))` gives that block of them only.
+
+    With `patch_size` the grid covers the top-left `(h * p, w * p)` pixels (the extractor crops the image to the
+    patch grid): it is resized to that area and the few remaining border rows/columns repeat the edge values.
+    ``None`` stretches the grid over the whole image.
+    """
+    if len(image_shape) < 2 or min(image_shape[:2]) < 1:
+        raise ValueError(f"image_shape must start with (H, W) > 0, got {image_shape}")
+    height, width = int(image_shape[0]), int(image_shape[1])
+    (top, bottom), (left, right) = window or ((0, height), (0, width))
+    if patch_size is None:
+        covered_h, covered_w = height, width
+    else:
+        covered_h = min(reduced.shape[0] * patch_size, height)
+        covered_w = min(reduced.shape[1] * patch_size, width)
+    # Rows and columns beyond the covered area repeat its edge.
+    rows = np.minimum(np.arange(top, bottom), covered_h - 1)
+    cols = np.minimum(np.arange(left, right), covered_w - 1)
+    return np.clip(resize_bilinear(reduced, (covered_h, covered_w), rows, cols), 0.0, 1.0)
 
 
 def vit_feature_channels_from_patches(
@@ -74,31 +105,19 @@ def vit_feature_channels_from_patches(
     n_components: int = DEFAULT_N_COMPONENTS,
     patch_size: Optional[int] = None,
 ) -> np.ndarray:
-    """Per-pixel ViT channels from precomputed patch features.
+    """Per-pixel ViT channels from precomputed patch features: :func:`pca_reduce_patches`, then
+    :func:`upsample_channels`.
 
     Args:
         patch_features: (h, w, C) patch grid of one image.
         image_shape: the image's shape; only (H, W) = ``image_shape[:2]`` is used.
         n_components: PCA dimensions kept.
-        patch_size: when given, the grid is taken to cover the top-left (h * p, w * p) pixels (the
-            extractor crops the image to the patch grid): it is resized to that area and the few
-            remaining border rows/columns repeat the edge values. ``None`` stretches the grid over
-            the whole image.
+        patch_size: see :func:`upsample_channels`.
 
     Returns:
         float32 (H, W, n_components) in [0, 1].
     """
-    if len(image_shape) < 2 or min(image_shape[:2]) < 1:
-        raise ValueError(f"image_shape must start with (H, W) > 0, got {image_shape}")
-    height, width = int(image_shape[0]), int(image_shape[1])
-    reduced = pca_reduce_patches(patch_features, n_components)
-    if patch_size is None:
-        return np.clip(resize_bilinear(reduced, (height, width)), 0.0, 1.0)
-    covered_h = min(reduced.shape[0] * patch_size, height)
-    covered_w = min(reduced.shape[1] * patch_size, width)
-    resized = resize_bilinear(reduced, (covered_h, covered_w))
-    padded = np.pad(resized, ((0, height - covered_h), (0, width - covered_w), (0, 0)), mode="edge")
-    return np.clip(padded, 0.0, 1.0)
+    return upsample_channels(pca_reduce_patches(patch_features, n_components), image_shape, patch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,15 +181,16 @@ def extract_patch_features_tiled(
 
     Returns:
         (H // p, W // p, C) patch grid (p = patch size). Tiles are cut on patch boundaries and their
-        grids blended with weights that fall off towards each tile's edges.
+        grids blended with weights that fall off towards each tile's edges. A lazy `image` (a dask array) is
+        read tile by tile.
     """
     extractor = extractor or _default_extractor()
-    image = np.asarray(image)
+    image = image if hasattr(image, "shape") else np.asarray(image)
     patch = model_patch_size(model)
     check_image_size(image, patch)
     grid_h, grid_w = image.shape[0] // patch, image.shape[1] // patch
     if max_side is None or (image.shape[0] <= max_side and image.shape[1] <= max_side):
-        return np.asarray(extractor(model, image, image_processor=image_processor))
+        return np.asarray(extractor(model, np.asarray(image), image_processor=image_processor))
 
     tile_cells = max_side // patch
     if tile_cells < 1:
@@ -182,7 +202,7 @@ def extract_patch_features_tiled(
     for top in _tile_starts(grid_h, tile_cells, step):
         for left in _tile_starts(grid_w, tile_cells, step):
             rows, cols = min(tile_cells, grid_h), min(tile_cells, grid_w)
-            tile = image[top * patch : (top + rows) * patch, left * patch : (left + cols) * patch]
+            tile = np.asarray(image[top * patch : (top + rows) * patch, left * patch : (left + cols) * patch])
             features = np.asarray(extractor(model, tile, image_processor=image_processor), dtype=np.float64)
             if features.shape[:2] != (rows, cols):
                 raise RuntimeError(

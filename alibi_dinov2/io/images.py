@@ -70,7 +70,9 @@ def _check_exists(path: Path) -> None:
         raise ImageReadError(f"Expected an image file but got a directory: {path}")
 
 
-def _is_tiff(path: Path) -> bool:
+def is_tiff(path: Path) -> bool:
+    """Whether `path` is a TIFF, by its suffix or its first bytes."""
+    path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         return True
     with open(path, "rb") as handle:
@@ -202,7 +204,7 @@ def read_pages(path: PathLike, palette: str = "colours") -> list[np.ndarray]:
     """
     path = Path(path)
     _check_exists(path)
-    if _is_tiff(path):
+    if is_tiff(path):
         return _read_tiff_pages(path)
     return _read_pil_pages(path, palette)
 
@@ -221,7 +223,7 @@ def read_image(path: PathLike, page: int | None = None, palette: str = "colours"
     """
     path = Path(path)
     _check_exists(path)
-    return _read_page(path, page, palette, path, _is_tiff(path), single=True)
+    return _read_page(path, page, palette, path, is_tiff(path), single=True)
 
 
 def count_pages(path: PathLike) -> int:
@@ -233,7 +235,7 @@ def count_pages(path: PathLike) -> int:
     path = Path(path)
     _check_exists(path)
     try:
-        if _is_tiff(path):
+        if is_tiff(path):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -507,7 +509,7 @@ def load_image(source: Any, page: int | None = None, palette: str = "colours") -
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             _check_exists(path)
-            return _read_page(path, page, palette, source, _is_tiff(path))
+            return _read_page(path, page, palette, source, is_tiff(path))
         if isinstance(source, (bytes, bytearray, memoryview)):
             return _read_bytes(source, None, page, palette)
         if hasattr(source, "mode") and hasattr(source, "getbands"):  # a PIL image
@@ -530,9 +532,10 @@ def _composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return rgb * alpha[..., None] + background * (1.0 - alpha[..., None])
 
 
-def to_rgb01(image: Any, name: str | None = None) -> np.ndarray:
+def to_rgb01(image: Any, name: str | None = None, extremes: tuple[float, float] | None = None) -> np.ndarray:
     """An image (any source, see :func:`load_image`) -> ``(H, W, 3)`` float32 RGB in [0, 1], by the policy of the
-    module docstring (gray replicated, alpha composited onto the ImageNet mean, high-bit data by its real range)."""
+    module docstring (gray replicated, alpha composited onto the ImageNet mean, high-bit data by its real range);
+    `extremes` as :func:`to_float01`'s, for one block of a larger image."""
     array = np.asarray(image) if isinstance(image, np.ndarray) else load_image(image)
     array = _channels_last(array)
     name = name or describe_source(image)
@@ -543,7 +546,7 @@ def to_rgb01(image: Any, name: str | None = None) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageReadError(f"{name}: empty image of shape {array.shape}")
     try:
-        unit = to_float01(array)
+        unit = to_float01(array, extremes=extremes)
     except (ValueError, TypeError) as error:
         raise ImageReadError(f"{name}: {error}") from error
     if unit.ndim == 2:
@@ -562,7 +565,7 @@ def read_rgb01(source: Any, page: int | None = None) -> np.ndarray:
 
 def check_image_size(image: np.ndarray, patch_size: int, name: str = "image") -> None:
     """Raise :class:`ImageTooSmallError` naming the image when a side is shorter than one patch."""
-    height, width = np.asarray(image).shape[:2]
+    height, width = np.shape(image)[:2]  # the shape alone: a lazy image stays unread
     if height < patch_size or width < patch_size:
         raise ImageTooSmallError(
             f"{name}: image of {height} x {width} px is smaller than one {patch_size} x {patch_size} patch"

@@ -10,9 +10,13 @@ a folder or a multi-page TIFF stack.
 Label images: 0 = unlabelled, 1..K = classes. `train` takes images and label files, stacks and label stacks (or
 one label file per page; `--pages` picks pages), and folders of images and labels paired by name (see
 :mod:`alibi_dinov2.segmentation.pairs`). `apply` writes one TIFF stack (one series, the source's pixel size kept)
-for a stack or any single file, and one mask per image, mirroring the folder, for a folder. Every output records
-the segmenter that made it (file name and SHA-256, in ImageJ's Info): a re-run with the same segmenter skips it,
-another segmenter is refused unless `--overwrite`. Outputs are written atomically, and a killed run over a stack
+for a stack or any single file, a zarr array or an OME-Zarr image (NGFF 0.4, the source's pixel size kept) for an
+output named `.zarr` or `.ome.zarr`, and one mask per image, mirroring the folder, for a folder. With
+`--block_size` (always, for zarr outputs) images are segmented block by block through dask (see
+:mod:`alibi_dinov2.segmentation.blocks`), TIFF pages and zarr inputs read lazily, on local threads or a
+`dask.distributed` cluster (`--scheduler`). Every output records the segmenter that made it (file name and
+SHA-256, in ImageJ's Info or the zarr's attributes): a re-run with the same segmenter skips it, another segmenter
+is refused unless `--overwrite`. Outputs are written atomically, and a killed run over a stack
 resumes from the pages it had finished.
 """
 
@@ -29,20 +33,24 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from alibi_dinov2.cli import ArgumentParser, available_cpus, load_config_file
+from alibi_dinov2.cli import ArgumentParser, load_config_file
 from alibi_dinov2.errors import InputError
+from alibi_dinov2.features.large_images import VitTiling
 from alibi_dinov2.hub.sources import check_model_source
+from alibi_dinov2.io.chunked_images import create_ome_zarr, read_tiff_page_lazily, read_zarr_image
 from alibi_dinov2.io.files import atomic_path, save_array_atomic
 from alibi_dinov2.io.images import (
     ImageReadError,
     SkippedInputs,
     count_pages,
+    is_tiff,
     list_image_files,
     read_image,
     write_image,
     write_mask,
 )
 from alibi_dinov2.io.tiff_stacks import StackMetadata, read_stack_metadata
+from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, BlockOptions, scheduler_client
 from alibi_dinov2.segmentation.pairs import parse_pages, training_pairs
 from alibi_dinov2.segmentation.trainable import TrainableSegmenter
 
@@ -89,7 +97,9 @@ class ApplyArguments:
                           "lazily, segmented in blocks into a zarr --output)."},
     )
     output: str = field(
-        default="", metadata={"help": "Mask file (a TIFF stack for a stack) or, for a folder, a folder."}
+        default="",
+        metadata={"help": "Mask file (a TIFF stack for a stack), a zarr array (NAME.zarr) or an OME-Zarr image "
+                          "(NAME.ome.zarr, OME-NGFF 0.4), both written block by block, or, for a folder, a folder."},
     )
     model: Optional[str] = field(default=None, metadata={"help": "ViT to use instead of the one the file names."})
     strict: bool = field(
@@ -100,13 +110,40 @@ class ApplyArguments:
     )
     block_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Segment each image in blocks of this many pixels a side, through dask (classical features "
-                          "only): memory bounded by one block's features per thread, the mask equal to the "
-                          "whole-image one. Default: whole images."},
+        metadata={"help": "Segment each image in blocks of this many pixels a side, through dask: memory bounded by "
+                          "one block's features per worker, the mask equal to the whole-image one. Default: whole "
+                          "images (zarr inputs and outputs: 2048)."},
     )
     num_workers: Optional[int] = field(
         default=None, metadata={"help": "dask threads for --block_size (default: the CPUs)."}
     )
+    scheduler: Optional[str] = field(
+        default=None,
+        metadata={"help": "Run the blocks on the dask.distributed scheduler at this address (tcp://host:port) "
+                          "instead of local threads; its workers must see the input and output paths."},
+    )
+    vit_max_tokens: int = field(
+        default=VitTiling.max_tokens,
+        metadata={"help": "ViT features in blocks: the whole image in one streamed pass up to this many patches, "
+                          "overlapping tiles beyond."},
+    )
+    vit_tile_patches: int = field(default=VitTiling.tile_patches, metadata={"help": "ViT tile side, in patches."})
+    vit_overlap_patches: int = field(
+        default=VitTiling.overlap_patches, metadata={"help": "Overlap of neighbouring ViT tiles, in patches."}
+    )
+
+    def __post_init__(self):
+        self.vit_tiling()  # bad tiling fails before anything is read
+
+    def vit_tiling(self) -> VitTiling:
+        return VitTiling(self.vit_max_tokens, self.vit_tile_patches, self.vit_overlap_patches)
+
+    def block_options(self, client=None) -> Optional[BlockOptions]:
+        """The block settings (blocks run on `client`, a dask.distributed client, when given), None for whole
+        images (a zarr input or output is always run in blocks)."""
+        if self.block_size is None and client is None:
+            return None
+        return BlockOptions(self.block_size or DEFAULT_BLOCK_SIZE, self.num_workers, client, self.vit_tiling())
 
 
 def _as_list(value) -> list[str]:
@@ -164,16 +201,12 @@ def load_segmenter(path: str, model: Optional[str] = None) -> TrainableSegmenter
     return TrainableSegmenter.load(path, model=_load_vit(name)[0] if uses_vit else None)
 
 
-def _segment(segmenter: TrainableSegmenter, image: np.ndarray, name, blocks: Optional[tuple] = None) -> np.ndarray:
-    """The mask of one image: whole, or with `blocks = (block_size, num_workers)` block by block through dask."""
+def _segment(segmenter: TrainableSegmenter, image, name, blocks: Optional[BlockOptions] = None) -> np.ndarray:
+    """The mask of one image: whole, or block by block through dask with `blocks`."""
     try:
         if blocks is None:
             return segmenter.predict(image)
-        from alibi_dinov2.segmentation.blocks import segment_in_blocks
-
-        block_size, num_workers = blocks
-        lazy = segment_in_blocks(segmenter, image, block_size=block_size)
-        return lazy.compute(scheduler="threads", num_workers=num_workers or available_cpus())
+        return blocks.compute(blocks.segment(segmenter, image))
     except ValueError as error:
         raise InputError(f"{name}: {error}") from error
 
@@ -211,6 +244,10 @@ def recorded_segmenter(output: Path) -> str | None:
 
 def _is_zarr(path: Path) -> bool:
     return Path(path).suffix.lower() == ".zarr"
+
+
+def _is_ome_zarr(path: Path) -> bool:
+    return Path(path).name.lower().endswith(".ome.zarr")
 
 
 def _is_done(output: Path, provenance: Provenance, overwrite: bool) -> bool:
@@ -258,7 +295,7 @@ def apply_to_stack(
     output: Path,
     provenance: Provenance,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> bool:
     """Segment every page of `source` into the TIFF stack `output` (one series, the source's page axis and pixel
     size, the segmenter recorded); False when this segmenter already made `output`.
@@ -276,7 +313,8 @@ def apply_to_stack(
     for index in tqdm(range(count), desc=source.name, unit="page"):
         saved = done / f"page_{index:05d}.npy"
         if not saved.exists():
-            mask = _segment(segmenter, read_image(source, page=index), f"{source} page {index}", blocks)
+            page = _read_page(source, index, lazy=blocks is not None)
+            mask = _segment(segmenter, page, f"{source} page {index}", blocks)
             save_array_atomic(saved, mask)
     masks = [np.load(done / f"page_{index:05d}.npy") for index in range(count)]
     dtype = np.uint8 if max(int(mask.max()) for mask in masks) <= 255 else np.uint16
@@ -294,7 +332,7 @@ def apply_to_folder(
     provenance: Provenance,
     strict: bool = False,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> int:
     """One mask (`NAME.tif`, the folder's layout mirrored) per image of `folder`; returns how many were written."""
     files = list_image_files(folder)
@@ -305,7 +343,7 @@ def apply_to_folder(
         if _is_done(target, provenance, overwrite):
             continue
         try:
-            mask = _segment(segmenter, read_image(path), path, blocks)
+            mask = _segment(segmenter, _read_page(path, 0, lazy=blocks is not None), path, blocks)
         except (ImageReadError, ValueError) as error:
             skipped.add(path, error)
             continue
@@ -316,25 +354,24 @@ def apply_to_folder(
     return written
 
 
-def _zarr_image(source: Path):
-    """A zarr array, or the full-resolution level of an OME-Zarr image, as a lazy dask array `(H, W[, C])`."""
-    import dask.array as da
-    import zarr
+def _read_page(source: Path, index: int, lazy: bool):
+    """Page `index` of an image file: read whole, or (`lazy`, a TIFF) as a dask array read by its tiles or strips."""
+    if lazy and is_tiff(source):
+        return read_tiff_page_lazily(source, index)
+    return read_image(source, page=index)
 
-    node = zarr.open(str(source), mode="r")
-    component = None
-    if isinstance(node, zarr.Group):
-        multiscales = node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales")
-        if not multiscales:
-            raise InputError(f"{source} is a zarr group without OME-Zarr multiscales: give the path of its array")
-        component = multiscales[0]["datasets"][0]["path"]
-    image = da.from_zarr(str(source), component=component)
-    while image.ndim > 2 and image.shape[0] == 1:  # OME-Zarr's singleton t, c, z axes
-        image = image[0]
-    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-        raise InputError(f"{source} holds an array of shape {image.shape}: block-wise segmentation takes one 2-D "
-                         "plane (H, W) or (H, W, 1|3|4)")  # fmt: skip
-    return image
+
+def _lazy_pages(source: Path) -> tuple[list, StackMetadata]:
+    """The pages of a zarr / OME-Zarr image or an image file, lazily where the format allows, and its metadata."""
+    if not _is_zarr(source):
+        return [_read_page(source, index, lazy=True) for index in range(count_pages(source))], _source_metadata(source)
+    image, metadata = read_zarr_image(source)
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+        return [image], metadata
+    if image.ndim == 3:
+        return [image[index] for index in range(image.shape[0])], metadata
+    raise InputError(f"{source} holds an array of shape {image.shape}: block-wise segmentation takes planes (H, W), "
+                     "(H, W, 1|3|4) or a stack of them (pages, H, W)")  # fmt: skip
 
 
 def apply_to_zarr(
@@ -343,32 +380,35 @@ def apply_to_zarr(
     output: Path,
     provenance: Provenance,
     overwrite: bool = False,
-    blocks: Optional[tuple] = None,
+    blocks: Optional[BlockOptions] = None,
 ) -> bool:
-    """Segment a zarr (or OME-Zarr) image, read lazily, into the zarr array `output`, written block by block
-    (through a temporary folder beside it, so that a killed run leaves no output); False when this segmenter
-    already made `output`."""
+    """Segment an image (zarr / OME-Zarr read lazily, a TIFF by its tiles or strips, or any image file) in blocks
+    into the zarr `output`: a plain zarr array, or an OME-Zarr image for a name ending in `.ome.zarr` (the source's
+    pixel size kept); `(H, W)`, or `(pages, H, W)` for a stack. Written block by block through a temporary folder
+    beside it, so that a killed run leaves no output; False when this segmenter already made `output`."""
     import dask.array as da
     import zarr
 
-    from alibi_dinov2.segmentation.blocks import DEFAULT_BLOCK_SIZE, segment_in_blocks
-
-    if not _is_zarr(output):
-        raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')}")
     if _is_done(output, provenance, overwrite):
         return False
-    block_size, num_workers = blocks or (DEFAULT_BLOCK_SIZE, None)
+    blocks = blocks or BlockOptions()
     try:
-        mask = segment_in_blocks(segmenter, _zarr_image(source), block_size=block_size)
-    except ValueError as error:
+        pages, metadata = _lazy_pages(source)
+        masks = [blocks.segment(segmenter, page) for page in pages]
+    except (ImageReadError, ValueError) as error:
         raise InputError(f"{source}: {error}") from error
     dtype = np.uint8 if int(np.max(segmenter.classes_)) <= 255 else np.uint16
+    mask = (masks[0] if len(masks) == 1 else da.stack(masks)).astype(dtype)
+    mask = mask.rechunk((1,) * (mask.ndim - 2) + (blocks.block_size, blocks.block_size))  # zarr's regular chunks
+    record = json.loads(provenance.info(source))
     temporary = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    da.to_zarr(mask.astype(dtype), str(temporary), compute=False).compute(
-        scheduler="threads", num_workers=num_workers or available_cpus()
-    )
-    zarr.open(str(temporary), mode="r+").attrs.update(json.loads(provenance.info(source)))
+    if _is_ome_zarr(output):
+        level = create_ome_zarr(temporary, mask.shape, dtype, mask.chunksize, metadata, record, name=output.name)
+        blocks.compute(da.store(mask, level, lock=False, compute=False))
+    else:
+        blocks.compute(da.to_zarr(mask, str(temporary), compute=False))
+        zarr.open(str(temporary), mode="r+").attrs.update(record)
     shutil.rmtree(output, ignore_errors=True)
     temporary.rename(output)
     return True
@@ -376,21 +416,26 @@ def apply_to_zarr(
 
 def apply(arguments: ApplyArguments) -> int:
     """Segment the input; returns the number of outputs written (0 when this segmenter had made them all)."""
-    source = Path(arguments.input)
+    source, output = Path(arguments.input), Path(arguments.output)
     if not source.exists():
         raise InputError(f"not found: {source} (no such file or folder)")
     if not arguments.output:
         raise InputError("--output PATH is required")
+    if _is_zarr(source) and not _is_zarr(output):
+        raise InputError(f"a zarr input gives a zarr output: --output {output.with_suffix('.zarr')} (or .ome.zarr)")
+    if _is_zarr(output) and source.is_dir() and not _is_zarr(source):
+        raise InputError(f"a folder gives a folder of TIFF masks, not a zarr: --output {output.with_suffix('')}")
     segmenter = load_segmenter(arguments.segmenter, arguments.model)
     provenance = Provenance.of(arguments.segmenter)
-    output = Path(arguments.output)
-    blocks = (arguments.block_size, arguments.num_workers) if arguments.block_size else None
-    if _is_zarr(source):
-        written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
-    elif source.is_dir():
-        written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite, blocks)
-    else:
-        written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))
+    with scheduler_client(arguments.scheduler) as client:  # an unreachable scheduler stops the run before any work
+        blocks = arguments.block_options(client)
+        if _is_zarr(output):
+            written = int(apply_to_zarr(segmenter, source, output, provenance, arguments.overwrite, blocks))
+        elif source.is_dir():
+            written = apply_to_folder(segmenter, source, output, provenance, arguments.strict, arguments.overwrite,
+                                      blocks)  # fmt: skip
+        else:
+            written = int(apply_to_stack(segmenter, source, output, provenance, arguments.overwrite, blocks))
     if written:
         print(f"Wrote {written} mask file(s) to {output}")
     else:

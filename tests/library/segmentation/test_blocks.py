@@ -68,5 +68,5 @@ def test_whole_image_steps_and_tiny_blocks_are_refused(micrograph):
     crf = TrainableSegmenter(sigmas=SIGMAS, crf=False)
     crf.__dict__.update(segmenter.__dict__)
     crf.crf = True
-    with pytest.raises(ValueError, match="Block-wise segmentation takes classical features without CRF"):
+    with pytest.raises(ValueError, match="Block-wise segmentation takes no CRF"):
         segment_in_blocks(crf, image)

@@ -361,3 +361,88 @@ def test_a_zarr_image_is_read_lazily_and_segmented_into_a_zarr_mask(material, tm
     with pytest.raises(InputError, match="a zarr input gives a zarr output: --output .*wrong.zarr"):
         segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "image.zarr"), "--output",
                       str(tmp_path / "wrong.tif")])
+
+
+def test_blocks_run_on_a_dask_distributed_scheduler_and_a_bad_address_is_named(material, tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    folder, segmenter, _ = material
+    apply(segmenter, folder / "stack.tif", tmp_path / "whole.tif")
+    with distributed.LocalCluster(processes=False, n_workers=1, threads_per_worker=2, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:  # fmt: skip
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"),
+                             "--output", str(tmp_path / "cluster.tif"), "--block_size", "96",
+                             "--scheduler", cluster.scheduler_address]) == 1  # fmt: skip
+        assert "to_float01" in cluster.scheduler.task_prefixes  # the blocks' graph ran on the cluster
+    np.testing.assert_array_equal(read_pages(tmp_path / "cluster.tif"), read_pages(tmp_path / "whole.tif"))
+    monkeypatch.setattr("alibi_dinov2.segmentation.blocks.SCHEDULER_TIMEOUT_S", 1)
+    with pytest.raises(InputError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9 "):
+        segment.main(["apply", "--segmenter", str(segmenter), "--input", str(folder / "stack.tif"), "--output",
+                      str(tmp_path / "never.tif"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert not list(tmp_path.glob("*never*"))  # refused before any work: not even a folder of finished pages
+
+
+def test_a_tiled_tiff_in_blocks_is_read_by_tiles_and_gives_the_whole_image_mask(material, tmp_path, monkeypatch):
+    import alibi_dinov2.io.chunked_images as chunked
+
+    folder, segmenter, _ = material
+    pages = read_pages(folder / "stack.tif")
+    tifffile.imwrite(tmp_path / "tiled.tif", np.stack(pages), tile=(32, 32), photometric="minisblack")
+    apply(segmenter, folder / "stack.tif", tmp_path / "whole.tif")
+    opened = []
+    monkeypatch.setattr(chunked.TiffPageChunks, "_open", lambda self, _open=chunked.TiffPageChunks._open: (
+        opened.append(self.page), _open(self))[1])  # fmt: skip
+    assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "tiled.tif"), "--output",
+                         str(tmp_path / "blocks.tif"), "--block_size", "96"]) == 1  # fmt: skip
+    assert opened == [0, 1, 2]  # every page through the chunked reader, none read whole
+    np.testing.assert_array_equal(read_pages(tmp_path / "blocks.tif"), read_pages(tmp_path / "whole.tif"))
+
+
+def test_an_ome_zarr_mask_keeps_the_pixel_size_and_equals_the_tiff_routes(material, tmp_path):
+    import dask.array as da
+    import zarr
+
+    from alibi_dinov2.io.chunked_images import read_zarr_image
+
+    _, segmenter, _ = material
+    source, pages = five_page_stack(material, tmp_path)
+    apply(segmenter, source, tmp_path / "masks.tif")
+    tiff_masks = tifffile.imread(tmp_path / "masks.tif")
+    arguments = ["apply", "--segmenter", str(segmenter), "--input", str(source), "--output",
+                 str(tmp_path / "masks.ome.zarr"), "--block_size", "96"]  # fmt: skip
+    assert segment.main(arguments) == 1
+    image, metadata = read_zarr_image(tmp_path / "masks.ome.zarr")
+    assert isinstance(image, da.Array) and image.shape == (5, 128, 128) and image.chunksize == (1, 96, 96)
+    np.testing.assert_array_equal(image.compute(), tiff_masks)
+    assert metadata.resolution == (5.0, 5.0) and metadata.unit == "um"
+    group = zarr.open_group(str(tmp_path / "masks.ome.zarr"), mode="r")
+    assert [axis["name"] for axis in group.attrs["multiscales"][0]["axes"]] == ["z", "y", "x"]
+    assert group.attrs["segmenter_sha256"] == hashlib.sha256(segmenter.read_bytes()).hexdigest()
+    assert segment.main(arguments) == 0  # made by this segmenter: skipped
+    # An OME-Zarr image in, one page of it: its mask as an OME-Zarr image (yx), the pixel size passed on.
+    segment.main(["apply", "--segmenter", str(segmenter), "--input", str(tmp_path / "masks.ome.zarr"), "--output",
+                  str(tmp_path / "again.ome.zarr")])  # fmt: skip
+    again, again_metadata = read_zarr_image(tmp_path / "again.ome.zarr")
+    assert again.shape == (5, 128, 128) and again_metadata == metadata
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_in_blocks_a_damaged_tiff_of_a_folder_is_skipped_by_name_or_stops_a_strict_run(material, tmp_path, caplog):
+    from alibi_dinov2.io.images import ImageReadError
+
+    folder, segmenter, _ = material
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, page in enumerate(read_pages(folder / "stack.tif")[:2]):
+        tifffile.imwrite(images / f"image_{index}.tif", page, tile=(32, 32), compression="zlib")
+    data = (images / "image_1.tif").read_bytes()
+    (images / "damaged.tif").write_bytes(data[: len(data) - 2000])  # its header is whole, its last tiles cut
+    blocks = ["--block_size", "96"]
+    assert segment.main(["apply", "--segmenter", str(segmenter), "--input", str(images), "--output",
+                         str(tmp_path / "masks"), *blocks]) == 2  # fmt: skip
+    assert "Skipped 1 of 3 images: " in caplog.text and "damaged.tif" in caplog.text
+    assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["image_0.tif", "image_1.tif"]
+    with pytest.raises(ImageReadError, match="damaged.tif: page 0 cannot be read"):
+        segment.main(["apply", "--segmenter", str(segmenter), "--input", str(images), "--output",
+                      str(tmp_path / "strict"), "--strict", *blocks])  # fmt: skip
+    assert not (tmp_path / "strict" / "damaged.tif").exists()
