@@ -34,7 +34,7 @@ from alibi_dinov2.features.extraction import extract_patch_features, patch_size_
 from alibi_dinov2.features.preprocessing import DEFAULT_MAX_SIDE, shrink_to_max_side
 from alibi_dinov2.features.visualisation import kmeans_map, labels_to_rgb, pca_rgb, to_uint8
 from alibi_dinov2.io.images import load_image, to_rgb01
-from alibi_dinov2.names import short_names
+from alibi_dinov2.names import display_names
 from demo import segmentation_view as segmentation
 from evaluation.positional_probe import PROBE_PROTOCOL, R2_SCALE, describe_r2
 
@@ -345,8 +345,7 @@ class DemoArguments:
     share: bool = field(default=False, metadata={"help": "also serve through a public Gradio link"})
 
     def __post_init__(self):
-        if self.names and len(self.names) != len(self.models):
-            raise ValueError(f"--names gives {len(self.names)} names for {len(self.models)} models")
+        display_names(self.models, self.names)
         if self.max_side < 1:
             raise ValueError(f"--max_side must be a positive number of pixels, got {self.max_side}")
         if self.feature_cache_mb < 0:
@@ -367,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from alibi_dinov2.hub.models import load_model
 
     args = parse_args(argv)
-    names = args.names or short_names(args.models)
+    names = display_names(args.models, args.names)
     models = {name: load_model(source, args.device) for name, source in zip(names, args.models)}
     page = build_demo(models, args.max_side, args.feature_cache_mb)
     page.launch(server_port=args.port, share=args.share, quiet=True, prevent_thread_lock=True)

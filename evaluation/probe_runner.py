@@ -255,6 +255,11 @@ def _small_grid_warning(model: str, source: str, image: str, grid: list[int], pr
     return {"model": model, "source": source, "image": image, "grid": grid, "samples": sampled, "message": message}
 
 
+def _score_text(score: Mapping[str, float]) -> str:
+    """`+0.123 +- 0.045`: one ramp's mean and std."""
+    return f"{score['mean']:+.3f} +- {score['std']:.3f}"
+
+
 def format_table(results: dict) -> str:
     """Plain-text table: one row per model and source, one ``mean +- std`` column per ramp, the content baseline's
     rows, and a line for each image set whose content predicts position."""
@@ -263,16 +268,11 @@ def format_table(results: dict) -> str:
     rows = []
     for model_name, per_source in results["scores"].items():
         for source_name, per_ramp in per_source.items():
-            rows.append(
-                [model_name, source_name]
-                + [f"{per_ramp[ramp]['mean']:+.3f} +- {per_ramp[ramp]['std']:.3f}" for ramp in ramps]
-            )
+            rows.append([model_name, source_name] + [_score_text(per_ramp[ramp]) for ramp in ramps])
     for patch_size, per_source in results.get("content_baseline", {}).items():
         for source_name, per_ramp in per_source.items():
-            rows.append(
-                [f"image content ({patch_size} px patches)", source_name]
-                + [f"{per_ramp[ramp]['mean']:+.3f} +- {per_ramp[ramp]['std']:.3f}" for ramp in ramps]
-            )
+            rows.append([f"image content ({patch_size} px patches)", source_name]
+                        + [_score_text(per_ramp[ramp]) for ramp in ramps])
     widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
