@@ -31,6 +31,7 @@ from napari_convpaint.feature_extractor import FeatureExtractor
 from napari_convpaint.param import Param
 
 from alibi_dinov2.features.extraction import extract_patch_features_batch, patch_size_of
+from alibi_dinov2.names import short_names
 
 
 MODELS: dict[str, str] = {}  # Convpaint name -> folder or Hub id, filled by register_models
@@ -102,15 +103,13 @@ def register_models(models: Mapping[str, str]) -> list[str]:
 
 
 def models_from_environment(value: str | None = None) -> dict[str, str]:
-    """``NAME=SOURCE`` entries of :data:`MODELS_VARIABLE` (or `value`), separated by the path separator; an entry
-    without a name is named after its folder or Hub id."""
+    """``NAME=SOURCE`` entries of :data:`MODELS_VARIABLE` (or `value`), separated by the path separator; entries
+    without a name are named as every command names its models (:func:`alibi_dinov2.names.short_names`)."""
     value = os.environ.get(MODELS_VARIABLE, "") if value is None else value
-    models = {}
-    for entry in filter(None, (part.strip() for part in value.split(os.pathsep))):
-        name, _, source = entry.rpartition("=")
-        source = source.strip()
-        models[name.strip() or os.path.basename(source.rstrip("/\\")) or source] = source
-    return models
+    entries = [entry.rpartition("=") for entry in filter(None, (part.strip() for part in value.split(os.pathsep)))]
+    entries = [(name.strip(), source.strip()) for name, _, source in entries]
+    defaults = iter(short_names([source for name, source in entries if not name]))
+    return {name or next(defaults): source for name, source in entries}
 
 
 class ConvpaintWithAlibiModels(ConvpaintWidget):

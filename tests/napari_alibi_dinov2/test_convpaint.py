@@ -73,6 +73,9 @@ def test_unregistered_names_and_the_environment_variable():
         "small": "out/alibi-dinov2-small", "alibi-dinov3": "me/alibi-dinov3", "coco": "out/coco/"
     }
     assert models_from_environment("") == {} and isinstance(MODELS, dict)
+    # unnamed models of the same folder name keep apart, as every command names them
+    assert models_from_environment(os.pathsep.join(["a/model", "b/model"])) == {"a/model": "a/model",
+                                                                                "b/model": "b/model"}
 
 
 def test_the_plugin_opens_convpaint_with_the_models_of_the_environment(viewer, folders, monkeypatch):
