@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from transformers import HfArgumentParser
 
-from alibi_dinov2.errors import InputError, SourceNotFoundError
+from alibi_dinov2.errors import InputError, SourceNotFoundError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def run_command(
     try:
         return main(argv)
     except (InputError, ImageReadError, FileNotFoundError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error) or type(error).__name__
         if os.environ.get("RANK", "0") == "0":  # the processes of a launched group share the same mistake
             print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,3 +10,9 @@ class InputError(ValueError):
 
 class SourceNotFoundError(InputError, FileNotFoundError):
     """A model, image or folder that does not exist."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message ('' when it has none): what a one-line report quotes of it."""
+    message = str(error)
+    return message.splitlines()[0] if message else ""

@@ -27,7 +27,7 @@ from alibi_dinov2.conversion.state_dicts import (
     named_file,
     read_state_dict_file,
 )
-from alibi_dinov2.errors import InputError, SourceNotFoundError
+from alibi_dinov2.errors import InputError, SourceNotFoundError, first_line
 from alibi_dinov2.hub.remote_files import fetch_file, is_remote_file
 
 
@@ -72,7 +72,7 @@ def read_hf_source(source, revision: str | None = None) -> SourceCheckpoint:
     try:
         config = transformers.AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=True)
     except (OSError, ValueError) as error:  # a folder without config.json, an unknown model type
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error) or type(error).__name__
         raise InputError(
             f"{source}: not a transformers model ({reason}): give a model folder with config.json, a Hub id, or a "
             ".pth / .safetensors state dict"

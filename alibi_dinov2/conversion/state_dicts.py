@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from alibi_dinov2.errors import InputError
+from alibi_dinov2.errors import InputError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,12 @@ def read_state_dict_file(path) -> dict:
             state_dict = load_file(str(path))
         except Exception as error:  # a truncated or foreign file
             raise InputError(f"cannot read {path} as a safetensors file ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}): give an intact file") from None
+                             f"{first_line(error)}): give an intact file") from None
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a pickle with code, a truncated file, not a checkpoint at all
-            reason = str(error).splitlines()[0] if str(error) else ""
+            reason = first_line(error)
             raise InputError(
                 f"cannot read {path} as a weights-only PyTorch checkpoint ({type(error).__name__}: {reason}): only "
                 "plain state dicts of tensors are read; save the model's state_dict() alone"
