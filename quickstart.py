@@ -1,7 +1,7 @@
 """Quickstart: watch positional bias appear in a DINOv2 (or DINOv3) and disappear after the ALiBi retrofit, offline,
 on a CPU.
 
-    python quickstart.py                      # about 1.5 min on 2 idle CPU cores; writes outputs/quickstart/
+    python quickstart.py                      # about 1 min on 2 idle CPU cores; writes outputs/quickstart/
     python quickstart.py --teacher_arch dinov3   # the same with a synthetic DINOv3 (RoPE) teacher
 
 By default the teacher is SYNTHETIC: a small DINOv2 with random content weights whose position embedding does two
